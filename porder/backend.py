@@ -1,0 +1,82 @@
+"""Array backend selection: NumPy on the CPU, CuPy on a CUDA GPU.
+
+Every array function in porder starts with ``xp = get_array_module(x)`` and then
+calls only ``xp.*``, so the same code runs on both. CuPy is optional
+(``pip install porder[gpu]``); without it everything runs on NumPy.
+"""
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@lru_cache(maxsize=1)
+def _cupy():
+    """Return the cupy module when it is installed and sees a GPU, else None."""
+    if importlib.util.find_spec("cupy") is None:
+        return None
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+    except Exception:  # no driver, no device, broken install: all mean "no GPU"
+        return None
+    return cupy
+
+
+def cuda_available() -> bool:
+    """True when CuPy is installed and a CUDA device is visible."""
+    return _cupy() is not None
+
+
+def resolve_device(device: str) -> str:
+    """Map ``{'cpu', 'cuda', 'auto'}`` to ``'cpu'`` or ``'cuda'``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown device, or ``'cuda'`` without CuPy or a visible GPU.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r} is not one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        if importlib.util.find_spec("cupy") is None:
+            raise ValueError(
+                "device='cuda' needs CuPy: install it with `pip install porder[gpu]`, "
+                "or use device='cpu'"
+            )
+        raise ValueError("device='cuda' but CuPy sees no CUDA GPU; use device='cpu'")
+    return device
+
+
+def array_module(device: str):
+    """The array module (numpy or cupy) for a resolved device name."""
+    return _cupy() if resolve_device(device) == "cuda" else np
+
+
+def get_array_module(x):
+    """numpy or cupy, whichever owns array ``x`` (like ``cupy.get_array_module``)."""
+    cp = _cupy() if type(x).__module__.startswith("cupy") else None
+    return cp if cp is not None else np
+
+
+def to_device(x, xp):
+    """Move array ``x`` to the module ``xp`` (no copy when it is already there)."""
+    if xp is np:
+        return to_numpy(x)
+    return xp.asarray(x)
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy array from a NumPy or CuPy array."""
+    if isinstance(x, np.ndarray):
+        return x
+    get = getattr(x, "get", None)
+    return get() if get is not None else np.asarray(x)

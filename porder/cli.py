@@ -1,0 +1,248 @@
+"""The porder command line: one click group, each command parses, calls one
+library function, and reports. Library errors become one-line messages."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+
+import click
+
+from . import __version__
+from .backend import DEVICES
+from .measures import MEASURES
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@contextmanager
+def library_errors():
+    """Turn library errors into one-line click errors (exit 1), no traceback."""
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else repr(e)) from None
+
+
+class ProgressReporter:
+    """A tqdm bar on a terminal; plain periodic lines otherwise (CI logs)."""
+
+    def __init__(self, enabled: bool | None = None, every: float = 10.0):
+        self.tty = sys.stderr.isatty() if enabled is None else enabled
+        self.every = every
+        self.bar = None
+        self.split = None
+        self.last = 0.0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, split: str, done: int, total: int) -> None:
+        if split != self.split:
+            self.close()
+            self.split, self.t0, self.last = split, time.perf_counter(), 0.0
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=done, desc=split, unit="img",
+                                dynamic_ncols=True, leave=True)
+                return
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.perf_counter()
+        if done >= total or now - self.last >= self.every:
+            self.last = now
+            rate = done / max(now - self.t0, 1e-9)
+            click.echo(f"{split}: {done}/{total} images ({100 * done / max(total, 1):.0f}%, "
+                       f"{rate:.0f} img/s)", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="porder")
+def main():
+    """porder: information-theoretic patch ordering (POR) of image datasets.
+
+    Cut every image into square patches, order them by a measure (mutual
+    information, entropy, SSIM, ...), rebuild the image, and cache the result
+    as HDF5 for training (Ghebrechristos & Alaghband's POR algorithm).
+
+    \b
+    Typical use:
+      porder reorder --measure mi --patch 8 cifar-100-python/ out.h5
+      porder inspect out.h5
+      porder show out.h5 -o grid.png
+      porder train out.h5 --arch vgg
+    """
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@main.command()
+@click.argument("source")
+@click.argument("out", type=click.Path(dir_okay=False, writable=False))
+@click.option("-m", "--measure", type=click.Choice(list(MEASURES)), default="mi",
+              show_default=True, help="Ordering measure (see `porder measures`).")
+@click.option("-p", "--patch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Patch side in pixels; must divide --size.")
+@click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
+              help="Intensity bins of histogram measures (256 = one per intensity).")
+@click.option("--size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images are resized to SIZE x SIZE RGB.")
+@click.option("--reference", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Row-major index of the patch the chain starts from.")
+@click.option("--descending/--ascending", default=None,
+              help="Override the measure's default direction.")
+@click.option("--label", type=click.Choice(["fine", "coarse"]), default="fine",
+              show_default=True, help="CIFAR-100 labels: 100 fine classes or 20 superclasses.")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True, help="Held-out share for sources without a test split.")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="Compute on the CPU (NumPy) or a CUDA GPU (CuPy); auto picks CUDA if present.")
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Images per batch (memory is bounded by a few batches).")
+@click.option("-j", "--workers", type=click.IntRange(min=1), default=None,
+              help="CPU workers for decoding and scoring [default: all cores].")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the `random` control and of the held-out split.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+              show_default=True, help="A corrupt image stops the run, or is skipped and listed.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Process only slice I of N of every split (merge with `porder merge`).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (OUT.part).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar [default: on a terminal; periodic lines otherwise].")
+def reorder(source, out, measure, patch, bins, size, reference, descending, label,
+            test_fraction, device, batch_size, workers, seed, on_error, shard, resume,
+            overwrite, progress):
+    """Reorder the patches of every image in SOURCE and write OUT (HDF5).
+
+    SOURCE is a CIFAR-10/100 python folder or .tar.gz, a folder of class
+    sub-folders (optionally under train/ and test/), a Kaggle-style flat folder
+    (label = file-name prefix, e.g. cat.12.jpg), `synthetic:N[:C]` or `digits`.
+
+    The file is written as OUT.part and renamed when complete. Ctrl-C keeps
+    OUT.part; run the same command with --resume to continue.
+
+    \b
+    Examples:
+      porder reorder --measure mi --patch 8 cifar-100-python.tar.gz c100-mi8.h5
+      porder reorder --measure none dogs-vs-cats/ baseline.h5
+      porder reorder synthetic:1000 demo.h5
+    """
+    from .pipeline import build_cache, parse_shard
+
+    reporter = ProgressReporter(progress)
+    old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    t0 = time.perf_counter()
+    try:
+        with library_errors():
+            result = build_cache(
+                source, out, measure=measure, patch=patch, bins=bins, size=size, label=label,
+                test_fraction=test_fraction, seed=seed, reference=reference,
+                descending=descending, batch_size=batch_size, device=device, workers=workers,
+                on_error=on_error, overwrite=overwrite, resume=resume,
+                shard=parse_shard(shard) if shard else None, progress=reporter)
+    except KeyboardInterrupt:
+        reporter.close()
+        click.echo(f"Interrupted: partial output kept in {out}.part; "
+                   f"run the same command with --resume to continue.", err=True)
+        sys.exit(130)
+    finally:
+        reporter.close()
+        signal.signal(signal.SIGTERM, old)
+    dt = time.perf_counter() - t0
+    rows = sum(result.rows.values())
+    skipped = sum(result.skipped.values())
+    click.echo(f"Wrote {result.path}: " + ", ".join(f"{k} {v}" for k, v in result.rows.items())
+               + f" images ({rows / max(dt, 1e-9):.0f} img/s)"
+               + (f"; skipped {skipped} unreadable (listed in the file)" if skipped else ""),
+               err=True)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def inspect(file, as_json):
+    """Show what a porder FILE holds and how it was made."""
+    from .store import describe, to_json
+
+    with library_errors():
+        info = describe(file)
+    if as_json:
+        click.echo(to_json(info))
+        return
+    classes = info["classes"]
+    shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+    lines = [
+        f"file:        {info['path']} ({info['bytes'] / 2**20:.1f} MiB)",
+        f"source:      {info.get('source')} ({info.get('source_kind', '?')})",
+        f"measure:     {info.get('measure')}  patch {info.get('patch')}  bins {info.get('bins')}  "
+        f"reference {info.get('reference')}  {info.get('direction')}",
+        f"images:      {info.get('image_size')}x{info.get('image_size')} RGB",
+        "splits:      " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()),
+        f"classes:     {shown}",
+        f"skipped:     " + ", ".join(f"{k} {v}" for k, v in info.get("skipped", {}).items()),
+        f"made by:     porder {info.get('porder_version')} on {info.get('created')}"
+        f" (format {info.get('format_version')})",
+    ]
+    if int(info.get("shard_count", 1)) > 1:
+        lines.append(f"shard:       {info.get('shard_index')}/{info.get('shard_count')}")
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="grid.png",
+              show_default=True, help="PNG file to write.")
+@click.option("-n", "--samples", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--scale", type=click.IntRange(1, 32), default=4, show_default=True,
+              help="Upscaling factor (nearest neighbour).")
+@click.option("--start", type=click.IntRange(min=0), default=0, help="First sample shown.")
+def show(file, output, samples, split, scale, start):
+    """Write a PNG grid of original images beside their reordered versions.
+
+    Originals are recovered from the stored images through `perm`.
+    """
+    from .visual import comparison_grid
+
+    with library_errors():
+        grid = comparison_grid(file, split=split, samples=samples, scale=scale, start=start)
+        grid.save(output)
+    click.echo(f"Wrote {output}", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def measures(as_json):
+    """List the ordering measures: kind, default direction and meaning."""
+    rows = [(m.name, m.kind, m.direction, m.summary) for m in MEASURES.values()]
+    if as_json:
+        import json
+
+        click.echo(json.dumps([dict(zip(("name", "kind", "direction", "summary"), r))
+                               for r in rows], indent=2))
+        return
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+
+
+from .cli_train import compare, train  # noqa: E402
+
+main.add_command(train)
+main.add_command(compare)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
