@@ -15,15 +15,20 @@ from __future__ import annotations
 from .backend import get_array_module
 
 _M64 = 0xFFFFFFFFFFFFFFFF
+# Scores are compared after rounding to this many decimals, so that scores that
+# are mathematically equal (common for small patches) tie exactly whatever the
+# floating-point path (NumPy or CuPy, matrix or pair formula) that produced them.
+DECIMALS = 9
 
 
 def sort_order(scores, *, descending: bool):
     """Stable sort of standalone scores (N, K) -> perm (N, K).
 
-    Equal scores keep their row-major order in either direction.
+    Equal scores (after rounding to ``DECIMALS`` decimals) keep their row-major
+    order in either direction.
     """
     xp = get_array_module(scores)
-    key = -scores if descending else scores
+    key = xp.round(-scores if descending else scores, DECIMALS)
     return xp.argsort(key, axis=1, kind="stable").astype(xp.int64)
 
 
@@ -45,7 +50,8 @@ def greedy_chain(matrix, *, descending: bool, reference: int = 0):
 
     Notes
     -----
-    NaN scores rank last. Ties go to the lowest index (argmax returns the first).
+    Scores are rounded to ``DECIMALS`` decimals; ties go to the lowest index
+    (argmax returns the first). NaN scores rank last.
     """
     xp = get_array_module(matrix)
     n, k, _ = matrix.shape
@@ -53,7 +59,7 @@ def greedy_chain(matrix, *, descending: bool, reference: int = 0):
         raise ValueError(f"reference patch {reference} is out of range 0..{k - 1}")
     big = xp.finfo(xp.float64).max
     s = matrix if descending else -matrix
-    s = xp.nan_to_num(s.astype(xp.float64), nan=-big, posinf=big, neginf=-big)
+    s = xp.nan_to_num(xp.round(s.astype(xp.float64), DECIMALS), nan=-big, posinf=big, neginf=-big)
     rows = xp.arange(n)
     perm = xp.empty((n, k), dtype=xp.int64)
     used = xp.zeros((n, k), dtype=bool)
