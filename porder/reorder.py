@@ -5,6 +5,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .backend import array_module, get_array_module, resolve_device, to_device
 from .measures import _check_bins, get_measure
@@ -118,7 +119,9 @@ def reorder(images, measure: str = "mi", patch: int = 8, *, bins: int = 256,
     starts = range(0, n, chunk)
     nthreads = 1 if xp is not np else (workers or os.cpu_count() or 1)
     if nthreads > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(min(nthreads, len(starts))) as pool:
+        # One BLAS thread per worker: nested BLAS threads oversubscribe the cores.
+        with threadpool_limits(1, user_api="blas"), \
+                ThreadPoolExecutor(min(nthreads, len(starts))) as pool:
             parts = list(pool.map(run, starts))
     else:
         parts = [run(lo) for lo in starts]
