@@ -6,7 +6,9 @@ write overlap. Memory is bounded by a few batches whatever the dataset size.
 """
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +35,22 @@ class BuildResult:
     skipped: dict = field(default_factory=dict)     # split -> samples skipped
     seconds: dict = field(default_factory=dict)     # decode / measure / write / total
     resumed: bool = False
+
+
+def _fault_hook() -> None:
+    """Test hook: PORDER_TEST_SIGNAL_AFTER="N:SIG" sends SIG to this process
+    after N more batches (used to test kills and resumes end to end)."""
+    spec = os.environ.get("PORDER_TEST_SIGNAL_AFTER")
+    if not spec:
+        return
+    n, sig = spec.split(":")
+    _FAULT_COUNT[0] += 1
+    if _FAULT_COUNT[0] == int(n):
+        os.kill(os.getpid(), getattr(signal, sig))
+        time.sleep(5)  # let the signal arrive
+
+
+_FAULT_COUNT = [0]
 
 
 def shard_range(count: int, shard: Optional[tuple[int, int]]) -> tuple[int, int]:
@@ -183,6 +201,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                 secs["measure"] += t1 - t0
                 secs["write"] += time.perf_counter() - t1
                 skipped += len(batch.skipped)
+                _fault_hook()
                 if progress:
                     progress(split, pos - lo, hi - lo)
                 if pos >= hi:

@@ -1,0 +1,287 @@
+"""`porder reorder / inspect / show / measures` end to end, and every bad input."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import porder
+from porder.cli import main
+from porder.sources import open_source
+from porder.store import partial_path, read_meta, read_split
+
+from .conftest import REPO
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def assert_one_line_error(res, *fragments):
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    err = res.output.strip().splitlines()
+    assert err and err[-1].startswith("Error: ") and len(err[-1]) < 400, res.output
+    for frag in fragments:
+        assert frag in err[-1], res.output
+
+
+def check_against_library(out, spec, measure, patch, **src_kw):
+    """The file holds exactly porder.reorder of the source's images, split by split."""
+    src = open_source(spec, **src_kw)
+    meta = read_meta(out)
+    assert meta["classes"] == src.classes
+    for split in ("train", "test"):
+        data = read_split(out, split)
+        imgs = [b.images for b in src.iter_batches(split, 1000)]
+        labels = [b.labels for b in src.iter_batches(split, 1000)]
+        if not imgs or sum(len(i) for i in imgs) == 0:
+            assert len(data["labels"]) == 0
+            continue
+        imgs, labels = np.concatenate(imgs), np.concatenate(labels)
+        want, perm = porder.reorder(imgs, measure, patch)
+        assert np.array_equal(data["images"], want)
+        assert np.array_equal(data["perm"], perm)
+        assert np.array_equal(data["labels"], labels)
+    src.close()
+
+
+# ---------------------------------------------------------------------------
+# data the tests make
+
+
+def write_cifar100(folder, n_train=20, n_test=10, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             b"fine_labels": rng.integers(0, 100, n).tolist(),
+             b"coarse_labels": rng.integers(0, 20, n).tolist(),
+             b"filenames": [f"{name}{i}.png".encode() for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(d))
+    meta = {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    return folder
+
+
+def write_folder(root, classes=("ant", "bee"), per_class=4, size=(40, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, size[::-1] + (3,), dtype=np.uint8)
+            ext = "png" if i % 2 else "jpg"
+            Image.fromarray(arr).save(root / c / f"{c}{i}.{ext}")
+    return root
+
+
+@pytest.fixture
+def cifar(tmp_path):
+    return write_cifar100(tmp_path / "cifar-100-python")
+
+
+# ---------------------------------------------------------------------------
+# end to end
+
+
+def test_measures_command():
+    res = run("measures")
+    for name in porder.MEASURES:
+        assert name in res.output
+    assert json.loads(run("measures", "--json").output)[0]["name"] == "entropy"
+
+
+def test_help_and_version():
+    assert "reorder" in run("--help").output
+    assert porder.__version__ in run("--version").output
+    assert "Examples" in run("reorder", "--help").output
+    out = subprocess.run([sys.executable, "-m", "porder", "--version"], capture_output=True,
+                         text=True, cwd=REPO)
+    assert out.returncode == 0 and porder.__version__ in out.stdout
+
+
+def test_reorder_cifar_folder_and_archive(tmp_path, cifar):
+    out = tmp_path / "c.h5"
+    run("reorder", "--measure", "mi", "--patch", "8", cifar, out)
+    check_against_library(out, str(cifar), "mi", 8)
+    meta = read_meta(out)
+    assert meta["splits"] == {"train": 20, "test": 10} and len(meta["classes"]) == 100
+    assert meta["measure"] == "mi" and meta["patch"] == 8 and meta["complete"]
+    tgz = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(tgz, "w:gz") as t:
+        t.add(cifar, arcname="cifar-100-python")
+    out2 = tmp_path / "c2.h5"
+    run("reorder", "--measure", "mi", "--patch", "8", "--label", "coarse", tgz, out2)
+    assert len(read_meta(out2)["classes"]) == 20
+    assert np.array_equal(read_split(out2)["images"], read_split(out)["images"])
+
+
+@pytest.mark.parametrize("measure,patch", [("ssim", 4), ("entropy", 16), ("kl", 8)])
+def test_reorder_image_folder(tmp_path, measure, patch):
+    src = write_folder(tmp_path / "imgs")
+    out = tmp_path / "f.h5"
+    run("reorder", "--measure", measure, "--patch", patch, "--test-fraction", "0.25", src, out)
+    check_against_library(out, str(src), measure, patch, test_fraction=0.25)
+    assert read_meta(out)["splits"] == {"train": 6, "test": 2}
+
+
+def test_reorder_dogs_vs_cats_subprocess(tmp_path, dogs_vs_cats):
+    out = tmp_path / "dvc.h5"
+    res = subprocess.run([sys.executable, "-m", "porder", "reorder", "--measure", "mi",
+                          "--patch", "8", str(dogs_vs_cats), str(out)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "img/s" in res.stderr  # plain progress lines when not on a terminal
+    meta = read_meta(out)
+    assert meta["classes"] == ["cat", "dog"] and sum(meta["splits"].values()) == 1000
+    check_against_library(out, str(dogs_vs_cats), "mi", 8)
+
+
+def test_output_is_deterministic(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    run("reorder", "--measure", "random", "--seed", "3", "synthetic:300", a)
+    run("reorder", "--measure", "random", "--seed", "3", "-b", "7", "synthetic:300", b)
+    for split in ("train", "test"):
+        da, db = read_split(a, split), read_split(b, split)
+        for key in ("images", "labels", "perm"):
+            assert np.array_equal(da[key], db[key])
+        assert da["names"] == db["names"]
+
+
+def test_none_caches_the_unmodified_images(tmp_path):
+    out = tmp_path / "n.h5"
+    run("reorder", "--measure", "none", "digits", out)
+    src = open_source("digits")
+    imgs = np.concatenate([b.images for b in src.iter_batches("train", 5000)])
+    assert np.array_equal(read_split(out)["images"], imgs)
+
+
+def test_inspect_and_show(tmp_path):
+    out = tmp_path / "s.h5"
+    run("reorder", "--measure", "ssim", "--patch", "8", "synthetic:50", out)
+    text = run("inspect", out).output
+    assert "ssim" in text and "train 45" in text and "test 5" in text
+    info = json.loads(run("inspect", "--json", out).output)
+    assert info["measure"] == "ssim" and info["splits"] == {"train": 45, "test": 5}
+    png = tmp_path / "grid.png"
+    run("show", out, "-o", png, "-n", "3")
+    img = Image.open(png)
+    assert img.size[0] > 2 * 32 * 4 and img.size[1] > 3 * 32 * 4
+    # the left column is the original: recovered exactly through perm
+    data = read_split(out, start=0, stop=1)
+    orig = porder.restore_images(data["images"], data["perm"], 8)[0]
+    left = np.asarray(img.convert("RGB"))[18:18 + 128:4, 4:4 + 128:4]
+    assert np.array_equal(left, orig)
+
+
+def test_corrupt_image_fail_and_skip(tmp_path):
+    src = write_folder(tmp_path / "imgs")
+    (src / "ant" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "x.h5"
+    res = run("reorder", src, out, ok=False)
+    assert_one_line_error(res, "broken.jpg")
+    assert not out.exists() and not partial_path(out).exists()
+    res = run("reorder", "--on-error", "skip", "--test-fraction", "0", src, out)
+    assert "skipped 1" in res.output
+    info = json.loads(run("inspect", "--json", out).output)
+    assert info["splits"]["train"] == 8
+    assert any("broken.jpg" in s for s in info["skipped_names"]["train"])
+
+
+# ---------------------------------------------------------------------------
+# interruption and resume
+
+
+def _subprocess_reorder(args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "porder", "reorder", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_resume_after_a_killed_run_is_identical(tmp_path, sig):
+    args = ["--measure", "mi", "--patch", "4", "-b", "64", "synthetic:600"]
+    whole = tmp_path / "whole.h5"
+    assert _subprocess_reorder(args + [whole]).returncode == 0
+    out = tmp_path / "cut.h5"
+    res = _subprocess_reorder(args + [out], {"PORDER_TEST_SIGNAL_AFTER": f"3:{sig}"})
+    assert res.returncode != 0 and not out.exists() and partial_path(out).exists()
+    if sig == "SIGINT":
+        assert res.returncode == 130 and "--resume" in res.stderr
+        assert "Traceback" not in res.stderr
+    res = _subprocess_reorder(args + ["--resume", out])
+    assert res.returncode == 0, res.stderr
+    for split in ("train", "test"):
+        a, b = read_split(whole, split), read_split(out, split)
+        for key in ("images", "labels", "perm"):
+            assert np.array_equal(a[key], b[key])
+        assert a["names"] == b["names"]
+    ma, mb = read_meta(whole), read_meta(out)
+    for key in ("measure", "patch", "bins", "source", "classes", "splits"):
+        assert ma[key] == mb[key]
+
+
+# ---------------------------------------------------------------------------
+# bad input: one line naming the file or option, non-zero exit, nothing left
+
+
+def test_bad_inputs(tmp_path, cifar):
+    out = tmp_path / "o.h5"
+    cases = [
+        (["reorder", tmp_path / "missing", out], ["missing"]),
+        (["reorder", "--measure", "nope", "synthetic:5", out], ["--measure", "nope"]),
+        (["reorder", "--patch", "5", "synthetic:5", out], ["patch size 5", "32"]),
+        (["reorder", "--patch", "8", "--size", "20", "synthetic:5", out], ["patch size 8"]),
+        (["reorder", "synthetic:5", tmp_path / "no-such-dir" / "o.h5"], ["no-such-dir"]),
+        (["reorder", "--device", "cuda", "synthetic:5", out], ["cuda"]),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append((["reorder", empty, out], ["empty"]))
+    src = write_folder(tmp_path / "imgs")
+    (src / "wasp").mkdir()
+    cases.append((["reorder", src, out], ["wasp"]))
+    bad = tmp_path / "cifar-bad" / "cifar-100-python"
+    bad.mkdir(parents=True)
+    (bad / "train").write_bytes(b"junk")
+    (bad / "meta").write_bytes(b"junk")
+    cases.append((["reorder", bad, out], ["cifar-100-python"]))
+    if porder.backend.cuda_available():
+        cases.pop(5)
+    for args, frags in cases:
+        res = run(*args, ok=False)
+        assert_one_line_error(res, *frags)
+        assert not out.exists() and not partial_path(out).exists(), args
+    run("reorder", "synthetic:5", out)
+    assert_one_line_error(run("reorder", "synthetic:5", out, ok=False), "--overwrite")
+    run("reorder", "--overwrite", "synthetic:5", out)
+    assert_one_line_error(run("inspect", tmp_path / "nope.h5", ok=False), "nope.h5")
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    assert_one_line_error(run("show", tmp_path / "junk.h5", ok=False), "junk.h5")
+
+
+def test_unwritable_output(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_one_line_error(run("reorder", "synthetic:5", afile / "o.h5", ok=False), "afile")
+    assert_one_line_error(run("reorder", "synthetic:5", "/proc/porder-test.h5", ok=False),
+                          "/proc/porder-test.h5")
+    if os.geteuid() != 0:  # root may write into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        assert_one_line_error(run("reorder", "synthetic:5", ro / "o.h5", ok=False), "ro")
