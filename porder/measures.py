@@ -290,6 +290,7 @@ def _gather_pairs_matrix(fn, patches, bins, symmetric):
     xp = get_array_module(patches)
     n_img, k = patches.shape[:2]
     i, j = np.triu_indices(k, 1) if symmetric else np.nonzero(~np.eye(k, dtype=bool))
+    i, j = xp.asarray(i), xp.asarray(j)
     vals = fn(patches[:, i], patches[:, j], bins=bins)  # (N, P)
     out = xp.zeros((n_img, k, k), dtype=xp.float64)
     out[:, i, j] = vals
@@ -309,7 +310,7 @@ def _log_count_matrix(q, bins: int):
     xp = get_array_module(q)
     n_img, c, k, n = q.shape
     if n > _GRAM_MAX_PIXELS:
-        i, j = np.triu_indices(k)
+        i, j = (xp.asarray(t) for t in np.triu_indices(k))
         vals = _log_count_sum(q[:, :, i] * bins + q[:, :, j])  # (N, C, P)
         out = xp.empty((n_img, c, k, k), dtype=xp.float64)
         out[:, :, i, j] = vals
