@@ -2,7 +2,6 @@
 library function, and reports. Library errors become one-line messages."""
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -118,13 +117,16 @@ def _sigterm_to_interrupt(signum, frame):
               show_default=True, help="A corrupt image stops the run, or is skipped and listed.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Process only slice I of N of every split (merge with `porder merge`).")
+@click.option("--dask", "dask_scheduler", default=None, metavar="SCHEDULER",
+              help="Run shards on a Dask cluster: an address (tcp://host:8786) or local:N "
+                   "for N local worker processes; needs `pip install porder[scale]`.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (OUT.part).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal; periodic lines otherwise].")
 def reorder(source, out, measure, patch, bins, size, reference, descending, label,
-            test_fraction, device, batch_size, workers, seed, on_error, shard, resume,
-            overwrite, progress):
+            test_fraction, device, batch_size, workers, seed, on_error, shard, dask_scheduler,
+            resume, overwrite, progress):
     """Reorder the patches of every image in SOURCE and write OUT (HDF5).
 
     SOURCE is a CIFAR-10/100 python folder or .tar.gz, a folder of class
@@ -139,20 +141,30 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
       porder reorder --measure mi --patch 8 cifar-100-python.tar.gz c100-mi8.h5
       porder reorder --measure none dogs-vs-cats/ baseline.h5
       porder reorder synthetic:1000 demo.h5
+      porder reorder --shard 0/4 cifar-100-python/ c100.0.h5   # then `porder merge`
+      porder reorder --dask local:2 synthetic:100000 big.h5
     """
-    from .pipeline import build_cache, parse_shard
+    from .pipeline import BuildResult, build_cache, parse_shard
 
     reporter = ProgressReporter(progress)
     old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     t0 = time.perf_counter()
+    options = dict(measure=measure, patch=patch, bins=bins, size=size, label=label,
+                   test_fraction=test_fraction, seed=seed, reference=reference,
+                   descending=descending, batch_size=batch_size, device=device, workers=workers,
+                   on_error=on_error, overwrite=overwrite, resume=resume)
     try:
         with library_errors():
-            result = build_cache(
-                source, out, measure=measure, patch=patch, bins=bins, size=size, label=label,
-                test_fraction=test_fraction, seed=seed, reference=reference,
-                descending=descending, batch_size=batch_size, device=device, workers=workers,
-                on_error=on_error, overwrite=overwrite, resume=resume,
-                shard=parse_shard(shard) if shard else None, progress=reporter)
+            options["shard"] = parse_shard(shard) if shard else None
+            if dask_scheduler:
+                from .cli_scale import dask_reorder
+                from .store import read_meta
+
+                path = dask_reorder(dask_scheduler, source, out, options, progress=reporter)
+                meta = read_meta(path)
+                result = BuildResult(path, rows=meta["splits"], skipped=meta["skipped"])
+            else:
+                result = build_cache(source, out, progress=reporter, **options)
     except KeyboardInterrupt:
         reporter.close()
         click.echo(f"Interrupted: partial output kept in {out}.part; "
@@ -192,7 +204,7 @@ def inspect(file, as_json):
         f"images:      {info.get('image_size')}x{info.get('image_size')} RGB",
         "splits:      " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()),
         f"classes:     {shown}",
-        f"skipped:     " + ", ".join(f"{k} {v}" for k, v in info.get("skipped", {}).items()),
+        "skipped:     " + ", ".join(f"{k} {v}" for k, v in info.get("skipped", {}).items()),
         f"made by:     porder {info.get('porder_version')} on {info.get('created')}"
         f" (format {info.get('format_version')})",
     ]
@@ -239,10 +251,12 @@ def measures(as_json):
         click.echo(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
 
 
+from .cli_scale import merge  # noqa: E402
 from .cli_train import compare, train  # noqa: E402
 
 main.add_command(train)
 main.add_command(compare)
+main.add_command(merge)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,7 +1,6 @@
 """`porder reorder / inspect / show / measures` end to end, and every bad input."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -9,7 +8,6 @@ import subprocess
 import sys
 import tarfile
 
-import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner

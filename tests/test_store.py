@@ -3,8 +3,16 @@ import h5py
 import numpy as np
 import pytest
 
-from porder.store import (FORMAT_VERSION, StoreError, Writer, describe, open_file, partial_path,
-                          read_meta, read_split)
+from porder.store import (
+    FORMAT_VERSION,
+    StoreError,
+    Writer,
+    describe,
+    open_file,
+    partial_path,
+    read_meta,
+    read_split,
+)
 
 META = {"measure": "mi", "patch": 8, "bins": 256, "reference": 0, "direction": "descending",
         "image_size": 32, "source": "test", "seed": 0}
