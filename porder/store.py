@@ -100,7 +100,8 @@ class Writer:
             try:
                 self.f = h5py.File(self.tmp, "r+")
             except OSError as e:
-                raise StoreError(f"cannot resume from '{self.tmp}' ({e}); delete it and start again") from None
+                raise StoreError(f"cannot resume from '{self.tmp}' ({e}); "
+                                 "delete it and start again") from None
             self._check_resumable(meta, classes)
             for split in SPLITS:  # drop rows of a batch that was cut off mid-write
                 g = self.f[split]
