@@ -129,9 +129,17 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
             resume, overwrite, progress):
     """Reorder the patches of every image in SOURCE and write OUT (HDF5).
 
-    SOURCE is a CIFAR-10/100 python folder or .tar.gz, a folder of class
-    sub-folders (optionally under train/ and test/), a Kaggle-style flat folder
-    (label = file-name prefix, e.g. cat.12.jpg), `synthetic:N[:C]` or `digits`.
+    \b
+    SOURCE is one of:
+      cifar-100-python/ or .tar.gz   CIFAR-10/100 python version (--label coarse: 20 classes)
+      DIR/<class>/<image>            image folder, optionally under DIR/train and DIR/test
+      DIR/<label>.<id>.jpg           flat folder, Kaggle Dogs vs. Cats (cat.12.jpg)
+      synthetic:N[:C]                N generated, learnable images of C classes (default 10)
+      digits                         scikit-learn's 1797 handwritten digits (built in)
+
+    Images of any mode become RGB (alpha composited on black, 16-bit scaled to
+    8-bit) and are squashed, not cropped, to SIZE x SIZE with bicubic
+    resampling. Sources without a test split hold out a seeded TEST_FRACTION.
 
     The file is written as OUT.part and renamed when complete. Ctrl-C keeps
     OUT.part; run the same command with --resume to continue.
