@@ -1,0 +1,318 @@
+"""Sharded runs, `porder merge` and Dask execution (porder.scale, porder.cli_scale).
+
+Every merged or Dask-built file is checked sample by sample against one
+unsharded ``build_cache`` run of the same seeded ``synthetic:103`` source.
+Shards split 93 train / 10 test samples into uneven slices (23/23/23/24 and
+2/3/2/3), and batch sizes (7 for shards, 8 for the reference) divide neither.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from porder.cli_scale import dask_reorder
+from porder.cli_scale import merge as merge_cmd
+from porder.pipeline import build_cache
+from porder.scale import (
+    KILL_SHARD_ENV,
+    ScaleError,
+    merge,
+    missing_sources,
+    parse_scheduler,
+    run_dask,
+)
+from porder.store import SPLITS, StoreError, read_meta, read_split
+
+SOURCE = "synthetic:103"
+N = 4
+OPTS = dict(measure="mi", patch=8, seed=3, workers=1)
+RUN_KEYS = {"created"}  # root attributes that may differ between equal runs
+
+
+def _build(out, *, shard=None, batch_size=7, **kw):
+    return build_cache(SOURCE, out, shard=shard, batch_size=batch_size, **{**OPTS, **kw}).path
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The unsharded reference run."""
+    return _build(tmp_path_factory.mktemp("full") / "full.h5", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Slices 0..3 of 4, in a folder of their own."""
+    d = tmp_path_factory.mktemp("shards")
+    return [_build(d / f"part-{i}.h5", shard=(i, N)) for i in range(N)]
+
+
+def _attrs(obj) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in obj.attrs.items()}
+
+
+def assert_same_file(expected, actual):
+    """Same root and split attributes (but run times), classes and every dataset."""
+    with h5py.File(expected, "r") as a, h5py.File(actual, "r") as b:
+        ra, rb = _attrs(a), _attrs(b)
+        for k in RUN_KEYS:
+            ra.pop(k), rb.pop(k)
+        assert ra == rb
+        assert rb["shard_index"] == 0 and rb["shard_count"] == 1 and rb["complete"]
+        assert list(a["classes"][()]) == list(b["classes"][()])
+        assert set(a) == set(b)
+        for split in SPLITS:
+            assert _attrs(a[split]) == _attrs(b[split])
+            assert set(a[split]) == set(b[split])
+            for name in a[split]:
+                da, db = a[split][name], b[split][name]
+                assert (da.shape, da.dtype) == (db.shape, db.dtype), f"{split}/{name}"
+                va, vb = da[()], db[()]
+                assert np.array_equal(va, vb), f"{split}/{name} differs"
+    # and through the public readers, sample by sample
+    ma, mb = read_meta(expected), read_meta(actual)
+    assert ma["splits"] == mb["splits"] and ma["classes"] == mb["classes"]
+    for split in SPLITS:
+        sa, sb = read_split(expected, split), read_split(actual, split)
+        assert sa["names"] == sb["names"]
+        for i in range(len(sa["names"])):
+            for key in ("images", "labels", "perm"):
+                assert np.array_equal(sa[key][i], sb[key][i]), f"{split} sample {i} {key}"
+
+
+# ------------------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["virtual", "copy"])
+def test_merge_matches_unsharded_run(full, shards, tmp_path, copy):
+    out = merge(list(reversed(shards)), tmp_path / "merged.h5", copy=copy)
+    assert out == tmp_path / "merged.h5" and not (tmp_path / "merged.h5.part").exists()
+    assert_same_file(full, out)
+    with h5py.File(out, "r") as f:
+        assert f["train/images"].is_virtual is (not copy)
+    assert missing_sources(out) == []
+
+
+def test_merge_copy_progress_and_is_standalone(full, shards, tmp_path):
+    calls = []
+    d = tmp_path / "moved"
+    d.mkdir()
+    copies = [shutil.copy(p, d / p.name) for p in shards]
+    out = merge(copies, tmp_path / "standalone.h5", copy=True,
+                progress=lambda *a: calls.append(a))
+    assert calls[-1] == ("merge", 103, 103)
+    shutil.rmtree(d)  # the copy no longer needs its shards
+    assert_same_file(full, out)
+
+
+def test_virtual_merge_moves_with_its_folder_and_reports_missing_shards(full, shards, tmp_path):
+    d = tmp_path / "run"
+    (d / "parts").mkdir(parents=True)
+    copies = [shutil.copy(p, d / "parts" / p.name) for p in shards]
+    merge(copies, d / "merged.h5")
+    moved = shutil.move(d, tmp_path / "elsewhere")  # relative paths: move the folder whole
+    assert_same_file(full, moved / "merged.h5")
+    # `merge --copy` of the merged file alone materializes it
+    standalone = merge([moved / "merged.h5"], tmp_path / "standalone.h5", copy=True)
+    (moved / "parts" / "part-2.h5").unlink()
+    assert_same_file(full, standalone)
+    assert missing_sources(moved / "merged.h5") == ["parts/part-2.h5"]
+    labels = read_split(moved / "merged.h5", "train")["labels"]
+    assert (labels[46:69] == -1).all() and (labels[:46] >= 0).all()
+
+
+def test_merge_of_random_control_matches(tmp_path):
+    """`random` is keyed by the sample index, so shards agree with one run."""
+    ref = _build(tmp_path / "ref.h5", measure="random", batch_size=16)
+    parts = [_build(tmp_path / f"r{i}.h5", shard=(i, 3), measure="random") for i in range(3)]
+    assert_same_file(ref, merge(parts, tmp_path / "m.h5"))
+
+
+def test_merge_single_unsharded_file_is_a_copy_of_it(full, tmp_path):
+    assert_same_file(full, merge([full], tmp_path / "one.h5", copy=True))
+
+
+def test_merge_overwrite(shards, tmp_path):
+    out = tmp_path / "m.h5"
+    out.write_bytes(b"old")
+    with pytest.raises(StoreError, match="exists; pass --overwrite"):
+        merge(shards, out)
+    merge(shards, out, overwrite=True)
+    assert read_meta(out)["splits"] == {"train": 93, "test": 10}
+
+
+def _copy_with(src, dst, edit):
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        edit(f)
+    return dst
+
+
+def _set_classes(f):
+    del f["classes"]
+    f.create_dataset("classes", data=np.array([f"c{i}" for i in range(10)], dtype=object),
+                     dtype=h5py.string_dtype())
+
+
+def test_merge_refusals(shards, tmp_path):
+    """Every refusal is one line naming the offending file or slices."""
+    s0, s1, s2, s3 = (str(p) for p in shards)
+    out = tmp_path / "out.h5"
+
+    def refused(paths, pattern, **kw):
+        with pytest.raises(StoreError, match=pattern) as info:
+            merge(paths, kw.pop("out", out), **kw)
+        assert "\n" not in str(info.value)
+        assert not out.exists() and not (tmp_path / "out.h5.part").exists()
+        return str(info.value)
+
+    refused([], "no shards to merge")
+    refused([s0, s1, s0, s2, s3], f"shard '{s0}' is given twice")
+    refused([s0, s1, s2, s3], "is one of the shards", out=s3)
+    # different options, classes or shard counts
+    other = _build(tmp_path / "entropy-1.h5", shard=(1, N), measure="entropy")
+    msg = refused([s0, str(other), s2, s3], "made with different options")
+    assert "entropy-1.h5" in msg and "measure: 'entropy' vs 'mi'" in msg
+    seeded = _build(tmp_path / "seed-1.h5", shard=(1, N), seed=4)
+    assert "seed: 4 vs 3" in refused([s0, str(seeded), s2, s3], "seed-1.h5")
+    classes = _copy_with(s1, tmp_path / "classes-1.h5", _set_classes)
+    refused([s0, str(classes), s2, s3], "classes-1.h5' has different classes")
+    thirds = _build(tmp_path / "third-1.h5", shard=(1, 3))
+    refused([s0, str(thirds), s2], r"third-1.h5' is slice 1/3 but .* is slice 0/4")
+    # overlapping, missing and misaligned slices
+    twin = shutil.copy(s1, tmp_path / "twin-1.h5")
+    refused([s0, s1, str(twin), s2, s3], r"part-1.h5' and '.*twin-1.h5' are both slice 1/4")
+    refused([s3, s0], r"missing shard slices 1/4, 2/4 \(given: 0/4, 3/4\)")
+    shifted = _copy_with(s2, tmp_path / "shifted-2.h5",
+                         lambda f: f["train"].attrs.__setitem__("first_sample", 40))
+    refused([s0, s1, str(shifted), s3], r"shifted-2.h5' starts at sample 40 of split 'train' "
+                                        r"but the previous slice ends at 46: it overlaps")
+    # unfinished, incomplete, unreadable, missing files
+    part = shutil.copy(s1, tmp_path / "part-1.h5.part")
+    refused([s0, str(part), s2, s3], r"part-1.h5.part' is an unfinished shard")
+    open_ = _copy_with(s1, tmp_path / "open-1.h5", lambda f: f.attrs.__setitem__("complete", False))
+    refused([s0, str(open_), s2, s3], r"open-1.h5' is incomplete")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    refused([s0, str(junk), s2, s3], r"cannot read '.*junk.h5' as HDF5")
+    refused([s0, str(tmp_path / "gone.h5"), s2, s3], r"gone.h5' does not exist")
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = 1
+    refused([s0, str(plain), s2, s3], r"plain.h5' is not a porder file")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_merge(full, shards, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli.h5"
+    r = runner.invoke(merge_cmd, [*map(str, shards), str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Wrote" in r.output and "train 93, test 10" in r.output and "virtual" in r.output
+    assert_same_file(full, out)
+    r = runner.invoke(merge_cmd, ["--copy", "--overwrite", "--no-progress", *map(str, shards),
+                                  str(out)])
+    assert r.exit_code == 0 and "standalone" in r.output, r.output
+    assert_same_file(full, out)
+    r = runner.invoke(merge_cmd, [str(shards[0]), str(shards[2]), str(tmp_path / "x.h5")])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [
+        "Error: missing shard slices 1/4, 3/4 (given: 0/4, 2/4)"]
+    r = runner.invoke(merge_cmd, [str(out)])
+    assert r.exit_code == 2 and "SHARDS... OUT.h5" in r.output
+    r = runner.invoke(merge_cmd, ["-h"])
+    assert r.exit_code == 0 and "porder merge c100.0.h5" in r.output
+
+
+# -------------------------------------------------------------------------- Dask
+
+
+def test_parse_scheduler():
+    assert parse_scheduler("local:3") == ("local", 3)
+    assert parse_scheduler("tcp://10.0.0.5:8786") == ("tcp://10.0.0.5:8786", 0)
+    for bad in ("local:0", "local:x", "cluster"):
+        with pytest.raises(ScaleError, match="local:N"):
+            parse_scheduler(bad)
+
+
+def test_dask_missing_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` fails
+    with pytest.raises(ScaleError, match=r"pip install porder\[scale\]"):
+        run_dask("local:2", SOURCE, tmp_path / "x.h5")
+    import click
+
+    with pytest.raises(click.ClickException, match=r"pip install porder\[scale\]"):
+        dask_reorder("local:2", SOURCE, tmp_path / "x.h5", {"batch_size": 7}, None)
+
+
+def test_dask_refuses_before_starting_a_cluster(tmp_path, full):
+    import click
+
+    with pytest.raises(StoreError, match="exists; pass --overwrite"):
+        run_dask("local:2", SOURCE, full)
+    with pytest.raises(click.UsageError, match="leave out --shard"):
+        dask_reorder("local:2", SOURCE, tmp_path / "x.h5", {"shard": (0, 2)}, None)
+    with pytest.raises(ValueError, match="sets shard itself"):
+        run_dask("local:2", SOURCE, tmp_path / "x.h5", shard=(0, 2))
+
+
+def _no_cluster_left():
+    import distributed
+
+    assert not distributed.client._global_clients, "a Dask client was left open"
+
+
+def test_dask_local_cluster_matches_single_process_run(full, tmp_path):
+    events = []
+    out = tmp_path / "dask.h5"
+    env = dict(os.environ)
+    options = dict(OPTS, batch_size=7, resume=True, shard=None)  # as the CLI hands them over
+    path = dask_reorder("local:2", SOURCE, out, options, lambda *a: events.append(a))
+    assert path == out.absolute()
+    assert_same_file(full, out)
+    assert not (tmp_path / "dask.h5.shards").exists()
+    assert ("images", 103, 103) in events and events[-1] == ("merge", 103, 103)
+    dones = [d for stage, d, _ in events if stage == "images"]
+    assert dones == sorted(dones)
+    assert dict(os.environ) == env, "the nannies' OMP_NUM_THREADS etc. leaked into this process"
+    _no_cluster_left()
+
+
+def test_dask_worker_killed_mid_shard_is_rerun(full, tmp_path, monkeypatch):
+    """Shard 1's worker process dies after its first batch; the scheduler re-runs
+    the shard elsewhere (resuming its .part file) and the result is unchanged."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_SHARD_ENV, f"1:{marker}")
+    out = run_dask("local:2", SOURCE, tmp_path / "killed.h5", shards=4, batch_size=7,
+                   **{k: v for k, v in OPTS.items() if k != "workers"})
+    assert marker.exists(), "the kill hook did not fire"
+    assert_same_file(full, out)
+    _no_cluster_left()
+
+
+def test_dask_shard_error_comes_back_as_one_line(tmp_path):
+    out = tmp_path / "bad.h5"
+    with pytest.raises(ValueError, match="patch size 5 does not divide") as info:
+        run_dask("local:1", SOURCE, out, shards=2, patch=5, batch_size=7)
+    assert "\n" not in str(info.value)
+    assert not out.exists() and not (tmp_path / "bad.h5.shards").exists()
+    _no_cluster_left()
+
+
+def test_dask_shard_whose_workers_keep_dying_fails_in_one_line(tmp_path, monkeypatch):
+    import dask
+
+    monkeypatch.setenv(KILL_SHARD_ENV, f"0:{tmp_path / 'killed'}")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with pytest.raises(ScaleError, match=r"shard 0/2: its workers died too often") as info:
+            run_dask("local:1", SOURCE, tmp_path / "dead.h5", shards=2, batch_size=7)
+    assert "\n" not in str(info.value)
+    assert (tmp_path / "killed").exists() and not (tmp_path / "dead.h5").exists()
+    _no_cluster_left()
