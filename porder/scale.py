@@ -44,7 +44,15 @@ from typing import Callable, Optional, Sequence
 import h5py
 import numpy as np
 
-from .store import IDENTITY_KEYS, SPLITS, StoreError, _jsonable, open_file, partial_path
+from .store import (
+    IDENTITY_KEYS,
+    SPLITS,
+    StoreError,
+    _jsonable,
+    missing_virtual_sources,
+    open_file,
+    partial_path,
+)
 
 # progress(stage, done, total): stage "images" while shards run, "merge" while copying
 Progress = Callable[[str, int, int], None]
@@ -288,22 +296,12 @@ def missing_sources(path) -> list[str]:
 
     An empty list for a standalone file or one whose shards are all in place.
     """
-    path = Path(path)
-    missing: set[str] = set()
-    with open_file(path) as f:
-        for split in SPLITS:
-            if split not in f:
-                continue
-            for name in DATASETS:
-                ds = f[split].get(name)
-                if ds is None or not ds.is_virtual:
-                    continue
-                for m in ds.virtual_sources():
-                    src = Path(m.file_name)
-                    if m.file_name != "." and not (src if src.is_absolute()
-                                                   else path.parent / src).exists():
-                        missing.add(m.file_name)
-    return sorted(missing)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise StoreError(f"cannot read '{path}' as HDF5: {e}") from None
+    with f:
+        return missing_virtual_sources(f, path)
 
 
 # ------------------------------------------------------------------------------ Dask

@@ -199,6 +199,24 @@ class Writer:
         self.tmp.unlink(missing_ok=True)
 
 
+def missing_virtual_sources(f: h5py.File, path) -> list[str]:
+    """Shard files that the virtual datasets of an open porder file point at
+    and that cannot be found (relative names are relative to ``path``'s folder)."""
+    missing: set[str] = set()
+    for split in SPLITS:
+        if split not in f:
+            continue
+        for ds in f[split].values():
+            if not isinstance(ds, h5py.Dataset) or not ds.is_virtual:
+                continue
+            for m in ds.virtual_sources():
+                src = Path(m.file_name)
+                if m.file_name != "." and not (src if src.is_absolute()
+                                               else Path(path).parent / src).exists():
+                    missing.add(m.file_name)
+    return sorted(missing)
+
+
 def open_file(path, *, require_complete: bool = True) -> h5py.File:
     """Open a porder file for reading, with one-line errors for anything wrong."""
     path = Path(path)
@@ -220,6 +238,11 @@ def open_file(path, *, require_complete: bool = True) -> h5py.File:
     if require_complete and not bool(f.attrs.get("complete", False)):
         f.close()
         raise StoreError(f"'{path}' is incomplete (the run that wrote it did not finish)")
+    missing = missing_virtual_sources(f, path)
+    if missing:
+        f.close()
+        raise StoreError(f"'{path}' is a merged file whose shard files are missing: "
+                         f"{', '.join(missing)} (keep the shards beside it, or merge with --copy)")
     return f
 
 
