@@ -1,0 +1,278 @@
+"""click commands `porder train` and `porder compare` (registered in porder.cli).
+
+Each parses and validates options, calls one library function
+(:func:`porder.train.train`, :func:`porder.experiment.compare`) and reports;
+library errors become one-line messages (exit 1). torch is imported only when a
+command runs, so ``porder --help`` stays fast.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from .measures import MEASURES
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+ARCHS = ("vgg", "resnet", "inception")  # == porder.train.models.MODELS (checked by the tests)
+DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
+
+
+@contextmanager
+def _library_errors():
+    """Library ValueError/OSError -> one-line ClickException (exit 1), no traceback."""
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else repr(e)) from None
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _interruptible(message: str):
+    """SIGTERM acts like Ctrl-C; both print ``message`` and exit 130."""
+    old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted: {message}", err=True)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _fmt_row(row: dict) -> str:
+    parts = [f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.1f}%"]
+    if row.get("train_loss") is not None:
+        parts.insert(0, f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.1f}%")
+        parts.append(f"{row['images_per_s']:.0f} img/s, data wait "
+                     f"{100 * row['data_wait']:.1f}%")
+    return "  ".join(parts)
+
+
+class TrainProgress:
+    """A tqdm bar with loss and accuracy on a terminal; a plain line per evaluation otherwise."""
+
+    def __init__(self, enabled: bool | None = None, desc: str = "train"):
+        self.tty = sys.stderr.isatty() if enabled is None else enabled
+        self.desc = desc
+        self.bar = None
+        self.post: dict = {}
+
+    def __call__(self, step: int, total: int, stats: dict | None) -> None:
+        if self.tty and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=step, desc=self.desc, unit="step",
+                            dynamic_ncols=True, leave=True)
+        if self.bar is not None:
+            if stats is not None:
+                if "test_acc" in stats:
+                    self.post["test"] = f"{100 * stats['test_acc']:.1f}%"
+                    if stats.get("train_loss") is not None:
+                        self.post.update(loss=f"{stats['train_loss']:.3f}",
+                                         acc=f"{100 * stats['train_acc']:.1f}%")
+                else:
+                    self.post.update(loss=f"{stats['loss']:.3f}", acc=f"{100 * stats['acc']:.1f}%")
+                self.bar.set_postfix(self.post, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif stats is not None and "test_acc" in stats:
+            click.echo(f"{self.desc}: step {step}/{total}  {_fmt_row(stats)}", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-a", "--arch", type=click.Choice(ARCHS), default="vgg", show_default=True,
+              help="VGG-16-BN, ResNet-18 or Inception-v3 (CIFAR-sized).")
+@click.option("--width", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="Channel multiplier (0.125-0.25 for a CPU).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              show_default=True, help="Adam learning rate.")
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per step; 1 = online training, as in the paper.")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Optimizer steps.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Steps between test evaluations and checkpoints.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the weights, the batch order and dropout.")
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
+              help="auto picks CUDA when torch sees a GPU.")
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Run folder [default: runs/FILE-ARCH-seedSEED].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--reorder", type=click.Choice([m for m in MEASURES if m != "none"]),
+              default=None, help="Reorder every batch on the fly with this measure "
+              "(FILE must be unmodified, i.e. made with --measure none).")
+@click.option("-p", "--patch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Patch side for --reorder.")
+@click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
+              help="Histogram bins for --reorder.")
+@click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch [default: all cores].")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar [default: on a terminal; a line per evaluation otherwise].")
+def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, out, resume,
+          reorder, patch, bins, threads, progress):
+    """Train a CNN with Adam and cross-entropy on a porder HDF5 FILE.
+
+    Evaluates on FILE's test split every --eval-every steps and writes
+    metrics.jsonl, curves.png and a checkpoint to the run folder. Ctrl-C keeps
+    the last checkpoint: run the same command with --resume to continue, to the
+    same result as an uninterrupted run.
+
+    \b
+    Examples:
+      porder train c100-mi8.h5 --arch vgg --width 0.25 --steps 2000
+      porder train c100-mi8.h5 --arch inception --batch-size 1 --lr 1e-4
+      porder train baseline.h5 --reorder mi --patch 4 -o runs/mi4
+      porder train c100-mi8.h5 -o runs/vgg --resume
+    """
+    from .train.loop import TrainConfig
+    from .train.loop import train as run_training
+
+    if out is None:
+        out = str(Path("runs") / f"{Path(file).stem}-{arch}-seed{seed}")
+    cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
+                      eval_every=eval_every, seed=seed, device=device, reorder=reorder,
+                      patch=patch, bins=bins, threads=threads)
+    reporter = TrainProgress(progress, desc=arch)
+    t0 = time.perf_counter()
+    try:
+        with _interruptible(f"the last checkpoint is in {out}; run the same command with "
+                            f"--resume to continue."), _library_errors():
+            result = run_training(file, cfg, out, resume=resume, progress=reporter)
+    finally:
+        reporter.close()
+    final = result.final
+    click.echo(f"{arch} on {file} ({result.device}): step {final['step']}  {_fmt_row(final)}  "
+               f"[{time.perf_counter() - t0:.0f} s]", err=True)
+    click.echo(f"Wrote {Path(out) / 'metrics.jsonl'} and {Path(out) / 'curves.png'}", err=True)
+
+
+def _list_option(kind, name, check=None):
+    def convert(ctx, param, value):
+        try:
+            items = [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of "
+                                     f"{name}") from None
+        if not items:
+            raise click.BadParameter("give at least one value")
+        for v in items:
+            if check and not check(v):
+                raise click.BadParameter(f"{v!r} is not a valid {name}")
+        return list(dict.fromkeys(items))
+    return convert
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("source")
+@click.option("-o", "--out", type=click.Path(file_okay=False), required=True,
+              help="Output folder: caches, runs, summary.csv/md and figures.")
+@click.option("-m", "--measures", default="none,mi", show_default=True,
+              callback=_list_option(str, "measure", lambda m: m in MEASURES),
+              help="Comma-separated measures; `none` (the baseline) is added if missing.")
+@click.option("-p", "--patch", "patches", default="8", show_default=True,
+              callback=_list_option(int, "patch size", lambda p: p >= 1),
+              help="Comma-separated patch sides, e.g. 4,8,16.")
+@click.option("-a", "--arch", "archs", default="vgg", show_default=True,
+              callback=_list_option(str, "architecture", lambda a: a in ARCHS),
+              help=f"Comma-separated architectures from {', '.join(ARCHS)}.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds per configuration (0..N-1).")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Optimizer steps per run.")
+@click.option("--width", type=click.FloatRange(min=0, min_open=True), default=0.25,
+              show_default=True, help="Channel multiplier of every network.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              show_default=True, help="Adam learning rate.")
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per step (1 = online training).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between test evaluations.")
+@click.option("--size", type=click.IntRange(min=8), default=32, show_default=True,
+              help="Images are resized to SIZE x SIZE.")
+@click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
+              help="Histogram bins of the measures.")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.1, show_default=True,
+              help="Held-out share for sources without a test split.")
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
+@click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch [default: all cores].")
+@click.option("--dry-run", is_flag=True, help="Print the plan (and what is done) and stop.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars [default: on a terminal; plain lines otherwise].")
+def compare(source, out, measures, patches, archs, seeds, steps, width, lr, batch_size,
+            eval_every, size, bins, test_fraction, device, threads, dry_run, progress):
+    """Run the paper's comparison: train on SOURCE reordered by each measure.
+
+    SOURCE is reordered once per (measure, patch) into OUT/data/*.h5; every
+    architecture is trained with identical hyperparameters and seeds on each;
+    OUT/summary.md and summary.csv compare final and best test accuracy, steps
+    to 90%/95% of the `none` baseline, speed-up and area under the accuracy
+    curve, with figures like the paper's Fig. 4 and 5. Run the same command
+    again to resume an interrupted comparison.
+
+    \b
+    Examples:
+      porder compare cifar-100-python.tar.gz -m none,mi,entropy -p 4,8,16 -o cmp
+      porder compare dogs-vs-cats/ -m none,mi,random --seeds 3 --width 0.125 -o dvc
+      porder compare synthetic:2000:4 -o demo --steps 200 --dry-run
+    """
+    from .experiment import compare as run_compare
+
+    tty = sys.stderr.isatty() if progress is None else progress
+    log = lambda line: click.echo(line, err=True)
+    with _interruptible("run the same command again to resume."), _library_errors():
+        result = run_compare(
+            source, out, measures=measures, patches=patches, archs=archs, seeds=seeds,
+            steps=steps, width=width, lr=lr, batch_size=batch_size, eval_every=eval_every,
+            size=size, bins=bins, test_fraction=test_fraction, device=device, threads=threads,
+            dry_run=dry_run,
+            log=log, progress_for=lambda desc: TrainProgress(tty, desc=desc),
+            cache_progress=CacheProgress(tty))
+    if dry_run:
+        click.echo(result.describe())
+        return
+    click.echo((Path(out) / "summary.md").read_text())
+
+
+class CacheProgress:
+    """Cache building: a tqdm bar per split on a terminal, a line per finished split otherwise."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.bar, self.split = tty, None, None
+
+    def __call__(self, split: str, done: int, total: int) -> None:
+        if self.tty:
+            if split != self.split or self.bar is None:
+                self.close()
+                from tqdm import tqdm
+
+                self.split = split
+                self.bar = tqdm(total=total, initial=done, desc=f"  {split}", unit="img",
+                                dynamic_ncols=True, leave=False)
+            self.bar.update(done - self.bar.n)
+        elif done >= total:
+            click.echo(f"  {split}: {done}/{total} images", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
