@@ -1,8 +1,7 @@
 """click command `porder merge`, and the `porder reorder --dask` entry point.
 
-Registered in cli.py (``from .cli_scale import merge``). ``porder.cli`` is
-imported inside the functions, not here, so the two modules can import each
-other in either order.
+Registered in cli.py (``from .cli_scale import merge``); shared CLI helpers
+come from ``porder._cli_common``.
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ def merge(paths, copy, overwrite, progress):
       porder merge c100.0.h5 c100.1.h5 c100.2.h5 c100.3.h5 c100.h5
       porder merge --copy c100.?.h5 c100-standalone.h5
     """
-    from .cli import ProgressReporter, library_errors
+    from ._cli_common import ProgressReporter, library_errors
     from .scale import merge as merge_shards
     from .store import read_meta
 
@@ -67,7 +66,7 @@ def dask_reorder(scheduler: str, source: str, out, build_options: dict, progress
     and uses one CPU thread per task. Library errors become one-line
     ``click.ClickException``; a missing Dask says ``pip install porder[scale]``.
     """
-    from .cli import library_errors
+    from ._cli_common import library_errors
     from .scale import run_dask
 
     options = {k: v for k, v in build_options.items()

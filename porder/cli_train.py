@@ -7,47 +7,17 @@ command runs, so ``porder --help`` stays fast.
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from ._cli_common import CONTEXT, interruptible, library_errors
 from .measures import MEASURES
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 ARCHS = ("vgg", "resnet", "inception")  # == porder.train.models.MODELS (checked by the tests)
 DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
-
-
-@contextmanager
-def _library_errors():
-    """Library ValueError/OSError -> one-line ClickException (exit 1), no traceback."""
-    try:
-        yield
-    except click.ClickException:
-        raise
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else repr(e)) from None
-
-
-def _sigterm_to_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _interruptible(message: str):
-    """SIGTERM acts like Ctrl-C; both print ``message`` and exit 130."""
-    old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    try:
-        yield
-    except KeyboardInterrupt:
-        click.echo(f"\nInterrupted: {message}", err=True)
-        sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _fmt_row(row: dict) -> str:
@@ -153,8 +123,8 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
     reporter = TrainProgress(progress, desc=arch)
     t0 = time.perf_counter()
     try:
-        with _interruptible(f"the last checkpoint is in {out}; run the same command with "
-                            f"--resume to continue."), _library_errors():
+        with interruptible(f"the last checkpoint is in {out}; run the same command with "
+                            f"--resume to continue."), library_errors():
             result = run_training(file, cfg, out, resume=resume, progress=reporter)
     finally:
         reporter.close()
@@ -239,7 +209,7 @@ def compare(source, out, measures, patches, archs, seeds, steps, width, lr, batc
 
     tty = sys.stderr.isatty() if progress is None else progress
     log = lambda line: click.echo(line, err=True)
-    with _interruptible("run the same command again to resume."), _library_errors():
+    with interruptible("run the same command again to resume."), library_errors():
         result = run_compare(
             source, out, measures=measures, patches=patches, archs=archs, seeds=seeds,
             steps=steps, width=width, lr=lr, batch_size=batch_size, eval_every=eval_every,
