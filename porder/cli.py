@@ -151,7 +151,9 @@ def inspect(file, as_json):
     classes = info["classes"]
     shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
     lines = [
-        f"file:        {info['path']} ({info['bytes'] / 2**20:.1f} MiB)",
+        f"file:        {info['path']} ({info['bytes'] / 2**20:.1f} MiB"
+        + (f"; virtual, reads {len(info['virtual_sources'])} shard files)"
+           if info["virtual_sources"] else ")"),
         f"source:      {info.get('source')} ({info.get('source_kind', '?')})",
         f"measure:     {info.get('measure')}  patch {info.get('patch')}  bins {info.get('bins')}  "
         f"reference {info.get('reference')}  {info.get('direction')}",

@@ -286,6 +286,9 @@ def describe(path) -> dict:
     with open_file(path) as f:
         meta["skipped_names"] = {s: [_jsonable(n) for n in f[s]["skipped"][()]]
                                  for s in SPLITS if s in f and "skipped" in f[s]}
+        meta["virtual_sources"] = sorted({m.file_name for s in SPLITS if s in f
+                                          for ds in f[s].values() if ds.is_virtual
+                                          for m in ds.virtual_sources()})
     return meta
 
 
