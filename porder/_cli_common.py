@@ -12,14 +12,18 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @contextmanager
-def library_errors():
-    """Turn library errors into one-line click errors (exit 1), no traceback."""
+def library_errors(prefix: str = ""):
+    """Turn library errors into one-line click errors (exit 1), no traceback.
+
+    ``prefix`` starts the message (e.g. ``"rank 1: "`` for a process of a torchrun job).
+    """
     try:
         yield
     except click.ClickException:
         raise
     except (ValueError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else repr(e)) from None
+        line = str(e).splitlines()[0] if str(e) else repr(e)
+        raise click.ClickException(prefix + line) from None
 
 
 class ProgressReporter:
@@ -64,13 +68,14 @@ def _sigterm_to_interrupt(signum, frame):
 
 
 @contextmanager
-def interruptible(message: str):
-    """SIGTERM acts like Ctrl-C; both print ``message`` and exit 130."""
+def interruptible(message: str, *, quiet: bool = False):
+    """SIGTERM acts like Ctrl-C; both print ``message`` (unless ``quiet``) and exit 130."""
     old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
         yield
     except KeyboardInterrupt:
-        click.echo(f"\nInterrupted: {message}", err=True)
+        if not quiet:
+            click.echo(f"\nInterrupted: {message}", err=True)
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, old)

@@ -105,32 +105,46 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
     the last checkpoint: run the same command with --resume to continue, to the
     same result as an uninterrupted run.
 
+    Under torchrun the processes train one model with DistributedDataParallel
+    (gloo on CPU, NCCL on GPUs): --batch-size is the global batch, split evenly
+    over the processes; rank 0 writes the run folder and reports progress.
+
     \b
     Examples:
       porder train c100-mi8.h5 --arch vgg --width 0.25 --steps 2000
       porder train c100-mi8.h5 --arch inception --batch-size 1 --lr 1e-4
       porder train baseline.h5 --reorder mi --patch 4 -o runs/mi4
       porder train c100-mi8.h5 -o runs/vgg --resume
+      torchrun --nproc-per-node 4 -m porder train c100-mi8.h5 -b 128 -o runs/ddp
     """
-    from .train.loop import TrainConfig
+    from .train.loop import TrainConfig, dist_env
     from .train.loop import train as run_training
 
+    with library_errors():
+        env = dist_env()
+    rank = env.rank
     if out is None:
         out = str(Path("runs") / f"{Path(file).stem}-{arch}-seed{seed}")
     cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
                       eval_every=eval_every, seed=seed, device=device, reorder=reorder,
                       patch=patch, bins=bins, threads=threads)
-    reporter = TrainProgress(progress, desc=arch)
+    # One reporter for a torchrun job: rank 0's; other ranks print only their errors.
+    reporter = TrainProgress(progress, desc=arch) if rank == 0 else None
     t0 = time.perf_counter()
     try:
         with interruptible(f"the last checkpoint is in {out}; run the same command with "
-                            f"--resume to continue."), library_errors():
+                           f"--resume to continue.", quiet=rank != 0), \
+                library_errors(f"rank {rank}: " if rank else ""):
             result = run_training(file, cfg, out, resume=resume, progress=reporter)
     finally:
-        reporter.close()
+        if reporter is not None:
+            reporter.close()
+    if rank != 0:
+        return
     final = result.final
-    click.echo(f"{arch} on {file} ({result.device}): step {final['step']}  {_fmt_row(final)}  "
-               f"[{time.perf_counter() - t0:.0f} s]", err=True)
+    procs = f" x {result.world_size} processes" if result.world_size > 1 else ""
+    click.echo(f"{arch} on {file} ({result.device}{procs}): step {final['step']}  "
+               f"{_fmt_row(final)}  [{time.perf_counter() - t0:.0f} s]", err=True)
     click.echo(f"Wrote {Path(out) / 'metrics.jsonl'} and {Path(out) / 'curves.png'}", err=True)
 
 

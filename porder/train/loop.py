@@ -13,6 +13,22 @@ uses torch's global RNG, whose state is checkpointed. With deterministic kernels
 the same seed on the same device and thread count gives the same metrics, and a
 run resumed from a checkpoint gives the same metrics as one never interrupted.
 
+Several processes (``torchrun --nproc-per-node N -m porder train ...``): the
+environment variables torchrun sets (WORLD_SIZE > 1, RANK, LOCAL_RANK,
+MASTER_ADDR/PORT) switch on DistributedDataParallel, over gloo on the CPU and
+NCCL on CUDA (rank r on ``cuda:LOCAL_RANK``). ``batch_size`` stays the global
+batch: step s uses the same images as a single process, and rank r trains on
+the r-th of N equal contiguous slices of them (:func:`batch_indices`), so the
+averaged gradient is that of the mean loss over the global batch. Batch norm:
+SyncBatchNorm on CUDA (statistics of the global batch, as one process); on the
+CPU torch has no SyncBatchNorm, so each rank normalises with the statistics of
+its own B/N images, and the running statistics evaluated and checkpointed are
+rank 0's (DDP's buffer broadcast). Each rank evaluates a contiguous share of
+the test split and the sums of loss and correct answers are all-reduced, so a
+row's test metrics are those of one evaluation of the whole split; train
+metrics and images/s count the global batch. Rank 0 alone writes the run
+folder and reports progress; every rank reads the checkpoint on resume.
+
 Evidence (this repository's CPU, 2 cores, shared): see benchmarks/bench_train.py.
 """
 from __future__ import annotations
@@ -33,6 +49,8 @@ import torch.nn.functional as F
 
 from ..store import read_meta, read_split
 from .models import MODELS, build_model
+
+# torch.distributed is imported where used: single-process runs never touch it.
 
 DEVICES = ("cpu", "cuda", "auto")
 # Metrics fields that measure time, not learning: they differ between runs.
@@ -99,10 +117,68 @@ class TrainResult:
     rows: list = field(default_factory=list)     # metrics rows, step 0 first
     resumed_from: int = 0                        # step of the checkpoint resumed (0: fresh)
     device: str = "cpu"
+    rank: int = 0                                # this process (0: the one that writes files)
+    world_size: int = 1                          # processes training together
 
     @property
     def final(self) -> dict:
         return self.rows[-1]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place among the processes training together (rank 0 of 1 alone)."""
+
+    rank: int = 0
+    local_rank: int = 0          # index on this machine: the GPU it trains on
+    world_size: int = 1
+    local_world_size: int = 1    # processes on this machine (they share its CPU cores)
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env(environ=None) -> DistEnv:
+    """Rank and world size from torchrun's environment (or an initialised process group).
+
+    WORLD_SIZE unset or 1 means a single process. With WORLD_SIZE > 1, RANK,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT must be set too, as torchrun does;
+    ValueError otherwise.
+    """
+    import torch.distributed as dist
+
+    env = os.environ if environ is None else environ
+    if environ is None and dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        return DistEnv(dist.get_rank(), int(env.get("LOCAL_RANK", 0)), world,
+                       int(env.get("LOCAL_WORLD_SIZE", world)))
+    world = _env_int(env, "WORLD_SIZE", "1")
+    if world <= 1:
+        return DistEnv()
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} is set but not {', '.join(missing)}; launch "
+                         "several processes with torchrun --nproc-per-node N -m porder train")
+    rank, local = _env_int(env, "RANK"), _env_int(env, "LOCAL_RANK")
+    local_world = _env_int(env, "LOCAL_WORLD_SIZE", str(world))
+    if not (0 <= rank < world and 0 <= local < local_world):
+        raise ValueError(f"RANK={rank}, LOCAL_RANK={local} out of range for WORLD_SIZE={world}, "
+                         f"LOCAL_WORLD_SIZE={local_world}")
+    return DistEnv(rank, local, world, local_world)
+
+
+def _env_int(env, key: str, default: Optional[str] = None) -> int:
+    value = env.get(key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[lo, hi)``: rank's contiguous share of ``n`` items (sizes differ by at most one)."""
+    return rank * n // world_size, (rank + 1) * n // world_size
 
 
 def resolve_device(device: str) -> str:
@@ -220,13 +296,26 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Training-set indices of the batch of (0-based) ``step``: (batch_size,) int64.
+def batch_indices(step: int, n: int, batch_size: int, seed: int, *, rank: int = 0,
+                  world_size: int = 1) -> torch.Tensor:
+    """Training-set indices of the batch of (0-based) ``step``: (batch_size / world_size,) int64.
 
     Epoch e visits all n images in the order ``randperm(n)`` of a generator
     seeded with (seed, e); batches run through epochs back to back. A pure
     function of its arguments, so a resumed run sees the same batches.
+
+    ``batch_size`` is the global batch; with ``world_size`` processes, ``rank``
+    gets its slice ``[rank * b, (rank + 1) * b)`` of it, ``b = batch_size /
+    world_size``: the slices of all ranks are disjoint and, concatenated in rank
+    order, are the single-process batch. ValueError unless ``world_size``
+    divides ``batch_size``.
     """
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} "
+                         f"processes; use a multiple of {world_size}")
+    if world_size > 1:
+        b = batch_size // world_size
+        return batch_indices(step, n, batch_size, seed)[rank * b:(rank + 1) * b]
     pos = step * batch_size
     parts = []
     while batch_size > 0:
@@ -238,9 +327,13 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     return torch.cat(parts)
 
 
-def get_batch(data: Data, step: int, cfg: TrainConfig):
-    """The inputs (B, 3, S, S) float and labels (B,) int64 of (0-based) ``step``."""
-    idx = batch_indices(step, len(data.train_y), cfg.batch_size, cfg.seed)
+def get_batch(data: Data, step: int, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1):
+    """The inputs (B, 3, S, S) float and labels (B,) int64 of (0-based) ``step``.
+
+    With ``world_size`` processes, B = batch_size / world_size: rank's slice of the step's batch.
+    """
+    idx = batch_indices(step, len(data.train_y), cfg.batch_size, cfg.seed, rank=rank,
+                        world_size=world_size)
     dev_idx = idx.to(data.train_x.device)
     images = data.train_x[dev_idx]                             # (B, S, S, 3) uint8
     if data.reorder_opts is not None:
@@ -256,20 +349,34 @@ def _autocast(device: str, cfg: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(model, data: Data, cfg: TrainConfig, device: str) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on the whole test split."""
+def evaluate(model, data: Data, cfg: TrainConfig, device: str, *, rank: int = 0,
+             world_size: int = 1) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the whole test split.
+
+    With ``world_size`` processes (a process group initialised), each rank
+    evaluates its :func:`shard_range` of the split and the sums of loss and
+    correct answers are all-reduced: every rank returns the whole split's metrics.
+    """
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=data.test_x.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.test_x.device)
-    for lo in range(0, len(data.test_y), cfg.eval_batch):
-        x = data.to_input(data.test_x[lo:lo + cfg.eval_batch])
-        y = data.test_y[lo:lo + cfg.eval_batch]
+    start, stop = shard_range(len(data.test_y), rank, world_size)
+    for lo in range(start, stop, cfg.eval_batch):
+        hi = min(lo + cfg.eval_batch, stop)
+        x = data.to_input(data.test_x[lo:hi])
+        y = data.test_y[lo:hi]
         with _autocast(device, cfg):
             logits = model(x)
         loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
     model.train()
     n = len(data.test_y)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        sums = torch.stack([loss, correct.double()])   # counts < 2**53: exact in float64
+        dist.all_reduce(sums)
+        return sums[0].item() / n, sums[1].item() / n
     return loss.item() / n, correct.item() / n
 
 
@@ -366,6 +473,47 @@ def _set_rng_state(st: dict, device: str) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Dropout seed of rank > 0 (rank 0 goes on with the single-process stream)."""
+    return (seed * 1_000_003 + rank * 7919 + step) % 2 ** 63
+
+
+@contextmanager
+def _process_group(env: DistEnv, device: str):
+    """Join the process group of a torchrun job (gloo on CPU, NCCL on CUDA) for one run.
+
+    A group the caller initialised is used as it is; one made here is destroyed
+    after. Ends with a barrier, so no rank writes before every rank has read the
+    run folder.
+    """
+    if not env.active:
+        yield
+        return
+    import torch.distributed as dist
+
+    if device == "cuda":
+        if env.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {env.local_rank} needs GPU {env.local_rank}, but torch "
+                             f"sees {torch.cuda.device_count()}; start at most that many "
+                             "processes per machine")
+        torch.cuda.set_device(env.local_rank)   # "cuda" now means cuda:LOCAL_RANK
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    try:
+        _barrier(device, env)
+        yield
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def _barrier(device: str, env: DistEnv) -> None:
+    import torch.distributed as dist
+
+    dist.barrier(device_ids=[env.local_rank] if device == "cuda" else None)
+
+
 # ------------------------------------------------------------------ the loop
 def train(path, cfg: TrainConfig, out, *, resume: bool = False,
           progress: Optional[Progress] = None) -> TrainResult:
@@ -399,6 +547,11 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
         with other options.
     """
     cfg.validate()
+    env = dist_env()
+    if cfg.batch_size % env.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must split "
+                         f"evenly over the {env.world_size} processes; use a multiple of "
+                         f"{env.world_size}")
     device = resolve_device(cfg.device)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -426,18 +579,30 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
         if ckpt["step"] > cfg.steps:
             raise ValueError(f"cannot resume '{out}': its checkpoint is at step {ckpt['step']}, "
                              f"beyond --steps {cfg.steps}")
-    out.mkdir(parents=True, exist_ok=True)
+    threads = cfg.threads
+    if env.active and threads is None and device == "cpu":   # the ranks of a machine share it
+        threads = max(1, (os.cpu_count() or 1) // env.local_world_size)
+    # Joining the group is the barrier after which rank 0 may write: every rank
+    # has checked the run folder and read the checkpoint by then.
+    with _process_group(env, device):
+        if env.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        with _torch_settings(device, cfg.deterministic, threads):
+            return _run(path, cfg, out, device, meta, ckpt, progress if env.rank == 0 else None,
+                        env)
 
-    with _torch_settings(device, cfg.deterministic, cfg.threads):
-        return _run(path, cfg, out, device, meta, ckpt, progress)
 
-
-def _run(path, cfg, out, device, meta, ckpt, progress) -> TrainResult:
+def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainResult:
     data = Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
                 order_seed=cfg.order_seed)
+    rank, world = env.rank, env.world_size
+    main = rank == 0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes=len(data.classes), in_size=data.size,
-                        width=cfg.width).to(device)
+                        width=cfg.width)
+    if env.active and device == "cuda":   # batch statistics of the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
@@ -451,20 +616,48 @@ def _run(path, cfg, out, device, meta, ckpt, progress) -> TrainResult:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], device)
         step, wall = int(ckpt["step"]), float(ckpt["wall_s"])
+        ranks = ckpt.get("rng_ranks")
+        if env.active and ranks is not None and len(ranks) == world:
+            _set_rng_state(ranks[rank], device)           # the same world size: exact resume
+        else:
+            _set_rng_state(ckpt["rng"], device)
+            if rank:
+                torch.manual_seed(_rank_seed(cfg.seed, rank, step))
         rows = [r for r in read_metrics(out) if r["step"] <= step]
-    _atomic_json(out / CONFIG, {"config": asdict(cfg), "file": str(Path(path).resolve()),
-                                "file_meta": _file_identity(meta), "device": device,
-                                "torch": torch.__version__, "threads": torch.get_num_threads()})
-    result = TrainResult(out=out, rows=rows, resumed_from=step, device=device)
+    elif rank:
+        torch.manual_seed(_rank_seed(cfg.seed, rank))     # own dropout masks
+    net = model
+    if env.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[env.local_rank] if device == "cuda" else None,
+                  find_unused_parameters=False)
+    if main:
+        _atomic_json(out / CONFIG, {
+            "config": asdict(cfg), "file": str(Path(path).resolve()),
+            "file_meta": _file_identity(meta), "device": device, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "world_size": world})
+    result = TrainResult(out=out, rows=rows, resumed_from=step, device=device, rank=rank,
+                         world_size=world)
 
     def checkpoint():
+        rng = _rng_state(device)
+        rng_ranks = None
+        if env.active:
+            import torch.distributed as dist
+
+            rng_ranks = [None] * world
+            dist.all_gather_object(rng_ranks, rng)
+        if not main:
+            return
         _write_metrics(out, rows)  # metrics first: rows past the checkpoint are dropped on resume
         state = {"config": asdict(cfg), "step": step, "wall_s": wall, "path": str(path),
                  "file": _file_identity(meta), "model": model.state_dict(),
                  "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": _rng_state(device)}
+                 "rng": rng, "world_size": world}
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
         tmp = out / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, out / CHECKPOINT)
@@ -475,9 +668,16 @@ def _run(path, cfg, out, device, meta, ckpt, progress) -> TrainResult:
 
     def eval_row(train_stats: dict) -> dict:
         t0 = time.perf_counter()
-        test_loss, test_acc = evaluate(model, data, cfg, device)
+        if env.active:  # rank 0's BN running statistics everywhere, as DDP's next forward does
+            import torch.distributed as dist
+
+            for b in model.buffers():
+                dist.broadcast(b, 0)
+        test_loss, test_acc = evaluate(model, data, cfg, device, rank=rank, world_size=world)
         row = {"step": step, "epoch": step * cfg.batch_size / n_train, **train_stats,
                "test_loss": test_loss, "test_acc": test_acc}
+        if env.active:
+            row["world_size"] = world
         row["eval_s"] = time.perf_counter() - t0
         return row
 
@@ -488,9 +688,9 @@ def _run(path, cfg, out, device, meta, ckpt, progress) -> TrainResult:
     if progress:
         progress(step, cfg.steps, rows[-1])
 
-    model.train()
+    net.train()
     pool = ThreadPoolExecutor(1, thread_name_prefix="porder-batch")
-    fetch = lambda s: get_batch(data, s, cfg)
+    fetch = lambda s: get_batch(data, s, cfg, rank=rank, world_size=world)
     try:
         nxt = pool.submit(fetch, step) if step < cfg.steps else None
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -502,7 +702,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress) -> TrainResult:
             waited += time.perf_counter() - t0
             nxt = pool.submit(fetch, step + 1) if step + 1 < cfg.steps else None
             with _autocast(device, cfg):
-                logits = model(x)                       # (B, classes)
+                logits = net(x)                         # (B, classes)
                 loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -515,8 +715,12 @@ def _run(path, cfg, out, device, meta, ckpt, progress) -> TrainResult:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 sync()
                 dt = time.perf_counter() - t_int
-                stats = {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-                         "images_per_s": seen / dt, "wall_s": None, "data_wait": waited / dt}
+                if env.active:  # global batch: sums over the ranks (waits: their mean)
+                    stats = _all_reduce_stats(loss_sum, correct, seen, waited, dt, world)
+                else:
+                    stats = {"train_loss": loss_sum.item() / seen,
+                             "train_acc": correct.item() / seen, "images_per_s": seen / dt,
+                             "wall_s": None, "data_wait": waited / dt}
                 rows.append(eval_row(stats))
                 wall += time.perf_counter() - t_int     # training + evaluation
                 rows[-1]["wall_s"] = wall
@@ -537,6 +741,27 @@ def _run(path, cfg, out, device, meta, ckpt, progress) -> TrainResult:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
+    if main:
+        _finish(path, cfg, out, rows, step, wall, device, world)
+    if env.active:  # files are complete when any rank returns
+        _barrier(device, env)
+    return result
+
+
+def _all_reduce_stats(loss_sum, correct, seen, waited, dt, world) -> dict:
+    import torch.distributed as dist
+
+    sums = torch.stack([loss_sum, correct.double(),
+                        torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device),
+                        torch.tensor(waited, dtype=torch.float64, device=loss_sum.device)])
+    dist.all_reduce(sums)
+    loss, right, n, wait = sums.tolist()
+    return {"train_loss": loss / n, "train_acc": right / n, "images_per_s": n / dt,
+            "wall_s": None, "data_wait": wait / world / dt}
+
+
+def _finish(path, cfg, out, rows, step, wall, device, world) -> None:
+    """curves.png and result.json of a finished run."""
     try:
         plot_curves(rows, out / CURVES, title=f"{cfg.arch} on {Path(path).name}"
                     + (f" (reordered on the fly: {cfg.reorder}, patch {cfg.patch})"
@@ -548,11 +773,11 @@ def _run(path, cfg, out, device, meta, ckpt, progress) -> TrainResult:
     final = rows[-1]
     _atomic_json(out / RESULT, {
         "complete": True, "steps": step, "config": asdict(cfg), "device": device,
+        "world_size": world,
         "final_test_acc": final["test_acc"], "final_test_loss": final["test_loss"],
         "best_test_acc": max(r["test_acc"] for r in rows), "wall_s": wall,
         "mean_images_per_s": _mean([r["images_per_s"] for r in rows[1:]]),
         "mean_data_wait": _mean([r["data_wait"] for r in rows[1:]])})
-    return result
 
 
 def _mean(values) -> Optional[float]:
