@@ -49,6 +49,7 @@ from .store import (
     SPLITS,
     StoreError,
     _jsonable,
+    check_output,
     missing_virtual_sources,
     open_file,
     partial_path,
@@ -259,12 +260,7 @@ def merge(shards: Sequence, out, *, copy: bool = False, overwrite: bool = False,
         seen[key] = p
     if out.resolve() in seen:
         raise StoreError(f"output '{out}' is one of the shards; choose another output name")
-    if out.is_dir():
-        raise StoreError(f"output '{out}' is a directory; give a file name like out.h5")
-    if out.exists() and not overwrite:
-        raise StoreError(f"output '{out}' exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise StoreError(f"cannot write '{out}': folder '{out.parent}' does not exist")
+    check_output(out, overwrite=overwrite)
     ordered = _check_shards([_read_shard(p) for p in paths])
     ref = ordered[0]
     attrs = dict(ref.attrs, shard_index=0, shard_count=1, complete=False, **(_attrs or {}))
@@ -492,12 +488,7 @@ def run_dask(scheduler: str, source: str, out, *, shards: Optional[int] = None,
     if shards is not None and int(shards) < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
     out = Path(out).absolute()
-    if out.is_dir():
-        raise StoreError(f"output '{out}' is a directory; give a file name like out.h5")
-    if out.exists() and not overwrite:
-        raise StoreError(f"output '{out}' exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise StoreError(f"cannot write '{out}': folder '{out.parent}' does not exist")
+    check_output(out, overwrite=overwrite)
     named = source == "digits" or str(source).startswith("synthetic:")  # win over paths
     task_source = source if named or not Path(source).exists() else str(Path(source).resolve())
     counts = _count_samples(task_source, build_options)

@@ -59,6 +59,20 @@ def _jsonable(v):
     return v
 
 
+def check_output(path, *, overwrite: bool = False) -> Path:
+    """Refuse an output path that cannot or must not be written; returns it as a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"output '{path}' is a directory; give a file name like out.h5")
+    if path.exists() and not overwrite:
+        raise StoreError(f"output '{path}' exists; pass --overwrite to replace it")
+    if not path.parent.exists():
+        raise StoreError(f"cannot write '{path}': folder '{path.parent}' does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(f"cannot write '{path}': folder '{path.parent}' is not writable")
+    return path
+
+
 class Writer:
     """Append reordered batches to a new porder file, one batch at a time.
 
@@ -82,14 +96,7 @@ class Writer:
                  resume: bool = False, chunk: int = 256):
         self.path = Path(path)
         self.tmp = partial_path(self.path)
-        if self.path.is_dir():
-            raise StoreError(f"output '{self.path}' is a directory; give a file name like out.h5")
-        if self.path.exists() and not overwrite:
-            raise StoreError(f"output '{self.path}' exists; pass --overwrite to replace it")
-        if not self.path.parent.exists():
-            raise StoreError(f"cannot write '{self.path}': folder '{self.path.parent}' does not exist")
-        if not os.access(self.path.parent, os.W_OK):
-            raise StoreError(f"cannot write '{self.path}': folder '{self.path.parent}' is not writable")
+        check_output(self.path, overwrite=overwrite)
         size, patch = int(meta["image_size"]), int(meta["patch"])
         self.k = (size // patch) ** 2
         self.size = size

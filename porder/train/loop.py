@@ -45,12 +45,11 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..store import read_meta, read_split
 from .models import MODELS, build_model
-
-# torch.distributed is imported where used: single-process runs never touch it.
 
 DEVICES = ("cpu", "cuda", "auto")
 # Metrics fields that measure time, not learning: they differ between runs.
@@ -146,8 +145,6 @@ def dist_env(environ=None) -> DistEnv:
     LOCAL_RANK, MASTER_ADDR and MASTER_PORT must be set too, as torchrun does;
     ValueError otherwise.
     """
-    import torch.distributed as dist
-
     env = os.environ if environ is None else environ
     if environ is None and dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
@@ -372,8 +369,6 @@ def evaluate(model, data: Data, cfg: TrainConfig, device: str, *, rank: int = 0,
     model.train()
     n = len(data.test_y)
     if world_size > 1:
-        import torch.distributed as dist
-
         sums = torch.stack([loss, correct.double()])   # counts < 2**53: exact in float64
         dist.all_reduce(sums)
         return sums[0].item() / n, sums[1].item() / n
@@ -474,8 +469,8 @@ def _set_rng_state(st: dict, device: str) -> None:
 
 
 def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """Dropout seed of rank > 0 (rank 0 goes on with the single-process stream)."""
-    return (seed * 1_000_003 + rank * 7919 + step) % 2 ** 63
+    """Dropout seed of rank > 0 from step ``step`` (rank 0 goes on with the single-process stream)."""
+    return ((seed * 1_000_003 + rank) * 1_000_033 + step) % 2 ** 63
 
 
 @contextmanager
@@ -489,8 +484,6 @@ def _process_group(env: DistEnv, device: str):
     if not env.active:
         yield
         return
-    import torch.distributed as dist
-
     if device == "cuda":
         if env.local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK {env.local_rank} needs GPU {env.local_rank}, but torch "
@@ -509,8 +502,6 @@ def _process_group(env: DistEnv, device: str):
 
 
 def _barrier(device: str, env: DistEnv) -> None:
-    import torch.distributed as dist
-
     dist.barrier(device_ids=[env.local_rank] if device == "cuda" else None)
 
 
@@ -543,8 +534,18 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     Raises
     ------
     ValueError
-        Bad options, an unusable file, a run folder in use, or a checkpoint made
-        with other options.
+        Bad options, an unusable file, a run folder in use, a checkpoint made
+        with other options, or (several processes) a batch size they cannot share.
+
+    Notes
+    -----
+    Under torchrun (WORLD_SIZE > 1 in the environment) every process calls
+    this function; it joins the process group (or uses one already initialised)
+    and trains with DistributedDataParallel as the module docstring describes.
+    Only rank 0 writes to ``out`` and calls ``progress``; every rank returns the
+    same rows (timings aside). A run resumes exactly with the same number of
+    processes; it may resume with another number (each rank's dropout stream
+    then restarts from the seed and the step).
     """
     cfg.validate()
     env = dist_env()
@@ -645,8 +646,6 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
         rng = _rng_state(device)
         rng_ranks = None
         if env.active:
-            import torch.distributed as dist
-
             rng_ranks = [None] * world
             dist.all_gather_object(rng_ranks, rng)
         if not main:
@@ -669,8 +668,6 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
     def eval_row(train_stats: dict) -> dict:
         t0 = time.perf_counter()
         if env.active:  # rank 0's BN running statistics everywhere, as DDP's next forward does
-            import torch.distributed as dist
-
             for b in model.buffers():
                 dist.broadcast(b, 0)
         test_loss, test_acc = evaluate(model, data, cfg, device, rank=rank, world_size=world)
@@ -749,8 +746,6 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
 
 
 def _all_reduce_stats(loss_sum, correct, seen, waited, dt, world) -> dict:
-    import torch.distributed as dist
-
     sums = torch.stack([loss_sum, correct.double(),
                         torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device),
                         torch.tensor(waited, dtype=torch.float64, device=loss_sum.device)])
