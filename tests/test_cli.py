@@ -137,6 +137,26 @@ def test_reorder_image_folder(tmp_path, measure, patch):
     assert read_meta(out)["splits"] == {"train": 6, "test": 2}
 
 
+def test_reorder_kaggle_flat_folder_with_odd_modes(tmp_path):
+    """The Kaggle layout through the CLI, with every awkward image mode in it."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "flat"
+    src.mkdir()
+    rgb = rng.integers(0, 256, (45, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("L").save(src / "cat.1.png")
+    Image.fromarray(rgb).convert("P").save(src / "cat.2.png")
+    Image.fromarray(rgb).convert("RGBA").save(src / "cat.10.png")
+    Image.fromarray(rgb).convert("CMYK").save(src / "dog.1.jpg")
+    Image.fromarray((rng.integers(0, 65536, (50, 50))).astype(np.uint16)).save(src / "dog.2.png")
+    Image.fromarray(rgb).save(src / "dog.3.jpg")
+    out = tmp_path / "k.h5"
+    run("reorder", "--measure", "mi", "--patch", "4", "--test-fraction", "0.34", src, out)
+    meta = read_meta(out)
+    assert meta["classes"] == ["cat", "dog"] and meta["source_kind"] == "kaggle"
+    assert sum(meta["splits"].values()) == 6
+    check_against_library(out, str(src), "mi", 4, test_fraction=0.34)
+
+
 def test_reorder_dogs_vs_cats_subprocess(tmp_path, dogs_vs_cats):
     out = tmp_path / "dvc.h5"
     res = subprocess.run([sys.executable, "-m", "porder", "reorder", "--measure", "mi",
