@@ -285,17 +285,15 @@ def ssim(a, b, *, bins: int = 256):
 # S[:, i, j] = measure(ref = patch i, candidate = patch j).
 
 
-def _gather_pairs_matrix(fn, patches, bins, symmetric):
-    """Generic matrix from a pair function, evaluating i<j only when symmetric."""
+def _symmetric_pairs_matrix(fn, patches, bins):
+    """Matrix of a symmetric pair function, evaluated on pairs i < j only."""
     xp = get_array_module(patches)
     n_img, k = patches.shape[:2]
-    i, j = np.triu_indices(k, 1) if symmetric else np.nonzero(~np.eye(k, dtype=bool))
-    i, j = xp.asarray(i), xp.asarray(j)
+    i, j = (xp.asarray(t) for t in np.triu_indices(k, 1))
     vals = fn(patches[:, i], patches[:, j], bins=bins)  # (N, P)
     out = xp.zeros((n_img, k, k), dtype=xp.float64)
     out[:, i, j] = vals
-    if symmetric:
-        out[:, j, i] = vals
+    out[:, j, i] = vals
     return out
 
 
@@ -372,7 +370,7 @@ def _l2_matrix(patches, bins):
 
 
 def _l1_matrix(patches, bins):
-    return _gather_pairs_matrix(l1_distance, patches, bins, symmetric=True)
+    return _symmetric_pairs_matrix(l1_distance, patches, bins)
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +394,6 @@ class Measure:
     summary: str
     fn: Optional[Callable] = None
     matrix: Optional[Callable] = None
-    symmetric: bool = True
 
     @property
     def direction(self) -> str:
@@ -421,7 +418,7 @@ MEASURES: dict[str, Measure] = {
                 "joint entropy of co-located pixel pairs (bits)", joint_entropy, _je_matrix),
         Measure("kl", "pairwise", False,
                 "KL(reference || candidate) of smoothed intensity histograms (bits)",
-                kl_divergence, _kl_matrix, symmetric=False),
+                kl_divergence, _kl_matrix),
         Measure("l1", "pairwise", False,
                 "mean absolute pixel difference", l1_distance, _l1_matrix),
         Measure("l2", "pairwise", False,
