@@ -72,17 +72,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _truncate(batch, take: int):
-    """The first ``take`` samples of a batch (a shard's end inside a batch)."""
-    if len(batch.labels) + len(batch.skipped) <= take:
-        return batch
-    if batch.skipped:  # positions of skipped samples are unknown: keep it exact
-        raise StoreError("a shard boundary falls inside a batch with skipped images; "
-                         "use a batch size that divides the shard size")
-    return type(batch)(images=batch.images[:take], labels=batch.labels[:take],
-                       names=batch.names[:take], skipped=[])
-
-
 def _prefetch(iterator, depth: int = 2):
     """Run ``iterator`` on a background thread, yielding (item, seconds waited)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -180,16 +169,12 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
             writer.f[split].attrs["first_sample"] = lo
             writer.f[split].attrs["last_sample"] = hi
             pos = max(lo, writer.consumed(split)) if resumed else lo
-            skipped = 0
             if progress:
                 progress(split, pos - lo, hi - lo)
-            batches = src.iter_batches(split, batch_size, start=pos)
+            batches = src.iter_batches(split, batch_size, start=pos, stop=hi)
             for batch, waited in _prefetch(batches):
                 secs["decode"] += waited
-                take = min(batch_size, hi - pos)
-                if take <= 0:
-                    break
-                batch = _truncate(batch, take)
+                take = min(batch_size, hi - pos)  # samples this batch covers
                 t0 = time.perf_counter()
                 imgs, perm = reorder(batch.images, m.name, patch, bins=bins, device=device,
                                      reference=reference, descending=descending, seed=seed,
@@ -200,12 +185,9 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                               consumed=pos, skipped=batch.skipped)
                 secs["measure"] += t1 - t0
                 secs["write"] += time.perf_counter() - t1
-                skipped += len(batch.skipped)
                 _fault_hook()
                 if progress:
                     progress(split, pos - lo, hi - lo)
-                if pos >= hi:
-                    break
             result.rows[split] = writer.rows(split)
             result.skipped[split] = int(writer.f[split]["skipped"].shape[0])
         if sum(result.rows.values()) == 0:

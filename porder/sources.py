@@ -292,8 +292,9 @@ class Source:
         """
         return self._count(self._check_split(split))
 
-    def iter_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
-        """Yield samples ``[start, count(split))`` of a split, in order, in batches.
+    def iter_batches(self, split: str, batch_size: int, start: int = 0,
+                     stop: int | None = None) -> Iterator[Batch]:
+        """Yield samples ``[start, stop)`` of a split, in order, in batches.
 
         Parameters
         ----------
@@ -306,6 +307,9 @@ class Source:
             ``start`` are identical to the tail of a run from 0 when ``start``
             is a multiple of ``batch_size`` (and sample-for-sample identical
             in any case).
+        stop : int, optional
+            One past the last sample index, start <= stop <= count(split);
+            default count(split). Shards of a dataset read ``[lo, hi)``.
 
         Returns
         -------
@@ -326,6 +330,11 @@ class Source:
         start = _check_int("start", start, 0)
         if start > n:
             raise SourceError(f"start {start} is past the end of split {split!r} ({n} samples)")
+        if stop is not None:
+            stop = _check_int("stop", stop, start)
+            if stop > n:
+                raise SourceError(f"stop {stop} is past the end of split {split!r} ({n} samples)")
+            n = stop
         return self._batches(split, batch_size, start, n)
 
     def close(self) -> None:

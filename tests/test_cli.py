@@ -220,6 +220,23 @@ def test_corrupt_image_fail_and_skip(tmp_path):
     assert any("broken.jpg" in s for s in info["skipped_names"]["train"])
 
 
+def test_shards_with_skipped_images_merge_to_the_unsharded_file(tmp_path):
+    from porder.scale import merge
+
+    src = write_folder(tmp_path / "imgs", per_class=5)
+    (src / "ant" / "ant2.jpg").write_bytes(b"corrupt")
+    opts = ["--on-error", "skip", "--test-fraction", "0", "-b", "3", "--measure", "ssim"]
+    run("reorder", *opts, src, tmp_path / "whole.h5")
+    for i in range(2):
+        run("reorder", *opts, "--shard", f"{i}/2", src, tmp_path / f"s{i}.h5")
+    merged = merge([tmp_path / "s0.h5", tmp_path / "s1.h5"], tmp_path / "m.h5", copy=True)
+    a, b = read_split(tmp_path / "whole.h5"), read_split(merged)
+    assert len(a["labels"]) == 9
+    for key in ("images", "labels", "perm"):
+        assert np.array_equal(a[key], b[key])
+    assert a["names"] == b["names"]
+
+
 # ---------------------------------------------------------------------------
 # interruption and resume
 

@@ -741,3 +741,16 @@ def test_source_help_lists_every_form():
     for word in ["cifar-10-batches-py", "cifar-100-python", "tar.gz", "<class>", "train/",
                  "cat.12.jpg", "synthetic:N[:C]", "digits", "bicubic", "black"]:
         assert word in SOURCE_HELP
+
+
+def test_iter_batches_stop_reads_a_slice():
+    src = open_source("synthetic:50", test_fraction=0)
+    whole = np.concatenate([b.images for b in src.iter_batches("train", 8)])
+    part = [b for b in src.iter_batches("train", 8, start=10, stop=27)]
+    assert [len(b.labels) for b in part] == [8, 8, 1]
+    assert np.array_equal(np.concatenate([b.images for b in part]), whole[10:27])
+    with pytest.raises(SourceError, match="stop 51 is past the end"):
+        src.iter_batches("train", 8, stop=51)
+    with pytest.raises(SourceError, match="stop must be an integer >= 10"):
+        src.iter_batches("train", 8, start=10, stop=5)
+    src.close()
