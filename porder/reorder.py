@@ -8,6 +8,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .backend import array_module, get_array_module, resolve_device, to_device
+from .kernels import check_backend, compiled_reorder
 from .measures import _check_bins, get_measure
 from .ordering import greedy_chain, identity_order, random_order, sort_order
 from .patches import apply_perm, check_patch_size, merge, split
@@ -59,7 +60,7 @@ def permutations(patches, measure: str = "mi", *, bins: int = 256, reference: in
 
 def reorder(images, measure: str = "mi", patch: int = 8, *, bins: int = 256,
             device: str = "cpu", reference: int = 0, descending=None, seed: int = 0,
-            start: int = 0, workers: int | None = None):
+            start: int = 0, workers: int | None = None, backend: str = "generic"):
     """Reorder the patches of every image with the POR algorithm.
 
     Parameters
@@ -84,6 +85,10 @@ def reorder(images, measure: str = "mi", patch: int = 8, *, bins: int = 256,
         results do not depend on batching.
     workers : int, optional
         CPU threads (default: all cores). Ignored on CUDA.
+    backend : {'compiled', 'generic'}
+        'compiled' runs the fused kernels of :mod:`porder.kernels` (numba on
+        the CPU, CUDA C++ on a GPU); 'generic' the array-generic reference
+        path. Both give identical permutations.
 
     Returns
     -------
@@ -98,8 +103,9 @@ def reorder(images, measure: str = "mi", patch: int = 8, *, bins: int = 256,
     """
     in_xp = get_array_module(images)
     xp = array_module(resolve_device(device))
-    get_measure(measure)
+    m = get_measure(measure)
     bins = _check_bins(bins)
+    check_backend(backend)
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] < 1:
         raise ValueError(f"images must have shape (N, S, S, C), got {tuple(images.shape)}")
     if images.dtype != np.uint8:
@@ -107,7 +113,14 @@ def reorder(images, measure: str = "mi", patch: int = 8, *, bins: int = 256,
     g = check_patch_size(images.shape[1], patch)
     x = to_device(images, xp)
     n, k, c = x.shape[0], g * g, x.shape[3]
-    kind = get_measure(measure).kind
+    kind = m.kind
+    if backend == "compiled" and kind != "control":
+        if not 0 <= reference < k:
+            raise ValueError(f"reference patch {reference} is out of range 0..{k - 1}")
+        desc = m.descending if descending is None else bool(descending)
+        out, perm = compiled_reorder(x, m, patch, bins=bins, reference=reference,
+                                     descending=desc, workers=workers)
+        return to_device(out, in_xp), to_device(perm, in_xp)
     chunk = max(1, CHUNK_BYTES // _bytes_per_image(kind, k, patch * patch, c, bins))
 
     def run(lo: int):
