@@ -1,0 +1,176 @@
+"""Dataset readers: every SOURCE becomes batches of uint8 RGB images of one size.
+
+A source is opened with :func:`open_source` and read split by split with
+:meth:`Source.iter_batches`, one batch at a time, so memory stays bounded
+whatever the dataset size (CIFAR and ``digits`` are small enough to be held
+whole; image folders are decoded per batch; ``synthetic`` images are generated
+per batch).
+
+Accepted SOURCE forms (see :data:`SOURCE_HELP`)
+-----------------------------------------------
+* CIFAR-10 / CIFAR-100, the official *python* version: the extracted folder
+  (``cifar-10-batches-py/``, ``cifar-100-python/``) or the archive as
+  distributed (``.tar.gz``, read in one pass without extracting). Pickles are
+  loaded by a restricted unpickler that only accepts NumPy arrays, so a
+  malicious archive cannot run code.
+* An image folder with one sub-folder per class (class names are the sorted
+  sub-folder names; images are found recursively inside a class folder),
+  optionally below ``train/`` and ``test/``, which must hold the same classes.
+* The Kaggle Dogs vs. Cats layout: images directly inside a folder, named
+  ``<label>.<id>.<ext>`` (``cat.12.jpg`` is class ``cat``).
+* ``synthetic:N[:C]``: N generated images of C classes (default 10).
+* ``digits``: scikit-learn's 1797 8x8 handwritten digits (bundled, no download).
+
+Splits
+------
+Every source has the splits ``train`` and ``test``. CIFAR and image folders
+with ``train/`` and ``test/`` bring their own; every other source holds out a
+deterministic fraction ``test_fraction`` of its samples: the samples whose rank
+in ``np.random.default_rng(seed).permutation(n)`` is below
+``round(test_fraction * n)`` form the test split; both splits keep the source
+order. Samples are read in a fixed order (natural order of file names, e.g.
+``cat.2.jpg`` before ``cat.10.jpg``), so resuming at sample ``start`` gives
+exactly the batches an uninterrupted run would have given.
+
+How image files become RGB arrays (modes, EXIF, resizing, bad files) is
+stated once, in :mod:`porder.sources.decode`.
+
+Layout: :mod:`.base` (Source, Batch, the held-out split), :mod:`.decode`
+(Pillow decoding and resizing, the thread-pool file source), one module per
+source kind (:mod:`.cifar`, :mod:`.folders`, :mod:`.synthetic` with
+``digits``), and :func:`open_source` here, which picks the kind.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+from .base import Batch, Source, SourceError, _check_int, _one_line
+from .cifar import _cifar_kind, _open_cifar_archive, _open_cifar_folder
+from .decode import IMAGE_EXTENSIONS, RESAMPLE
+from .folders import _open_folder
+from .synthetic import _DigitsSource, _parse_synthetic, _SyntheticSource
+
+__all__ = [
+    "SOURCE_HELP",
+    "IMAGE_EXTENSIONS",
+    "RESAMPLE",
+    "SourceError",
+    "Batch",
+    "Source",
+    "open_source",
+]
+
+LABEL_CHOICES = ("fine", "coarse")
+ON_ERROR_CHOICES = ("fail", "skip")
+
+SOURCE_HELP = """\
+SOURCE is one of:
+  PATH/cifar-10-batches-py, cifar-10-python.tar.gz   CIFAR-10, python version, folder or archive
+  PATH/cifar-100-python, cifar-100-python.tar.gz     CIFAR-100 (--label coarse: 20 superclasses)
+  PATH/<class>/<image>                                image folder, one sub-folder per class
+  PATH/train/<class>/..., PATH/test/<class>/...       image folder with its own test split
+  PATH/<label>.<id>.<ext>                             flat folder, Kaggle Dogs vs. Cats (cat.12.jpg)
+  synthetic:N[:C]                                     N generated images of C classes (default 10)
+  digits                                              scikit-learn's 1797 8x8 handwritten digits
+Images (.png .jpg .jpeg .bmp .gif .tif .tiff .webp) of any mode become RGB (alpha composited on
+black, 16-bit scaled to 8-bit, EXIF orientation applied) and are squashed, not cropped, to
+SIZE x SIZE with bicubic resampling. Sources without their own test split hold out a seeded
+random TEST_FRACTION of their samples as the test split."""
+
+
+# --------------------------------------------------------------------------
+# Entry point
+
+
+def _default_workers() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction: float = 0.1,
+                seed: int = 0, on_error: str = "fail", workers: int | None = None) -> Source:
+    """Open a dataset as a :class:`Source` of uint8 RGB images of ``size x size``.
+
+    Parameters
+    ----------
+    spec : str
+        A path (CIFAR folder or ``.tar.gz``, image folder, Kaggle flat folder),
+        ``"synthetic:N"``, ``"synthetic:N:C"`` or ``"digits"``; see :data:`SOURCE_HELP`.
+        ``digits`` and ``synthetic:...`` win over a path of the same name
+        (write ``./digits`` for the folder).
+    size : int, optional
+        Side of the output images (>= 1); images are squashed to it with
+        bicubic resampling.
+    label : {'fine', 'coarse'}, optional
+        CIFAR-100 labels: the 100 classes or the 20 superclasses. ``'coarse'``
+        is an error for every other source.
+    test_fraction : float, optional
+        Fraction of samples held out as the test split, 0 <= f < 1, for
+        sources without their own test split (ignored by the others).
+    seed : int, optional
+        Seed (>= 0) of the held-out split and of ``synthetic`` images.
+    on_error : {'fail', 'skip'}, optional
+        What an undecodable image file does: raise, or leave it out and list it
+        in :attr:`Batch.skipped`.
+    workers : int or None, optional
+        Threads decoding image files or generating ``synthetic`` images (>= 1;
+        1 works in the caller's thread); default: the CPUs this process may use (``os.cpu_count()``
+        narrowed to the CPU affinity where the OS has one).
+
+    Returns
+    -------
+    Source
+        Call :meth:`Source.close` when done (or use it in a ``with`` block).
+
+    Raises
+    ------
+    SourceError
+        A missing path, an unknown form, a wrong layout or a bad option; the
+        message is one line naming the file or option.
+    """
+    spec_text = str(spec)
+    size = _check_int("size", size, 1)
+    seed = _check_int("seed", seed, 0)
+    if label not in LABEL_CHOICES:
+        raise SourceError(f"label must be one of {list(LABEL_CHOICES)}, got {label!r}")
+    if on_error not in ON_ERROR_CHOICES:
+        raise SourceError(f"on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+            or not 0 <= test_fraction < 1:
+        raise SourceError(f"test_fraction must be a number with 0 <= f < 1, "
+                          f"got {test_fraction!r}")
+    test_fraction = float(test_fraction)
+    workers = _default_workers() if workers is None else _check_int("workers", workers, 1)
+
+    if spec_text.startswith("synthetic:") or spec_text == "digits":
+        if label != "fine":
+            raise SourceError(f"label='coarse' needs CIFAR-100, not {spec_text!r}; "
+                              f"use label='fine'")
+        if spec_text == "digits":
+            return _DigitsSource(spec_text, size, test_fraction, seed)
+        n, num_classes = _parse_synthetic(spec_text)
+        return _SyntheticSource(spec_text, n, num_classes, size, test_fraction, seed,
+                                workers)
+
+    path = Path(spec_text).expanduser()
+    try:
+        if not path.exists():
+            raise SourceError(f"source '{spec_text}' does not exist; give a CIFAR folder or "
+                              f".tar.gz, an image folder, synthetic:N[:C] or digits")
+        if path.is_file():
+            if not tarfile.is_tarfile(path):
+                raise SourceError(f"source '{spec_text}' is a file but not a CIFAR .tar.gz "
+                                  f"archive; give a folder of images or a CIFAR archive")
+            return _open_cifar_archive(spec_text, path, label, size)
+        kind = _cifar_kind({p.name for p in path.iterdir() if p.is_file()})
+        if kind is not None:
+            return _open_cifar_folder(kind, spec_text, path, label, size)
+        if label != "fine":
+            raise SourceError(f"label='coarse' needs CIFAR-100, but '{spec_text}' is an "
+                              f"image folder; use label='fine'")
+        return _open_folder(spec_text, path, size, test_fraction, seed, on_error, workers)
+    except OSError as exc:  # unreadable folder or file
+        raise SourceError(f"cannot read source '{spec_text}': {_one_line(exc)}") from None

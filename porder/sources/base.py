@@ -1,0 +1,223 @@
+"""What every source is: :class:`Source` (class names, two splits, batches), :class:`Batch`,
+:class:`SourceError`, and the seeded held-out split shared by the source kinds.
+
+Subclasses (one module per kind) implement ``_count`` and ``_read``; a source
+that decodes files overrides ``_batches`` to decode the next batch while the
+caller works on the current one (see :mod:`porder.sources.decode`).
+"""
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+SPLITS = ("train", "test")
+
+
+class SourceError(ValueError):
+    """A source that cannot be opened or read; the message is one line naming the file."""
+
+
+@dataclass
+class Batch:
+    """One batch of samples read from a :class:`Source`.
+
+    Attributes
+    ----------
+    images : numpy.ndarray
+        uint8 array of shape (B, S, S, 3).
+    labels : numpy.ndarray
+        int64 array of shape (B,); index into :attr:`Source.classes`.
+    names : list of str
+        Where each image came from, e.g. ``"cat.12.jpg"``, ``"train/cat/x.png"``,
+        ``"cifar-100-python/train#17"``, ``"synthetic#5"``.
+    skipped : list of (str, str)
+        ``(name, reason)`` of each sample of this batch left out under
+        ``on_error="skip"``; ``len(names) + len(skipped)`` is the number of
+        samples the batch covers.
+    """
+
+    images: np.ndarray  # (B, S, S, 3) uint8
+    labels: np.ndarray  # (B,) int64
+    names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------
+# Small shared helpers
+
+
+def _one_line(exc: BaseException) -> str:
+    """A one-line reason for an exception: its message, else its type name."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SourceError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _natural_key(text: str) -> tuple:
+    """Sort key putting 'cat.2.jpg' before 'cat.10.jpg'; ties broken by the text itself."""
+    parts = re.split(r"(\d+)", text)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), text
+
+
+def _holdout(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(n)`` into (train, test) indices, both increasing.
+
+    The test split is the samples whose rank in
+    ``np.random.default_rng(seed).permutation(n)`` is below ``round(test_fraction * n)``.
+    """
+    k = round(test_fraction * n)
+    is_test = np.zeros(n, dtype=bool)  # (n,)
+    is_test[np.random.default_rng(seed).permutation(n)[:k]] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+
+# --------------------------------------------------------------------------
+# Sources
+
+
+class Source:
+    """A dataset opened by :func:`open_source`: class names and two splits of samples.
+
+    Attributes
+    ----------
+    kind : str
+        One of ``"cifar10", "cifar100", "folder", "kaggle", "synthetic", "digits"``.
+    description : str
+        The SOURCE string as given to :func:`open_source`.
+    classes : list of str
+        Class names; index = label.
+    image_size : int
+        Side S of every image yielded, (S, S, 3).
+    held_out : float or None
+        The ``test_fraction`` held out as the test split, or None when the
+        source brings its own test split.
+    """
+
+    def __init__(self, kind: str, description: str, classes: list[str], image_size: int,
+                 held_out: float | None, workers: int = 1):
+        self.kind = kind
+        self.description = description
+        self.classes = list(classes)
+        self.image_size = int(image_size)
+        self.held_out = held_out
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # -- public API -------------------------------------------------------
+
+    def splits(self) -> list[str]:
+        """The split names, ``["train", "test"]``."""
+        return list(SPLITS)
+
+    def count(self, split: str) -> int:
+        """Number of samples of ``split``, counted before any is skipped.
+
+        Parameters
+        ----------
+        split : {'train', 'test'}
+
+        Returns
+        -------
+        int
+        """
+        return self._count(self._check_split(split))
+
+    def iter_batches(self, split: str, batch_size: int, start: int = 0,
+                     stop: int | None = None) -> Iterator[Batch]:
+        """Yield samples ``[start, stop)`` of a split, in order, in batches.
+
+        Parameters
+        ----------
+        split : {'train', 'test'}
+        batch_size : int
+            Samples covered by each batch (>= 1); the last batch may cover fewer.
+            A batch holds fewer images than it covers when some were skipped.
+        start : int, optional
+            First sample index, 0 <= start <= count(split). The batches from
+            ``start`` are identical to the tail of a run from 0 when ``start``
+            is a multiple of ``batch_size`` (and sample-for-sample identical
+            in any case).
+        stop : int, optional
+            One past the last sample index, start <= stop <= count(split);
+            default count(split). Shards of a dataset read ``[lo, hi)``.
+
+        Returns
+        -------
+        iterator of Batch
+            Arguments are checked at once; images are read as it is consumed,
+            the next batch of image files being decoded in the background.
+
+        Raises
+        ------
+        SourceError
+            A bad argument; under ``on_error="fail"``, an image that cannot be decoded.
+        """
+        split = self._check_split(split)
+        if self._closed:
+            raise SourceError(f"source {self.description!r} is closed")
+        batch_size = _check_int("batch_size", batch_size, 1)
+        n = self._count(split)
+        start = _check_int("start", start, 0)
+        if start > n:
+            raise SourceError(f"start {start} is past the end of split {split!r} ({n} samples)")
+        if stop is not None:
+            stop = _check_int("stop", stop, start)
+            if stop > n:
+                raise SourceError(f"stop {stop} is past the end of split {split!r} ({n} samples)")
+            n = stop
+        return self._batches(split, batch_size, start, n)
+
+    def close(self) -> None:
+        """Release what the source holds (worker threads); it cannot be read afterwards."""
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self._count(s)}" for s in SPLITS)
+        return (f"<Source {self.kind} {self.description!r}: {len(self.classes)} classes, "
+                f"{counts}, size {self.image_size}>")
+
+    # -- for subclasses -----------------------------------------------------
+
+    def _check_split(self, split: str) -> str:
+        if split not in SPLITS:
+            raise SourceError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+        return split
+
+    def _count(self, split: str) -> int:
+        raise NotImplementedError
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The worker threads, started on first use."""
+        if self._closed:
+            raise SourceError(f"source {self.description!r} is closed")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="porder-source")
+        return self._pool
+
+    def _read(self, split: str, lo: int, hi: int) -> Batch:
+        """The batch covering samples [lo, hi) of ``split``."""
+        raise NotImplementedError
+
+    def _batches(self, split: str, batch_size: int, start: int, n: int) -> Iterator[Batch]:
+        for lo in range(start, n, batch_size):
+            yield self._read(split, lo, min(lo + batch_size, n))
