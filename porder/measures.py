@@ -431,8 +431,14 @@ MEASURES: dict[str, Measure] = {
 }
 
 
-def get_measure(name: str) -> Measure:
-    """The registry entry for ``name``; ValueError listing the choices otherwise."""
+def get_measure(name: str | Measure) -> Measure:
+    """The registry entry for ``name``; ValueError listing the choices otherwise.
+
+    A :class:`Measure` is returned unchanged, so a name is resolved once, where
+    it enters (``build_cache``, ``reorder``), and the entry is passed down.
+    """
+    if isinstance(name, Measure):
+        return name
     try:
         return MEASURES[name]
     except (KeyError, TypeError):
@@ -469,14 +475,14 @@ def measure(name: str, a, b=None, *, bins: int = 256):
     m = get_measure(name)
     bins = _check_bins(bins)
     if m.kind == "control":
-        raise ValueError(f"measure {name!r} is a control ordering and has no values")
+        raise ValueError(f"measure {m.name!r} is a control ordering and has no values")
     _check_uint8("a", a)
     if m.kind == "standalone":
         if b is not None:
-            raise ValueError(f"measure {name!r} is standalone and takes no second patch")
+            raise ValueError(f"measure {m.name!r} is standalone and takes no second patch")
         return m.fn(a, bins=bins)
     if b is None:
-        raise ValueError(f"measure {name!r} is pairwise and needs a second patch b")
+        raise ValueError(f"measure {m.name!r} is pairwise and needs a second patch b")
     _check_uint8("b", b)
     if a.shape[-3:] != b.shape[-3:]:
         raise ValueError(f"a and b patches differ in shape: {a.shape[-3:]} vs {b.shape[-3:]}")
@@ -487,5 +493,5 @@ def score_matrix(name: str, patches, *, bins: int = 256):
     """(N, K, K) scores of a pairwise measure: ``S[:, i, j] = measure(i, j)``."""
     m = get_measure(name)
     if m.kind != "pairwise":
-        raise ValueError(f"measure {name!r} is not pairwise")
+        raise ValueError(f"measure {m.name!r} is not pairwise")
     return m.matrix(patches, _check_bins(bins))

@@ -6,9 +6,7 @@ write overlap. Memory is bounded by a few batches whatever the dataset size.
 """
 from __future__ import annotations
 
-import os
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,22 +33,6 @@ class BuildResult:
     skipped: dict = field(default_factory=dict)     # split -> samples skipped
     seconds: dict = field(default_factory=dict)     # decode / measure / write / total
     resumed: bool = False
-
-
-def _fault_hook() -> None:
-    """Test hook: PORDER_TEST_SIGNAL_AFTER="N:SIG" sends SIG to this process
-    after N more batches (used to test kills and resumes end to end)."""
-    spec = os.environ.get("PORDER_TEST_SIGNAL_AFTER")
-    if not spec:
-        return
-    n, sig = spec.split(":")
-    _FAULT_COUNT[0] += 1
-    if _FAULT_COUNT[0] == int(n):
-        os.kill(os.getpid(), getattr(signal, sig))
-        time.sleep(5)  # let the signal arrive
-
-
-_FAULT_COUNT = [0]
 
 
 def shard_range(count: int, shard: Optional[tuple[int, int]]) -> tuple[int, int]:
@@ -176,7 +158,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                 secs["decode"] += waited
                 take = min(batch_size, hi - pos)  # samples this batch covers
                 t0 = time.perf_counter()
-                imgs, perm = reorder(batch.images, m.name, patch, bins=bins, device=device,
+                imgs, perm = reorder(batch.images, m, patch, bins=bins, device=device,
                                      reference=reference, descending=descending, seed=seed,
                                      start=pos, workers=workers)
                 t1 = time.perf_counter()
@@ -185,7 +167,6 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                               consumed=pos, skipped=batch.skipped)
                 secs["measure"] += t1 - t0
                 secs["write"] += time.perf_counter() - t1
-                _fault_hook()
                 if progress:
                     progress(split, pos - lo, hi - lo)
             result.rows[split] = writer.rows(split)

@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_limits
 
 from .backend import array_module, get_array_module, resolve_device, to_device
 from .kernels import check_backend, compiled_reorder
-from .measures import _check_bins, get_measure
+from .measures import Measure, _check_bins, get_measure
 from .ordering import greedy_chain, identity_order, random_order, sort_order
 from .patches import apply_perm, check_patch_size, merge, split
 
@@ -27,14 +27,16 @@ def _bytes_per_image(kind: str, k: int, n: int, c: int, bins: int) -> int:
     return max(gram, c * k * (bins + k) * 8 * 4, c * k * k * n * 4 * 2)
 
 
-def permutations(patches, measure: str = "mi", *, bins: int = 256, reference: int = 0,
+def permutations(patches, measure: str | Measure = "mi", *, bins: int = 256, reference: int = 0,
                  descending=None, seed: int = 0, start: int = 0):
     """POR permutations of a batch of patches.
 
     Parameters
     ----------
     patches : uint8 array (N, K, p, p, C)
-    measure, bins, reference, descending, seed
+    measure : str or Measure
+        A registry name, or its resolved :class:`~porder.measures.Measure`.
+    bins, reference, descending, seed
         As for :func:`reorder`.
     start : int
         Dataset index of the first image (keys the ``random`` control).
@@ -58,7 +60,7 @@ def permutations(patches, measure: str = "mi", *, bins: int = 256, reference: in
     return greedy_chain(m.matrix(patches, bins), descending=desc, reference=reference)
 
 
-def reorder(images, measure: str = "mi", patch: int = 8, *, bins: int = 256,
+def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int = 256,
             device: str = "cpu", reference: int = 0, descending=None, seed: int = 0,
             start: int = 0, workers: int | None = None, backend: str = "generic"):
     """Reorder the patches of every image with the POR algorithm.
@@ -66,8 +68,9 @@ def reorder(images, measure: str = "mi", patch: int = 8, *, bins: int = 256,
     Parameters
     ----------
     images : uint8 array (N, S, S, C), NumPy or CuPy
-    measure : str
-        A name from :data:`porder.MEASURES` (``porder measures`` lists them).
+    measure : str or Measure
+        A name from :data:`porder.MEASURES` (``porder measures`` lists them),
+        or its entry; the name is looked up once here and the entry passed down.
     patch : int
         Patch side; must divide S (the paper uses 4, 8 or 16 on 32x32).
     bins : int
@@ -125,7 +128,7 @@ def reorder(images, measure: str = "mi", patch: int = 8, *, bins: int = 256,
 
     def run(lo: int):
         pt = split(x[lo : lo + chunk], patch)  # (n, K, p, p, C)
-        perm = permutations(pt, measure, bins=bins, reference=reference,
+        perm = permutations(pt, m, bins=bins, reference=reference,
                             descending=descending, seed=seed, start=start + lo)
         return merge(apply_perm(pt, perm)), perm
 

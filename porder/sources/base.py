@@ -80,7 +80,6 @@ def _holdout(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
-
 # --------------------------------------------------------------------------
 # Sources
 

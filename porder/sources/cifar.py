@@ -39,7 +39,6 @@ class _CifarSource(Source):
                      self._labels[split][lo:hi].copy(), names)
 
 
-
 # --------------------------------------------------------------------------
 # CIFAR
 

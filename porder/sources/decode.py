@@ -112,7 +112,6 @@ def _decode_chunk(paths: Sequence[str], size: int) -> list[tuple[np.ndarray | No
     return out
 
 
-
 class _FileSource(Source):
     """Image files (class folders or Kaggle layout), decoded per batch on worker threads."""
 

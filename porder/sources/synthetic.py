@@ -148,7 +148,6 @@ class _SyntheticSource(Source):
         return Batch(images, labels, [f"synthetic#{i}" for i in idx])
 
 
-
 class _DigitsSource(Source):
     """scikit-learn's 8x8 digits, grey 0..16 scaled to 0..255, held-out test split."""
 
@@ -172,7 +171,6 @@ class _DigitsSource(Source):
         grey = _resize_images(self._grey[idx], self.image_size)  # (B, S, S, 1)
         images = np.ascontiguousarray(np.repeat(grey, 3, axis=3))
         return Batch(images, self._labels[idx], [f"digits#{i}" for i in idx])
-
 
 
 def _parse_synthetic(spec: str) -> tuple[int, int]:

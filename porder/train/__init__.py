@@ -3,22 +3,19 @@
 ``build_model('vgg' | 'resnet' | 'inception', num_classes=..., in_size=32, width=1.0)``
 and ``train(path, TrainConfig(...), out_dir)``; see :mod:`porder.train.loop`.
 torch is imported only under this package.
+
+Modules: ``models`` (the CNNs), ``config`` (TrainConfig, TrainResult), ``batches``
+(the file on the device, the batch order, on-the-fly reordering), ``device``,
+``distributed`` (torchrun / DDP), ``checkpoint``, ``metrics`` (the run folder's
+files and curves) and ``loop`` (the step loop).
 """
 from __future__ import annotations
 
-from .loop import (
-    TIMING_FIELDS,
-    TrainConfig,
-    TrainResult,
-    batch_indices,
-    evaluate,
-    get_batch,
-    plot_curves,
-    read_metrics,
-    read_result,
-    resolve_device,
-    train,
-)
+from .batches import batch_indices, get_batch
+from .config import TIMING_FIELDS, TrainConfig, TrainResult
+from .device import resolve_device
+from .loop import evaluate, train
+from .metrics import plot_curves, read_metrics, read_result
 from .models import MODELS, build_model, count_parameters
 
 __all__ = [

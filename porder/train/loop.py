@@ -30,319 +30,47 @@ metrics and images/s count the global batch. Rank 0 alone writes the run
 folder and reports progress; every rank reads the checkpoint on resume.
 
 Evidence (this repository's CPU, 2 cores, shared): see benchmarks/bench_train.py.
+
+This module holds the step loop only; beside it: :mod:`.config` (TrainConfig),
+:mod:`.batches` (the data and the batch order), :mod:`.device`,
+:mod:`.distributed`, :mod:`.checkpoint` and :mod:`.metrics` (the run folder).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..store import read_meta, read_split
-from .models import MODELS, build_model
-
-DEVICES = ("cpu", "cuda", "auto")
-# Metrics fields that measure time, not learning: they differ between runs.
-TIMING_FIELDS = ("images_per_s", "wall_s", "data_wait", "eval_s")
-# Config fields that must match to resume a run (the rest may change: steps, device, ...).
-IDENTITY = ("arch", "width", "lr", "batch_size", "eval_every", "seed", "reorder", "patch",
-            "bins", "order_seed", "amp")
-CHECKPOINT, METRICS, CONFIG, RESULT, CURVES = (
-    "checkpoint.pt", "metrics.jsonl", "config.json", "result.json", "curves.png")
-
-# progress(step, total_steps, stats): stats is None (cheap tick), or a dict with the
-# running "loss"/"acc" of the current interval, or an evaluation row ("test_acc" in it).
-Progress = Callable[[int, int, Optional[dict]], None]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (units in comments)."""
-
-    arch: str = "vgg"               # one of models.MODELS: vgg | resnet | inception
-    width: float = 1.0              # channel multiplier (1.0 = the published widths)
-    lr: float = 1e-3                # Adam learning rate (betas 0.9/0.999, no weight decay)
-    batch_size: int = 32            # images per step; 1 = online training, as in the paper
-    steps: int = 1000               # optimizer steps (one batch each)
-    eval_every: int = 100           # steps between test evaluations and checkpoints
-    seed: int = 0                   # model init, batch order and dropout
-    device: str = "auto"            # cpu | cuda | auto (cuda when torch sees a GPU)
-    reorder: Optional[str] = None   # measure applied to every batch on the fly (None: as stored)
-    patch: int = 8                  # patch side for `reorder` (pixels)
-    bins: int = 256                 # histogram bins for `reorder`
-    order_seed: int = 0             # seed of the `random` control for `reorder`
-    eval_batch: int = 500           # images per forward pass when evaluating
-    amp: bool = True                # mixed precision on CUDA (bfloat16, or float16 + scaling)
-    deterministic: bool = True      # deterministic kernels (same seed -> same metrics)
-    threads: Optional[int] = None   # CPU threads for torch (None: all cores)
-
-    def validate(self) -> "TrainConfig":
-        if self.arch not in MODELS:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of "
-                             f"{', '.join(MODELS)}")
-        for name in ("batch_size", "steps", "eval_every", "eval_batch", "patch", "bins"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
-        if not self.width > 0:
-            raise ValueError(f"width must be positive, got {self.width}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
-        if self.seed < 0 or self.order_seed < 0:
-            raise ValueError(f"seeds must be non-negative, got {self.seed}, {self.order_seed}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
-        if self.reorder is not None:
-            from ..measures import get_measure
-
-            get_measure(self.reorder)
-        return self
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    rows: list = field(default_factory=list)     # metrics rows, step 0 first
-    resumed_from: int = 0                        # step of the checkpoint resumed (0: fresh)
-    device: str = "cpu"
-    rank: int = 0                                # this process (0: the one that writes files)
-    world_size: int = 1                          # processes training together
-
-    @property
-    def final(self) -> dict:
-        return self.rows[-1]
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place among the processes training together (rank 0 of 1 alone)."""
-
-    rank: int = 0
-    local_rank: int = 0          # index on this machine: the GPU it trains on
-    world_size: int = 1
-    local_world_size: int = 1    # processes on this machine (they share its CPU cores)
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def dist_env(environ=None) -> DistEnv:
-    """Rank and world size from torchrun's environment (or an initialised process group).
-
-    WORLD_SIZE unset or 1 means a single process. With WORLD_SIZE > 1, RANK,
-    LOCAL_RANK, MASTER_ADDR and MASTER_PORT must be set too, as torchrun does;
-    ValueError otherwise.
-    """
-    env = os.environ if environ is None else environ
-    if environ is None and dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-        return DistEnv(dist.get_rank(), int(env.get("LOCAL_RANK", 0)), world,
-                       int(env.get("LOCAL_WORLD_SIZE", world)))
-    world = _env_int(env, "WORLD_SIZE", "1")
-    if world <= 1:
-        return DistEnv()
-    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env]
-    if missing:
-        raise ValueError(f"WORLD_SIZE={world} is set but not {', '.join(missing)}; launch "
-                         "several processes with torchrun --nproc-per-node N -m porder train")
-    rank, local = _env_int(env, "RANK"), _env_int(env, "LOCAL_RANK")
-    local_world = _env_int(env, "LOCAL_WORLD_SIZE", str(world))
-    if not (0 <= rank < world and 0 <= local < local_world):
-        raise ValueError(f"RANK={rank}, LOCAL_RANK={local} out of range for WORLD_SIZE={world}, "
-                         f"LOCAL_WORLD_SIZE={local_world}")
-    return DistEnv(rank, local, world, local_world)
-
-
-def _env_int(env, key: str, default: Optional[str] = None) -> int:
-    value = env.get(key, default)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
-
-
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """``[lo, hi)``: rank's contiguous share of ``n`` items (sizes differ by at most one)."""
-    return rank * n // world_size, (rank + 1) * n // world_size
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ValueError if CUDA is missing."""
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r} is not one of {', '.join(DEVICES)}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device 'cuda' asked for, but this torch ({torch.__version__}) sees no "
-                         "CUDA GPU; use --device cpu")
-    return device
-
-
-# ------------------------------------------------------------------ data
-class Data:
-    """A porder file's train and test splits as uint8 tensors on the device.
-
-    ``train_x`` (N, S, S, 3) holds the images as stored; with ``reorder`` set,
-    :func:`get_batch` reorders each batch and ``test_x`` is reordered once here,
-    so test images are ordered exactly like training images.
-    """
-
-    def __init__(self, path, *, device: str, reorder: Optional[str] = None, patch: int = 8,
-                 bins: int = 256, order_seed: int = 0):
-        self.path = Path(path)
-        self.meta = read_meta(path)
-        self.classes = list(self.meta["classes"])
-        self.size = int(self.meta["image_size"])
-        if self.meta["splits"].get("train", 0) < 1 or self.meta["splits"].get("test", 0) < 1:
-            raise ValueError(f"'{path}' needs images in both train and test splits, has "
-                             f"{self.meta['splits']}")
-        if len(self.classes) < 2:
-            raise ValueError(f"'{path}' has {len(self.classes)} class; need at least 2 to train")
-        if reorder is not None and self.meta.get("measure") != "none":
-            raise ValueError(f"--reorder needs an unmodified file (measure 'none'); '{path}' "
-                             f"was reordered with {self.meta.get('measure')!r}")
-        self.device = device
-        self.reorder_opts = None if reorder is None else dict(
-            measure=reorder, patch=patch, bins=bins, seed=order_seed)
-        train, test = read_split(path, "train"), read_split(path, "test")
-        for split in (train, test):
-            bad = (split["labels"] < 0) | (split["labels"] >= len(self.classes))
-            if bad.any():
-                raise ValueError(f"'{path}' has labels outside 0..{len(self.classes) - 1}")
-        if reorder is not None:
-            test["images"] = _reorder_numpy(test["images"], np.arange(len(test["labels"])),
-                                            **self.reorder_opts)
-        # Per-channel statistics of the training images; reordering only moves
-        # patches, so every ordering of a dataset is normalised identically.
-        x = train["images"]
-        s1 = np.zeros(3)
-        s2 = np.zeros(3)
-        for lo in range(0, len(x), 4096):
-            c = x[lo:lo + 4096].reshape(-1, 3).astype(np.float64)
-            s1 += c.sum(0)
-            s2 += (c * c).sum(0)
-        n = x.shape[0] * x.shape[1] * x.shape[2]
-        mean = s1 / n
-        std = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-6))
-        dev = torch.device(device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-        self.train_x = torch.from_numpy(train["images"]).to(dev)   # (N, S, S, 3) uint8
-        self.train_y = torch.from_numpy(train["labels"]).to(dev)   # (N,) int64
-        self.test_x = torch.from_numpy(test["images"]).to(dev)     # (M, S, S, 3) uint8
-        self.test_y = torch.from_numpy(test["labels"]).to(dev)     # (M,) int64
-
-    def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S) (channels-last on CUDA)."""
-        x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        if x.is_cuda:  # NHWC memory is what tensor cores want; the permute already is
-            return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
-
-
-def _reorder_numpy(images: np.ndarray, index: np.ndarray, *, measure, patch, bins, seed):
-    """porder.reorder on NumPy images whose dataset indices are ``index``.
-
-    Orderings of every measure depend only on the image, except ``random``, which
-    is keyed by the dataset index: those images are reordered one at a time so
-    that each keeps its own shuffle, whatever batch it lands in.
-    """
-    from ..reorder import reorder
-
-    if measure != "random":
-        return reorder(images, measure, patch, bins=bins)[0]
-    out = np.empty_like(images)
-    for i, j in enumerate(index.tolist()):
-        out[i:i + 1] = reorder(images[i:i + 1], measure, patch, seed=seed, start=j)[0]
-    return out
-
-
-def _reorder_tensor(images: torch.Tensor, index: torch.Tensor, opts: dict) -> torch.Tensor:
-    """Reorder a uint8 tensor batch; CuPy (via DLPack) on CUDA when present, else NumPy."""
-    if images.is_cuda:
-        from ..backend import cuda_available
-
-        if cuda_available() and opts["measure"] != "random":
-            import cupy
-
-            from ..reorder import reorder
-
-            out = reorder(cupy.from_dlpack(images.contiguous()), opts["measure"],
-                          opts["patch"], bins=opts["bins"], device="cuda")[0]
-            return torch.from_dlpack(out)
-        host = _reorder_numpy(images.cpu().numpy(), index.cpu().numpy(), **opts)
-        return torch.from_numpy(host).to(images.device, non_blocking=True)
-    return torch.from_numpy(_reorder_numpy(images.numpy(), index.numpy(), **opts))
-
-
-@lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int, *, rank: int = 0,
-                  world_size: int = 1) -> torch.Tensor:
-    """Training-set indices of the batch of (0-based) ``step``: (batch_size / world_size,) int64.
-
-    Epoch e visits all n images in the order ``randperm(n)`` of a generator
-    seeded with (seed, e); batches run through epochs back to back. A pure
-    function of its arguments, so a resumed run sees the same batches.
-
-    ``batch_size`` is the global batch; with ``world_size`` processes, ``rank``
-    gets its slice ``[rank * b, (rank + 1) * b)`` of it, ``b = batch_size /
-    world_size``: the slices of all ranks are disjoint and, concatenated in rank
-    order, are the single-process batch. ValueError unless ``world_size``
-    divides ``batch_size``.
-    """
-    if batch_size % world_size:
-        raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} "
-                         f"processes; use a multiple of {world_size}")
-    if world_size > 1:
-        b = batch_size // world_size
-        return batch_indices(step, n, batch_size, seed)[rank * b:(rank + 1) * b]
-    pos = step * batch_size
-    parts = []
-    while batch_size > 0:
-        epoch, off = divmod(pos, n)
-        take = min(batch_size, n - off)
-        parts.append(_epoch_order(n, seed, epoch)[off:off + take])
-        pos += take
-        batch_size -= take
-    return torch.cat(parts)
-
-
-def get_batch(data: Data, step: int, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1):
-    """The inputs (B, 3, S, S) float and labels (B,) int64 of (0-based) ``step``.
-
-    With ``world_size`` processes, B = batch_size / world_size: rank's slice of the step's batch.
-    """
-    idx = batch_indices(step, len(data.train_y), cfg.batch_size, cfg.seed, rank=rank,
-                        world_size=world_size)
-    dev_idx = idx.to(data.train_x.device)
-    images = data.train_x[dev_idx]                             # (B, S, S, 3) uint8
-    if data.reorder_opts is not None:
-        images = _reorder_tensor(images, idx, data.reorder_opts)
-    return data.to_input(images), data.train_y[dev_idx]
-
-
-def _autocast(device: str, cfg: TrainConfig):
-    if device == "cuda" and cfg.amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
+from ..store import read_meta
+from .batches import Data, get_batch
+from .checkpoint import (
+    CHECKPOINT,
+    _file_identity,
+    _rng_state,
+    _set_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import Progress, TrainConfig, TrainResult
+from .device import _autocast, _torch_settings, resolve_device
+from .distributed import (
+    DistEnv,
+    _all_reduce_stats,
+    _barrier,
+    _process_group,
+    _rank_seed,
+    dist_env,
+    shard_range,
+)
+from .metrics import CONFIG, METRICS, _atomic_json, _finish, _write_metrics, read_metrics
+from .models import build_model
 
 
 @torch.no_grad()
@@ -375,137 +103,7 @@ def evaluate(model, data: Data, cfg: TrainConfig, device: str, *, rank: int = 0,
     return loss.item() / n, correct.item() / n
 
 
-# ------------------------------------------------------------------ files
-def read_metrics(out) -> list[dict]:
-    """The rows of ``out/metrics.jsonl`` (an empty list when absent)."""
-    p = Path(out) / METRICS
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
-
-def _write_metrics(out: Path, rows: list[dict]) -> None:
-    tmp = out / (METRICS + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out / METRICS)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_result(out) -> Optional[dict]:
-    """``out/result.json`` of a finished run, or None."""
-    p = Path(out) / RESULT
-    try:
-        return json.loads(p.read_text()) if p.exists() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def plot_curves(rows: list[dict], path, *, title: str = "") -> None:
-    """Loss and accuracy (train and test) against steps, written as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_l, ax_a = fig.subplots(1, 2)
-    tr = [r for r in rows if r.get("train_loss") is not None]
-    steps = [r["step"] for r in rows]
-    ax_l.plot([r["step"] for r in tr], [r["train_loss"] for r in tr], label="train")
-    ax_l.plot(steps, [r["test_loss"] for r in rows], label="test")
-    ax_a.plot([r["step"] for r in tr], [r["train_acc"] for r in tr], label="train")
-    ax_a.plot(steps, [r["test_acc"] for r in rows], label="test")
-    ax_l.set(xlabel="step", ylabel="cross-entropy", title="loss")
-    ax_a.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
-    for ax in (ax_l, ax_a):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-
-
-@contextmanager
-def _torch_settings(device: str, deterministic: bool, threads: Optional[int]):
-    """Threads and determinism for one run; the previous settings come back after."""
-    old = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-           torch.backends.cudnn.benchmark)
-    try:
-        if device == "cpu":
-            torch.set_num_threads(threads or os.cpu_count() or 1)
-        else:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = not deterministic
-        # warn_only: a few CUDA backward kernels have no deterministic version.
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-        yield
-    finally:
-        torch.set_num_threads(old[0])
-        torch.use_deterministic_algorithms(old[1])
-        torch.backends.cudnn.benchmark = old[2]
-
-
-def _file_identity(meta: dict) -> dict:
-    keys = ("measure", "patch", "bins", "image_size", "source", "seed", "created")
-    return {k: meta.get(k) for k in keys} | {"splits": meta.get("splits"),
-                                             "classes": len(meta.get("classes", []))}
-
-
-def _rng_state(device: str) -> dict:
-    st = {"torch": torch.get_rng_state()}
-    if device == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict, device: str) -> None:
-    torch.set_rng_state(st["torch"])
-    if device == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """Dropout seed of rank > 0 from step ``step`` (rank 0 goes on with the single-process stream)."""
-    return ((seed * 1_000_003 + rank) * 1_000_033 + step) % 2 ** 63
-
-
-@contextmanager
-def _process_group(env: DistEnv, device: str):
-    """Join the process group of a torchrun job (gloo on CPU, NCCL on CUDA) for one run.
-
-    A group the caller initialised is used as it is; one made here is destroyed
-    after. Ends with a barrier, so no rank writes before every rank has read the
-    run folder.
-    """
-    if not env.active:
-        yield
-        return
-    if device == "cuda":
-        if env.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {env.local_rank} needs GPU {env.local_rank}, but torch "
-                             f"sees {torch.cuda.device_count()}; start at most that many "
-                             "processes per machine")
-        torch.cuda.set_device(env.local_rank)   # "cuda" now means cuda:LOCAL_RANK
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    try:
-        _barrier(device, env)
-        yield
-    finally:
-        if own:
-            dist.destroy_process_group()
-
-
-def _barrier(device: str, env: DistEnv) -> None:
-    dist.barrier(device_ids=[env.local_rank] if device == "cuda" else None)
-
-
-# ------------------------------------------------------------------ the loop
 def train(path, cfg: TrainConfig, out, *, resume: bool = False,
           progress: Optional[Progress] = None) -> TrainResult:
     """Train ``cfg.arch`` on the porder file ``path`` with Adam and cross-entropy.
@@ -557,29 +155,11 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"run folder '{out}' is a file; give a folder with --out")
-    ckpt_path = out / CHECKPOINT
-    if not resume and (ckpt_path.exists() or (out / METRICS).exists()):
+    if not resume and ((out / CHECKPOINT).exists() or (out / METRICS).exists()):
         raise ValueError(f"'{out}' already holds a run; pass --resume to continue it "
                          "or choose another --out")
     meta = read_meta(path)
-    ckpt = None
-    if resume and ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many kinds for a damaged file
-            raise ValueError(f"cannot read checkpoint '{ckpt_path}' ({e}); delete it to "
-                             "start afresh") from None
-        old = ckpt["config"]
-        diff = [k for k in IDENTITY if old.get(k) != getattr(cfg, k)]
-        if diff:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
-            raise ValueError(f"cannot resume '{out}': options differ ({detail})")
-        if ckpt["file"] != _file_identity(meta):
-            raise ValueError(f"cannot resume '{out}': it was trained on another file "
-                             f"({ckpt['path']})")
-        if ckpt["step"] > cfg.steps:
-            raise ValueError(f"cannot resume '{out}': its checkpoint is at step {ckpt['step']}, "
-                             f"beyond --steps {cfg.steps}")
+    ckpt = load_checkpoint(out, cfg, meta) if resume else None
     threads = cfg.threads
     if env.active and threads is None and device == "cpu":   # the ranks of a machine share it
         threads = max(1, (os.cpu_count() or 1) // env.local_world_size)
@@ -657,9 +237,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
                  "rng": rng, "world_size": world}
         if rng_ranks is not None:
             state["rng_ranks"] = rng_ranks
-        tmp = out / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, out / CHECKPOINT)
+        save_checkpoint(out, state)
 
     def sync():
         if device == "cuda":
@@ -743,39 +321,3 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
     if env.active:  # files are complete when any rank returns
         _barrier(device, env)
     return result
-
-
-def _all_reduce_stats(loss_sum, correct, seen, waited, dt, world) -> dict:
-    sums = torch.stack([loss_sum, correct.double(),
-                        torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device),
-                        torch.tensor(waited, dtype=torch.float64, device=loss_sum.device)])
-    dist.all_reduce(sums)
-    loss, right, n, wait = sums.tolist()
-    return {"train_loss": loss / n, "train_acc": right / n, "images_per_s": n / dt,
-            "wall_s": None, "data_wait": wait / world / dt}
-
-
-def _finish(path, cfg, out, rows, step, wall, device, world) -> None:
-    """curves.png and result.json of a finished run."""
-    try:
-        plot_curves(rows, out / CURVES, title=f"{cfg.arch} on {Path(path).name}"
-                    + (f" (reordered on the fly: {cfg.reorder}, patch {cfg.patch})"
-                       if cfg.reorder else ""))
-    except Exception as e:  # a figure must never lose a finished run
-        import warnings
-
-        warnings.warn(f"could not draw {out / CURVES}: {e}", stacklevel=2)
-    final = rows[-1]
-    _atomic_json(out / RESULT, {
-        "complete": True, "steps": step, "config": asdict(cfg), "device": device,
-        "world_size": world,
-        "final_test_acc": final["test_acc"], "final_test_loss": final["test_loss"],
-        "best_test_acc": max(r["test_acc"] for r in rows), "wall_s": wall,
-        "mean_images_per_s": _mean([r["images_per_s"] for r in rows[1:]]),
-        "mean_data_wait": _mean([r["data_wait"] for r in rows[1:]])})
-
-
-def _mean(values) -> Optional[float]:
-    v = [x for x in values if x is not None]
-    return sum(v) / len(v) if v else None
-

@@ -29,9 +29,13 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from porder.cli_train import train as train_cmd
+from porder.cli.train import train as train_cmd
 from porder.train import batch_indices, build_model, evaluate, read_metrics, train
-from porder.train.loop import CHECKPOINT, Data, TrainConfig, _torch_settings, dist_env, shard_range
+from porder.train.batches import Data
+from porder.train.checkpoint import CHECKPOINT
+from porder.train.config import TrainConfig
+from porder.train.device import _torch_settings
+from porder.train.distributed import dist_env, shard_range
 
 from .test_train import write_file
 

@@ -9,10 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from porder import reorder
-from porder.cli_train import train as train_cmd
+from porder.cli.train import train as train_cmd
 from porder.store import Writer
 from porder.train import TIMING_FIELDS, TrainConfig, batch_indices, get_batch, read_metrics, train
-from porder.train.loop import CHECKPOINT, Data
+from porder.train.batches import Data
+from porder.train.checkpoint import CHECKPOINT
 
 
 def write_file(path, *, n_train=48, n_test=16, size=16, patch=4, measure="none", seed=0):

@@ -1,5 +1,5 @@
-"""The porder command line: one click group, each command parses, calls one
-library function, and reports. Library errors become one-line messages."""
+"""click commands `porder reorder`, `porder inspect`, `porder show` and `porder measures`
+(registered on the group in :mod:`porder.cli`)."""
 from __future__ import annotations
 
 import signal
@@ -8,31 +8,12 @@ import time
 
 import click
 
-from . import __version__
-from ._cli_common import CONTEXT, ProgressReporter, _sigterm_to_interrupt, library_errors
-from .backend import DEVICES
-from .measures import MEASURES
+from ..backend import DEVICES
+from ..measures import MEASURES
+from .common import CONTEXT, ProgressReporter, _sigterm_to_interrupt, library_errors
 
 
-@click.group(context_settings=CONTEXT)
-@click.version_option(__version__, "-V", "--version", prog_name="porder")
-def main():
-    """porder: information-theoretic patch ordering (POR) of image datasets.
-
-    Cut every image into square patches, order them by a measure (mutual
-    information, entropy, SSIM, ...), rebuild the image, and cache the result
-    as HDF5 for training (Ghebrechristos & Alaghband's POR algorithm).
-
-    \b
-    Typical use:
-      porder reorder --measure mi --patch 8 cifar-100-python/ out.h5
-      porder inspect out.h5
-      porder show out.h5 -o grid.png
-      porder train out.h5 --arch vgg
-    """
-
-
-@main.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("source")
 @click.argument("out", type=click.Path(dir_okay=False, writable=False))
 @click.option("-m", "--measure", type=click.Choice(list(MEASURES)), default="mi",
@@ -98,7 +79,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
       porder reorder --shard 0/4 cifar-100-python/ c100.0.h5   # then `porder merge`
       porder reorder --dask local:2 synthetic:100000 big.h5
     """
-    from .pipeline import BuildResult, build_cache, parse_shard
+    from ..pipeline import BuildResult, build_cache, parse_shard
 
     reporter = ProgressReporter(progress)
     old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
@@ -111,8 +92,8 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
         with library_errors():
             options["shard"] = parse_shard(shard) if shard else None
             if dask_scheduler:
-                from .cli_scale import dask_reorder
-                from .store import read_meta
+                from ..store import read_meta
+                from .scale import dask_reorder
 
                 path = dask_reorder(dask_scheduler, source, out, options, progress=reporter)
                 meta = read_meta(path)
@@ -136,12 +117,12 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
                err=True)
 
 
-@main.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def inspect(file, as_json):
     """Show what a porder FILE holds and how it was made."""
-    from .store import describe, to_json
+    from ..store import describe, to_json
 
     with library_errors():
         info = describe(file)
@@ -169,7 +150,7 @@ def inspect(file, as_json):
     click.echo("\n".join(lines))
 
 
-@main.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="grid.png",
               show_default=True, help="PNG file to write.")
@@ -183,7 +164,7 @@ def show(file, output, samples, split, scale, start):
 
     Originals are recovered from the stored images through `perm`.
     """
-    from .visual import comparison_grid
+    from ..visual import comparison_grid
 
     with library_errors():
         grid = comparison_grid(file, split=split, samples=samples, scale=scale, start=start)
@@ -191,7 +172,7 @@ def show(file, output, samples, split, scale, start):
     click.echo(f"Wrote {output}", err=True)
 
 
-@main.command()
+@click.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def measures(as_json):
     """List the ordering measures: kind, default direction and meaning."""
@@ -205,14 +186,3 @@ def measures(as_json):
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         click.echo(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
-
-
-from .cli_scale import merge  # noqa: E402
-from .cli_train import compare, train  # noqa: E402
-
-main.add_command(train)
-main.add_command(compare)
-main.add_command(merge)
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

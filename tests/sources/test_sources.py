@@ -24,7 +24,7 @@ from porder.sources import (
     open_source,
 )
 
-DOGS_VS_CATS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dogs-vs-cats-1k"
+DOGS_VS_CATS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dogs-vs-cats-1k"
 
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Sharded runs, `porder merge` and Dask execution (porder.scale, porder.cli_scale).
+"""Sharded runs, `porder merge` and Dask execution (porder.scale, porder.cli.scale).
 
 Every merged or Dask-built file is checked sample by sample against one
 unsharded ``build_cache`` run of the same seeded ``synthetic:103`` source.
@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from porder.cli_scale import dask_reorder
-from porder.cli_scale import merge as merge_cmd
+from porder.cli.scale import dask_reorder
+from porder.cli.scale import merge as merge_cmd
 from porder.pipeline import build_cache
 from porder.scale import (
-    KILL_SHARD_ENV,
     ScaleError,
     merge,
     missing_sources,
@@ -28,6 +27,8 @@ from porder.scale import (
     run_dask,
 )
 from porder.store import SPLITS, StoreError, read_meta, read_split
+
+from .dask_kill_preload import KILL_SHARD_ENV, PRELOAD
 
 SOURCE = "synthetic:103"
 N = 4
@@ -288,10 +289,13 @@ def test_dask_local_cluster_matches_single_process_run(full, tmp_path):
 def test_dask_worker_killed_mid_shard_is_rerun(full, tmp_path, monkeypatch):
     """Shard 1's worker process dies after its first batch; the scheduler re-runs
     the shard elsewhere (resuming its .part file) and the result is unchanged."""
+    import dask
+
     marker = tmp_path / "killed"
     monkeypatch.setenv(KILL_SHARD_ENV, f"1:{marker}")
-    out = run_dask("local:2", SOURCE, tmp_path / "killed.h5", shards=4, batch_size=7,
-                   **{k: v for k, v in OPTS.items() if k != "workers"})
+    with dask.config.set({"distributed.worker.preload": [PRELOAD]}):
+        out = run_dask("local:2", SOURCE, tmp_path / "killed.h5", shards=4, batch_size=7,
+                       **{k: v for k, v in OPTS.items() if k != "workers"})
     assert marker.exists(), "the kill hook did not fire"
     assert_same_file(full, out)
     _no_cluster_left()
@@ -310,7 +314,8 @@ def test_dask_shard_whose_workers_keep_dying_fails_in_one_line(tmp_path, monkeyp
     import dask
 
     monkeypatch.setenv(KILL_SHARD_ENV, f"0:{tmp_path / 'killed'}")
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                          "distributed.worker.preload": [PRELOAD]}):
         with pytest.raises(ScaleError, match=r"shard 0/2: its workers died too often") as info:
             run_dask("local:1", SOURCE, tmp_path / "dead.h5", shards=2, batch_size=7)
     assert "\n" not in str(info.value)

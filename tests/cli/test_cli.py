@@ -18,7 +18,7 @@ from porder.cli import main
 from porder.sources import open_source
 from porder.store import partial_path, read_meta, read_split
 
-from .conftest import REPO
+from ..conftest import REPO
 
 
 def run(*args, ok=True):
@@ -241,10 +241,13 @@ def test_shards_with_skipped_images_merge_to_the_unsharded_file(tmp_path):
 # interruption and resume
 
 
-def _subprocess_reorder(args, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "porder", "reorder", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env)
+def _subprocess_reorder(args, signal_after=None):
+    """``python -m porder reorder ARGS``; with ``signal_after="N:SIG"``, through the
+    wrapper that sends SIG to the process after its N-th written batch."""
+    cmd = ["-m", "porder"] if signal_after is None else ["-m", "tests.cli.signal_after",
+                                                           signal_after]
+    return subprocess.run([sys.executable, *cmd, "reorder", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO)
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
@@ -253,7 +256,7 @@ def test_resume_after_a_killed_run_is_identical(tmp_path, sig):
     whole = tmp_path / "whole.h5"
     assert _subprocess_reorder(args + [whole]).returncode == 0
     out = tmp_path / "cut.h5"
-    res = _subprocess_reorder(args + [out], {"PORDER_TEST_SIGNAL_AFTER": f"3:{sig}"})
+    res = _subprocess_reorder(args + [out], signal_after=f"3:{sig}")
     assert res.returncode != 0 and not out.exists() and partial_path(out).exists()
     if sig == "SIGINT":
         assert res.returncode == 130 and "--resume" in res.stderr

@@ -8,7 +8,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from porder.cli_train import compare as compare_cmd
+from porder.cli.train import compare as compare_cmd
 from porder.experiment import auc, compare, make_plan, speedup, steps_to
 from porder.store import read_meta
 from porder.train import read_metrics

@@ -1,7 +1,7 @@
 """click command `porder merge`, and the `porder reorder --dask` entry point.
 
-Registered in cli.py (``from .cli_scale import merge``); shared CLI helpers
-come from ``porder._cli_common``.
+Registered on the group in :mod:`porder.cli`; shared CLI helpers come from
+:mod:`porder.cli.common`.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def merge(paths, copy, overwrite, progress):
       porder merge c100.0.h5 c100.1.h5 c100.2.h5 c100.3.h5 c100.h5
       porder merge --copy c100.?.h5 c100-standalone.h5
     """
-    from ._cli_common import ProgressReporter, library_errors
-    from .scale import merge as merge_shards
-    from .store import read_meta
+    from ..scale import merge as merge_shards
+    from ..store import read_meta
+    from .common import ProgressReporter, library_errors
 
     if len(paths) < 2:
         raise click.UsageError("give the shard files and then the output file: "
@@ -66,8 +66,8 @@ def dask_reorder(scheduler: str, source: str, out, build_options: dict, progress
     and uses one CPU thread per task. Library errors become one-line
     ``click.ClickException``; a missing Dask says ``pip install porder[scale]``.
     """
-    from ._cli_common import library_errors
-    from .scale import run_dask
+    from ..scale import run_dask
+    from .common import library_errors
 
     options = {k: v for k, v in build_options.items()
                if k not in ("resume", "workers", "progress", "out", "source")}

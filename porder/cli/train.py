@@ -1,4 +1,4 @@
-"""click commands `porder train` and `porder compare` (registered in porder.cli).
+"""click commands `porder train` and `porder compare` (registered on the group in porder.cli).
 
 Each parses and validates options, calls one library function
 (:func:`porder.train.train`, :func:`porder.experiment.compare`) and reports;
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from ._cli_common import CONTEXT, interruptible, library_errors
-from .measures import MEASURES
+from ..measures import MEASURES
+from .common import CONTEXT, interruptible, library_errors
 
 ARCHS = ("vgg", "resnet", "inception")  # == porder.train.models.MODELS (checked by the tests)
 DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
@@ -117,8 +117,9 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
       porder train c100-mi8.h5 -o runs/vgg --resume
       torchrun --nproc-per-node 4 -m porder train c100-mi8.h5 -b 128 -o runs/ddp
     """
-    from .train.loop import TrainConfig, dist_env
-    from .train.loop import train as run_training
+    from ..train.config import TrainConfig
+    from ..train.distributed import dist_env
+    from ..train.loop import train as run_training
 
     with library_errors():
         env = dist_env()
@@ -219,7 +220,7 @@ def compare(source, out, measures, patches, archs, seeds, steps, width, lr, batc
       porder compare dogs-vs-cats/ -m none,mi,random --seeds 3 --width 0.125 -o dvc
       porder compare synthetic:2000:4 -o demo --steps 200 --dry-run
     """
-    from .experiment import compare as run_compare
+    from ..experiment import compare as run_compare
 
     tty = sys.stderr.isatty() if progress is None else progress
     log = lambda line: click.echo(line, err=True)

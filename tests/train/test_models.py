@@ -69,6 +69,6 @@ def test_bad_options():
 
 
 def test_cli_choices_match_models():
-    from porder.cli_train import ARCHS as CLI_ARCHS
+    from porder.cli.train import ARCHS as CLI_ARCHS
 
     assert sorted(CLI_ARCHS) == ARCHS

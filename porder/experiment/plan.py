@@ -1,0 +1,171 @@
+"""Planning a comparison: the caches to build and the runs to train, and which of them
+are already done (a comparison run again resumes where it stopped)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..measures import get_measure
+from ..patches import check_patch_size
+from ..store import partial_path, read_meta
+
+
+@dataclass
+class CacheItem:
+    measure: str
+    patch: int
+    path: Path
+    state: str = "build"        # ready | resume | build
+
+    @property
+    def label(self) -> str:
+        return _label(self.measure, self.patch)
+
+
+@dataclass
+class RunItem:
+    arch: str
+    measure: str
+    patch: int
+    seed: int
+    cache: Path
+    dir: Path
+    state: str = "new"          # done | resume | new
+    at_step: int = 0
+
+    @property
+    def label(self) -> str:
+        return _label(self.measure, self.patch)
+
+
+@dataclass
+class Plan:
+    source: str
+    out: Path
+    caches: list = field(default_factory=list)
+    runs: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The plan as text (``--dry-run``)."""
+        s = self.settings
+        lines = [f"compare {self.source} -> {self.out}",
+                 f"  {len(self.runs)} runs: arch {', '.join(s['archs'])}; "
+                 f"measures {', '.join(s['measures'])}; patch {', '.join(map(str, s['patches']))};"
+                 f" seeds {', '.join(map(str, s['seeds']))}",
+                 f"  each: {s['steps']} steps, batch {s['batch_size']}, Adam lr {s['lr']}, "
+                 f"width {s['width']}, eval every {s['eval_every']}, {s['size']}x{s['size']} "
+                 f"images, device {s['device']}",
+                 "caches:"]
+        for c in self.caches:
+            lines.append(f"  {c.state:<7} {c.path}")
+        lines.append("runs:")
+        for r in self.runs:
+            st = f"resume (step {r.at_step})" if r.state == "resume" else r.state
+            lines.append(f"  {st:<7} {r.arch:<9} {r.label:<12} seed {r.seed}  {r.dir}")
+        return "\n".join(lines)
+
+
+def _label(measure: str, patch: int) -> str:
+    return "none" if measure == "none" else f"{measure}-p{patch}"
+
+
+def parse_list(text: str, kind=str) -> list:
+    """'a, b,c' -> ['a', 'b', 'c'] (converted by ``kind``), duplicates dropped."""
+    items = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if part:
+            v = kind(part)
+            if v not in items:
+                items.append(v)
+    return items
+
+
+def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
+              patches: Sequence[int] = (8,), archs: Sequence[str] = ("vgg",),
+              seeds=3, steps: int = 1000, width: float = 0.25, lr: float = 1e-3,
+              batch_size: int = 32, eval_every: int = 100, size: int = 32, bins: int = 256,
+              test_fraction: float = 0.1, device: str = "auto") -> Plan:
+    """Which caches to build and which runs to train, and what is already done.
+
+    ``seeds`` is a count (seeds 0..n-1) or a list. ``none`` is added as the
+    baseline when missing; it does not depend on the patch size, so it is
+    cached and trained once per arch x seed.
+    """
+    from ..train.config import IDENTITY, TrainConfig
+    from ..train.metrics import read_metrics, read_result
+    from ..train.models import MODELS
+
+    measures = [get_measure(m).name for m in measures]
+    if not measures:
+        raise ValueError("give at least one measure, e.g. --measures none,mi")
+    if "none" not in measures:
+        measures = ["none"] + measures
+    patches = [int(p) for p in patches]
+    if not patches:
+        raise ValueError("give at least one patch size, e.g. --patch 8")
+    for p in patches:
+        check_patch_size(size, p)
+    archs = list(archs)
+    for a in archs:
+        if a not in MODELS:
+            raise ValueError(f"unknown architecture {a!r}; choose from {', '.join(MODELS)}")
+    seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"need at least one non-negative seed, got {seeds}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output '{out}' is a file; give a folder with -o")
+    settings = dict(source=source, archs=archs, measures=measures, patches=patches, seeds=seeds,
+                    steps=steps, width=width, lr=lr, batch_size=batch_size,
+                    eval_every=eval_every, size=size, bins=bins, test_fraction=test_fraction,
+                    device=device)
+    TrainConfig(arch=archs[0], width=width, lr=lr, batch_size=batch_size, steps=steps,
+                eval_every=eval_every, device=device).validate()
+    plan = Plan(source=source, out=out, settings=settings)
+
+    combos = [("none", patches[0])] + [(m, p) for m in measures if m != "none" for p in patches]
+    for m, p in combos:
+        path = out / "data" / f"{_label(m, p)}.h5"
+        state = "build"
+        if path.exists():
+            _check_cache(path, source=source, measure=m, patch=p, size=size, bins=bins,
+                         test_fraction=test_fraction)
+            state = "ready"
+        elif partial_path(path).exists():
+            state = "resume"
+        plan.caches.append(CacheItem(m, p, path, state))
+
+    for arch in archs:
+        for seed in seeds:  # seed-major: an interrupted compare has whole seeds done
+            for c in plan.caches:
+                d = out / "runs" / arch / c.label / f"seed{seed}"
+                cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size,
+                                  steps=steps, eval_every=eval_every, seed=seed, device=device)
+                item = RunItem(arch, c.measure, c.patch, seed, c.path, d)
+                res = read_result(d)
+                rows = read_metrics(d)
+                if res and res.get("steps") == steps and all(
+                        res["config"].get(k) == getattr(cfg, k) for k in IDENTITY) \
+                        and rows and rows[-1]["step"] == steps:
+                    item.state, item.at_step = "done", steps
+                elif (d / "checkpoint.pt").exists():
+                    item.state = "resume"
+                    item.at_step = max((r["step"] for r in rows), default=0)
+                plan.runs.append(item)
+    return plan
+
+
+def _check_cache(path: Path, *, source, measure, patch, size, bins, test_fraction):
+    meta = read_meta(path)
+    want = {"measure": measure, "image_size": size, "source": source, "bins": bins,
+            "test_fraction": test_fraction}
+    if measure != "none":
+        want["patch"] = patch
+    diff = [f"{k}: file has {meta.get(k)!r}, now {v!r}" for k, v in want.items()
+            if meta.get(k) != v]
+    if diff:
+        raise ValueError(f"cache '{path}' was made with other options ({'; '.join(diff)}); "
+                         "use another output folder or delete it")

@@ -1,0 +1,78 @@
+"""The figures of a comparison: accuracy per measure (the paper's Fig. 4) and training
+loss per patch size (Fig. 5), seed spread shaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .plan import Plan, _label
+
+
+def _band(ax, steps, curves, label, color=None):
+    """Mean line with the min..max spread over seeds shaded."""
+    import numpy as np
+
+    y = np.array(curves, dtype=float)  # (seeds, points)
+    (line,) = ax.plot(steps, y.mean(0), label=label, color=color)
+    if len(y) > 1:
+        ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2, lw=0)
+
+
+def _curves(rows_list, key):
+    """Common steps and per-seed values of ``key`` (rows without it dropped)."""
+    steps = [r["step"] for r in rows_list[0] if r.get(key) is not None]
+    vals = []
+    for rows in rows_list:
+        by = {r["step"]: r.get(key) for r in rows}
+        vals.append([by.get(s) for s in steps])
+    keep = [i for i in range(len(steps)) if all(v[i] is not None for v in vals)]
+    return [steps[i] for i in keep], [[v[i] for i in keep] for v in vals]
+
+
+def _figure(ncols, width=5.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, axes
+
+
+def write_figures(plan: Plan, rows_of: dict) -> list[Path]:
+    """Fig. 4 (accuracy per measure) and Fig. 5 (training loss per patch size)."""
+    st, out, files = plan.settings, plan.out, []
+    seeds = st["seeds"]
+    for arch in st["archs"]:
+        for p in st["patches"]:
+            fig, (ax_tr, ax_te) = _figure(2)
+            for c in plan.caches:
+                if c.measure != "none" and c.patch != p:
+                    continue
+                rl = [rows_of[(arch, c.label, s)] for s in seeds]
+                _band(ax_tr, *_curves(rl, "train_acc"), c.measure)
+                _band(ax_te, *_curves(rl, "test_acc"), c.measure)
+            for ax, what in ((ax_tr, "training"), (ax_te, "test")):
+                ax.set(xlabel="step", ylabel=f"{what} accuracy", ylim=(0, 1),
+                       title=f"{what} accuracy, {arch}, patch {p}x{p}")
+                ax.grid(alpha=0.3)
+                ax.legend()
+            f = out / f"fig4_accuracy_{arch}_p{p}.png"
+            fig.savefig(f, dpi=100)
+            files.append(f)
+        ordered = [m for m in st["measures"] if m != "none"] or ["none"]
+        fig, axes = _figure(len(ordered))
+        for ax, m in zip(axes, ordered, strict=True):
+            rl = [rows_of[(arch, "none", s)] for s in seeds]
+            _band(ax, *_curves(rl, "train_loss"), "unmodified", color="k")
+            if m != "none":
+                for p in st["patches"]:
+                    rl = [rows_of[(arch, _label(m, p), s)] for s in seeds]
+                    _band(ax, *_curves(rl, "train_loss"), f"{m} {p}x{p}")
+            ax.set(xlabel="step", ylabel="training loss (cross-entropy)",
+                   title=f"training loss, {arch}, {m}")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        f = out / f"fig5_loss_{arch}.png"
+        fig.savefig(f, dpi=100)
+        files.append(f)
+    return files

@@ -1,0 +1,128 @@
+"""Running a comparison: build the caches, train every run, write the summary and figures."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from ..store import read_meta
+from .plan import Plan, make_plan
+from .plots import write_figures
+from .summary import summarise, write_csv, write_markdown
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class CompareResult:
+    plan: Plan
+    runs: list            # per-run summary dicts (SUMMARY_FIELDS)
+    means: list           # per (arch, measure, patch): mean rows
+    stds: list            # ... and the matching std rows
+    files: list           # paths written
+
+
+def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
+            patches: Sequence[int] = (8,), archs: Sequence[str] = ("vgg",), seeds=3,
+            steps: int = 1000, width: float = 0.25, lr: float = 1e-3, batch_size: int = 32,
+            eval_every: int = 100, size: int = 32, bins: int = 256, test_fraction: float = 0.1,
+            device: str = "auto", threads: Optional[int] = None, dry_run: bool = False,
+            log: Optional[Log] = None,
+            progress_for: Optional[Callable] = None,
+            cache_progress: Optional[Callable] = None):
+    """Reorder ``source`` per (measure, patch), train every arch x seed, summarise.
+
+    Parameters
+    ----------
+    source : str
+        Any SOURCE ``porder reorder`` accepts (CIFAR, image folder, Kaggle
+        folder, ``synthetic:N[:C]``, ``digits``).
+    out : path-like
+        Output folder (see :mod:`porder.experiment` for its layout).
+    measures, patches, archs, seeds
+        What to compare; ``none`` is added when missing. ``seeds`` is a count
+        (0..n-1) or a list of seeds.
+    steps, width, lr, batch_size, eval_every
+        Training hyperparameters, the same for every run (see ``TrainConfig``).
+    size, bins, test_fraction
+        Cache options (as for ``porder reorder``).
+    device : {'cpu', 'cuda', 'auto'}
+    threads : int, optional
+        CPU threads for torch (default: all cores).
+    dry_run : bool
+        Only plan: return the :class:`Plan` without building or training.
+    log : callable(str), optional
+        Receives one line per stage.
+    progress_for : callable(description) -> Progress, optional
+        Makes the progress callback of each training run (may have ``close()``).
+    cache_progress : callable(split, done, total), optional
+        Progress of cache building.
+
+    Returns
+    -------
+    Plan (dry run) or CompareResult.
+
+    Raises
+    ------
+    ValueError
+        Bad options, an unreadable source, or an output folder made with other
+        options.
+    """
+    from ..pipeline import build_cache
+    from ..train import TrainConfig, read_metrics, resolve_device, train
+
+    log = log or (lambda line: None)
+    plan = make_plan(source, out, measures=measures, patches=patches, archs=archs, seeds=seeds,
+                     steps=steps, width=width, lr=lr, batch_size=batch_size,
+                     eval_every=eval_every, size=size, bins=bins, test_fraction=test_fraction,
+                     device=device)
+    if dry_run:
+        return plan
+    train_device = resolve_device(device)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "data").mkdir(exist_ok=True)
+    (plan.out / "compare.json").write_text(json.dumps(plan.settings, indent=2) + "\n")
+
+    cache_device = "auto" if device in ("auto", "cuda") else "cpu"
+    for c in plan.caches:
+        if c.state == "ready":
+            log(f"cache {c.path}: reusing")
+            continue
+        log(f"cache {c.path}: {'resuming' if c.state == 'resume' else 'building'}")
+        build_cache(source, c.path, measure=c.measure, patch=c.patch, bins=bins, size=size,
+                    test_fraction=test_fraction, seed=0, device=cache_device, resume=True,
+                    progress=cache_progress)
+        c.state = "ready"
+    if cache_progress is not None and hasattr(cache_progress, "close"):
+        cache_progress.close()
+
+    rows_of = {}
+    for i, r in enumerate(plan.runs, 1):
+        key = (r.arch, r.label, r.seed)
+        desc = f"[{i}/{len(plan.runs)}] {r.arch} {r.label} seed {r.seed}"
+        if r.state == "done":
+            log(f"{desc}: done, skipped")
+            rows_of[key] = read_metrics(r.dir)
+            continue
+        log(f"{desc}: " + (f"resuming at step {r.at_step}" if r.state == "resume" else "training"))
+        cfg = TrainConfig(arch=r.arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
+                          eval_every=eval_every, seed=r.seed, device=device, threads=threads)
+        prog = progress_for(desc) if progress_for else None
+        try:
+            rows_of[key] = train(r.cache, cfg, r.dir, resume=True, progress=prog).rows
+        finally:
+            if prog is not None and hasattr(prog, "close"):
+                prog.close()
+        r.state = "done"
+
+    runs, means, stds = summarise(plan, rows_of)
+    meta0 = read_meta(plan.caches[0].path)
+    meta = {"train": meta0["splits"].get("train"), "test": meta0["splits"].get("test"),
+            "classes": len(meta0["classes"]), "device": train_device}
+    figures = write_figures(plan, rows_of)
+    csv_path, md_path = plan.out / "summary.csv", plan.out / "summary.md"
+    write_csv(csv_path, runs + [x for pair in zip(means, stds, strict=True) for x in pair])
+    write_markdown(md_path, plan, runs, means, stds, meta, figures)
+    log(f"wrote {md_path}, {csv_path} and {len(figures)} figures")
+    return CompareResult(plan=plan, runs=runs, means=means, stds=stds,
+                         files=[csv_path, md_path, *figures])

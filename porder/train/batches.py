@@ -1,0 +1,161 @@
+"""The data of a training run: a porder file's splits as uint8 tensors on the device,
+the deterministic batch order, and batches reordered on the fly (``--reorder``)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..store import read_meta, read_split
+from .config import TrainConfig
+
+
+class Data:
+    """A porder file's train and test splits as uint8 tensors on the device.
+
+    ``train_x`` (N, S, S, 3) holds the images as stored; with ``reorder`` set,
+    :func:`get_batch` reorders each batch and ``test_x`` is reordered once here,
+    so test images are ordered exactly like training images.
+    """
+
+    def __init__(self, path, *, device: str, reorder: Optional[str] = None, patch: int = 8,
+                 bins: int = 256, order_seed: int = 0):
+        self.path = Path(path)
+        self.meta = read_meta(path)
+        self.classes = list(self.meta["classes"])
+        self.size = int(self.meta["image_size"])
+        if self.meta["splits"].get("train", 0) < 1 or self.meta["splits"].get("test", 0) < 1:
+            raise ValueError(f"'{path}' needs images in both train and test splits, has "
+                             f"{self.meta['splits']}")
+        if len(self.classes) < 2:
+            raise ValueError(f"'{path}' has {len(self.classes)} class; need at least 2 to train")
+        if reorder is not None and self.meta.get("measure") != "none":
+            raise ValueError(f"--reorder needs an unmodified file (measure 'none'); '{path}' "
+                             f"was reordered with {self.meta.get('measure')!r}")
+        self.device = device
+        self.reorder_opts = None if reorder is None else dict(
+            measure=reorder, patch=patch, bins=bins, seed=order_seed)
+        train, test = read_split(path, "train"), read_split(path, "test")
+        for split in (train, test):
+            bad = (split["labels"] < 0) | (split["labels"] >= len(self.classes))
+            if bad.any():
+                raise ValueError(f"'{path}' has labels outside 0..{len(self.classes) - 1}")
+        if reorder is not None:
+            test["images"] = _reorder_numpy(test["images"], np.arange(len(test["labels"])),
+                                            **self.reorder_opts)
+        # Per-channel statistics of the training images; reordering only moves
+        # patches, so every ordering of a dataset is normalised identically.
+        x = train["images"]
+        s1 = np.zeros(3)
+        s2 = np.zeros(3)
+        for lo in range(0, len(x), 4096):
+            c = x[lo:lo + 4096].reshape(-1, 3).astype(np.float64)
+            s1 += c.sum(0)
+            s2 += (c * c).sum(0)
+        n = x.shape[0] * x.shape[1] * x.shape[2]
+        mean = s1 / n
+        std = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-6))
+        dev = torch.device(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+        self.train_x = torch.from_numpy(train["images"]).to(dev)   # (N, S, S, 3) uint8
+        self.train_y = torch.from_numpy(train["labels"]).to(dev)   # (N,) int64
+        self.test_x = torch.from_numpy(test["images"]).to(dev)     # (M, S, S, 3) uint8
+        self.test_y = torch.from_numpy(test["labels"]).to(dev)     # (M,) int64
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S) (channels-last on CUDA)."""
+        x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        if x.is_cuda:  # NHWC memory is what tensor cores want; the permute already is
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+
+def _reorder_numpy(images: np.ndarray, index: np.ndarray, *, measure, patch, bins, seed):
+    """porder.reorder on NumPy images whose dataset indices are ``index``.
+
+    Orderings of every measure depend only on the image, except ``random``, which
+    is keyed by the dataset index: those images are reordered one at a time so
+    that each keeps its own shuffle, whatever batch it lands in.
+    """
+    from ..reorder import reorder
+
+    if measure != "random":
+        return reorder(images, measure, patch, bins=bins)[0]
+    out = np.empty_like(images)
+    for i, j in enumerate(index.tolist()):
+        out[i:i + 1] = reorder(images[i:i + 1], measure, patch, seed=seed, start=j)[0]
+    return out
+
+
+def _reorder_tensor(images: torch.Tensor, index: torch.Tensor, opts: dict) -> torch.Tensor:
+    """Reorder a uint8 tensor batch; CuPy (via DLPack) on CUDA when present, else NumPy."""
+    if images.is_cuda:
+        from ..backend import cuda_available
+
+        if cuda_available() and opts["measure"] != "random":
+            import cupy
+
+            from ..reorder import reorder
+
+            out = reorder(cupy.from_dlpack(images.contiguous()), opts["measure"],
+                          opts["patch"], bins=opts["bins"], device="cuda")[0]
+            return torch.from_dlpack(out)
+        host = _reorder_numpy(images.cpu().numpy(), index.cpu().numpy(), **opts)
+        return torch.from_numpy(host).to(images.device, non_blocking=True)
+    return torch.from_numpy(_reorder_numpy(images.numpy(), index.numpy(), **opts))
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int, *, rank: int = 0,
+                  world_size: int = 1) -> torch.Tensor:
+    """Training-set indices of the batch of (0-based) ``step``: (batch_size / world_size,) int64.
+
+    Epoch e visits all n images in the order ``randperm(n)`` of a generator
+    seeded with (seed, e); batches run through epochs back to back. A pure
+    function of its arguments, so a resumed run sees the same batches.
+
+    ``batch_size`` is the global batch; with ``world_size`` processes, ``rank``
+    gets its slice ``[rank * b, (rank + 1) * b)`` of it, ``b = batch_size /
+    world_size``: the slices of all ranks are disjoint and, concatenated in rank
+    order, are the single-process batch. ValueError unless ``world_size``
+    divides ``batch_size``.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} "
+                         f"processes; use a multiple of {world_size}")
+    if world_size > 1:
+        b = batch_size // world_size
+        return batch_indices(step, n, batch_size, seed)[rank * b:(rank + 1) * b]
+    pos = step * batch_size
+    parts = []
+    while batch_size > 0:
+        epoch, off = divmod(pos, n)
+        take = min(batch_size, n - off)
+        parts.append(_epoch_order(n, seed, epoch)[off:off + take])
+        pos += take
+        batch_size -= take
+    return torch.cat(parts)
+
+
+def get_batch(data: Data, step: int, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1):
+    """The inputs (B, 3, S, S) float and labels (B,) int64 of (0-based) ``step``.
+
+    With ``world_size`` processes, B = batch_size / world_size: rank's slice of the step's batch.
+    """
+    idx = batch_indices(step, len(data.train_y), cfg.batch_size, cfg.seed, rank=rank,
+                        world_size=world_size)
+    dev_idx = idx.to(data.train_x.device)
+    images = data.train_x[dev_idx]                             # (B, S, S, 3) uint8
+    if data.reorder_opts is not None:
+        images = _reorder_tensor(images, idx, data.reorder_opts)
+    return data.to_input(images), data.train_y[dev_idx]
+

@@ -1,0 +1,41 @@
+"""Dask worker preload for the scale tests: kill a worker mid-shard, from outside porder.
+
+Passed to the cluster with ``dask.config.set({"distributed.worker.preload":
+[PRELOAD]})``; every worker process runs :func:`dask_setup` when it starts. When
+the environment holds ``PORDER_TEST_KILL_SHARD="I:MARKER"``, the first attempt of
+shard I kills its worker process mid-way (after its first batch), like an
+OOM-killed worker, and creates the MARKER file; a re-run finds MARKER and goes
+on, so the tests can check that the scheduler re-runs the shard.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+KILL_SHARD_ENV = "PORDER_TEST_KILL_SHARD"
+PRELOAD = str(Path(__file__).resolve())
+
+
+def dask_setup(worker) -> None:
+    spec = os.environ.get(KILL_SHARD_ENV, "")
+    if not spec:
+        return
+    index, _, marker = spec.partition(":")
+    marker = Path(marker)
+
+    import porder.pipeline
+
+    original = porder.pipeline.build_cache
+
+    def build_cache(source, out, *, shard=None, progress=None, **options):
+        report = progress
+        if shard is not None and str(shard[0]) == index:
+            def report(split, done, total):
+                if progress is not None:
+                    progress(split, done, total)
+                if 0 < done < total and not marker.exists():
+                    marker.touch()
+                    os._exit(1)  # die like an OOM-killed worker, mid-shard
+        return original(source, out, shard=shard, progress=report, **options)
+
+    porder.pipeline.build_cache = build_cache
