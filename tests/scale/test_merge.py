@@ -1,90 +1,25 @@
-"""Sharded runs, `porder merge` and Dask execution (porder.scale, porder.cli.scale).
+"""Sharded runs and `porder merge` (porder.scale.merge, porder.cli.scale).
 
-Every merged or Dask-built file is checked sample by sample against one
-unsharded ``build_cache`` run of the same seeded ``synthetic:103`` source.
-Shards split 93 train / 10 test samples into uneven slices (23/23/23/24 and
-2/3/2/3), and batch sizes (7 for shards, 8 for the reference) divide neither.
+Every merged file is checked sample by sample against one unsharded
+``build_cache`` run of the same seeded ``synthetic:103`` source (``full`` in
+conftest.py). Shards split 93 train / 10 test samples into uneven slices
+(23/23/23/24 and 2/3/2/3), and batch sizes (7 for shards, 8 for the reference)
+divide neither.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from porder.cli.scale import dask_reorder
 from porder.cli.scale import merge as merge_cmd
-from porder.pipeline import build_cache
-from porder.scale import (
-    ScaleError,
-    merge,
-    missing_sources,
-    parse_scheduler,
-    run_dask,
-)
-from porder.store import SPLITS, StoreError, read_meta, read_split
+from porder.scale import merge, missing_sources
+from porder.store import StoreError, read_meta, read_split
 
-from .dask_kill_preload import KILL_SHARD_ENV, PRELOAD
-
-SOURCE = "synthetic:103"
-N = 4
-OPTS = dict(measure="mi", patch=8, seed=3, workers=1)
-RUN_KEYS = {"created"}  # root attributes that may differ between equal runs
-
-
-def _build(out, *, shard=None, batch_size=7, **kw):
-    return build_cache(SOURCE, out, shard=shard, batch_size=batch_size, **{**OPTS, **kw}).path
-
-
-@pytest.fixture(scope="module")
-def full(tmp_path_factory):
-    """The unsharded reference run."""
-    return _build(tmp_path_factory.mktemp("full") / "full.h5", batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Slices 0..3 of 4, in a folder of their own."""
-    d = tmp_path_factory.mktemp("shards")
-    return [_build(d / f"part-{i}.h5", shard=(i, N)) for i in range(N)]
-
-
-def _attrs(obj) -> dict:
-    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in obj.attrs.items()}
-
-
-def assert_same_file(expected, actual):
-    """Same root and split attributes (but run times), classes and every dataset."""
-    with h5py.File(expected, "r") as a, h5py.File(actual, "r") as b:
-        ra, rb = _attrs(a), _attrs(b)
-        for k in RUN_KEYS:
-            ra.pop(k), rb.pop(k)
-        assert ra == rb
-        assert rb["shard_index"] == 0 and rb["shard_count"] == 1 and rb["complete"]
-        assert list(a["classes"][()]) == list(b["classes"][()])
-        assert set(a) == set(b)
-        for split in SPLITS:
-            assert _attrs(a[split]) == _attrs(b[split])
-            assert set(a[split]) == set(b[split])
-            for name in a[split]:
-                da, db = a[split][name], b[split][name]
-                assert (da.shape, da.dtype) == (db.shape, db.dtype), f"{split}/{name}"
-                va, vb = da[()], db[()]
-                assert np.array_equal(va, vb), f"{split}/{name} differs"
-    # and through the public readers, sample by sample
-    ma, mb = read_meta(expected), read_meta(actual)
-    assert ma["splits"] == mb["splits"] and ma["classes"] == mb["classes"]
-    for split in SPLITS:
-        sa, sb = read_split(expected, split), read_split(actual, split)
-        assert sa["names"] == sb["names"]
-        for i in range(len(sa["names"])):
-            for key in ("images", "labels", "perm"):
-                assert np.array_equal(sa[key][i], sb[key][i]), f"{split} sample {i} {key}"
-
+from .shards import N, _build, assert_same_file
 
 # ------------------------------------------------------------------------- merge
 
@@ -230,94 +165,3 @@ def test_cli_merge(full, shards, tmp_path):
     assert r.exit_code == 2 and "SHARDS... OUT.h5" in r.output
     r = runner.invoke(merge_cmd, ["-h"])
     assert r.exit_code == 0 and "porder merge c100.0.h5" in r.output
-
-
-# -------------------------------------------------------------------------- Dask
-
-
-def test_parse_scheduler():
-    assert parse_scheduler("local:3") == ("local", 3)
-    assert parse_scheduler("tcp://10.0.0.5:8786") == ("tcp://10.0.0.5:8786", 0)
-    for bad in ("local:0", "local:x", "cluster"):
-        with pytest.raises(ScaleError, match="local:N"):
-            parse_scheduler(bad)
-
-
-def test_dask_missing_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` fails
-    with pytest.raises(ScaleError, match=r"pip install porder\[scale\]"):
-        run_dask("local:2", SOURCE, tmp_path / "x.h5")
-    import click
-
-    with pytest.raises(click.ClickException, match=r"pip install porder\[scale\]"):
-        dask_reorder("local:2", SOURCE, tmp_path / "x.h5", {"batch_size": 7}, None)
-
-
-def test_dask_refuses_before_starting_a_cluster(tmp_path, full):
-    import click
-
-    with pytest.raises(StoreError, match="exists; pass --overwrite"):
-        run_dask("local:2", SOURCE, full)
-    with pytest.raises(click.UsageError, match="leave out --shard"):
-        dask_reorder("local:2", SOURCE, tmp_path / "x.h5", {"shard": (0, 2)}, None)
-    with pytest.raises(ValueError, match="sets shard itself"):
-        run_dask("local:2", SOURCE, tmp_path / "x.h5", shard=(0, 2))
-
-
-def _no_cluster_left():
-    import distributed
-
-    assert not distributed.client._global_clients, "a Dask client was left open"
-
-
-def test_dask_local_cluster_matches_single_process_run(full, tmp_path):
-    events = []
-    out = tmp_path / "dask.h5"
-    env = dict(os.environ)
-    options = dict(OPTS, batch_size=7, resume=True, shard=None)  # as the CLI hands them over
-    path = dask_reorder("local:2", SOURCE, out, options, lambda *a: events.append(a))
-    assert path == out.absolute()
-    assert_same_file(full, out)
-    assert not (tmp_path / "dask.h5.shards").exists()
-    assert ("images", 103, 103) in events and events[-1] == ("merge", 103, 103)
-    dones = [d for stage, d, _ in events if stage == "images"]
-    assert dones == sorted(dones)
-    assert dict(os.environ) == env, "the nannies' OMP_NUM_THREADS etc. leaked into this process"
-    _no_cluster_left()
-
-
-def test_dask_worker_killed_mid_shard_is_rerun(full, tmp_path, monkeypatch):
-    """Shard 1's worker process dies after its first batch; the scheduler re-runs
-    the shard elsewhere (resuming its .part file) and the result is unchanged."""
-    import dask
-
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_SHARD_ENV, f"1:{marker}")
-    with dask.config.set({"distributed.worker.preload": [PRELOAD]}):
-        out = run_dask("local:2", SOURCE, tmp_path / "killed.h5", shards=4, batch_size=7,
-                       **{k: v for k, v in OPTS.items() if k != "workers"})
-    assert marker.exists(), "the kill hook did not fire"
-    assert_same_file(full, out)
-    _no_cluster_left()
-
-
-def test_dask_shard_error_comes_back_as_one_line(tmp_path):
-    out = tmp_path / "bad.h5"
-    with pytest.raises(ValueError, match="patch size 5 does not divide") as info:
-        run_dask("local:1", SOURCE, out, shards=2, patch=5, batch_size=7)
-    assert "\n" not in str(info.value)
-    assert not out.exists() and not (tmp_path / "bad.h5.shards").exists()
-    _no_cluster_left()
-
-
-def test_dask_shard_whose_workers_keep_dying_fails_in_one_line(tmp_path, monkeypatch):
-    import dask
-
-    monkeypatch.setenv(KILL_SHARD_ENV, f"0:{tmp_path / 'killed'}")
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                          "distributed.worker.preload": [PRELOAD]}):
-        with pytest.raises(ScaleError, match=r"shard 0/2: its workers died too often") as info:
-            run_dask("local:1", SOURCE, tmp_path / "dead.h5", shards=2, batch_size=7)
-    assert "\n" not in str(info.value)
-    assert (tmp_path / "killed").exists() and not (tmp_path / "dead.h5").exists()
-    _no_cluster_left()
