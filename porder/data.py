@@ -335,12 +335,14 @@ class BatchLoader:
 
     def _convert(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, S, S, 3) on the device -> (B, 3, S, S) output (porder train's to_input)."""
-        x = images.permute(0, 3, 1, 2)
-        if self.output == "float":
+        x = images.permute(0, 3, 1, 2)                              # (B, 3, S, S) view
+        if self.output == "uint8":
+            return x.contiguous()
+        if x.is_cuda:   # NHWC memory, as porder train feeds its models on CUDA
             x = (x.float() - self._mean_t) / self._std_t
-            if x.is_cuda:   # NHWC memory, as porder train feeds its models on CUDA
-                return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
+            return x.contiguous(memory_format=torch.channels_last)
+        # On a CPU the float ops run many times faster on contiguous memory; same values.
+        return (x.contiguous().float() - self._mean_t) / self._std_t
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -376,8 +378,9 @@ class BatchLoader:
             if order is None:
                 x, y = self._x[lo:hi], self._y[lo:hi]
             else:
-                idx = order[lo:hi]
-                x, y = self._x[idx], self._y[idx]                  # (B, S, S, 3), (B,)
+                idx = order[lo:hi]            # index_select: ~100x faster than x[idx] on a CPU
+                x = self._x.index_select(0, idx)                   # (B, S, S, 3)
+                y = self._y.index_select(0, idx)                   # (B,)
             yield self._convert(x), y
 
     def _iter_streamed(self, epoch: int):
@@ -411,7 +414,7 @@ class BatchLoader:
                     pending = pool.submit(read, windows[j + 1])
                 if self.shuffle:
                     idx = torch.randperm(len(y), generator=gen, device=self.device)
-                    x, y = x[idx], y[idx]
+                    x, y = x.index_select(0, idx), y.index_select(0, idx)
                 if left_x is not None:
                     x, y = torch.cat([left_x, x]), torch.cat([left_y, y])
                 full = len(y) - len(y) % self.batch_size
