@@ -283,6 +283,8 @@ class BatchLoader:
     Attributes
     ----------
     classes, options, mean, std : as :class:`PorderDataset`
+    n : int
+        Images in the split (``len(loader)`` is the number of batches).
     device : torch.device
     """
 

@@ -230,6 +230,8 @@ def export(cache_path, out_dir, *, format: str = "imagefolder", split: str | Non
     try:
         for s in splits:
             n = int(meta["splits"][s])
+            if progress:
+                progress(s, 0, n)
             if format == "imagefolder":
                 _write_imagefolder(cache_path, s, n, tmp / s, folders, restore=restore,
                                    patch=patch, workers=workers, progress=progress)

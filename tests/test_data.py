@@ -355,7 +355,8 @@ def test_loader_on_cuda(cache):
     for buffer in (None, 12):
         batches = list(BatchLoader(path, batch_size=16, device="cuda", buffer=buffer))
         assert all(b[0].is_cuda and b[1].is_cuda for b in batches)
-        assert torch.equal(torch.cat([b[0] for b in batches]).cpu(), x)
+        torch.testing.assert_close(torch.cat([b[0] for b in batches]).cpu(), x,
+                                   rtol=1e-6, atol=1e-6)
         assert torch.equal(torch.cat([b[1] for b in batches]).cpu(), y)
     shuffled = list(BatchLoader(path, batch_size=8, device="cuda", shuffle=True, seed=3,
                                 output="uint8", restore=True))

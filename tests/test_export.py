@@ -210,3 +210,11 @@ def test_awkward_class_names_export(tmp_path):
     images, labels, _ = read_folder(out, "train", folders)
     assert np.array_equal(images, read_split(path, "train")["images"])
     assert np.array_equal(labels, read_split(path, "train")["labels"])
+
+
+def test_progress_is_reported_per_split(cache, tmp_path):
+    path, _ = cache
+    events = []
+    export(path, tmp_path / "exp", format="npz", progress=lambda *a: events.append(a))
+    assert events[0] == ("train", 0, 40) and ("train", 40, 40) in events
+    assert events[-1] == ("test", 12, 12)
