@@ -6,7 +6,47 @@ position j holds source patch ``perm[:, j]``.
 """
 from __future__ import annotations
 
-from .backend import get_array_module
+import numpy as np
+
+from .backend import get_array_module, to_numpy
+
+
+def _is_torch(x) -> bool:
+    """True for a torch tensor (checked without importing torch)."""
+    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "__dlpack__")
+
+
+def from_torch(x):
+    """View a torch tensor as a NumPy or CuPy array; pass anything else through.
+
+    Returns ``(array, back)``: ``array`` shares memory with ``x`` through DLPack
+    (a NumPy array for a CPU tensor, a CuPy array for a CUDA tensor when CuPy is
+    installed), and ``back(result)`` turns a NumPy or CuPy result into a tensor
+    on ``x``'s device (without a copy where the result already is there). A CUDA
+    tensor without CuPy, or a tensor on another device, is copied to the host.
+    For a non-tensor ``x``, ``array`` is ``x`` and ``back`` returns its argument.
+    """
+    if not _is_torch(x):
+        return x, lambda a: a
+    import torch
+
+    t = x.detach()
+    if t.device.type == "cpu":
+        return np.from_dlpack(t), lambda a: torch.from_numpy(to_numpy(a))
+    if t.device.type == "cuda":
+        from .backend import cuda_available
+
+        if cuda_available():
+            import cupy
+
+            def back(a):
+                if isinstance(a, cupy.ndarray):
+                    return torch.from_dlpack(a).to(t.device)   # no copy on the same GPU
+                return torch.from_numpy(a).to(t.device)
+
+            return cupy.from_dlpack(t), back
+    host = t.cpu()
+    return np.from_dlpack(host), lambda a: torch.from_numpy(to_numpy(a)).to(t.device)
 
 
 def check_patch_size(image_size: int, patch: int) -> int:
@@ -69,11 +109,56 @@ def invert_perm(perm):
     return xp.argsort(perm, axis=-1).astype(perm.dtype)
 
 
+def _check_perm(perm, n: int, k: int, size: int, patch: int) -> None:
+    """ValueError unless ``perm`` is (n, k): a perm made with another patch size
+    would otherwise give a silently wrong image."""
+    if tuple(perm.shape) == (n, k):
+        return
+    if perm.ndim == 2 and perm.shape[0] == n:
+        g = int(round(perm.shape[1] ** 0.5))
+        hint = (f"; it fits patch={size // g}" if g * g == perm.shape[1] and g and size % g == 0
+                else "")
+        raise ValueError(f"perm has {perm.shape[1]} patches per image, but patch={patch} cuts "
+                         f"{size}x{size} images into {k}; pass the patch size the images were "
+                         f"reordered with (a porder file's 'patch' attribute){hint}")
+    raise ValueError(f"perm must have shape (N, K) = ({n}, {k}) for {n} images of {size}x{size} "
+                     f"in {patch}x{patch} patches, got {tuple(perm.shape)}")
+
+
 def permute_images(images, perm, patch: int):
-    """Rebuild images (N, S, S, C) with their patches in the order ``perm`` (N, K)."""
-    return merge(apply_perm(split(images, patch), perm))
+    """Rebuild images with their patches in the order ``perm``.
+
+    Parameters
+    ----------
+    images : array (N, S, S, C): NumPy, CuPy or a torch tensor
+    perm : integer array (N, K), K = (S // patch) ** 2: output patch j is input
+        patch ``perm[:, j]``
+    patch : int
+
+    Returns
+    -------
+    array (N, S, S, C), the same array type (and device) as ``images``
+
+    Raises
+    ------
+    ValueError
+        When ``perm``'s shape does not fit N images cut into ``patch`` patches
+        (e.g. a perm made with another patch size).
+    """
+    images, back = from_torch(images)
+    perm, _ = from_torch(perm)
+    pt = split(images, patch)                    # (N, K, p, p, C)
+    _check_perm(perm, pt.shape[0], pt.shape[1], images.shape[1], patch)
+    return back(merge(apply_perm(pt, perm)))
 
 
 def restore_images(images, perm, patch: int):
-    """Recover original images from reordered ones and their ``perm``."""
+    """Recover original images from reordered ones and their ``perm``.
+
+    ``images`` (N, S, S, C) and ``perm`` (N, K) as returned by
+    :func:`porder.reorder` (or stored in a porder file), ``patch`` the patch
+    size they were made with; returns the originals (N, S, S, C), the same
+    array type as ``images``. ValueError when ``perm`` does not fit ``patch``.
+    """
+    perm, _ = from_torch(perm)
     return permute_images(images, invert_perm(perm), patch)

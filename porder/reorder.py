@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -11,7 +12,7 @@ from .backend import array_module, get_array_module, resolve_device, to_device
 from .kernels import check_backend, compiled_reorder
 from .measures import Measure, _check_bins, get_measure
 from .ordering import greedy_chain, identity_order, random_order, sort_order
-from .patches import apply_perm, check_patch_size, merge, split
+from .patches import apply_perm, check_patch_size, from_torch, merge, split
 
 # Working memory one chunk of images may use while scoring (bytes); chunks are
 # processed one after another (on a CPU, one per core), so memory is bounded
@@ -61,13 +62,16 @@ def permutations(patches, measure: str | Measure = "mi", *, bins: int = 256, ref
 
 
 def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int = 256,
-            device: str = "cpu", reference: int = 0, descending=None, seed: int = 0,
+            device: str | None = None, reference: int = 0, descending=None, seed: int = 0,
             start: int = 0, workers: int | None = None, backend: str = "generic"):
     """Reorder the patches of every image with the POR algorithm.
 
     Parameters
     ----------
-    images : uint8 array (N, S, S, C), NumPy or CuPy
+    images : uint8 array (N, S, S, C): NumPy, CuPy, or a torch tensor
+        A CPU tensor is read as NumPy and a CUDA tensor as CuPy through
+        DLPack, without a copy (a CUDA tensor without CuPy is copied to the
+        host). Stack a list of images into one array first.
     measure : str or Measure
         A name from :data:`porder.MEASURES` (``porder measures`` lists them),
         or its entry; the name is looked up once here and the entry passed down.
@@ -75,8 +79,10 @@ def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int 
         Patch side; must divide S (the paper uses 4, 8 or 16 on 32x32).
     bins : int
         Histogram bins for histogram measures (1..256, default one per intensity).
-    device : {'cpu', 'cuda', 'auto'}
+    device : {'cpu', 'cuda', 'auto'}, optional
         Where to compute. 'auto' picks CUDA when CuPy and a GPU are present.
+        Default: where ``images`` are ('cuda' for a CuPy array or a CUDA
+        tensor when CuPy is installed, else 'cpu').
     reference : int
         Row-major index of the patch the chain starts from (pairwise measures).
     descending : bool, optional
@@ -96,16 +102,40 @@ def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int 
     Returns
     -------
     reordered : uint8 array (N, S, S, C), same array type as ``images``
-    perm : int64 array (N, K), output patch j is input patch ``perm[:, j]``
+        (a torch tensor on the same device for a tensor)
+    perm : int64 array (N, K), output patch j is input patch ``perm[:, j]``,
+        same array type as ``reordered``
 
     Raises
     ------
     ValueError
-        Bad shape or dtype, a patch size that does not divide S, an unknown
-        measure, bad ``bins`` or ``reference``, or CUDA asked for but missing.
+        Bad shape or dtype, a list instead of one array, a patch size that does
+        not divide S, an unknown measure, bad ``bins`` or ``reference``, or
+        CUDA asked for but missing.
     """
+    if isinstance(images, (list, tuple)):
+        raise ValueError(f"images is a {type(images).__name__} of {len(images)} images; stack "
+                         "them into one uint8 array of shape (N, S, S, C) first, e.g. "
+                         "numpy.stack(images) (torch.stack for tensors)")
+    images, back = from_torch(images)
+    if not hasattr(images, "ndim") or not hasattr(images, "dtype"):
+        raise ValueError(f"images must be a uint8 array of shape (N, S, S, C) (NumPy, CuPy or "
+                         f"torch), got {type(images).__name__}")
     in_xp = get_array_module(images)
+    if device is None:
+        device = "cpu" if in_xp is np else "cuda"
     xp = array_module(resolve_device(device))
+    # A CuPy array is computed on the GPU that holds it (not the current one).
+    with images.device if xp is not np and in_xp is xp else nullcontext():
+        out, perm = _reorder(images, xp, in_xp, measure, patch, bins=bins, reference=reference,
+                             descending=descending, seed=seed, start=start, workers=workers,
+                             backend=backend)
+    return back(out), back(perm)
+
+
+def _reorder(images, xp, in_xp, measure, patch, *, bins, reference, descending, seed, start,
+             workers, backend):
+    """:func:`reorder` on an array of ``in_xp``, computed with ``xp``."""
     m = get_measure(measure)
     bins = _check_bins(bins)
     check_backend(backend)

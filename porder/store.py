@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -283,6 +284,117 @@ def read_split(path, split: str = "train", *, start: int = 0, stop: int | None =
             "perm": g["perm"][sl].astype(np.int64),
             "names": [_jsonable(n) for n in g["names"][sl]],
         }
+
+
+def iter_split(path, split: str = "train", *, rows: int = 4096, start: int = 0,
+               stop: int | None = None, perm: bool = True, names: bool = False):
+    """Read rows [start, stop) of a split in consecutive chunks, one file handle.
+
+    Yields ``(lo, chunk)`` for chunks of at most ``rows`` rows starting at row
+    ``lo``; ``chunk`` is a dict like :func:`read_split`'s, with ``perm`` only
+    when ``perm`` and ``names`` only when ``names``. Memory is bounded by one
+    chunk.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
+    with open_file(path) as f:
+        if split not in f:
+            raise StoreError(f"'{path}' has no split {split!r}")
+        g = f[split]
+        n = int(g["labels"].shape[0])
+        stop = n if stop is None else min(int(stop), n)
+        for lo in range(int(start), stop, rows):
+            hi = min(lo + rows, stop)
+            chunk = {"images": g["images"][lo:hi],                       # (m, S, S, 3) uint8
+                     "labels": g["labels"][lo:hi].astype(np.int64)}      # (m,)
+            if perm:
+                chunk["perm"] = g["perm"][lo:hi].astype(np.int64)        # (m, K)
+            if names:
+                chunk["names"] = [_jsonable(x) for x in g["names"][lo:hi]]
+            yield lo, chunk
+
+
+@dataclass
+class Split:
+    """One split of a porder file in memory, as returned by :func:`load`.
+
+    Attributes
+    ----------
+    images : uint8 array (N, S, S, 3)
+        As stored: the reordered images (the originals for measure 'none').
+    labels : int64 array (N,)
+        Indices into ``classes``.
+    perm : int64 array (N, K)
+        Output patch j of image i is source patch ``perm[i, j]``.
+    names : str array (N,)
+        Where each sample came from.
+    classes : list of str
+    options : dict
+        The file's root attributes: measure, patch, bins, reference, direction,
+        image_size, source, seed, ... (``porder inspect`` shows them).
+    split : str
+    path : Path
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    perm: np.ndarray
+    names: np.ndarray
+    classes: list
+    options: dict
+    split: str
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: str):
+        """Dict-style access: ``data["images"]`` is ``data.images``."""
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def originals(self) -> np.ndarray:
+        """The images before reordering (N, S, S, 3), recovered through ``perm``."""
+        from .patches import restore_images
+
+        return restore_images(self.images, self.perm, int(self.options["patch"]))
+
+
+def load(path, split: str = "train") -> Split:
+    """Load one split of a porder file into memory, with its classes and options.
+
+    Parameters
+    ----------
+    path : path-like
+        A complete porder HDF5 file (``porder reorder`` writes them).
+    split : {'train', 'test'}
+
+    Returns
+    -------
+    Split
+        ``images`` uint8 (N, S, S, 3), ``labels`` int64 (N,), ``perm`` int64
+        (N, K), ``names`` str (N,), ``classes``, ``options`` (the file's root
+        attributes) and ``originals()``.
+
+    Raises
+    ------
+    StoreError (a ValueError)
+        A missing, incomplete or non-porder file, or a split it does not have.
+
+    Examples
+    --------
+    >>> d = porder.load("c100-mi8.h5", "test")             # doctest: +SKIP
+    >>> d.images.shape, d.options["measure"], d.classes[d.labels[0]]  # doctest: +SKIP
+    """
+    if split not in SPLITS:
+        raise StoreError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    meta = read_meta(path)
+    data = read_split(path, split)
+    options = {k: v for k, v in meta.items() if k not in ("classes", "splits", "skipped")}
+    return Split(images=data["images"], labels=data["labels"], perm=data["perm"],
+                 names=np.asarray(data["names"], dtype=str), classes=meta["classes"],
+                 options=options, split=split, path=Path(path))
 
 
 def describe(path) -> dict:

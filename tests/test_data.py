@@ -1,0 +1,364 @@
+"""PyTorch integration: porder.data, porder.load, and torch tensors through porder.reorder."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import porder
+from porder.data import BatchLoader, PorderDataset, channel_stats
+from porder.patches import from_torch, permute_images
+from porder.store import StoreError, read_split
+from porder.train import batch_indices
+from porder.train.loop import Data
+
+from .test_export import CLASSES, make_cache
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """(path, originals): 40 train and 12 test 16x16 images, entropy-ordered, patch 4."""
+    return make_cache(tmp_path_factory.mktemp("data") / "c.h5")
+
+
+def chw(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> (N, 3, S, S) tensor."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def row_key(image) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ Dataset
+def test_dataset_items_are_the_stored_images(cache):
+    path, _ = cache
+    want = read_split(path, "train")
+    ds = PorderDataset(path)
+    assert len(ds) == 40 and ds.classes == CLASSES and ds.class_to_idx["dog"] == 1
+    assert ds.options["measure"] == "entropy" and ds.patch == 4 and ds.mean is None
+    for i in (0, 17, 39, -1):
+        x, y = ds[i]
+        assert x.dtype == torch.uint8 and x.shape == (3, 16, 16) and isinstance(y, int)
+        assert torch.equal(x, chw(want["images"])[i]) and y == want["labels"][i]
+    with pytest.raises(IndexError, match="index 40 is out of range"):
+        ds[40]
+    with pytest.raises(IndexError):
+        ds[-41]
+    assert [y for _, y in ds] == want["labels"].tolist()   # the iteration protocol stops
+
+
+def test_float_output_is_normalised_exactly_like_train(cache):
+    path, _ = cache
+    data = Data(path, device="cpu")        # porder train's own data and normalisation
+    train = PorderDataset(path, output="float")
+    test = PorderDataset(path, "test", output="float")
+    assert torch.equal(torch.tensor(train.mean, dtype=torch.float32), data.mean.view(3))
+    assert torch.equal(torch.tensor(train.std, dtype=torch.float32), data.std.view(3))
+    for i in (0, 5, 39):
+        x, y = train[i]
+        assert x.dtype == torch.float32
+        assert torch.equal(x, data.to_input(data.train_x[i:i + 1])[0])
+    for i in (0, 11):    # the test split uses the training statistics too
+        assert torch.equal(test[i][0], data.to_input(data.test_x[i:i + 1])[0])
+
+
+def test_channel_stats_against_numpy(cache):
+    path, _ = cache
+    px = read_split(path, "train")["images"].reshape(-1, 3).astype(np.float64)
+    mean, std = channel_stats(path)
+    np.testing.assert_allclose(mean, px.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, px.std(0), rtol=1e-9)
+
+
+def test_given_mean_and_std(cache):
+    path, _ = cache
+    ds = PorderDataset(path, output="float", mean=(100, 110, 120), std=[50, 60, 70])
+    x, _ = ds[3]
+    raw = chw(read_split(path, "train")["images"])[3].float()
+    want = (raw - torch.tensor([100., 110, 120]).view(3, 1, 1)) / torch.tensor([50., 60, 70]).view(3, 1, 1)
+    assert torch.equal(x, want)
+    with pytest.raises(ValueError, match="pass both mean= and std="):
+        PorderDataset(path, output="float", mean=(1, 2, 3))
+    with pytest.raises(ValueError, match="3 values each"):
+        PorderDataset(path, output="float", mean=(1, 2), std=(1, 1))
+
+
+def test_restore_gives_the_originals(cache):
+    path, originals = cache
+    ds = PorderDataset(path, "test", restore=True)
+    got = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert torch.equal(got, chw(originals["test"]))
+    assert not torch.equal(got, chw(read_split(path, "test")["images"]))
+
+
+def test_transform_is_applied_last(cache):
+    path, _ = cache
+    ds = PorderDataset(path, output="float", transform=lambda x: x.flip(-1) * 2)
+    plain = PorderDataset(path, output="float")
+    assert torch.equal(ds[7][0], plain[7][0].flip(-1) * 2)
+
+
+def test_bad_arguments(cache, tmp_path):
+    path, _ = cache
+    with pytest.raises(ValueError, match="split='val' is not one of train, test"):
+        PorderDataset(path, "val")
+    with pytest.raises(ValueError, match="output='int' is not one of uint8, float"):
+        PorderDataset(path, output="int")
+    with pytest.raises(StoreError, match="does not exist"):
+        PorderDataset(tmp_path / "nope.h5")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        BatchLoader(path, batch_size=0)
+    with pytest.raises(ValueError, match="buffer must be at least 1"):
+        BatchLoader(path, buffer=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            BatchLoader(path, device="cuda")
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_with_worker_processes(cache, context):
+    path, originals = cache
+    ds = PorderDataset(path, output="float", restore=True)
+    ds[0]                        # the parent holds an open handle before the workers start
+    loader = DataLoader(ds, batch_size=6, num_workers=2, multiprocessing_context=context)
+    xs, ys = zip(*loader)
+    x, y = torch.cat(xs), torch.cat(ys)
+    want = (chw(originals["train"]).float() - torch.tensor(ds.mean, dtype=torch.float32)
+            .view(1, 3, 1, 1)) / torch.tensor(ds.std, dtype=torch.float32).view(1, 3, 1, 1)
+    assert torch.equal(x, want) and y.tolist() == ds.labels.tolist()
+    assert ds[1][1] == ds.labels[1]                 # the parent's handle still works
+
+
+def _with_handle_pid(x):
+    """A transform: the image and whether the worker's dataset opened the file itself."""
+    from torch.utils.data import get_worker_info
+
+    ds = get_worker_info().dataset
+    return x, torch.tensor([ds._pid == os.getpid(), ds._pid != PARENT_PID])
+
+
+PARENT_PID = os.getpid()
+
+
+def test_each_forked_worker_opens_its_own_handle(cache):
+    path, _ = cache
+    ds = PorderDataset(path, transform=_with_handle_pid)
+    ds._open()                  # opened in the parent, then inherited by the forked workers
+    assert ds._pid == PARENT_PID
+    loader = DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="fork")
+    flags = torch.cat([xf[1] for xf, _ in loader])
+    assert flags.shape == (40, 2) and bool(flags.all())
+
+
+def test_pickling_drops_the_handle(cache):
+    path, _ = cache
+    ds = PorderDataset(path)
+    a = ds[5]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._h5 is None and torch.equal(copy[5][0], a[0])
+    ds.close()
+    assert torch.equal(ds[5][0], a[0])       # reopened on demand
+
+
+# ------------------------------------------------------------------ BatchLoader
+def dataset_tensors(path, split="train", **kw):
+    ds = PorderDataset(path, split, **kw)
+    return torch.stack([ds[i][0] for i in range(len(ds))]), torch.from_numpy(ds.labels)
+
+
+@pytest.mark.parametrize("buffer", [None, 12, 1000])
+def test_loader_in_order_matches_the_dataset(cache, buffer):
+    path, _ = cache
+    x, y = dataset_tensors(path, output="float")
+    loader = BatchLoader(path, batch_size=16, buffer=buffer)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    assert [len(b[1]) for b in batches] == [16, 16, 8]
+    assert torch.equal(torch.cat([b[0] for b in batches]), x)
+    assert torch.equal(torch.cat([b[1] for b in batches]), y)
+    assert batches[0][0].dtype == torch.float32 and batches[0][1].dtype == torch.int64
+    dropped = BatchLoader(path, batch_size=16, buffer=buffer, drop_last=True)
+    assert len(dropped) == 2 and [len(b[1]) for b in dropped] == [16, 16]
+
+
+def test_loader_shuffle_is_train_s_epoch_order(cache):
+    path, _ = cache
+    x, y = dataset_tensors(path, output="uint8")
+    loader = BatchLoader(path, batch_size=8, shuffle=True, seed=3, output="uint8")
+    step = 0
+    for _epoch in range(2):                      # 40 / 8: epoch e is train's steps 5e..5e+4
+        for xb, yb in loader:
+            idx = batch_indices(step, 40, 8, 3)
+            assert torch.equal(xb, x[idx]) and torch.equal(yb, y[idx])
+            step += 1
+    loader.set_epoch(1)
+    again = next(iter(loader))
+    assert torch.equal(again[0], x[batch_indices(5, 40, 8, 3)])
+
+
+def test_streamed_shuffle_visits_every_image_once(cache):
+    path, _ = cache
+    x, y = dataset_tensors(path, output="uint8")
+    by_key = {row_key(x[i].numpy()): i for i in range(len(y))}
+    assert len(by_key) == 40
+    loader = BatchLoader(path, batch_size=6, shuffle=True, seed=1, buffer=10, output="uint8")
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert [len(b[1]) for b in batches] == [6] * 6 + [4]
+        rows = [by_key[row_key(img.numpy())] for xb, _ in batches for img in xb]
+        labels = torch.cat([b[1] for b in batches])
+        assert sorted(rows) == list(range(40))
+        assert torch.equal(labels, y[rows])          # labels travel with their images
+        epochs.append(rows)
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(40))
+    loader.set_epoch(0)
+    assert [by_key[row_key(img.numpy())] for xb, _ in loader for img in xb] == epochs[0]
+
+
+def test_loader_restore_and_uint8(cache):
+    path, originals = cache
+    for buffer in (None, 8):
+        batches = list(BatchLoader(path, "test", batch_size=5, output="uint8", restore=True,
+                                   buffer=buffer))
+        got = torch.cat([b[0] for b in batches])
+        assert got.dtype == torch.uint8 and torch.equal(got, chw(originals["test"]))
+
+
+# ------------------------------------------------------------------ porder.load
+def test_load(cache):
+    path, originals = cache
+    d = porder.load(path, "test")
+    want = read_split(path, "test")
+    assert np.array_equal(d.images, want["images"]) and np.array_equal(d.labels, want["labels"])
+    assert np.array_equal(d.perm, want["perm"]) and d.perm.dtype == np.int64
+    assert d.names.tolist() == want["names"] and isinstance(d.names, np.ndarray)
+    assert d.classes == CLASSES and len(d) == 12 and d.split == "test"
+    assert d.options["measure"] == "entropy" and d.options["patch"] == 4
+    assert d.options["image_size"] == 16 and d.options["bins"] == 256
+    assert np.array_equal(d.originals(), originals["test"])
+    assert d["labels"] is d.labels
+    with pytest.raises(StoreError, match="split='val'"):
+        porder.load(path, "val")
+
+
+def test_import_porder_is_light_and_exposes_the_readme_api(cache):
+    path, _ = cache
+    code = (
+        "import sys, porder\n"
+        "assert 'torch' not in sys.modules and 'h5py' not in sys.modules\n"
+        f"d = porder.store.read_split({str(path)!r}, 'train')\n"
+        f"s = porder.load({str(path)!r})\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(len(d['labels']), len(s), porder.data.PorderDataset.__name__)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": ""}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["40", "40", "PorderDataset"]
+
+
+# ------------------------------------------------------------------ torch through reorder
+def photo_like(n=6, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, size // 8, size // 8, 3)).astype(np.uint8)
+    noise = rng.integers(0, 40, (n, size, size, 3))
+    return np.clip(base.repeat(8, 1).repeat(8, 2) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("measure", ["mi", "entropy", "random"])
+def test_reorder_takes_and_returns_cpu_tensors(measure):
+    imgs = photo_like()
+    want, want_perm = porder.reorder(imgs, measure, 8, seed=2)
+    out, perm = porder.reorder(torch.from_numpy(imgs), measure, 8, seed=2)
+    assert isinstance(out, torch.Tensor) and isinstance(perm, torch.Tensor)
+    assert out.dtype == torch.uint8 and perm.dtype == torch.int64
+    assert np.array_equal(out.numpy(), want) and np.array_equal(perm.numpy(), want_perm)
+    back = porder.restore_images(out, perm, 8)
+    assert isinstance(back, torch.Tensor) and np.array_equal(back.numpy(), imgs)
+
+
+def test_cpu_tensors_are_read_without_a_copy():
+    t = torch.from_numpy(photo_like(2))
+    arr, back = from_torch(t)
+    assert isinstance(arr, np.ndarray) and arr.ctypes.data == t.data_ptr()
+    strided = t[:, ::2, ::2]          # a non-contiguous view: still no copy
+    arr2, _ = from_torch(strided)
+    assert arr2.ctypes.data == strided.data_ptr() and np.array_equal(arr2, strided.numpy())
+    assert from_torch(arr)[0] is arr      # anything else passes through
+    out, _ = porder.reorder(strided, "l1", 4)
+    assert np.array_equal(out.numpy(), porder.reorder(strided.numpy(), "l1", 4)[0])
+
+
+def test_reorder_rejects_lists_and_non_arrays():
+    imgs = list(photo_like(3))
+    with pytest.raises(ValueError, match=r"list of 3 images; stack them into one uint8 array "
+                                         r"of shape \(N, S, S, C\)"):
+        porder.reorder(imgs, "mi", 8)
+    with pytest.raises(ValueError, match="tuple of 3"):
+        porder.reorder(tuple(imgs), "mi", 8)
+    with pytest.raises(ValueError, match="must be a uint8 array.*got str"):
+        porder.reorder("images.png", "mi", 8)
+    with pytest.raises(ValueError, match="must be uint8, got dtype float32"):
+        porder.reorder(torch.zeros(1, 32, 32, 3), "mi", 8)
+
+
+def test_restore_with_the_wrong_patch_size_is_an_error():
+    imgs = photo_like(2)
+    out, perm = porder.reorder(imgs, "entropy", 8)          # K = 16
+    with pytest.raises(ValueError, match=r"perm has 16 patches per image, but patch=4 cuts "
+                                         r"32x32 images into 64; .*it fits patch=8"):
+        porder.restore_images(out, perm, 4)
+    with pytest.raises(ValueError, match="perm has 16 patches per image, but patch=16"):
+        permute_images(out, perm, 16)
+    with pytest.raises(ValueError, match=r"perm must have shape \(N, K\) = \(2, 16\)"):
+        porder.restore_images(out, perm[:1], 8)
+    assert np.array_equal(porder.restore_images(out, perm, 8), imgs)
+
+
+@pytest.mark.gpu
+def test_reorder_cuda_tensors_stay_on_the_gpu():
+    from porder.backend import cuda_available
+
+    if not (torch.cuda.is_available() and cuda_available()):
+        pytest.skip("needs torch with CUDA and CuPy with a CUDA GPU")
+    imgs = photo_like(8)
+    t = torch.from_numpy(imgs).cuda()
+    arr, _ = from_torch(t)
+    assert arr.data.ptr == t.data_ptr()                       # CuPy view, no copy
+    for measure in ("mi", "ssim", "entropy"):
+        out, perm = porder.reorder(t, measure, 8)
+        want, want_perm = porder.reorder(imgs, measure, 8)
+        assert out.device == t.device and perm.device == t.device
+        assert np.array_equal(out.cpu().numpy(), want)
+        assert np.array_equal(perm.cpu().numpy(), want_perm)
+        back = porder.restore_images(out, perm, 8)
+        assert back.device == t.device and torch.equal(back, t)
+
+
+@pytest.mark.gpu
+def test_loader_on_cuda(cache):
+    if not torch.cuda.is_available():
+        pytest.skip("needs torch with CUDA")
+    path, originals = cache
+    x, y = dataset_tensors(path, output="float")
+    for buffer in (None, 12):
+        batches = list(BatchLoader(path, batch_size=16, device="cuda", buffer=buffer))
+        assert all(b[0].is_cuda and b[1].is_cuda for b in batches)
+        torch.testing.assert_close(torch.cat([b[0] for b in batches]).cpu(), x,
+                                   rtol=1e-6, atol=1e-6)
+        assert torch.equal(torch.cat([b[1] for b in batches]).cpu(), y)
+    shuffled = list(BatchLoader(path, batch_size=8, device="cuda", shuffle=True, seed=3,
+                                output="uint8", restore=True))
+    idx = batch_indices(0, 40, 8, 3)
+    assert torch.equal(shuffled[0][0].cpu(), chw(originals["train"])[idx])
