@@ -3,7 +3,7 @@ library function, and reports. Library errors become one-line messages.
 
 The group is here; the commands live one module per command group:
 :mod:`.reorder` (reorder, inspect, show, measures), :mod:`.train` (train,
-compare) and :mod:`.scale` (merge, and ``reorder --dask``); :mod:`.common`
+compare) and :mod:`.scale` (merge, and ``reorder --dask``), :mod:`.export` (export); :mod:`.common`
 holds what they share (error mapping, interruption, progress lines).
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from . import export as _export
 from . import reorder as _reorder
 from . import scale as _scale
 from . import train as _train
@@ -36,5 +37,5 @@ def main():
 
 
 for _command in (_reorder.reorder, _reorder.inspect, _reorder.show, _reorder.measures,
-                 _train.train, _train.compare, _scale.merge):
+                 _train.train, _train.compare, _scale.merge, _export.export):
     main.add_command(_command)
