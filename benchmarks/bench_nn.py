@@ -5,7 +5,8 @@ channels=...)`` forward (quantise + POR permutation + gather) and
 forward+backward, on float32 feature maps (N, C, S, S) drawn from a smooth
 random field (fixed seed) on the chosen device, the best of ``--repeat``
 runs after one warm-up (the minimum: the machine is shared, and
-interference only ever adds time). For scale, the same run times a 3x3 Conv2d(C, C) forward +
+interference only ever adds time), as wall-clock and as process CPU time
+(all threads; on a GPU the host's share only). For scale, the same run times a 3x3 Conv2d(C, C) forward +
 backward on the same map: the layer a PatchReorder would sit after.
 
 Default shape: the brief's N=32, C=64, 16x16 maps, patch 4 (K=16 patches).
@@ -37,18 +38,28 @@ def feature_maps(shape, device, seed=0):
 
 
 def timed(fn, repeat, device):
-    """Best (minimum) seconds of fn() over ``repeat`` runs after one warm-up."""
+    """Best (minimum) wall seconds and process CPU seconds of fn() over ``repeat`` runs.
+
+    CPU seconds (all threads of this process) are far less inflated than wall
+    seconds when other jobs share the cores, so both are reported.
+    """
     fn()
-    out = []
+    wall, cpu = [], []
     for _ in range(repeat):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return min(out)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return min(wall), min(cpu)
+
+
+def ms(t):
+    """{'wall': ms, 'cpu': ms} from (wall s, cpu s)."""
+    return {"wall": round(1e3 * t[0], 2), "cpu": round(1e3 * t[1], 2)}
 
 
 def main(argv=None):
@@ -72,23 +83,22 @@ def main(argv=None):
         conv(x).sum().backward()
 
     result = {
-        "what": "ms per batch of PatchReorder forward / forward+backward, float32 maps",
+        "what": "ms per batch (wall, and process CPU time) of PatchReorder forward / forward+backward",
         "shape": list(shape), "patch": args.patch, "device": str(device),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "backend": args.backend,
-        "conv3x3_fwd_bwd_ms": round(1e3 * timed(conv_step, args.repeat, device), 2),
+        "conv3x3_fwd_bwd_ms": ms(timed(conv_step, args.repeat, device)),
         "rows": [],
     }
     for ch in args.channels.split(","):
         channels = ch if ch in ("mean", "all") else int(ch)
-        quant = timed(lambda: histogram_input(x.detach(), channels), args.repeat, device)
+        quant = ms(timed(lambda: histogram_input(x.detach(), channels), args.repeat, device))
         for m in args.measures.split(","):
             layer = PatchReorder(m, args.patch, channels=channels, backend=args.backend)
-            fwd = timed(lambda: layer(x), args.repeat, device)
-            both = timed(lambda: layer(x).sum().backward(), args.repeat, device)
-            result["rows"].append({"channels": ch, "measure": m, "quantise_ms": round(1e3 * quant, 2),
-                                   "forward_ms": round(1e3 * fwd, 2),
-                                   "fwd_bwd_ms": round(1e3 * both, 2)})
+            fwd = ms(timed(lambda: layer(x), args.repeat, device))
+            both = ms(timed(lambda: layer(x).sum().backward(), args.repeat, device))
+            result["rows"].append({"channels": ch, "measure": m, "quantise_ms": quant,
+                                   "forward_ms": fwd, "fwd_bwd_ms": both})
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

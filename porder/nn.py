@@ -197,7 +197,7 @@ def histogram_input(x, channels="mean"):
     if idx is None:
         work = x if x.dtype == torch.float64 else x.to(torch.float32)
         sel = work.mean(dim=1, keepdim=True)  # (N, 1, S, S)
-    elif len(idx) == x.shape[1]:
+    elif idx == list(range(x.shape[1])):
         sel = x
     else:
         sel = x[:, idx]  # (N, C', S, S)
