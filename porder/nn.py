@@ -395,3 +395,39 @@ class PatchReorder(nn.Module):
         perm = self.permutation(x)  # (N, K)
         self.last_perm = perm
         return permute_patches(x, perm, self.patch)
+
+
+
+def insert_after(model, name: str, layer):
+    """Run ``layer`` on the output of ``model``'s submodule ``name``, in place.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    name : str
+        Dotted path of a submodule, as listed by ``model.named_modules()``
+        (e.g. ``'stem'`` or ``'layers.3'``).
+    layer : torch.nn.Module
+        Usually a :class:`PatchReorder`.
+
+    Returns
+    -------
+    model, whose submodule ``name`` is replaced by ``nn.Sequential(submodule,
+    layer)``: it prints, moves (``.to``) and switches mode (``.train``,
+    ``.eval``) with the model. The state-dict keys below ``name`` gain a
+    ``.0`` (``stem.0.weight`` becomes ``stem.0.0.weight``).
+
+    Raises
+    ------
+    ValueError
+        Unknown submodule name.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    if name not in names:
+        top = ", ".join(n for n in names if "." not in n)
+        raise ValueError(f"model has no submodule {name!r}; choose one of {top} "
+                         "(or a dotted path below them)")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Sequential(getattr(parent, child), layer))
+    return model

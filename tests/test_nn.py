@@ -13,7 +13,7 @@ from torch import nn
 
 import porder
 from porder.backend import cuda_available
-from porder.nn import PatchReorder, channel_indices, histogram_input, permute_patches, quantise
+from porder.nn import PatchReorder, channel_indices, histogram_input, insert_after, permute_patches, quantise
 
 PAIRWISE = [m for m, e in porder.MEASURES.items() if e.kind == "pairwise"]
 STANDALONE = [m for m, e in porder.MEASURES.items() if e.kind == "standalone"]
@@ -310,6 +310,34 @@ def test_permutation_is_not_differentiated():
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     perm = PatchReorder("mi", 4).permutation(x)
     assert not perm.requires_grad and perm.dtype == torch.int64
+
+
+# ------------------------------------------------------------------ insert_after
+
+
+def test_insert_after_in_porder_resnet():
+    import torch.nn.functional as F
+
+    from porder.train.models import build_model
+
+    torch.manual_seed(0)
+    plain = build_model("resnet", num_classes=4, in_size=16, width=0.125).eval()
+    model = build_model("resnet", num_classes=4, in_size=16, width=0.125)
+    model.load_state_dict(plain.state_dict())
+    insert_after(model, "stem", PatchReorder("mi", 4, channels="all"))
+    insert_after(model, "layers.3", PatchReorder("entropy", 4))
+    model.eval()
+    assert not model.stem[1].training and isinstance(model.layers[3][1], PatchReorder)
+    x = torch.randn(3, 3, 16, 16)
+    h = PatchReorder("mi", 4, channels="all")(plain.stem(x))
+    h = PatchReorder("entropy", 4)(plain.layers[:4](h))
+    ref = plain.fc(torch.flatten(F.adaptive_avg_pool2d(plain.layers[4:](h), 1), 1))
+    assert torch.allclose(model(x), ref, atol=1e-6)
+    assert not torch.equal(model(x), plain(x))
+    model.train()
+    assert model.stem[1].training
+    with pytest.raises(ValueError, match="no submodule 'stage9'.*stem"):
+        insert_after(model, "stage9", PatchReorder())
 
 
 # ------------------------------------------------------------------ bad inputs
