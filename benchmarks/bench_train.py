@@ -72,12 +72,43 @@ def measure(path, *, arch, width, batch, device, warm, steps, reorder=None) -> d
             "intervals": len(rows), "seconds_total": round(total, 1)}
 
 
+def gpu_cases(args) -> dict:
+    """ResNet-18 at batch 512 on CUDA, without and with on-the-fly ``--reorder mi`` (patch 8)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu-only needs a CUDA device")
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        path = make_file(Path(d) / "bench.h5", n=8192)
+        for reorder in (None, "mi"):
+            r = measure(path, arch="resnet", width=1.0, batch=512, device="cuda", warm=10,
+                        steps=30, reorder=reorder)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    base, mi = results[0]["images_per_s"], results[1]["images_per_s"]
+    report = {"benchmark": "train-gpu", "cuda": torch.cuda.get_device_name(0),
+              "torch": torch.__version__, "results": results,
+              "reorder_mi_step_overhead": round(base / mi - 1.0, 4)}
+    print(f"train resnet b512 bf16: {base:,.0f} img/s (data wait {results[0]['data_wait']:.2%}); "
+          f"with --reorder mi: {mi:,.0f} img/s (+{report['reorder_mi_step_overhead']:.1%} step time)")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write train.json here")
     ap.add_argument("--quick", action="store_true", help="one width, fewer steps")
     ap.add_argument("--archs", default="vgg,resnet,inception")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="only the issue-13 GPU cases: resnet, width 1, batch 512, bf16, "
+                         "channels-last, with and without --reorder mi on the fly")
     args = ap.parse_args(argv)
+    if args.gpu_only:
+        return gpu_cases(args)
 
     import torch
 
