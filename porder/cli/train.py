@@ -17,6 +17,18 @@ from ..measures import MEASURES
 from .common import CONTEXT, interruptible, library_errors
 
 ARCHS = ("vgg", "resnet", "inception")  # == porder.train.models.MODELS (checked by the tests)
+# The feature-map points of porder.train.models.fm_points(arch, 32) with their map sides
+# (checked by the tests), for --help without importing torch.
+FM_POINTS_HELP = """\
+Feature-map points for --fm-reorder POINT:MEASURE:PATCH (map side at 32x32 in brackets):
+  vgg        stem (32), stage1 (32), stage2 (16), stage3 (8), stage4 (4)
+  resnet     stem (32), stage1 (32), stage2 (16), stage3 (8)
+  inception  stem (32), stage1 (32), stage2 (16)
+stem = after the first conv (vgg), the stem conv (resnet), the 5-conv stem (inception);
+stageK = after the K-th of 5 conv blocks (vgg), of 4 stages of 2 basic blocks (resnet),
+after the Inception-A blocks (inception stage1) or the reduction and Inception-C blocks
+(stage2). The last stage is no point: global average pooling ignores patch order.
+PATCH must cut the map into 2x2 or more patches."""
 DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
 
 
@@ -64,7 +76,7 @@ class TrainProgress:
             self.bar = None
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, epilog="\b\n" + FM_POINTS_HELP)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-a", "--arch", type=click.Choice(ARCHS), default="vgg", show_default=True,
               help="VGG-16-BN, ResNet-18 or Inception-v3 (CIFAR-sized).")
@@ -91,19 +103,28 @@ class TrainProgress:
 @click.option("-p", "--patch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Patch side for --reorder.")
 @click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
-              help="Histogram bins for --reorder.")
+              help="Histogram bins for --reorder and --fm-reorder.")
+@click.option("--fm-reorder", "fm_reorder", multiple=True, metavar="POINT:MEASURE:PATCH",
+              help="Reorder the patches of the feature maps at POINT of the network "
+              "(porder.nn.PatchReorder); repeatable or comma-separated, one per point. "
+              "Points per architecture: see below.")
 @click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: all cores].")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal; a line per evaluation otherwise].")
 def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, out, resume,
-          reorder, patch, bins, threads, progress):
+          reorder, patch, bins, fm_reorder, threads, progress):
     """Train a CNN with Adam and cross-entropy on a porder HDF5 FILE.
 
     Evaluates on FILE's test split every --eval-every steps and writes
     metrics.jsonl, curves.png and a checkpoint to the run folder. Ctrl-C keeps
     the last checkpoint: run the same command with --resume to continue, to the
     same result as an uninterrupted run.
+
+    --fm-reorder inserts the paper's patch ordering inside the network: the
+    feature maps leaving POINT are cut into PATCH x PATCH patches and reordered
+    per sample by MEASURE, in training and evaluation; it is recorded in
+    config.json, and --resume refuses a run made with other layers.
 
     Under torchrun the processes train one model with DistributedDataParallel
     (gloo on CPU, NCCL on GPUs): --batch-size is the global batch, split evenly
@@ -115,20 +136,29 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
       porder train c100-mi8.h5 --arch inception --batch-size 1 --lr 1e-4
       porder train baseline.h5 --reorder mi --patch 4 -o runs/mi4
       porder train c100-mi8.h5 -o runs/vgg --resume
+      porder train none.h5 --arch resnet --fm-reorder stem:mi:4,stage2:mi:4
       torchrun --nproc-per-node 4 -m porder train c100-mi8.h5 -b 128 -o runs/ddp
     """
+    from ..store import read_meta
     from ..train.config import TrainConfig
     from ..train.distributed import dist_env
     from ..train.loop import train as run_training
+    from ..train.models import check_fm_reorder
 
     with library_errors():
         env = dist_env()
+        size = int(read_meta(file)["image_size"]) if fm_reorder else 0
     rank = env.rank
+    try:
+        fm = [str(sp) for sp in check_fm_reorder(arch, size, split_fm_reorder(fm_reorder))]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--fm-reorder'") from None
     if out is None:
-        out = str(Path("runs") / f"{Path(file).stem}-{arch}-seed{seed}")
+        tag = "".join(f"-fm-{s.replace(':', '-')}" for s in fm)
+        out = str(Path("runs") / f"{Path(file).stem}-{arch}{tag}-seed{seed}")
     cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
                       eval_every=eval_every, seed=seed, device=device, reorder=reorder,
-                      patch=patch, bins=bins, threads=threads)
+                      patch=patch, bins=bins, threads=threads, fm_reorder=fm)
     # One reporter for a torchrun job: rank 0's; other ranks print only their errors.
     reporter = TrainProgress(progress, desc=arch) if rank == 0 else None
     t0 = time.perf_counter()
@@ -147,6 +177,11 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
     click.echo(f"{arch} on {file} ({result.device}{procs}): step {final['step']}  "
                f"{_fmt_row(final)}  [{time.perf_counter() - t0:.0f} s]", err=True)
     click.echo(f"Wrote {Path(out) / 'metrics.jsonl'} and {Path(out) / 'curves.png'}", err=True)
+
+
+def split_fm_reorder(values) -> list[str]:
+    """Repeated and comma-separated ``--fm-reorder`` values -> one spec string each."""
+    return [v.strip() for value in values for v in str(value).split(",") if v.strip()]
 
 
 def _list_option(kind, name, check=None):

@@ -180,7 +180,8 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
     main = rank == 0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes=len(data.classes), in_size=data.size,
-                        width=cfg.width)
+                        width=cfg.width, fm_reorder=cfg.fm_reorder, bins=cfg.bins,
+                        fm_seed=cfg.order_seed)
     if env.active and device == "cuda":   # batch statistics of the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
