@@ -204,9 +204,16 @@ def _list_option(kind, name, check=None):
 @click.argument("source")
 @click.option("-o", "--out", type=click.Path(file_okay=False), required=True,
               help="Output folder: caches, runs, summary.csv/md and figures.")
+@click.option("--preset", type=click.Choice(["paper"]), default=None,
+              help="The paper's Fig. 4 experiment: Inception, batch 1, 10,000 steps, every "
+              "measure with none and random, patches 4,8,16, ... (--dry-run prints every value "
+              "and its source). Options given explicitly override it.")
 @click.option("-m", "--measures", default="none,mi", show_default=True,
-              callback=_list_option(str, "measure", lambda m: m in MEASURES),
-              help="Comma-separated measures; `none` (the baseline) is added if missing.")
+              callback=_list_option(str, "measure",
+                                    lambda m: m in MEASURES or m.startswith("fm:")),
+              help="Comma-separated measures; `none` (the baseline) is added if missing. "
+              "fm:POINT:MEASURE:PATCH trains on the `none` cache with a feature-map reordering "
+              "layer at POINT (see `porder train --help`); fm:POINT:MEASURE, at every --patch.")
 @click.option("-p", "--patch", "patches", default="8", show_default=True,
               callback=_list_option(int, "patch size", lambda p: p >= 1),
               help="Comma-separated patch sides, e.g. 4,8,16.")
@@ -235,42 +242,89 @@ def _list_option(kind, name, check=None):
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
 @click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: all cores].")
-@click.option("--dry-run", is_flag=True, help="Print the plan (and what is done) and stop.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (what is done, the preset's values) and a time estimate "
+              "measured on this machine, and stop.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars [default: on a terminal; plain lines otherwise].")
-def compare(source, out, measures, patches, archs, seeds, steps, width, lr, batch_size,
-            eval_every, size, bins, test_fraction, device, threads, dry_run, progress):
+@click.pass_context
+def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, width, lr,
+            batch_size, eval_every, size, bins, test_fraction, device, threads, dry_run,
+            progress):
     """Run the paper's comparison: train on SOURCE reordered by each measure.
 
     SOURCE is reordered once per (measure, patch) into OUT/data/*.h5; every
     architecture is trained with identical hyperparameters and seeds on each;
     OUT/summary.md and summary.csv compare final and best test accuracy, steps
     to 90%/95% of the `none` baseline, speed-up and area under the accuracy
-    curve, with figures like the paper's Fig. 4 and 5. Run the same command
-    again to resume an interrupted comparison.
+    curve, with figures like the paper's Fig. 4 and 5. summary.md (and
+    paired.csv) also compare every ordering with `none` and with `random`,
+    seed by seed: the paired differences of the area and of the steps to 95%,
+    95% t intervals and a verdict (faster, slower, no detectable difference).
+    Run the same command again to resume an interrupted comparison.
 
     \b
     Examples:
       porder compare cifar-100-python.tar.gz -m none,mi,entropy -p 4,8,16 -o cmp
       porder compare dogs-vs-cats/ -m none,mi,random --seeds 3 --width 0.125 -o dvc
+      porder compare dogs-vs-cats/ -m none,mi,fm:stem:mi:4 -a resnet -o fm
+      porder compare cifar-100-python.tar.gz --preset paper -o paper --dry-run
       porder compare synthetic:2000:4 -o demo --steps 200 --dry-run
     """
     from ..experiment import compare as run_compare
 
+    opts = dict(measures=measures, patches=patches, archs=archs, seeds=seeds, steps=steps,
+                width=width, lr=lr, batch_size=batch_size, eval_every=eval_every, size=size,
+                bins=bins, test_fraction=test_fraction)
+    given = {k: v for k, v in opts.items() if _given(ctx, k)}
+    if preset is not None:
+        from ..experiment.preset import preset_values
+
+        opts.update({k: v for k, v in preset_values(preset).items() if k not in given})
+    _check_fm_items(opts)
     tty = sys.stderr.isatty() if progress is None else progress
     log = lambda line: click.echo(line, err=True)
     with interruptible("run the same command again to resume."), library_errors():
         result = run_compare(
-            source, out, measures=measures, patches=patches, archs=archs, seeds=seeds,
-            steps=steps, width=width, lr=lr, batch_size=batch_size, eval_every=eval_every,
-            size=size, bins=bins, test_fraction=test_fraction, device=device, threads=threads,
-            dry_run=dry_run,
+            source, out, **opts, device=device, threads=threads, dry_run=dry_run,
             log=log, progress_for=lambda desc: TrainProgress(tty, desc=desc),
             cache_progress=CacheProgress(tty))
-    if dry_run:
-        click.echo(result.describe())
-        return
+        if dry_run:
+            from ..experiment.estimate import estimate
+
+            if preset is not None:
+                from ..experiment.preset import describe_preset
+
+                click.echo(describe_preset(preset, given))
+            click.echo(result.describe())
+            click.echo(estimate(result, threads=threads, log=log).describe())
+            return
     click.echo((Path(out) / "summary.md").read_text())
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was given explicitly (command line or environment)."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                              ParameterSource.ENVIRONMENT)
+
+
+def _check_fm_items(opts: dict) -> None:
+    """``fm:`` measures against every architecture and the image size: exit 2 when bad."""
+    items = [m for m in opts["measures"] if m.startswith("fm:")]
+    if not items:
+        return
+    from ..experiment.plan import fm_spec, parse_measure_item
+    from ..train.models import check_fm_reorder
+
+    try:
+        for item in items:
+            for m, p in parse_measure_item(item, opts["patches"]):
+                for arch in opts["archs"]:
+                    check_fm_reorder(arch, opts["size"], [fm_spec(m, p)])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'-m' / '--measures'") from None
 
 
 class CacheProgress:
