@@ -17,7 +17,7 @@ from ..measures import MEASURES
 from .common import CONTEXT, interruptible, library_errors
 
 ARCHS = ("vgg", "resnet", "inception")  # == porder.train.models.MODELS (checked by the tests)
-# The feature-map points of porder.train.models.fm_points(arch, 32) with their map sides
+# The feature-map points of porder.train.fm.fm_points(arch, 32) with their map sides
 # (checked by the tests), for --help without importing torch.
 FM_POINTS_HELP = """\
 Feature-map points for --fm-reorder POINT:MEASURE:PATCH (map side at 32x32 in brackets):
@@ -142,8 +142,8 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
     from ..store import read_meta
     from ..train.config import TrainConfig
     from ..train.distributed import dist_env
+    from ..train.fm import check_fm_reorder
     from ..train.loop import train as run_training
-    from ..train.models import check_fm_reorder
 
     with library_errors():
         env = dist_env()
@@ -316,7 +316,7 @@ def _check_fm_items(opts: dict) -> None:
     if not items:
         return
     from ..experiment.plan import fm_spec, parse_measure_item
-    from ..train.models import check_fm_reorder
+    from ..train.fm import check_fm_reorder
 
     try:
         for item in items:

@@ -125,7 +125,7 @@ def parse_measure_item(item: str, patches: Sequence[int]) -> list[tuple[str, Opt
     item = str(item).strip()
     if not is_fm(item):
         return [(get_measure(item).name, None)]
-    from ..train.models import parse_fm_spec
+    from ..train.fm import parse_fm_spec
 
     rest = item[len(FM_PREFIX):]
     specs = [f"{rest}:{p}" for p in patches] if rest.count(":") == 1 else [rest]
@@ -161,8 +161,9 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     cached and trained once per arch x seed.
     """
     from ..train.config import TrainConfig, identity_diff
+    from ..train.fm import check_fm_reorder
     from ..train.metrics import read_metrics, read_result
-    from ..train.models import MODELS, check_fm_reorder
+    from ..train.models import MODELS
 
     patches = [int(p) for p in patches]
     if not patches:

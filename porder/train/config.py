@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .models import FM_POINTS, MODELS, parse_fm_spec
+from .fm import FM_POINTS, parse_fm_spec
+from .models import MODELS
 
 DEVICES = ("cpu", "cuda", "auto")
 # Metrics fields that measure time, not learning: they differ between runs.
@@ -41,7 +42,7 @@ class TrainConfig:
     amp: bool = True                # mixed precision on CUDA (bfloat16, or float16 + scaling)
     deterministic: bool = True      # deterministic kernels (same seed -> same metrics)
     threads: Optional[int] = None   # CPU threads for torch (None: all cores)
-    # feature-map reordering layers, "POINT:MEASURE:PATCH" (models.FM_POINTS); they use
+    # feature-map reordering layers, "POINT:MEASURE:PATCH" (fm.FM_POINTS); they use
     # `bins` and the `order_seed` of the random control
     fm_reorder: list = field(default_factory=list)
 

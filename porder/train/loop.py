@@ -69,6 +69,7 @@ from .distributed import (
     dist_env,
     shard_range,
 )
+from .fm import insert_fm_reorder
 from .metrics import CONFIG, METRICS, _atomic_json, _finish, _write_metrics, read_metrics
 from .models import build_model
 
@@ -180,8 +181,8 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
     main = rank == 0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes=len(data.classes), in_size=data.size,
-                        width=cfg.width, fm_reorder=cfg.fm_reorder, bins=cfg.bins,
-                        fm_seed=cfg.order_seed)
+                        width=cfg.width)
+    insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
     if env.active and device == "cuda":   # batch statistics of the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)

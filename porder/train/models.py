@@ -16,25 +16,14 @@ Every model works for any ``in_size`` >= 8; the spatial size of feature maps
 never drops below 2x2 before global pooling, so batch norm also trains with a
 batch of one image (the paper's online training).
 
-Feature-map patch ordering (the paper: "Similar procedure can be applied to
-feature maps deep in the learning pipeline"): ``build_model(...,
-fm_reorder=["stem:mi:4"])`` inserts a :class:`porder.nn.PatchReorder` after a
-named point of the network (:data:`FM_POINTS`: ``stem`` and ``stage1``..
-``stageK`` in all three, the last stage excepted: global average pooling after
-it ignores the order of the patches), without changing the network's own
-parameters.
+Every model records in ``fm_points`` where a feature-map reordering layer may
+go (name -> submodule path and map side); :mod:`porder.train.fm` inserts them.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from functools import partial
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ..measures import get_measure
 
 
 def _ch(n: int, width: float) -> int:
@@ -90,7 +79,7 @@ class VGG(nn.Module):
                 cin = _ch(c, width)
                 if not points:
                     points["stem"] = ("features.0", s)
-            if b + 1 < len(VGG16):                       # see FM_POINTS: not the last
+            if b + 1 < len(VGG16):                       # see fm.FM_POINTS: not the last
                 points[f"stage{b + 1}"] = (f"features.{len(layers) - 1}", s)
         self.fm_points = points
         self.features = nn.Sequential(*layers)
@@ -128,7 +117,7 @@ class ResNet(nn.Module):
         c0 = _ch(64, width)
         self.stem = conv_bn(3, c0)
         blocks, cin, s = [], c0, in_size
-        self.fm_points = {"stem": ("stem", s)}         # see FM_POINTS: not the last stage
+        self.fm_points = {"stem": ("stem", s)}         # see fm.FM_POINTS: not the last stage
         for i, c in enumerate((64, 128, 256, 512)):
             stride = 2 if i and s >= 4 else 1
             s //= stride
@@ -265,7 +254,7 @@ class Inception(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         half = lambda n: (n - 1) // 2 + 1              # the padded stride-2 reductions
         self.fm_points = {"stem": ("stem", in_size), "stage1": ("blocks.2", in_size),
-                          "stage2": ("blocks.7", half(in_size))}   # see FM_POINTS
+                          "stage2": ("blocks.7", half(in_size))}   # see fm.FM_POINTS
         self.drop = nn.Dropout(0.5)
         self.fc = nn.Linear(cin, num_classes)
         _init(self)
@@ -278,26 +267,17 @@ class Inception(nn.Module):
 MODELS = {"vgg": VGG, "resnet": ResNet, "inception": Inception}
 
 
-def build_model(arch: str, *, num_classes: int, in_size: int = 32, width: float = 1.0,
-                fm_reorder: Sequence = (), bins: int = 256, fm_seed: int = 0) -> nn.Module:
+def build_model(arch: str, *, num_classes: int, in_size: int = 32,
+                width: float = 1.0) -> nn.Module:
     """Build one of :data:`MODELS` for ``in_size`` x ``in_size`` RGB inputs.
 
-    Parameters
-    ----------
-    arch, num_classes, in_size, width
-        The network (see the module docstring).
-    fm_reorder : sequence of str or FmSpec
-        Feature-map patch ordering: ``"POINT:MEASURE:PATCH"`` specs, each
-        inserting a :class:`porder.nn.PatchReorder` at a point of
-        :data:`FM_POINTS` (see :func:`insert_fm_reorder`).
-    bins, fm_seed
-        Histogram bins and ``random`` seed of those layers.
+    The model records its feature-map points in ``fm_points`` (see
+    :mod:`porder.train.fm`).
 
     Raises
     ------
     ValueError
-        Unknown ``arch``, fewer than 2 classes, ``in_size`` < 8, ``width`` <= 0,
-        or a bad ``fm_reorder`` spec (see :func:`check_fm_reorder`).
+        Unknown ``arch``, fewer than 2 classes, ``in_size`` < 8 or ``width`` <= 0.
     """
     if arch not in MODELS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(MODELS)}")
@@ -307,150 +287,7 @@ def build_model(arch: str, *, num_classes: int, in_size: int = 32, width: float 
         raise ValueError(f"images must be at least 8x8 to train on, got {in_size}x{in_size}")
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
-    specs = check_fm_reorder(arch, in_size, fm_reorder)
-    model = MODELS[arch](num_classes, in_size, width)
-    if specs:
-        insert_fm_reorder(model, specs, bins=bins, seed=fm_seed)
-    return model
-
-
-# ------------------------------------------------- feature-map patch ordering
-# Where `porder train --fm-reorder POINT:MEASURE:PATCH` may insert a PatchReorder layer:
-# the output of the named part of each network (its map side at 32x32 inputs in brackets;
-# every model records its own points and sides for any input size in `fm_points`).
-# The last stage of each network is not a point: global average pooling follows it, and an
-# average does not depend on the order of the patches, so a layer there would change nothing.
-FM_POINTS = {
-    "vgg": {"stem": "after the first conv (32)",
-            **{f"stage{b}": f"after conv block {b} of 5 ({s})"
-               for b, s in zip(range(1, 5), (32, 16, 8, 4))}},
-    "resnet": {"stem": "after the 3x3 stem conv (32)",
-               **{f"stage{i}": f"after stage {i} of 4, 2 basic blocks each ({s})"
-                  for i, s in zip(range(1, 4), (32, 16, 8))}},
-    "inception": {"stem": "after the 5-conv stem (32)",
-                  "stage1": "after the 3 Inception-A blocks (32)",
-                  "stage2": "after the reduction and the 4 Inception-C blocks (16)"},
-}
-
-
-@dataclass(frozen=True)
-class FmSpec:
-    """One feature-map reordering layer: where, with which measure, which patch side."""
-
-    point: str
-    measure: str
-    patch: int
-
-    def __str__(self) -> str:
-        return f"{self.point}:{self.measure}:{self.patch}"
-
-
-def parse_fm_spec(text) -> FmSpec:
-    """``"POINT:MEASURE:PATCH"`` -> :class:`FmSpec` (an FmSpec is returned unchanged).
-
-    Checks the form, the measure (:data:`porder.measures.MEASURES`) and that
-    PATCH is a positive integer; the point and the patch against a network are
-    checked by :func:`check_fm_reorder`.
-    """
-    if isinstance(text, FmSpec):
-        return text
-    parts = str(text).strip().split(":")
-    if len(parts) != 3 or not all(p.strip() for p in parts):
-        raise ValueError(f"feature-map reordering {text!r} is not POINT:MEASURE:PATCH, "
-                         "e.g. stem:mi:4")
-    point, name, patch = (p.strip() for p in parts)
-    try:
-        name = get_measure(name).name
-    except ValueError as e:
-        raise ValueError(f"feature-map reordering {text!r}: {e}") from None
-    try:
-        size = int(patch)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise ValueError(f"feature-map reordering {text!r}: patch {patch!r} is not a positive "
-                         "integer, e.g. stem:mi:4")
-    return FmSpec(point, name, size)
-
-
-def fm_points(arch: str, in_size: int = 32) -> dict[str, tuple[str, int]]:
-    """The insertion points of ``arch`` at ``in_size``: name -> (submodule path, map side S).
-
-    The map at a point is (N, C, S, S); the sides are recorded by the model's
-    constructor as it builds the network (a tiny copy is built to read them,
-    with torch's RNG state restored after, so a model built next gets the same
-    weights as without this call).
-    """
-    if arch not in MODELS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(MODELS)}")
-    if in_size < 8:
-        raise ValueError(f"images must be at least 8x8 to train on, got {in_size}x{in_size}")
-    with torch.random.fork_rng(devices=[]):
-        return dict(MODELS[arch](2, in_size, 1 / 64).fm_points)
-
-
-def check_fm_reorder(arch: str, in_size: int, specs: Sequence) -> list[FmSpec]:
-    """Parse and check feature-map reordering specs for ``arch`` at ``in_size`` inputs.
-
-    Returns
-    -------
-    list of FmSpec, in the order given.
-
-    Raises
-    ------
-    ValueError
-        A malformed spec, an unknown measure, a point ``arch`` does not have
-        (the message lists its points), two layers at one point, or a patch
-        that does not cut the point's S x S map into at least 2 x 2 patches
-        (the message lists the patch sides that do).
-    """
-    parsed = [parse_fm_spec(s) for s in specs]
-    if not parsed:
-        return []
-    points = fm_points(arch, in_size)
-    seen = set()
-    for sp in parsed:
-        if sp.point not in points:
-            raise ValueError(f"{arch} has no feature-map point {sp.point!r} (in {sp}); choose "
-                             f"one of {', '.join(points)}")
-        if sp.point in seen:
-            raise ValueError(f"two feature-map reorderings at {arch} point {sp.point!r}; give "
-                             "one per point")
-        seen.add(sp.point)
-        side = points[sp.point][1]
-        if side % sp.patch or side // sp.patch < 2:
-            ok = [p for p in range(1, side // 2 + 1) if side % p == 0]
-            raise ValueError(f"patch {sp.patch} does not cut the {side}x{side} feature map at "
-                             f"{arch} point {sp.point!r} into 2x2 or more patches (in {sp}); "
-                             f"choose one of {', '.join(map(str, ok)) or 'none: the map is 1x1'}")
-    return parsed
-
-
-def _apply_after(layer: nn.Module, module: nn.Module, args, output):
-    return layer(output)
-
-
-def insert_fm_reorder(model: nn.Module, specs: Sequence, *, bins: int = 256,
-                      seed: int = 0) -> nn.Module:
-    """Insert a :class:`porder.nn.PatchReorder` after each point of ``specs``, in place.
-
-    The layers live in ``model.fm_reorder`` (an ``nn.ModuleDict`` keyed by
-    point, so they show in ``print(model)`` and follow ``model.to``); a forward
-    hook on the point's submodule passes its output through the layer. The
-    network's own parameters and their names are unchanged, so a model with
-    and one without the layers start from the same weights for one seed.
-    ``specs`` must have been checked (:func:`check_fm_reorder`).
-    """
-    from ..nn import PatchReorder  # torch module of the POR layer, imported when used
-
-    layers = nn.ModuleDict()
-    for sp in map(parse_fm_spec, specs):
-        path = model.fm_points[sp.point][0]
-        layer = PatchReorder(sp.measure, sp.patch, bins=bins, seed=seed)
-        layers[sp.point] = layer
-        model.get_submodule(path).register_forward_hook(partial(_apply_after, layer))
-    model.fm_reorder = layers
-    return model
+    return MODELS[arch](num_classes, in_size, width)
 
 
 def count_parameters(model: nn.Module) -> int:

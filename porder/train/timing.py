@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .device import _autocast, _torch_settings, resolve_device
+from .fm import insert_fm_reorder
 from .models import build_model
 
 
@@ -70,9 +71,9 @@ def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2
     with _torch_settings(device, cfg.deterministic, cfg.threads), torch.random.fork_rng(
             devices=[torch.cuda.current_device()] if device == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width,
-                            fm_reorder=cfg.fm_reorder, bins=cfg.bins,
-                            fm_seed=cfg.order_seed).to(device)
+        model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width)
+        model = insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins,
+                                  seed=cfg.order_seed).to(device)
         if device == "cuda":
             model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -20,7 +20,14 @@ from porder.cli.train import FM_POINTS_HELP
 from porder.cli.train import train as train_cmd
 from porder.train import TrainConfig, build_model
 from porder.train.config import identity_diff
-from porder.train.models import FM_POINTS, MODELS, check_fm_reorder, fm_points, parse_fm_spec
+from porder.train.fm import (
+    FM_POINTS,
+    check_fm_reorder,
+    fm_points,
+    insert_fm_reorder,
+    parse_fm_spec,
+)
+from porder.train.models import MODELS
 
 from .test_train import write_file
 
@@ -97,8 +104,8 @@ def test_each_point_trains_with_the_layer(stand_in, arch, point):
     torch.manual_seed(0)
     plain = build_model(arch, num_classes=3, in_size=size, width=1 / 16)
     torch.manual_seed(0)
-    model = build_model(arch, num_classes=3, in_size=size, width=1 / 16,
-                        fm_reorder=[f"{point}:mi:{patch}"], bins=64, fm_seed=5)
+    model = insert_fm_reorder(build_model(arch, num_classes=3, in_size=size, width=1 / 16),
+                              [f"{point}:mi:{patch}"], bins=64, seed=5)
     # The network's own weights and their names are those of the model without the layer.
     a, b = plain.state_dict(), model.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -147,8 +154,8 @@ def test_two_points_and_identity_layer_equivalence(stand_in):
     torch.manual_seed(0)
     plain = build_model("resnet", num_classes=2, in_size=16, width=1 / 16).eval()
     torch.manual_seed(0)
-    model = build_model("resnet", num_classes=2, in_size=16, width=1 / 16,
-                        fm_reorder=["stem:mi:4", "stage1:l2:8"]).eval()
+    model = insert_fm_reorder(build_model("resnet", num_classes=2, in_size=16, width=1 / 16),
+                              ["stem:mi:4", "stage1:l2:8"]).eval()
     assert [m.measure for m in stand_in.made] == ["mi", "l2"]
     x = torch.randn(3, 3, 16, 16)
     # Reorder the input of stage 1 back by hand: apply the stand-in to the stem's output
@@ -159,8 +166,8 @@ def test_two_points_and_identity_layer_equivalence(stand_in):
         only_stage1 = model(x)
     h.remove()
     torch.manual_seed(0)
-    ref = build_model("resnet", num_classes=2, in_size=16, width=1 / 16,
-                      fm_reorder=["stage1:l2:8"]).eval()
+    ref = insert_fm_reorder(build_model("resnet", num_classes=2, in_size=16, width=1 / 16),
+                            ["stage1:l2:8"]).eval()
     with torch.no_grad():
         assert torch.allclose(only_stage1, ref(x), atol=1e-6)
         assert not torch.allclose(ref(x), plain(x))
@@ -188,6 +195,15 @@ def test_bad_specs_are_clear():
     assert check_fm_reorder("vgg", 32, [" stem : mi : 4 "]) == [parse_fm_spec("stem:mi:4")]
     with pytest.raises(ValueError, match="inception has no feature-map point 'stage3'"):
         TrainConfig(arch="inception", fm_reorder=["stage3:mi:2"]).validate()
+
+
+def test_insert_checks_the_models_own_sides(stand_in):
+    model = build_model("vgg", num_classes=2, in_size=16, width=1 / 16)
+    with pytest.raises(ValueError, match="patch 4 does not cut the 4x4 feature map at vgg "
+                                         "point 'stage3'"):
+        insert_fm_reorder(model, ["stage3:mi:4"])
+    assert not stand_in.made and not hasattr(model, "fm_reorder")
+    assert insert_fm_reorder(model, []) is model and not hasattr(model, "fm_reorder")
 
 
 def test_help_lists_every_point():
@@ -265,8 +281,8 @@ def test_real_layer_when_present():
     """With porder.nn present (after the merge), the real layer trains at a point."""
     nn_mod = pytest.importorskip("porder.nn")
     torch.manual_seed(0)
-    model = build_model("vgg", num_classes=2, in_size=16, width=1 / 16,
-                        fm_reorder=["stage2:mi:4"])
+    model = insert_fm_reorder(build_model("vgg", num_classes=2, in_size=16, width=1 / 16),
+                              ["stage2:mi:4"])
     assert isinstance(model.fm_reorder["stage2"], nn_mod.PatchReorder)
     out = model(torch.randn(2, 3, 16, 16))
     out.sum().backward()
