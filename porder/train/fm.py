@@ -167,7 +167,11 @@ def insert_fm_reorder(model: nn.Module, specs: Sequence, *, bins: int = 256,
     parsed = _check(arch, model.fm_points, [parse_fm_spec(s) for s in specs])
     if not parsed:
         return model
-    from ..nn import PatchReorder  # the POR layer (torch), imported when first used
+    try:
+        from ..nn import PatchReorder  # the POR layer (torch), imported when first used
+    except ImportError as e:
+        raise ValueError(f"--fm-reorder needs porder.nn.PatchReorder, which cannot be imported "
+                         f"here ({e}); update porder") from None
 
     layers = nn.ModuleDict()
     for sp in parsed:

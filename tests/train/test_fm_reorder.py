@@ -206,6 +206,13 @@ def test_insert_checks_the_models_own_sides(stand_in):
     assert insert_fm_reorder(model, []) is model and not hasattr(model, "fm_reorder")
 
 
+def test_missing_layer_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "porder.nn", None)          # import fails
+    model = build_model("vgg", num_classes=2, in_size=16, width=1 / 16)
+    with pytest.raises(ValueError, match="--fm-reorder needs porder.nn.PatchReorder"):
+        insert_fm_reorder(model, ["stem:mi:4"])
+
+
 def test_help_lists_every_point():
     lines = {ln.split()[0]: ln for ln in FM_POINTS_HELP.splitlines()[1:4]}
     for arch in MODELS:
