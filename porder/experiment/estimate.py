@@ -10,6 +10,7 @@ image, times the dataset size; decoding the source's files is not included.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -123,7 +124,11 @@ def estimate(plan: Plan, *, threads: Optional[int] = None,
                      f"{REORDER_SAMPLE} random images per measure and patch, scaled to "
                      f"{n_train + n_test} images; decoding the source not included)")
     total = train_s + cache_s
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = (f"; measured at a load average of {os.getloadavg()[0]:.1f} on "
+                f"{os.cpu_count()} CPUs: other work slows it down")
     lines.append(f"  total: ~{_hms(total)} on this machine"
-                 + ("" if todo or build else " (everything is done)"))
+                 + ("" if todo or build else " (everything is done)") + load)
     return Estimate(total_s=total, train_s=train_s, cache_s=cache_s, runs_left=len(todo),
                     lines=lines)

@@ -55,12 +55,18 @@ def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2
     num_classes, size : int
         Classes and image side S of the data.
     warmup : int
-        Steps run first and not timed (allocations, kernel selection).
+        Steps run first and not timed (allocations, kernel selection); fewer
+        when one takes more than ``min_time``.
     min_time, max_steps
-        Timed steps continue until ``min_time`` seconds have passed or
-        ``max_steps`` steps were timed (at least 3 are timed).
+        Timed steps continue until ``min_time`` seconds have passed and at
+        least 3 steps were timed (1 step when it alone takes ``3 * min_time``),
+        or ``max_steps`` steps were timed. The median step is returned, so a
+        busy machine's outliers count little; a machine kept busy by other
+        work gives a longer estimate, as the comparison would take longer.
     eval_images : int
-        Images of the timed evaluation forward pass (in eval mode, no gradient).
+        Images of the timed evaluation forward pass (in eval mode, no
+        gradient); 4 when a pass of 4 already shows that ``eval_images`` would
+        take more than ``min_time``.
 
     Returns
     -------
@@ -92,26 +98,37 @@ def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2
             opt.step()
 
         model.train()
-        for _ in range(warmup):
+        warm = 0
+        for _ in range(warmup):          # a step slower than min_time is warm-up enough
+            t0 = time.perf_counter()
             step()
-        sync()
+            sync()
+            warm += 1
+            if time.perf_counter() - t0 > min_time:
+                break
         times, t_start = [], time.perf_counter()
-        while len(times) < 3 or (len(times) < max_steps and
-                                 time.perf_counter() - t_start < min_time):
+        while len(times) < max_steps:    # >= min_time seconds and >= 3 steps, or 1 slow step
+            elapsed = time.perf_counter() - t_start
+            if times and elapsed >= min_time and (len(times) >= 3 or elapsed >= 3 * min_time):
+                break
             t0 = time.perf_counter()
             step()
             sync()
             times.append(time.perf_counter() - t0)
         model.eval()
-        xe = torch.randn(eval_images, 3, size, size, device=device)
         with torch.no_grad(), _autocast(device, cfg):
-            model(xe[:2])                                   # warm-up
-            sync()
-            t0 = time.perf_counter()
-            model(xe)
-            sync()
-            eval_s = (time.perf_counter() - t0) / eval_images
+            model(torch.randn(2, 3, size, size, device=device))          # warm-up
+            n_eval = 2
+            for n_eval in (4, eval_images):     # the larger pass only when the small one is quick
+                xe = torch.randn(n_eval, 3, size, size, device=device)
+                sync()
+                t0 = time.perf_counter()
+                model(xe)
+                sync()
+                eval_s = (time.perf_counter() - t0) / n_eval
+                if eval_s * eval_images > min_time:
+                    break
         threads = torch.get_num_threads()
     return StepTiming(step_s=statistics.median(times), eval_image_s=eval_s,
-                      steps_timed=len(times), warmup=warmup, eval_images=eval_images,
+                      steps_timed=len(times), warmup=warm, eval_images=n_eval,
                       device=device, threads=threads)
