@@ -36,9 +36,11 @@ class StepTiming:
     def describe(self, cfg: TrainConfig) -> str:
         """How it was measured, in one line."""
         fm = f", --fm-reorder {','.join(cfg.fm_reorder)}" if cfg.fm_reorder else ""
-        return (f"{1e3 * self.step_s:.1f} ms per training step: median of {self.steps_timed} "
-                f"steps of {cfg.batch_size} random {cfg.arch} inputs (width {cfg.width}{fm}) on "
-                f"{self.device} ({self.threads} threads) after {self.warmup} warm-up steps; "
+        n = lambda k, word: f"{k} {word}" + ("" if k == 1 else "s")
+        return (f"{1e3 * self.step_s:.1f} ms per training step: median of "
+                f"{n(self.steps_timed, 'step')} of {cfg.batch_size} random {cfg.arch} inputs "
+                f"(width {cfg.width}{fm}) on {self.device} ({self.threads} threads) after "
+                f"{n(self.warmup, 'warm-up step')}; "
                 f"evaluation {1e3 * self.eval_image_s:.2f} ms per test image (a forward pass "
                 f"of {self.eval_images} images)")
 

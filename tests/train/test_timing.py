@@ -17,4 +17,5 @@ def test_time_steps_measures_and_leaves_the_rng_alone():
     assert t.step_s > 0 and t.eval_image_s > 0 and t.device == "cpu" and t.threads == 1
     assert 1 <= t.steps_timed <= 5 and 1 <= t.warmup <= 2 and t.eval_images in (4, 8)
     text = t.describe(cfg)
-    assert f"median of {t.steps_timed} steps of 4 random vgg inputs" in text
+    steps = "1 step" if t.steps_timed == 1 else f"{t.steps_timed} steps"
+    assert f"median of {steps} of 4 random vgg inputs (width 0.0625) on cpu (1 threads)" in text
