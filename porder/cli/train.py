@@ -17,6 +17,18 @@ from ..measures import MEASURES
 from .common import CONTEXT, interruptible, library_errors
 
 ARCHS = ("vgg", "resnet", "inception")  # == porder.train.models.MODELS (checked by the tests)
+# The feature-map points of porder.train.fm.fm_points(arch, 32) with their map sides
+# (checked by the tests), for --help without importing torch.
+FM_POINTS_HELP = """\
+Feature-map points for --fm-reorder POINT:MEASURE:PATCH (map side at 32x32 in brackets):
+  vgg        stem (32), stage1 (32), stage2 (16), stage3 (8), stage4 (4)
+  resnet     stem (32), stage1 (32), stage2 (16), stage3 (8)
+  inception  stem (32), stage1 (32), stage2 (16)
+stem = after the first conv (vgg), the stem conv (resnet), the 5-conv stem (inception);
+stageK = after the K-th of 5 conv blocks (vgg), of 4 stages of 2 basic blocks (resnet),
+after the Inception-A blocks (inception stage1) or the reduction and Inception-C blocks
+(stage2). The last stage is no point: global average pooling ignores patch order.
+PATCH must cut the map into 2x2 or more patches."""
 DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
 
 
@@ -64,7 +76,7 @@ class TrainProgress:
             self.bar = None
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, epilog="\b\n" + FM_POINTS_HELP)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-a", "--arch", type=click.Choice(ARCHS), default="vgg", show_default=True,
               help="VGG-16-BN, ResNet-18 or Inception-v3 (CIFAR-sized).")
@@ -91,19 +103,28 @@ class TrainProgress:
 @click.option("-p", "--patch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Patch side for --reorder.")
 @click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
-              help="Histogram bins for --reorder.")
+              help="Histogram bins for --reorder and --fm-reorder.")
+@click.option("--fm-reorder", "fm_reorder", multiple=True, metavar="POINT:MEASURE:PATCH",
+              help="Reorder the patches of the feature maps at POINT of the network "
+              "(porder.nn.PatchReorder); repeatable or comma-separated, one per point. "
+              "Points per architecture: see below.")
 @click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: all cores].")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal; a line per evaluation otherwise].")
 def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, out, resume,
-          reorder, patch, bins, threads, progress):
+          reorder, patch, bins, fm_reorder, threads, progress):
     """Train a CNN with Adam and cross-entropy on a porder HDF5 FILE.
 
     Evaluates on FILE's test split every --eval-every steps and writes
     metrics.jsonl, curves.png and a checkpoint to the run folder. Ctrl-C keeps
     the last checkpoint: run the same command with --resume to continue, to the
     same result as an uninterrupted run.
+
+    --fm-reorder inserts the paper's patch ordering inside the network: the
+    feature maps leaving POINT are cut into PATCH x PATCH patches and reordered
+    per sample by MEASURE, in training and evaluation; it is recorded in
+    config.json, and --resume refuses a run made with other layers.
 
     Under torchrun the processes train one model with DistributedDataParallel
     (gloo on CPU, NCCL on GPUs): --batch-size is the global batch, split evenly
@@ -115,20 +136,29 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
       porder train c100-mi8.h5 --arch inception --batch-size 1 --lr 1e-4
       porder train baseline.h5 --reorder mi --patch 4 -o runs/mi4
       porder train c100-mi8.h5 -o runs/vgg --resume
+      porder train none.h5 --arch resnet --fm-reorder stem:mi:4,stage2:mi:4
       torchrun --nproc-per-node 4 -m porder train c100-mi8.h5 -b 128 -o runs/ddp
     """
+    from ..store import read_meta
     from ..train.config import TrainConfig
     from ..train.distributed import dist_env
+    from ..train.fm import check_fm_reorder
     from ..train.loop import train as run_training
 
     with library_errors():
         env = dist_env()
+        size = int(read_meta(file)["image_size"]) if fm_reorder else 0
     rank = env.rank
+    try:
+        fm = [str(sp) for sp in check_fm_reorder(arch, size, split_fm_reorder(fm_reorder))]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--fm-reorder'") from None
     if out is None:
-        out = str(Path("runs") / f"{Path(file).stem}-{arch}-seed{seed}")
+        tag = "".join(f"-fm-{s.replace(':', '-')}" for s in fm)
+        out = str(Path("runs") / f"{Path(file).stem}-{arch}{tag}-seed{seed}")
     cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
                       eval_every=eval_every, seed=seed, device=device, reorder=reorder,
-                      patch=patch, bins=bins, threads=threads)
+                      patch=patch, bins=bins, threads=threads, fm_reorder=fm)
     # One reporter for a torchrun job: rank 0's; other ranks print only their errors.
     reporter = TrainProgress(progress, desc=arch) if rank == 0 else None
     t0 = time.perf_counter()
@@ -147,6 +177,11 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
     click.echo(f"{arch} on {file} ({result.device}{procs}): step {final['step']}  "
                f"{_fmt_row(final)}  [{time.perf_counter() - t0:.0f} s]", err=True)
     click.echo(f"Wrote {Path(out) / 'metrics.jsonl'} and {Path(out) / 'curves.png'}", err=True)
+
+
+def split_fm_reorder(values) -> list[str]:
+    """Repeated and comma-separated ``--fm-reorder`` values -> one spec string each."""
+    return [v.strip() for value in values for v in str(value).split(",") if v.strip()]
 
 
 def _list_option(kind, name, check=None):
@@ -169,9 +204,16 @@ def _list_option(kind, name, check=None):
 @click.argument("source")
 @click.option("-o", "--out", type=click.Path(file_okay=False), required=True,
               help="Output folder: caches, runs, summary.csv/md and figures.")
+@click.option("--preset", type=click.Choice(["paper"]), default=None,
+              help="The paper's Fig. 4 experiment: Inception, batch 1, 10,000 steps, every "
+              "measure with none and random, patches 4,8,16, ... (--dry-run prints every value "
+              "and its source). Options given explicitly override it.")
 @click.option("-m", "--measures", default="none,mi", show_default=True,
-              callback=_list_option(str, "measure", lambda m: m in MEASURES),
-              help="Comma-separated measures; `none` (the baseline) is added if missing.")
+              callback=_list_option(str, "measure",
+                                    lambda m: m in MEASURES or m.startswith("fm:")),
+              help="Comma-separated measures; `none` (the baseline) is added if missing. "
+              "fm:POINT:MEASURE:PATCH trains on the `none` cache with a feature-map reordering "
+              "layer at POINT (see `porder train --help`); fm:POINT:MEASURE, at every --patch.")
 @click.option("-p", "--patch", "patches", default="8", show_default=True,
               callback=_list_option(int, "patch size", lambda p: p >= 1),
               help="Comma-separated patch sides, e.g. 4,8,16.")
@@ -200,42 +242,89 @@ def _list_option(kind, name, check=None):
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
 @click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: all cores].")
-@click.option("--dry-run", is_flag=True, help="Print the plan (and what is done) and stop.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (what is done, the preset's values) and a time estimate "
+              "measured on this machine, and stop.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars [default: on a terminal; plain lines otherwise].")
-def compare(source, out, measures, patches, archs, seeds, steps, width, lr, batch_size,
-            eval_every, size, bins, test_fraction, device, threads, dry_run, progress):
+@click.pass_context
+def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, width, lr,
+            batch_size, eval_every, size, bins, test_fraction, device, threads, dry_run,
+            progress):
     """Run the paper's comparison: train on SOURCE reordered by each measure.
 
     SOURCE is reordered once per (measure, patch) into OUT/data/*.h5; every
     architecture is trained with identical hyperparameters and seeds on each;
     OUT/summary.md and summary.csv compare final and best test accuracy, steps
     to 90%/95% of the `none` baseline, speed-up and area under the accuracy
-    curve, with figures like the paper's Fig. 4 and 5. Run the same command
-    again to resume an interrupted comparison.
+    curve, with figures like the paper's Fig. 4 and 5. summary.md (and
+    paired.csv) also compare every ordering with `none` and with `random`,
+    seed by seed: the paired differences of the area and of the steps to 95%,
+    95% t intervals and a verdict (faster, slower, no detectable difference).
+    Run the same command again to resume an interrupted comparison.
 
     \b
     Examples:
       porder compare cifar-100-python.tar.gz -m none,mi,entropy -p 4,8,16 -o cmp
       porder compare dogs-vs-cats/ -m none,mi,random --seeds 3 --width 0.125 -o dvc
+      porder compare dogs-vs-cats/ -m none,mi,fm:stem:mi:4 -a resnet -o fm
+      porder compare cifar-100-python.tar.gz --preset paper -o paper --dry-run
       porder compare synthetic:2000:4 -o demo --steps 200 --dry-run
     """
     from ..experiment import compare as run_compare
 
+    opts = dict(measures=measures, patches=patches, archs=archs, seeds=seeds, steps=steps,
+                width=width, lr=lr, batch_size=batch_size, eval_every=eval_every, size=size,
+                bins=bins, test_fraction=test_fraction)
+    given = {k: v for k, v in opts.items() if _given(ctx, k)}
+    if preset is not None:
+        from ..experiment.preset import preset_values
+
+        opts.update({k: v for k, v in preset_values(preset).items() if k not in given})
+    _check_fm_items(opts)
     tty = sys.stderr.isatty() if progress is None else progress
     log = lambda line: click.echo(line, err=True)
     with interruptible("run the same command again to resume."), library_errors():
         result = run_compare(
-            source, out, measures=measures, patches=patches, archs=archs, seeds=seeds,
-            steps=steps, width=width, lr=lr, batch_size=batch_size, eval_every=eval_every,
-            size=size, bins=bins, test_fraction=test_fraction, device=device, threads=threads,
-            dry_run=dry_run,
+            source, out, **opts, device=device, threads=threads, dry_run=dry_run,
             log=log, progress_for=lambda desc: TrainProgress(tty, desc=desc),
             cache_progress=CacheProgress(tty))
-    if dry_run:
-        click.echo(result.describe())
-        return
+        if dry_run:
+            from ..experiment.estimate import estimate
+
+            if preset is not None:
+                from ..experiment.preset import describe_preset
+
+                click.echo(describe_preset(preset, given))
+            click.echo(result.describe())
+            click.echo(estimate(result, threads=threads, log=log).describe())
+            return
     click.echo((Path(out) / "summary.md").read_text())
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was given explicitly (command line or environment)."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                              ParameterSource.ENVIRONMENT)
+
+
+def _check_fm_items(opts: dict) -> None:
+    """``fm:`` measures against every architecture and the image size: exit 2 when bad."""
+    items = [m for m in opts["measures"] if m.startswith("fm:")]
+    if not items:
+        return
+    from ..experiment.plan import fm_spec, parse_measure_item
+    from ..train.fm import check_fm_reorder
+
+    try:
+        for item in items:
+            for m, p in parse_measure_item(item, opts["patches"]):
+                for arch in opts["archs"]:
+                    check_fm_reorder(arch, opts["size"], [fm_spec(m, p)])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'-m' / '--measures'") from None
 
 
 class CacheProgress:

@@ -1,10 +1,15 @@
 """Planning a comparison: the caches to build and the runs to train, and which of them
-are already done (a comparison run again resumes where it stopped)."""
+are already done (a comparison run again resumes where it stopped).
+
+A comparison has *arms*: an input ordering (a measure, at each patch size, on its own
+cache) or a feature-map ordering (``fm:POINT:MEASURE:PATCH``: the ``none`` cache, with a
+:class:`porder.nn.PatchReorder` layer at POINT of the network; ``fm:POINT:MEASURE`` sweeps
+the patch sizes). Every arm is trained with every architecture and seed."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..measures import get_measure
 from ..patches import check_patch_size
@@ -24,6 +29,24 @@ class CacheItem:
 
 
 @dataclass
+class Arm:
+    """One ordering compared: ``measure`` is a measure name or ``fm:POINT:MEASURE``."""
+
+    measure: str
+    patch: int
+    cache: Path                 # the cache trained on (``none``'s for feature-map arms)
+
+    @property
+    def label(self) -> str:
+        return _label(self.measure, self.patch)
+
+    @property
+    def fm(self) -> list:
+        """The ``--fm-reorder`` specs of the arm's runs (empty for an input ordering)."""
+        return [fm_spec(self.measure, self.patch)] if is_fm(self.measure) else []
+
+
+@dataclass
 class RunItem:
     arch: str
     measure: str
@@ -38,6 +61,10 @@ class RunItem:
     def label(self) -> str:
         return _label(self.measure, self.patch)
 
+    @property
+    def fm(self) -> list:
+        return [fm_spec(self.measure, self.patch)] if is_fm(self.measure) else []
+
 
 @dataclass
 class Plan:
@@ -46,6 +73,7 @@ class Plan:
     caches: list = field(default_factory=list)
     runs: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    arms: list = field(default_factory=list)
 
     def describe(self) -> str:
         """The plan as text (``--dry-run``)."""
@@ -67,8 +95,46 @@ class Plan:
         return "\n".join(lines)
 
 
+FM_PREFIX = "fm:"
+
+
+def is_fm(measure: str) -> bool:
+    """Whether an arm's ``measure`` is a feature-map ordering (``fm:POINT:MEASURE``)."""
+    return str(measure).startswith(FM_PREFIX)
+
+
+def fm_spec(measure: str, patch: int) -> str:
+    """``fm:POINT:MEASURE`` and a patch -> the ``--fm-reorder`` spec ``POINT:MEASURE:PATCH``."""
+    return f"{measure[len(FM_PREFIX):]}:{patch}"
+
+
 def _label(measure: str, patch: int) -> str:
-    return "none" if measure == "none" else f"{measure}-p{patch}"
+    """File-name-safe label of an arm: ``none``, ``mi-p8``, ``fm-stem-mi-p4``."""
+    if measure == "none":
+        return "none"
+    return f"{measure.replace(':', '-')}-p{patch}"
+
+
+def parse_measure_item(item: str, patches: Sequence[int]) -> list[tuple[str, Optional[int]]]:
+    """One ``--measures`` item -> its arms as (measure, patch) pairs.
+
+    ``mi`` -> [("mi", None)] (input ordering, swept over the patch sizes);
+    ``fm:stem:mi:4`` -> [("fm:stem:mi", 4)]; ``fm:stem:mi`` -> one per patch size.
+    ValueError for an unknown measure or a malformed ``fm:`` item.
+    """
+    item = str(item).strip()
+    if not is_fm(item):
+        return [(get_measure(item).name, None)]
+    from ..train.fm import parse_fm_spec
+
+    rest = item[len(FM_PREFIX):]
+    specs = [f"{rest}:{p}" for p in patches] if rest.count(":") == 1 else [rest]
+    try:
+        parsed = [parse_fm_spec(sp) for sp in specs]
+    except ValueError as e:
+        raise ValueError(f"{e} (in the measure {item!r}: use fm:POINT:MEASURE:PATCH, or "
+                         "fm:POINT:MEASURE for every --patch)") from None
+    return [(f"{FM_PREFIX}{sp.point}:{sp.measure}", sp.patch) for sp in parsed]
 
 
 def parse_list(text: str, kind=str) -> list:
@@ -94,24 +160,35 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     baseline when missing; it does not depend on the patch size, so it is
     cached and trained once per arch x seed.
     """
-    from ..train.config import IDENTITY, TrainConfig
+    from ..train.config import TrainConfig, identity_diff
+    from ..train.fm import check_fm_reorder
     from ..train.metrics import read_metrics, read_result
     from ..train.models import MODELS
 
-    measures = [get_measure(m).name for m in measures]
-    if not measures:
-        raise ValueError("give at least one measure, e.g. --measures none,mi")
-    if "none" not in measures:
-        measures = ["none"] + measures
     patches = [int(p) for p in patches]
     if not patches:
         raise ValueError("give at least one patch size, e.g. --patch 8")
     for p in patches:
         check_patch_size(size, p)
+    items = [str(m).strip() for m in measures if str(m).strip()]
+    if not items:
+        raise ValueError("give at least one measure, e.g. --measures none,mi")
+    pairs = [pair for m in items for pair in parse_measure_item(m, patches)]
+    measures = []                # the settings' list: measure names and fm: items
+    for m in items:
+        name = m if is_fm(m) else get_measure(m).name
+        if name not in measures:
+            measures.append(name)
+    if "none" not in measures:
+        measures = ["none"] + measures
     archs = list(archs)
     for a in archs:
         if a not in MODELS:
             raise ValueError(f"unknown architecture {a!r}; choose from {', '.join(MODELS)}")
+    for m, p in pairs:
+        if is_fm(m):
+            for a in archs:
+                check_fm_reorder(a, size, [fm_spec(m, p)])
     seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds or min(seeds) < 0:
         raise ValueError(f"need at least one non-negative seed, got {seeds}")
@@ -126,7 +203,8 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
                 eval_every=eval_every, device=device).validate()
     plan = Plan(source=source, out=out, settings=settings)
 
-    combos = [("none", patches[0])] + [(m, p) for m in measures if m != "none" for p in patches]
+    inputs = [m for m, p in pairs if not is_fm(m) and m != "none"]
+    combos = [("none", patches[0])] + [(m, p) for m in dict.fromkeys(inputs) for p in patches]
     for m, p in combos:
         path = out / "data" / f"{_label(m, p)}.h5"
         state = "build"
@@ -137,18 +215,19 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
         elif partial_path(path).exists():
             state = "resume"
         plan.caches.append(CacheItem(m, p, path, state))
+    plan.arms = [Arm(c.measure, c.patch, c.path) for c in plan.caches]
+    for m, p in dict.fromkeys((m, p) for m, p in pairs if is_fm(m)):
+        plan.arms.append(Arm(m, p, plan.caches[0].path))       # the `none` cache
 
     for arch in archs:
         for seed in seeds:  # seed-major: an interrupted compare has whole seeds done
-            for c in plan.caches:
-                d = out / "runs" / arch / c.label / f"seed{seed}"
-                cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size,
-                                  steps=steps, eval_every=eval_every, seed=seed, device=device)
-                item = RunItem(arch, c.measure, c.patch, seed, c.path, d)
+            for arm in plan.arms:
+                d = out / "runs" / arch / arm.label / f"seed{seed}"
+                cfg = run_config(settings, arch, seed, arm.fm)
+                item = RunItem(arch, arm.measure, arm.patch, seed, arm.cache, d)
                 res = read_result(d)
                 rows = read_metrics(d)
-                if res and res.get("steps") == steps and all(
-                        res["config"].get(k) == getattr(cfg, k) for k in IDENTITY) \
+                if res and res.get("steps") == steps and not identity_diff(res["config"], cfg) \
                         and rows and rows[-1]["step"] == steps:
                     item.state, item.at_step = "done", steps
                 elif (d / "checkpoint.pt").exists():
@@ -156,6 +235,22 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
                     item.at_step = max((r["step"] for r in rows), default=0)
                 plan.runs.append(item)
     return plan
+
+
+def run_config(settings: dict, arch: str, seed: int, fm: Sequence[str] = (),
+               threads: Optional[int] = None):
+    """The ``TrainConfig`` of one run of a comparison with ``settings`` (:attr:`Plan.settings`).
+
+    Feature-map arms (``fm``) get the comparison's ``bins`` for their layers; input
+    arms keep the default, as their training does not use it.
+    """
+    from ..train.config import TrainConfig
+
+    extra = {"bins": settings["bins"], "fm_reorder": list(fm)} if fm else {}
+    return TrainConfig(arch=arch, width=settings["width"], lr=settings["lr"],
+                       batch_size=settings["batch_size"], steps=settings["steps"],
+                       eval_every=settings["eval_every"], seed=seed, device=settings["device"],
+                       threads=threads, **extra)
 
 
 def _check_cache(path: Path, *, source, measure, patch, size, bins, test_fraction):

@@ -1,20 +1,23 @@
 """The figures of a comparison: accuracy per measure (the paper's Fig. 4) and training
-loss per patch size (Fig. 5), seed spread shaded."""
+loss per patch size (Fig. 5), seed spread shaded (min..max) and each seed drawn thin."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .plan import Plan, _label
+from .plan import Plan, _label, is_fm
 
 
 def _band(ax, steps, curves, label, color=None):
-    """Mean line with the min..max spread over seeds shaded."""
+    """Mean line, the min..max spread over seeds shaded and every seed a thin line."""
     import numpy as np
 
     y = np.array(curves, dtype=float)  # (seeds, points)
     (line,) = ax.plot(steps, y.mean(0), label=label, color=color)
     if len(y) > 1:
-        ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        c = line.get_color()
+        ax.fill_between(steps, y.min(0), y.max(0), color=c, alpha=0.15, lw=0)
+        for seed_curve in y:
+            ax.plot(steps, seed_curve, color=c, lw=0.6, alpha=0.45)
 
 
 def _curves(rows_list, key):
@@ -45,12 +48,13 @@ def write_figures(plan: Plan, rows_of: dict) -> list[Path]:
     for arch in st["archs"]:
         for p in st["patches"]:
             fig, (ax_tr, ax_te) = _figure(2)
-            for c in plan.caches:
-                if c.measure != "none" and c.patch != p:
+            for c in plan.arms:   # input orderings at patch p; feature-map ones in every panel
+                if c.measure != "none" and c.patch != p and not is_fm(c.measure):
                     continue
+                name = f"{c.measure}:{c.patch}" if is_fm(c.measure) else c.measure
                 rl = [rows_of[(arch, c.label, s)] for s in seeds]
-                _band(ax_tr, *_curves(rl, "train_acc"), c.measure)
-                _band(ax_te, *_curves(rl, "test_acc"), c.measure)
+                _band(ax_tr, *_curves(rl, "train_acc"), name)
+                _band(ax_te, *_curves(rl, "test_acc"), name)
             for ax, what in ((ax_tr, "training"), (ax_te, "test")):
                 ax.set(xlabel="step", ylabel=f"{what} accuracy", ylim=(0, 1),
                        title=f"{what} accuracy, {arch}, patch {p}x{p}")
@@ -59,13 +63,15 @@ def write_figures(plan: Plan, rows_of: dict) -> list[Path]:
             f = out / f"fig4_accuracy_{arch}_p{p}.png"
             fig.savefig(f, dpi=100)
             files.append(f)
-        ordered = [m for m in st["measures"] if m != "none"] or ["none"]
+        ordered = list(dict.fromkeys(a.measure for a in plan.arms if a.measure != "none"))
+        ordered = ordered or ["none"]
         fig, axes = _figure(len(ordered))
         for ax, m in zip(axes, ordered, strict=True):
             rl = [rows_of[(arch, "none", s)] for s in seeds]
             _band(ax, *_curves(rl, "train_loss"), "unmodified", color="k")
-            if m != "none":
-                for p in st["patches"]:
+            for a in plan.arms:
+                if a.measure == m != "none":
+                    p = a.patch
                     rl = [rows_of[(arch, _label(m, p), s)] for s in seeds]
                     _band(ax, *_curves(rl, "train_loss"), f"{m} {p}x{p}")
             ax.set(xlabel="step", ylabel="training loss (cross-entropy)",

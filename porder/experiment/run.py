@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from ..store import read_meta
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, run_config
 from .plots import write_figures
-from .summary import summarise, write_csv, write_markdown
+from .summary import (
+    paired_comparisons,
+    summarise,
+    write_csv,
+    write_markdown,
+    write_paired_csv,
+)
 
 Log = Callable[[str], None]
 
@@ -20,6 +26,7 @@ class CompareResult:
     means: list           # per (arch, measure, patch): mean rows
     stds: list            # ... and the matching std rows
     files: list           # paths written
+    comparisons: list = field(default_factory=list)   # paired verdicts (summary.PAIRED_FIELDS)
 
 
 def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
@@ -40,8 +47,11 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     out : path-like
         Output folder (see :mod:`porder.experiment` for its layout).
     measures, patches, archs, seeds
-        What to compare; ``none`` is added when missing. ``seeds`` is a count
-        (0..n-1) or a list of seeds.
+        What to compare; ``none`` is added when missing. A measure orders the
+        input images at every patch size; ``fm:POINT:MEASURE:PATCH`` (or
+        ``fm:POINT:MEASURE``, at every patch size) trains on the ``none`` cache
+        with a feature-map reordering layer at POINT (``porder train
+        --fm-reorder``). ``seeds`` is a count (0..n-1) or a list of seeds.
     steps, width, lr, batch_size, eval_every
         Training hyperparameters, the same for every run (see ``TrainConfig``).
     size, bins, test_fraction
@@ -69,7 +79,7 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
         options.
     """
     from ..pipeline import build_cache
-    from ..train import TrainConfig, read_metrics, resolve_device, train
+    from ..train import read_metrics, resolve_device, train
 
     log = log or (lambda line: None)
     plan = make_plan(source, out, measures=measures, patches=patches, archs=archs, seeds=seeds,
@@ -105,8 +115,7 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
             rows_of[key] = read_metrics(r.dir)
             continue
         log(f"{desc}: " + (f"resuming at step {r.at_step}" if r.state == "resume" else "training"))
-        cfg = TrainConfig(arch=r.arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
-                          eval_every=eval_every, seed=r.seed, device=device, threads=threads)
+        cfg = run_config(plan.settings, r.arch, r.seed, r.fm, threads=threads)
         prog = progress_for(desc) if progress_for else None
         try:
             rows_of[key] = train(r.cache, cfg, r.dir, resume=True, progress=prog).rows
@@ -121,8 +130,12 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
             "classes": len(meta0["classes"]), "device": train_device}
     figures = write_figures(plan, rows_of)
     csv_path, md_path = plan.out / "summary.csv", plan.out / "summary.md"
+    paired_path = plan.out / "paired.csv"
+    comparisons = paired_comparisons(plan, runs)
     write_csv(csv_path, runs + [x for pair in zip(means, stds, strict=True) for x in pair])
-    write_markdown(md_path, plan, runs, means, stds, meta, figures)
-    log(f"wrote {md_path}, {csv_path} and {len(figures)} figures")
+    write_paired_csv(paired_path, comparisons)
+    write_markdown(md_path, plan, runs, means, stds, meta, figures, comparisons)
+    log(f"wrote {md_path}, {csv_path}, {paired_path} and {len(figures)} figures")
     return CompareResult(plan=plan, runs=runs, means=means, stds=stds,
-                         files=[csv_path, md_path, *figures])
+                         files=[csv_path, paired_path, md_path, *figures],
+                         comparisons=comparisons)

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .plan import Plan
+from .plan import FM_PREFIX, Plan, is_fm
+from .stats import LEVEL, PairedDifference, paired_difference, verdict
 
 # Relative tolerance of the accuracy thresholds: 0.95 * 0.8 is 0.7600000000000001 in
 # floating point, and an accuracy of 76/100 must count as reaching it.
@@ -83,7 +84,7 @@ def summarise(plan: Plan, rows_of: dict) -> tuple[list, list, list]:
         base_rows = {s: rows_of[(arch, "none", s)] for s in plan.settings["seeds"]}
         baseline = sum(r[-1]["test_acc"] for r in base_rows.values()) / len(base_rows)
         base95 = {s: steps_to(r, 0.95 * baseline) for s, r in base_rows.items()}
-        for c in plan.caches:
+        for c in plan.arms:
             group = []
             for s in plan.settings["seeds"]:
                 item = next(r for r in plan.runs
@@ -112,6 +113,126 @@ def summarise(plan: Plan, rows_of: dict) -> tuple[list, list, list]:
     return runs, means, stds
 
 
+# ------------------------------------------------------------ paired verdicts
+PAIRED_FIELDS = ("arch", "measure", "patch", "versus", "n_seeds", "auc_n", "auc_diff", "auc_sd",
+                 "auc_ci_low", "auc_ci_high", "auc_p", "steps_n", "steps_diff", "steps_sd",
+                 "steps_ci_low", "steps_ci_high", "steps_p", "verdict")
+
+
+def reference_arm(measure: str, patch, versus: str):
+    """The (measure, patch) an arm is compared with: ``none``, or the ``random`` control of
+    the same kind (input ordering or feature-map layer at the same point) and patch."""
+    if versus == "none":
+        return "none", ""
+    if is_fm(measure):
+        point = measure[len(FM_PREFIX):].split(":")[0]
+        return f"{FM_PREFIX}{point}:random", patch
+    return "random", patch
+
+
+def paired_comparisons(plan: Plan, runs: Sequence[dict]) -> list[dict]:
+    """Every arm against ``none`` and against its ``random`` control, paired by seed.
+
+    For each arch and arm (other than the reference itself), the differences
+    arm minus reference over the seeds of the area under the test-accuracy curve
+    (``auc_*``) and of the steps to 95% of the baseline (``steps_*``, over the
+    seeds where both runs reached it), each with its t interval at
+    :data:`~porder.experiment.stats.LEVEL` and paired t-test p-value, and the
+    :func:`~porder.experiment.stats.verdict`. Comparisons with ``random`` are
+    made when the comparison has that control.
+
+    Parameters
+    ----------
+    plan : Plan
+    runs : list of dict
+        The per-run rows of :func:`summarise`.
+
+    Returns
+    -------
+    list of dict with the keys :data:`PAIRED_FIELDS` (the ``PairedDifference`` of
+    each metric also under ``"auc"`` and ``"steps"``).
+    """
+    seeds = plan.settings["seeds"]
+    by = {(r["arch"], r["measure"], r["patch"], r["seed"]): r for r in runs}
+    out = []
+    for arch in plan.settings["archs"]:
+        for arm in plan.arms:
+            patch = "" if arm.measure == "none" else arm.patch
+            for versus in ("none", "random"):
+                ref = reference_arm(arm.measure, patch, versus)
+                if ref == (arm.measure, patch) or (arch, *ref, seeds[0]) not in by:
+                    continue
+                a = [by[(arch, arm.measure, patch, s)] for s in seeds]
+                b = [by[(arch, *ref, s)] for s in seeds]
+                d_auc = paired_difference([r["auc_test_acc"] for r in a],
+                                          [r["auc_test_acc"] for r in b])
+                d_steps = paired_difference([r["steps_to_95"] for r in a],
+                                            [r["steps_to_95"] for r in b])
+                row = {"arch": arch, "measure": arm.measure, "patch": patch,
+                       "versus": "none" if versus == "none" else ref[0], "n_seeds": len(seeds),
+                       "auc": d_auc, "steps": d_steps,
+                       "verdict": verdict(d_auc, d_steps, len(seeds))}
+                for key, d in (("auc", d_auc), ("steps", d_steps)):
+                    row.update({f"{key}_n": d.n, f"{key}_diff": d.mean, f"{key}_sd": d.sd,
+                                f"{key}_ci_low": d.lo, f"{key}_ci_high": d.hi,
+                                f"{key}_p": d.p})
+                out.append(row)
+    return out
+
+
+def _signed(v: float, fmt: str) -> str:
+    return format(v, "+" + fmt).replace("-", "−")
+
+
+def _diff_cell(d: PairedDifference, n_seeds: int, scale: float, fmt: str, what: str) -> str:
+    """``+1.2 [−0.4, +2.8]``; notes for missing pairs and for no interval."""
+    if d.n == 0:
+        return f"n/a (no seed where both {what})"
+    cell = _signed(scale * d.mean, fmt)
+    if d.has_interval:
+        cell += f" [{_signed(scale * d.lo, fmt)}, {_signed(scale * d.hi, fmt)}]"
+    elif n_seeds == 1:
+        cell += " (CI n/a, 1 seed)"
+    else:
+        cell += " (CI n/a, 1 pair)"
+    if 0 < d.n < n_seeds:
+        cell += f" ({d.n}/{n_seeds} seeds)"
+    return cell
+
+
+def paired_markdown(comparisons: Sequence[dict], *, has_random: bool) -> list[str]:
+    """The "Verdict" section of ``summary.md`` (lines)."""
+    pct = int(round(100 * LEVEL))
+    lines = ["## Verdict: paired differences over seeds", "",
+             "Runs with the same seed start from the same weights and see the same batches, "
+             "so each seed gives one paired difference (ordering minus reference). "
+             f"Intervals are {pct}% t intervals on the paired differences (Student t, n − 1 "
+             "degrees of freedom); p is the paired t test's. ΔAUC is in percentage points of "
+             "test accuracy (> 0: learns sooner); Δsteps counts steps to 95% of the `none` "
+             "baseline, over the seeds where both runs reached it (< 0: faster).", ""]
+    if not comparisons:
+        return lines + ["Nothing to compare: add measures besides `none`.", ""]
+    lines += ["| arch | measure | patch | vs | ΔAUC, pp [95% CI] | p | Δsteps to 95% [95% CI] "
+              "| verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in comparisons:
+        p = "–" if c["auc"].p is None else f"{c['auc'].p:.3f}"
+        lines.append(
+            f"| {c['arch']} | {c['measure']} | {c['patch'] or '–'} | {c['versus']} | "
+            f"{_diff_cell(c['auc'], c['n_seeds'], 100, '.2f', 'has a curve')} | {p} | "
+            f"{_diff_cell(c['steps'], c['n_seeds'], 1, '.0f', 'reached 95%')} | "
+            f"**{c['verdict']}** |")
+    lines += ["",
+              "Verdict: *faster* when an interval lies on the faster side (ΔAUC above 0 or "
+              "Δsteps below 0) and the other does not lie on the slower side; *slower* "
+              "likewise; *mixed* when they disagree; otherwise *no detectable difference* at "
+              "this number of seeds (more seeds narrow the intervals). "
+              + ("" if has_random else "No `random` control in this comparison: add it to "
+                 "`--measures` to separate the effect of an ordering from that of shuffling "
+                 "patches at all."), ""]
+    return lines
+
+
 # ------------------------------------------------------------------ reports
 def _csv_value(v):
     if v is None:
@@ -128,6 +249,16 @@ def write_csv(path, rows: Sequence[dict]) -> None:
     Path(path).write_text(buf.getvalue())
 
 
+def write_paired_csv(path, comparisons: Sequence[dict]) -> None:
+    """The :func:`paired_comparisons` as CSV (:data:`PAIRED_FIELDS`; fractions, not %)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=PAIRED_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in comparisons:
+        w.writerow({k: _csv_value(r.get(k)) for k in PAIRED_FIELDS})
+    Path(path).write_text(buf.getvalue())
+
+
 def _pct(v):
     return "–" if v is None else f"{100 * v:.1f}%"
 
@@ -138,7 +269,8 @@ def _pm(m, s, fmt):
     return f"{fmt(m)} ± {fmt(s)}"
 
 
-def write_markdown(path, plan: Plan, runs, means, stds, meta: dict, figures) -> None:
+def write_markdown(path, plan: Plan, runs, means, stds, meta: dict, figures,
+                   comparisons: Optional[Sequence[dict]] = None) -> None:
     st = plan.settings
     acc = lambda v: f"{100 * v:.1f}"
     num = lambda v: f"{v:.0f}"
@@ -160,8 +292,12 @@ def write_markdown(path, plan: Plan, runs, means, stds, meta: dict, figures) -> 
                      f" (mean of {base['n_seeds']} seed{'s' if base['n_seeds'] > 1 else ''}); "
                      f"targets: 90% of it = "
                      f"{acc(base['target_90'])}%, 95% = {acc(base['target_95'])}%.")
+    lines.append("")
+    if comparisons is None:
+        comparisons = paired_comparisons(plan, runs)
+    lines += paired_markdown(comparisons,
+                             has_random=any(a.measure == "random" for a in plan.arms))
     lines += [
-        "",
         "## Mean ± std over seeds",
         "",
         "| arch | measure | patch | final test acc % | best test acc % | steps to 90% "

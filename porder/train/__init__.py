@@ -4,10 +4,12 @@
 and ``train(path, TrainConfig(...), out_dir)``; see :mod:`porder.train.loop`.
 torch is imported only under this package.
 
-Modules: ``models`` (the CNNs), ``config`` (TrainConfig, TrainResult), ``batches``
+Modules: ``models`` (the CNNs), ``fm`` (``--fm-reorder``: feature-map reordering
+layers at named points), ``config`` (TrainConfig, TrainResult), ``batches``
 (the file on the device, the batch order, on-the-fly reordering), ``device``,
 ``distributed`` (torchrun / DDP), ``checkpoint``, ``metrics`` (the run folder's
-files and curves) and ``loop`` (the step loop).
+files and curves), ``loop`` (the step loop) and ``timing`` (a few steps timed, for
+estimates).
 """
 from __future__ import annotations
 

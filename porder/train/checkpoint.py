@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .config import IDENTITY, TrainConfig
+from .config import TrainConfig, identity_diff
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -49,7 +49,7 @@ def load_checkpoint(out: Path, cfg: TrainConfig, meta: dict) -> Optional[dict]:
         raise ValueError(f"cannot read checkpoint '{ckpt_path}' ({e}); delete it to "
                          "start afresh") from None
     old = ckpt["config"]
-    diff = [k for k in IDENTITY if old.get(k) != getattr(cfg, k)]
+    diff = identity_diff(old, cfg)
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
         raise ValueError(f"cannot resume '{out}': options differ ({detail})")

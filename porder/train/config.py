@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .fm import FM_POINTS, parse_fm_spec
 from .models import MODELS
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -12,7 +13,9 @@ DEVICES = ("cpu", "cuda", "auto")
 TIMING_FIELDS = ("images_per_s", "wall_s", "data_wait", "eval_s")
 # Config fields that must match to resume a run (the rest may change: steps, device, ...).
 IDENTITY = ("arch", "width", "lr", "batch_size", "eval_every", "seed", "reorder", "patch",
-            "bins", "order_seed", "amp")
+            "bins", "order_seed", "amp", "fm_reorder")
+# The value an IDENTITY field had before it existed (runs saved by an older porder).
+IDENTITY_DEFAULTS = {"fm_reorder": []}
 
 # progress(step, total_steps, stats): stats is None (cheap tick), or a dict with the
 # running "loss"/"acc" of the current interval, or an evaluation row ("test_acc" in it).
@@ -39,6 +42,9 @@ class TrainConfig:
     amp: bool = True                # mixed precision on CUDA (bfloat16, or float16 + scaling)
     deterministic: bool = True      # deterministic kernels (same seed -> same metrics)
     threads: Optional[int] = None   # CPU threads for torch (None: all cores)
+    # feature-map reordering layers, "POINT:MEASURE:PATCH" (fm.FM_POINTS); they use
+    # `bins` and the `order_seed` of the random control
+    fm_reorder: list = field(default_factory=list)
 
     def validate(self) -> "TrainConfig":
         if self.arch not in MODELS:
@@ -61,7 +67,30 @@ class TrainConfig:
             from ..measures import get_measure
 
             get_measure(self.reorder)
+        if isinstance(self.fm_reorder, str):
+            self.fm_reorder = [self.fm_reorder]
+        specs = [parse_fm_spec(s) for s in self.fm_reorder]
+        points = [sp.point for sp in specs]
+        for sp in specs:
+            if sp.point not in FM_POINTS[self.arch]:
+                raise ValueError(f"{self.arch} has no feature-map point {sp.point!r} (in {sp}); "
+                                 f"choose one of {', '.join(FM_POINTS[self.arch])}")
+            if points.count(sp.point) > 1:
+                raise ValueError(f"two feature-map reorderings at {self.arch} point "
+                                 f"{sp.point!r}; give one per point")
+        self.fm_reorder = [str(sp) for sp in specs]
         return self
+
+
+def identity_diff(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The :data:`IDENTITY` fields on which a saved config dict and ``cfg`` differ.
+
+    A field missing from ``saved`` (written by a porder without it) counts as
+    its :data:`IDENTITY_DEFAULTS` value; tuples and lists compare equal.
+    """
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    return [k for k in IDENTITY
+            if norm(saved.get(k, IDENTITY_DEFAULTS.get(k))) != norm(getattr(cfg, k))]
 
 
 @dataclass

@@ -69,6 +69,7 @@ from .distributed import (
     dist_env,
     shard_range,
 )
+from .fm import insert_fm_reorder
 from .metrics import CONFIG, METRICS, _atomic_json, _finish, _write_metrics, read_metrics
 from .models import build_model
 
@@ -181,6 +182,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes=len(data.classes), in_size=data.size,
                         width=cfg.width)
+    insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
     if env.active and device == "cuda":   # batch statistics of the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)

@@ -15,6 +15,9 @@ Inputs are float tensors (N, 3, S, S); outputs are logits (N, num_classes).
 Every model works for any ``in_size`` >= 8; the spatial size of feature maps
 never drops below 2x2 before global pooling, so batch norm also trains with a
 batch of one image (the paper's online training).
+
+Every model records in ``fm_points`` where a feature-map reordering layer may
+go (name -> submodule path and map side); :mod:`porder.train.fm` inserts them.
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ class VGG(nn.Module):
     def __init__(self, num_classes: int, in_size: int = 32, width: float = 1.0):
         super().__init__()
         layers, cin, s = [], 3, in_size
+        points = {}
         for b, block in enumerate(VGG16):
             if b and s >= 4:
                 layers.append(nn.MaxPool2d(2))
@@ -73,6 +77,11 @@ class VGG(nn.Module):
             for c in block:
                 layers.append(conv_bn(cin, _ch(c, width)))
                 cin = _ch(c, width)
+                if not points:
+                    points["stem"] = ("features.0", s)
+            if b + 1 < len(VGG16):                       # see fm.FM_POINTS: not the last
+                points[f"stage{b + 1}"] = (f"features.{len(layers) - 1}", s)
+        self.fm_points = points
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, num_classes)
         _init(self)
@@ -108,12 +117,15 @@ class ResNet(nn.Module):
         c0 = _ch(64, width)
         self.stem = conv_bn(3, c0)
         blocks, cin, s = [], c0, in_size
+        self.fm_points = {"stem": ("stem", s)}         # see fm.FM_POINTS: not the last stage
         for i, c in enumerate((64, 128, 256, 512)):
             stride = 2 if i and s >= 4 else 1
             s //= stride
             cout = _ch(c, width)
             blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
             cin = cout
+            if i < 3:
+                self.fm_points[f"stage{i + 1}"] = (f"layers.{len(blocks) - 1}", s)
         self.layers = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, num_classes)
         _init(self)
@@ -240,6 +252,9 @@ class Inception(nn.Module):
             b, cin = inception_e(cin, width)
             blocks.append(b)
         self.blocks = nn.Sequential(*blocks)
+        half = lambda n: (n - 1) // 2 + 1              # the padded stride-2 reductions
+        self.fm_points = {"stem": ("stem", in_size), "stage1": ("blocks.2", in_size),
+                          "stage2": ("blocks.7", half(in_size))}   # see fm.FM_POINTS
         self.drop = nn.Dropout(0.5)
         self.fc = nn.Linear(cin, num_classes)
         _init(self)
@@ -255,6 +270,9 @@ MODELS = {"vgg": VGG, "resnet": ResNet, "inception": Inception}
 def build_model(arch: str, *, num_classes: int, in_size: int = 32,
                 width: float = 1.0) -> nn.Module:
     """Build one of :data:`MODELS` for ``in_size`` x ``in_size`` RGB inputs.
+
+    The model records its feature-map points in ``fm_points`` (see
+    :mod:`porder.train.fm`).
 
     Raises
     ------
