@@ -43,11 +43,10 @@ source kind (:mod:`.cifar`, :mod:`.folders`, :mod:`.synthetic` with
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 
-from .base import Batch, Source, SourceError, _check_int, _one_line
-from .cifar import _cifar_kind, _open_cifar_archive, _open_cifar_folder
+from .base import Batch, Source, SourceError, _check_int, _one_line, printable
+from .cifar import _cifar_kind, _open_cifar_archive, _open_cifar_folder, is_archive
 from .decode import IMAGE_EXTENSIONS, RESAMPLE
 from .folders import _open_folder
 from .synthetic import _DigitsSource, _parse_synthetic, _SyntheticSource
@@ -63,6 +62,8 @@ __all__ = [
 ]
 
 LABEL_CHOICES = ("fine", "coarse")
+# Seeds are stored in the output file as int64.
+MAX_SEED = 2**63 - 1
 ON_ERROR_CHOICES = ("fail", "skip")
 
 SOURCE_HELP = """\
@@ -111,7 +112,7 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
         Fraction of samples held out as the test split, 0 <= f < 1, for
         sources without their own test split (ignored by the others).
     seed : int, optional
-        Seed (>= 0) of the held-out split and of ``synthetic`` images.
+        Seed (0 <= seed <= 2**63 - 1) of the held-out split and of ``synthetic`` images.
     on_error : {'fail', 'skip'}, optional
         What an undecodable image file does: raise, or leave it out and list it
         in :attr:`Batch.skipped`.
@@ -133,7 +134,7 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
     """
     spec_text = str(spec)
     size = _check_int("size", size, 1)
-    seed = _check_int("seed", seed, 0)
+    seed = _check_int("seed", seed, 0, MAX_SEED)
     if label not in LABEL_CHOICES:
         raise SourceError(f"label must be one of {list(LABEL_CHOICES)}, got {label!r}")
     if on_error not in ON_ERROR_CHOICES:
@@ -156,13 +157,14 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
                                 workers)
 
     path = Path(spec_text).expanduser()
+    shown = printable(spec_text)
     try:
         if not path.exists():
-            raise SourceError(f"source '{spec_text}' does not exist; give a CIFAR folder or "
+            raise SourceError(f"source '{shown}' does not exist; give a CIFAR folder or "
                               f".tar.gz, an image folder, synthetic:N[:C] or digits")
-        if path.is_file():
-            if not tarfile.is_tarfile(path):
-                raise SourceError(f"source '{spec_text}' is a file but not a CIFAR .tar.gz "
+        if not path.is_dir():
+            if not is_archive(path):
+                raise SourceError(f"source '{shown}' is a file but not a CIFAR .tar.gz "
                                   f"archive; give a folder of images or a CIFAR archive")
             return _open_cifar_archive(spec_text, path, label, size)
         kind = _cifar_kind({p.name for p in path.iterdir() if p.is_file()})
@@ -172,5 +174,5 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
             raise SourceError(f"label='coarse' needs CIFAR-100, but '{spec_text}' is an "
                               f"image folder; use label='fine'")
         return _open_folder(spec_text, path, size, test_fraction, seed, on_error, workers)
-    except OSError as exc:  # unreadable folder or file
-        raise SourceError(f"cannot read source '{spec_text}': {_one_line(exc)}") from None
+    except OSError as exc:  # unreadable folder or file, or not a regular file
+        raise SourceError(f"cannot read source '{shown}': {_one_line(exc)}") from None
