@@ -14,9 +14,10 @@ from pathlib import Path
 import click
 
 from ..measures import MEASURES
-from .common import CONTEXT, interruptible, library_errors
+from .common import CONTEXT, SEED, FiniteFloat, interruptible, library_errors
 
 ARCHS = ("vgg", "resnet", "inception")  # == porder.train.models.MODELS (checked by the tests)
+MAX_WIDTH = 16.0  # == porder.train.config.MAX_WIDTH (checked by the tests)
 DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
 
 
@@ -68,9 +69,9 @@ class TrainProgress:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-a", "--arch", type=click.Choice(ARCHS), default="vgg", show_default=True,
               help="VGG-16-BN, ResNet-18 or Inception-v3 (CIFAR-sized).")
-@click.option("--width", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--width", type=FiniteFloat(min=0, min_open=True, max=MAX_WIDTH), default=1.0,
               show_default=True, help="Channel multiplier (0.125-0.25 for a CPU).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3,
               show_default=True, help="Adam learning rate.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per step; 1 = online training, as in the paper.")
@@ -78,7 +79,7 @@ class TrainProgress:
               help="Optimizer steps.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Steps between test evaluations and checkpoints.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the weights, the batch order and dropout.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
               help="auto picks CUDA when torch sees a GPU.")
@@ -182,9 +183,9 @@ def _list_option(kind, name, check=None):
               help="Seeds per configuration (0..N-1).")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Optimizer steps per run.")
-@click.option("--width", type=click.FloatRange(min=0, min_open=True), default=0.25,
+@click.option("--width", type=FiniteFloat(min=0, min_open=True, max=MAX_WIDTH), default=0.25,
               show_default=True, help="Channel multiplier of every network.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3,
               show_default=True, help="Adam learning rate.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per step (1 = online training).")
@@ -194,7 +195,7 @@ def _list_option(kind, name, check=None):
               help="Images are resized to SIZE x SIZE.")
 @click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
               help="Histogram bins of the measures.")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--test-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True),
               default=0.1, show_default=True,
               help="Held-out share for sources without a test split.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)

@@ -26,7 +26,12 @@ class Data:
         self.path = Path(path)
         self.meta = read_meta(path)
         self.classes = list(self.meta["classes"])
-        self.size = int(self.meta["image_size"])
+        try:
+            self.size = int(self.meta["image_size"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"'{path}' has no valid image_size attribute "
+                             f"(got {self.meta.get('image_size')!r}); remake the file with "
+                             f"`porder reorder`") from None
         if self.meta["splits"].get("train", 0) < 1 or self.meta["splits"].get("test", 0) < 1:
             raise ValueError(f"'{path}' needs images in both train and test splits, has "
                              f"{self.meta['splits']}")
