@@ -70,27 +70,29 @@ def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> in
     return int(value)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# What HDF5 strings cannot hold: lone surrogates (bytes that are not UTF-8) and NUL.
+_UNSTORABLE = re.compile("[\ud800-\udfff\x00]")
 _UNPRINTABLE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
 
 
-def _escape_surrogate(m: re.Match) -> str:
+def _escape_unstorable(m: re.Match) -> str:
     o = ord(m.group())
-    return f"\\x{o - 0xDC00:02x}" if 0xDC80 <= o <= 0xDCFF else f"\\u{o:04x}"
+    return f"\\x{o & 0xFF:02x}" if o == 0 or 0xDC80 <= o <= 0xDCFF else f"\\u{o:04x}"
 
 
 def stored_name(name) -> str:
-    """A file, folder or class name as porder stores it: valid UTF-8 text.
+    """A file, folder or class name as porder stores it: valid UTF-8 text without NUL.
 
     Names are kept exactly, except for bytes that are not UTF-8 (on Linux,
-    ``os.fsdecode`` gives them as the surrogate escapes U+DC80..U+DCFF): each such
-    byte is written ``\\xNN`` (``café`` in Latin-1 is stored ``caf\\xe9``), so the
-    stored name shows the original bytes. ``bytes`` names are decoded the same way.
+    ``os.fsdecode`` gives them as the surrogate escapes U+DC80..U+DCFF) and NUL
+    characters (from a CIFAR meta file): each such byte is written ``\\xNN``
+    (``café`` in Latin-1 is stored ``caf\\xe9``), so the stored name shows the
+    original bytes. ``bytes`` names are decoded the same way.
     """
     if isinstance(name, bytes):
-        return name.decode("utf-8", "backslashreplace")
+        name = name.decode("utf-8", "surrogateescape")
     name = str(name)
-    return name if name.isascii() else _SURROGATE.sub(_escape_surrogate, name)
+    return _UNSTORABLE.sub(_escape_unstorable, name) if not name.isprintable() else name
 
 
 def printable(text) -> str:

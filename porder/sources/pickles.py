@@ -77,6 +77,7 @@ for _core in ("numpy.core", "numpy._core"):
 _NAMES[("numpy", "ndarray")] = "ndarray"
 _NAMES[("numpy", "dtype")] = "dtype"
 _NAMES[("_codecs", "encode")] = "encode"
+_NAMES[("__builtin__", "bytes")] = _NAMES[("builtins", "bytes")] = "bytes"  # bytes() = b""
 
 
 def _name(module, name) -> _Name:
@@ -87,6 +88,13 @@ def _name(module, name) -> _Name:
         raise PickleError(f"refusing to load {module[:60]}.{name[:60]}: a CIFAR pickle holds "
                           f"only lists, strings, numbers and integer NumPy arrays")
     return _Name(role)
+
+
+def _ascii(x) -> str | None:
+    """Text given as str (Python 3) or bytes (Python 2 str), or None."""
+    if isinstance(x, bytes):
+        return x.decode("ascii", "replace")
+    return x if isinstance(x, str) else None
 
 
 def _dtype_of(obj) -> np.dtype:
@@ -116,6 +124,10 @@ def _reduce(func, args):
     if not isinstance(func, _Name) or not isinstance(args, tuple):
         raise PickleError("REDUCE of something that is not an allowed NumPy builder")
     role = func.role
+    if role == "bytes":  # protocols 0-2 write b"" as bytes()
+        if args:
+            raise PickleError("bytes() called with arguments")
+        return b""
     if role == "encode":  # _codecs.encode(text, 'latin1'): protocol 2's bytes
         if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1",
                                                                               "latin-1"):
@@ -124,12 +136,13 @@ def _reduce(func, args):
             return args[0].encode("latin-1")
         except UnicodeEncodeError:
             raise PickleError("_codecs.encode of text that is not latin-1") from None
-    if role == "dtype":
-        if not args or not isinstance(args[0], str) or args[0] not in ALLOWED_DTYPES:
+    if role == "dtype":  # the name is bytes in Python 2 files
+        name = _ascii(args[0]) if args else None
+        if name not in ALLOWED_DTYPES:
             shown = repr(args[0])[:40] if args else "nothing"
             raise PickleError(f"refusing NumPy dtype {shown}: only integer arrays "
                               f"({', '.join(sorted(ALLOWED_DTYPES))}) are accepted")
-        return _Dtype(args[0])
+        return _Dtype(name)
     if role == "reconstruct":  # _reconstruct(ndarray, shape, typecode); the shape is ignored
         if len(args) != 3 or not isinstance(args[0], _Name) or args[0].role != "ndarray":
             raise PickleError("_reconstruct of something other than numpy.ndarray")
@@ -152,12 +165,13 @@ def _build(obj, state) -> None:
     """BUILD: set the state of a dtype (byte order) or of a reconstructed array."""
     if isinstance(obj, _Dtype):
         # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
+        order = _ascii(state[1]) if isinstance(state, tuple) and len(state) > 1 else None
         if (not isinstance(state, tuple) or len(state) not in (8, 9)
-                or state[1] not in ("<", ">", "|", "=")
+                or order not in ("<", ">", "|", "=")
                 or any(s is not None for s in state[2:5])):
             raise PickleError("a NumPy dtype state other than a plain integer dtype's")
-        if state[1] in "<>" and obj.dtype.itemsize > 1:
-            obj.dtype = obj.dtype.newbyteorder(state[1])
+        if order in ("<", ">") and obj.dtype.itemsize > 1:
+            obj.dtype = obj.dtype.newbyteorder(order)
         return
     if isinstance(obj, _Array):
         if obj.array is not None:
@@ -190,32 +204,6 @@ def _hashable(key):
     return key
 
 
-class _Reader:
-    def __init__(self, data):
-        self.buf = data if isinstance(data, bytes) else bytes(data)
-        self.data = memoryview(self.buf)
-        self.pos = 0
-
-    def take(self, n: int) -> memoryview:
-        if n < 0 or n > len(self.data) - self.pos:
-            raise PickleError(f"the pickle ends early (it declares {n} more bytes at offset "
-                              f"{self.pos}, {len(self.data) - self.pos} remain)")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def uint(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "little")
-
-    def line(self) -> bytes:
-        end = self.buf.find(b"\n", self.pos)
-        if end < 0:
-            raise PickleError(f"a text field without an end of line at offset {self.pos}")
-        out = self.buf[self.pos:end]
-        self.pos = end + 1
-        return out
-
-
 def _text_int(line: bytes) -> int:
     text = line.rstrip(b"L").decode("ascii", "replace")
     if len(text) > 400:
@@ -233,6 +221,260 @@ def _quoted(line: bytes) -> bytes:
         return codecs.escape_decode(line[1:-1])[0]
     except ValueError:
         raise PickleError("a malformed quoted string") from None
+
+
+def _utf8(raw) -> str:
+    try:
+        return str(raw, "utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise PickleError("a string that is not UTF-8") from None
+
+
+class _Machine:
+    """The pickle virtual machine, restricted to plain data (one method per opcode)."""
+
+    def __init__(self, data):
+        self.buf = data if isinstance(data, bytes) else bytes(data)
+        self.view = memoryview(self.buf)
+        self.pos = 0
+        self.stack: list = []
+        self.marks: list[int] = []
+        self.memo: dict[int, object] = {}
+
+    # -- reading the input --------------------------------------------------
+
+    def take(self, n: int) -> memoryview:
+        if n > len(self.buf) - self.pos:
+            raise PickleError(f"the pickle ends early (it declares {n} more bytes at offset "
+                              f"{self.pos}, {len(self.buf) - self.pos} remain)")
+        out = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def uint(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "little")
+
+    def line(self) -> bytes:
+        end = self.buf.find(b"\n", self.pos)
+        if end < 0:
+            raise PickleError(f"a text field without an end of line at offset {self.pos}")
+        out = self.buf[self.pos:end]
+        self.pos = end + 1
+        return out
+
+    # -- the stack -----------------------------------------------------------
+
+    def pop(self):
+        stack = self.stack
+        if not stack or (self.marks and len(stack) <= self.marks[-1]):
+            raise PickleError("the pickle's stack is empty where a value was expected")
+        return stack.pop()
+
+    def top(self):
+        if not self.stack:
+            raise PickleError("the pickle's stack is empty where a value was expected")
+        return self.stack[-1]
+
+    def pop_mark(self) -> list:
+        if not self.marks:
+            raise PickleError("a MARK is missing")
+        at = self.marks.pop()
+        items = self.stack[at:]
+        del self.stack[at:]
+        return items
+
+    def push(self, value) -> None:
+        self.stack.append(value)
+
+    def put(self, index: int) -> None:
+        self.memo[index] = self.top()
+
+    def get(self, index: int) -> None:
+        if index not in self.memo:
+            raise PickleError(f"a memo reference {index} to nothing")
+        self.stack.append(self.memo[index])
+
+    # -- opcodes ---------------------------------------------------------------
+
+    def op_proto(self):
+        if self.uint(1) > 5:
+            raise PickleError("a pickle protocol above 5")
+
+    def op_frame(self):  # only a hint for buffering
+        if self.uint(8) > len(self.buf) - self.pos:
+            raise PickleError("a frame longer than the pickle")
+
+    def op_mark(self):
+        self.marks.append(len(self.stack))
+
+    def op_pop(self):
+        self.pop()
+
+    def op_pop_mark(self):
+        self.pop_mark()
+
+    def op_dup(self):
+        self.push(self.top())
+
+    def op_int(self):  # text; "00"/"01" are False/True
+        line = self.line()
+        self.push(line == b"01" if line in (b"00", b"01") else _text_int(line))
+
+    def op_binint(self):
+        self.push(struct.unpack("<i", self.take(4))[0])
+
+    def op_binint1(self):
+        self.push(self.uint(1))
+
+    def op_binint2(self):
+        self.push(self.uint(2))
+
+    def op_long(self):
+        self.push(_text_int(self.line()))
+
+    def _long(self, width: int):
+        n = self.uint(width)
+        if n > 256:
+            raise PickleError("an integer of more than 256 bytes")
+        self.push(int.from_bytes(self.take(n), "little", signed=True))
+
+    def op_float(self):
+        try:
+            self.push(float(self.line()))
+        except ValueError:
+            raise PickleError("a malformed float") from None
+
+    def op_binfloat(self):
+        self.push(struct.unpack(">d", self.take(8))[0])
+
+    def op_string(self):  # protocol 0: a Python 2 str -> bytes
+        self.push(_quoted(self.line()))
+
+    def _bytes(self, width: int):  # BINSTRING & co: Python 2 str -> bytes (encoding="bytes")
+        self.push(bytes(self.take(self.uint(width))))
+
+    def op_bytearray8(self):  # protocol 5 in-band buffer
+        self.push(bytearray(self.take(self.uint(8))))
+
+    def op_unicode(self):  # protocol 0
+        try:
+            self.push(self.line().decode("raw-unicode-escape"))
+        except UnicodeDecodeError:
+            raise PickleError("a malformed unicode string") from None
+
+    def _unicode(self, width: int):
+        self.push(_utf8(self.take(self.uint(width))))
+
+    def op_list(self):
+        self.push([_finish(x) for x in self.pop_mark()])
+
+    def op_tuple(self):
+        self.push(tuple(self.pop_mark()))
+
+    def _tuple(self, n: int):
+        stack = self.stack
+        if len(stack) - n < (self.marks[-1] if self.marks else 0):
+            raise PickleError("the pickle's stack is empty where a value was expected")
+        items = tuple(stack[-n:])
+        del stack[-n:]
+        stack.append(items)
+
+    def op_dict(self):
+        items = self.pop_mark()
+        if len(items) % 2:
+            raise PickleError("a dict with a key but no value")
+        self.push({_hashable(items[i]): _finish(items[i + 1]) for i in range(0, len(items), 2)})
+
+    def op_append(self):
+        value = _finish(self.pop())
+        target = self.top()
+        if not isinstance(target, list):
+            raise PickleError("APPEND to something that is not a list")
+        target.append(value)
+
+    def op_appends(self):
+        items = self.pop_mark()
+        target = self.top()
+        if not isinstance(target, list):
+            raise PickleError("APPENDS to something that is not a list")
+        target.extend(_finish(x) for x in items)
+
+    def op_setitem(self):
+        value, key = _finish(self.pop()), self.pop()
+        target = self.top()
+        if not isinstance(target, dict):
+            raise PickleError("SETITEM on something that is not a dict")
+        target[_hashable(key)] = value
+
+    def op_setitems(self):
+        items = self.pop_mark()
+        target = self.top()
+        if not isinstance(target, dict) or len(items) % 2:
+            raise PickleError("SETITEMS on something that is not a dict")
+        for i in range(0, len(items), 2):
+            target[_hashable(items[i])] = _finish(items[i + 1])
+
+    def op_memoize(self):
+        self.put(len(self.memo))
+
+    def op_global(self):  # 'module\nname\n'
+        module = self.line().decode("ascii", "replace")
+        self.push(_name(module, self.line().decode("ascii", "replace")))
+
+    def op_stack_global(self):
+        name = self.pop()
+        self.push(_name(self.pop(), name))
+
+    def op_reduce(self):
+        args = self.pop()
+        self.push(_reduce(self.pop(), args))
+
+    def op_build(self):
+        state = self.pop()
+        _build(self.top(), state)
+
+    def run(self):
+        ops = _OPCODES
+        buf = self.buf
+        for _ in range(MAX_OPCODES):
+            if self.pos >= len(buf):
+                raise PickleError("the pickle ends without its STOP opcode (truncated?)")
+            op = buf[self.pos]
+            self.pos += 1
+            if op == 0x2E:  # STOP
+                return _finish(self.pop())
+            handler = ops.get(op)
+            if handler is None:
+                raise PickleError(f"unsupported pickle opcode {bytes([op])!r} at offset "
+                                  f"{self.pos - 1}")
+            handler(self)
+        raise PickleError(f"more than {MAX_OPCODES:,} opcodes: not a CIFAR batch")
+
+
+_M = _Machine
+_OPCODES = {ord(code): handler for code, handler in {
+    "\x80": _M.op_proto, "\x95": _M.op_frame, "(": _M.op_mark, "0": _M.op_pop,
+    "1": _M.op_pop_mark, "2": _M.op_dup,
+    "N": lambda m: m.push(None), "\x88": lambda m: m.push(True),
+    "\x89": lambda m: m.push(False),
+    "I": _M.op_int, "J": _M.op_binint, "K": _M.op_binint1, "M": _M.op_binint2,
+    "L": _M.op_long, "\x8a": lambda m: m._long(1), "\x8b": lambda m: m._long(4),
+    "F": _M.op_float, "G": _M.op_binfloat,
+    "S": _M.op_string, "T": lambda m: m._bytes(4), "U": lambda m: m._bytes(1),
+    "B": lambda m: m._bytes(4), "C": lambda m: m._bytes(1), "\x8e": lambda m: m._bytes(8),
+    "\x96": _M.op_bytearray8,
+    "V": _M.op_unicode, "X": lambda m: m._unicode(4), "\x8c": lambda m: m._unicode(1),
+    "\x8d": lambda m: m._unicode(8),
+    "]": lambda m: m.push([]), ")": lambda m: m.push(()), "}": lambda m: m.push({}),
+    "l": _M.op_list, "t": _M.op_tuple, "\x85": lambda m: m._tuple(1),
+    "\x86": lambda m: m._tuple(2), "\x87": lambda m: m._tuple(3), "d": _M.op_dict,
+    "a": _M.op_append, "e": _M.op_appends, "s": _M.op_setitem, "u": _M.op_setitems,
+    "p": lambda m: m.put(_text_int(m.line())), "q": lambda m: m.put(m.uint(1)),
+    "r": lambda m: m.put(m.uint(4)), "\x94": _M.op_memoize,
+    "g": lambda m: m.get(_text_int(m.line())), "h": lambda m: m.get(m.uint(1)),
+    "j": lambda m: m.get(m.uint(4)),
+    "c": _M.op_global, "\x93": _M.op_stack_global, "R": _M.op_reduce, "b": _M.op_build,
+}.items()}
 
 
 def load_cifar_pickle(data) -> object:
@@ -255,181 +497,4 @@ def load_cifar_pickle(data) -> object:
         Anything but plain data or an integer array, a truncated or malformed
         pickle; the message says what was found.
     """
-    r = _Reader(data)
-    stack: list = []
-    marks: list[int] = []
-    memo: dict[int, object] = {}
-
-    def pop_mark() -> list:
-        if not marks:
-            raise PickleError("a MARK is missing")
-        at = marks.pop()
-        items = stack[at:]
-        del stack[at:]
-        return items
-
-    def pop():
-        if not stack or (marks and len(stack) <= marks[-1]):
-            raise PickleError("the pickle's stack is empty where a value was expected")
-        return stack.pop()
-
-    def top():
-        if not stack:
-            raise PickleError("the pickle's stack is empty where a value was expected")
-        return stack[-1]
-
-    def put(index: int) -> None:
-        memo[index] = top()
-
-    def get(index: int):
-        if index not in memo:
-            raise PickleError(f"a memo reference {index} to nothing")
-        stack.append(memo[index])
-
-    def text(raw) -> str:
-        try:
-            return str(raw, "utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            raise PickleError("a string that is not UTF-8") from None
-
-    for _ in range(MAX_OPCODES):
-        if r.pos >= len(r.data):
-            raise PickleError("the pickle ends without its STOP opcode (truncated?)")
-        op = r.data[r.pos]
-        r.pos += 1
-        c = chr(op)
-        if c == "\x80":  # PROTO
-            if r.uint(1) > 5:
-                raise PickleError("a pickle protocol above 5")
-        elif c == "\x95":  # FRAME: only a hint for buffering
-            if r.uint(8) > len(r.data) - r.pos:
-                raise PickleError("a frame longer than the pickle")
-        elif c == ".":  # STOP
-            return _finish(pop())
-        elif c == "(":
-            marks.append(len(stack))
-        elif c == "0":
-            pop()
-        elif c == "1":
-            pop_mark()
-        elif c == "2":
-            stack.append(top())
-        elif c == "N":
-            stack.append(None)
-        elif c == "\x88":
-            stack.append(True)
-        elif c == "\x89":
-            stack.append(False)
-        elif c == "I":  # INT (text); "00"/"01" are False/True
-            line = r.line()
-            stack.append(line == b"01" if line in (b"00", b"01") else _text_int(line))
-        elif c == "J":
-            stack.append(struct.unpack("<i", r.take(4))[0])
-        elif c == "K":
-            stack.append(r.uint(1))
-        elif c == "M":
-            stack.append(r.uint(2))
-        elif c == "L":
-            stack.append(_text_int(r.line()))
-        elif c in "\x8a\x8b":  # LONG1, LONG4
-            n = r.uint(1 if c == "\x8a" else 4)
-            if n > 256:
-                raise PickleError("an integer of more than 256 bytes")
-            stack.append(int.from_bytes(r.take(n), "little", signed=True))
-        elif c == "F":
-            try:
-                stack.append(float(r.line()))
-            except ValueError:
-                raise PickleError("a malformed float") from None
-        elif c == "G":
-            stack.append(struct.unpack(">d", r.take(8))[0])
-        elif c == "S":  # STRING (protocol 0): a Python 2 str -> bytes
-            stack.append(_quoted(r.line()))
-        elif c in "TU":  # BINSTRING, SHORT_BINSTRING -> bytes (encoding="bytes")
-            stack.append(bytes(r.take(r.uint(4 if c == "T" else 1))))
-        elif c in "BC\x8e":  # BINBYTES, SHORT_BINBYTES, BINBYTES8
-            stack.append(bytes(r.take(r.uint({"B": 4, "C": 1, "\x8e": 8}[c]))))
-        elif c == "\x96":  # BYTEARRAY8 (protocol 5 in-band buffer)
-            stack.append(bytearray(r.take(r.uint(8))))
-        elif c == "V":  # UNICODE (protocol 0)
-            try:
-                stack.append(r.line().decode("raw-unicode-escape"))
-            except UnicodeDecodeError:
-                raise PickleError("a malformed unicode string") from None
-        elif c in "X\x8c\x8d":  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
-            stack.append(text(r.take(r.uint({"X": 4, "\x8c": 1, "\x8d": 8}[c]))))
-        elif c == "]":
-            stack.append([])
-        elif c == ")":
-            stack.append(())
-        elif c == "}":
-            stack.append({})
-        elif c == "l":
-            stack.append([_finish(x) for x in pop_mark()])
-        elif c == "t":
-            stack.append(tuple(pop_mark()))
-        elif c in "\x85\x86\x87":  # TUPLE1..3
-            n = ord(c) - 0x84
-            items = [pop() for _ in range(n)][::-1]
-            stack.append(tuple(items))
-        elif c == "d":
-            items = pop_mark()
-            if len(items) % 2:
-                raise PickleError("a dict with a key but no value")
-            stack.append({_hashable(items[i]): _finish(items[i + 1])
-                          for i in range(0, len(items), 2)})
-        elif c == "a":
-            value = _finish(pop())
-            target = top()
-            if not isinstance(target, list):
-                raise PickleError("APPEND to something that is not a list")
-            target.append(value)
-        elif c == "e":
-            items = pop_mark()
-            target = top()
-            if not isinstance(target, list):
-                raise PickleError("APPENDS to something that is not a list")
-            target.extend(_finish(x) for x in items)
-        elif c == "s":
-            value, key = _finish(pop()), pop()
-            target = top()
-            if not isinstance(target, dict):
-                raise PickleError("SETITEM on something that is not a dict")
-            target[_hashable(key)] = value
-        elif c == "u":
-            items = pop_mark()
-            target = top()
-            if not isinstance(target, dict) or len(items) % 2:
-                raise PickleError("SETITEMS on something that is not a dict")
-            for i in range(0, len(items), 2):
-                target[_hashable(items[i])] = _finish(items[i + 1])
-        elif c == "p":
-            put(_text_int(r.line()))
-        elif c == "q":
-            put(r.uint(1))
-        elif c == "r":
-            put(r.uint(4))
-        elif c == "\x94":  # MEMOIZE
-            put(len(memo))
-        elif c == "g":
-            get(_text_int(r.line()))
-        elif c == "h":
-            get(r.uint(1))
-        elif c == "j":
-            get(r.uint(4))
-        elif c == "c":  # GLOBAL 'module\nname\n'
-            module = r.line().decode("ascii", "replace")
-            stack.append(_name(module, r.line().decode("ascii", "replace")))
-        elif c == "\x93":  # STACK_GLOBAL
-            name = pop()
-            stack.append(_name(pop(), name))
-        elif c == "R":
-            args = pop()
-            stack.append(_reduce(pop(), args))
-        elif c == "b":
-            state = pop()
-            _build(top(), state)
-        else:
-            raise PickleError(f"unsupported pickle opcode {bytes([op])!r} at offset "
-                              f"{r.pos - 1}")
-    raise PickleError(f"more than {MAX_OPCODES:,} opcodes: not a CIFAR batch")
+    return _Machine(data).run()
