@@ -318,7 +318,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
                         f"the last good checkpoint (step {since}) is kept in '{out}'")
                 raise TrainingDiverged(
                     f"training diverged: the {key.replace('_', ' ')} is {value} at step "
-                    f"{step} (--lr {cfg.lr:g}); lower --lr; {kept}")
+                    f"{step} (--lr {cfg.lr:g}); start a new run with a lower --lr; {kept}")
 
     def evaluated(stats: dict, since: Optional[int]) -> dict:
         with _memory_hint(f"evaluating the {cfg.arch} model at --width {cfg.width:g}",
