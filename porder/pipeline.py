@@ -20,6 +20,7 @@ from .measures import _check_bins, get_measure
 from .patches import check_patch_size
 from .reorder import reorder
 from .sources import open_source
+from .sources.base import stored_name
 from .store import SPLITS, StoreError, Writer, partial_path
 
 # progress(split, samples_done, samples_total) after each batch
@@ -140,7 +141,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
     meta = {
         "measure": m.name, "patch": patch, "bins": bins, "reference": reference,
         "direction": "descending" if desc else "ascending", "image_size": size,
-        "source": source, "source_kind": src.kind, "seed": seed, "label": label,
+        "source": stored_name(source), "source_kind": src.kind, "seed": seed, "label": label,
         "test_fraction": test_fraction, "on_error": on_error,
         "shard_index": shard[0] if shard else 0, "shard_count": shard[1] if shard else 1,
     }

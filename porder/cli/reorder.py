@@ -112,7 +112,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
                 result = build_cache(source, out, progress=reporter, **options)
     except KeyboardInterrupt:
         reporter.close()
-        click.echo(f"Interrupted: partial output kept in {out}.part; "
+        click.echo(f"Interrupted: partial output kept in {printable(out)}.part; "
                    f"run the same command with --resume to continue.", err=True)
         sys.exit(130)
     finally:
@@ -121,7 +121,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     dt = time.perf_counter() - t0
     rows = sum(result.rows.values())
     skipped = sum(result.skipped.values())
-    click.echo(f"Wrote {result.path}: " + ", ".join(f"{k} {v}" for k, v in result.rows.items())
+    click.echo(f"Wrote {printable(result.path)}: " + ", ".join(f"{k} {v}" for k, v in result.rows.items())
                + f" images ({rows / max(dt, 1e-9):.0f} img/s)"
                + (f"; skipped {skipped} unreadable (listed in the file)" if skipped else ""),
                err=True)

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from ..measures import get_measure
 from ..patches import check_patch_size
+from ..sources.base import stored_name
 from ..store import partial_path, read_meta
 
 
@@ -160,7 +161,7 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
 
 def _check_cache(path: Path, *, source, measure, patch, size, bins, test_fraction):
     meta = read_meta(path)
-    want = {"measure": measure, "image_size": size, "source": source, "bins": bins,
+    want = {"measure": measure, "image_size": size, "source": stored_name(source), "bins": bins,
             "test_fraction": test_fraction}
     if measure != "none":
         want["patch"] = patch

@@ -133,16 +133,18 @@ def test_unlistable_folder_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_odd_names_are_stored_and_escaped_on_output(tmp_path):
-    root = os.fsencode(tmp_path / "d")
+    root = os.fsencode(tmp_path) + b"/d\xff"  # the source itself, too
     for cls, name in ((b"caf\xe9", b"\xff.png"), (b"evil\x1b[31m", b"new\nline.png"),
                       (b"plain", b"0.png")):
         path = os.path.join(root, cls, name)
         os.makedirs(os.path.dirname(path))
         Image.new("RGB", (32, 32), (9, 99, 199)).save(os.fsdecode(path), format="PNG")
-    out = tmp_path / "out.h5"
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/out\xfe.h5"))
     res = run("reorder", "--no-progress", "--test-fraction", 0, os.fsdecode(root), out)
     assert res.exit_code == 0, res.output
+    assert f"Wrote {tmp_path}/out\\xfe.h5: train 3" in res.output
     meta = read_meta(out)
+    assert meta["source"] == f"{tmp_path}/d\\xff"
     assert meta["classes"] == ["caf\\xe9", "evil\x1b[31m", "plain"]
     assert read_split(out, "train")["names"] == ["caf\\xe9/\\xff.png", "evil\x1b[31m/new\nline.png",
                                                  "plain/0.png"]

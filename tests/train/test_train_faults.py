@@ -202,3 +202,16 @@ def test_config_json_of_a_good_run_is_unchanged(finished):
     out, _ = finished
     cfg = json.loads((out / "config.json").read_text())["config"]
     assert cfg["width"] == 0.0625 and cfg["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("text", ["not json\n", '{"test_loss": 1, "test_acc": 0.5}\n', "[1]\n",
+                                  '{"step": "2", "test_loss": 1, "test_acc": 0.5}\n'])
+def test_damaged_metrics_file_on_resume(tiny, finished, tmp_path, text):
+    out, _ = finished
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in out.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    (run / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + text)
+    assert_error(train_cli(tiny, run, "--resume"), f"'{run / 'metrics.jsonl'}' line 3 is not "
+                                                   f"a metrics row")
