@@ -11,11 +11,15 @@ Accepted SOURCE forms (see :data:`SOURCE_HELP`)
 * CIFAR-10 / CIFAR-100, the official *python* version: the extracted folder
   (``cifar-10-batches-py/``, ``cifar-100-python/``) or the archive as
   distributed (``.tar.gz``, read in one pass without extracting). Pickles are
-  loaded by a restricted unpickler that only accepts NumPy arrays, so a
-  malicious archive cannot run code.
+  read by porder's own opcode reader (:mod:`.pickles`), which builds only
+  plain data and integer NumPy arrays, and sizes are checked before anything
+  is read, so a malicious file can neither run code nor exhaust memory.
 * An image folder with one sub-folder per class (class names are the sorted
-  sub-folder names; images are found recursively inside a class folder),
-  optionally below ``train/`` and ``test/``, which must hold the same classes.
+  sub-folder names; images are found recursively inside a class folder,
+  following linked folders), optionally below ``train/`` and ``test/``, which
+  must hold the same classes. A folder that cannot be listed (or a link loop)
+  is an error naming it; with ``on_error="skip"`` it is left out and listed
+  in :attr:`Batch.skipped`.
 * The Kaggle Dogs vs. Cats layout: images directly inside a folder, named
   ``<label>.<id>.<ext>`` (``cat.12.jpg`` is class ``cat``).
 * ``synthetic:N[:C]``: N generated images of C classes (default 10).
@@ -32,13 +36,22 @@ order. Samples are read in a fixed order (natural order of file names, e.g.
 ``cat.2.jpg`` before ``cat.10.jpg``), so resuming at sample ``start`` gives
 exactly the batches an uninterrupted run would have given.
 
-How image files become RGB arrays (modes, EXIF, resizing, bad files) is
-stated once, in :mod:`porder.sources.decode`.
+How image files become RGB arrays (modes, EXIF, resizing, bad files, files
+that are not regular files) is stated once, in :mod:`porder.sources.decode`.
 
-Layout: :mod:`.base` (Source, Batch, the held-out split), :mod:`.decode`
-(Pillow decoding and resizing, the thread-pool file source), one module per
-source kind (:mod:`.cifar`, :mod:`.folders`, :mod:`.synthetic` with
-``digits``), and :func:`open_source` here, which picks the kind.
+Names
+-----
+Class names and sample names are kept exactly as the file system or the CIFAR
+meta file gives them, except for what an HDF5 string cannot hold: bytes that
+are not UTF-8 and NUL are written ``\\xNN`` (see
+:func:`porder.sources.base.stored_name`). Messages show names with control
+characters escaped (:func:`porder.sources.base.printable`).
+
+Layout: :mod:`.base` (Source, Batch, the held-out split, names, opening
+regular files), :mod:`.decode` (Pillow decoding and resizing, the thread-pool
+file source), one module per source kind (:mod:`.cifar` with its pickle
+reader :mod:`.pickles`, :mod:`.folders`, :mod:`.synthetic` with ``digits``),
+and :func:`open_source` here, which picks the kind.
 """
 from __future__ import annotations
 

@@ -11,15 +11,10 @@ What is understood
   integers, floats, ``str``, ``bytes`` (Python 2 ``str`` becomes ``bytes``, as
   ``pickle.load(..., encoding="bytes")`` does), lists, tuples, dicts (keys must
   be ``str``, ``bytes`` or ``int``), the memo, marks.
-* Five names, each replaced by a small builder of our own, never imported:
-  ``numpy.dtype(name, ...)`` for the integer dtypes only (``i1 .. i8``,
-  ``u1 .. u8``, any byte order; never object, void, string or structured
-  dtypes), ``numpy[._]core.multiarray._reconstruct`` + ``BUILD`` (how NumPy
-  pickles an array up to protocol 4: the array is made from the raw bytes of
-  its state after checking that shape x itemsize is their length),
-  ``numpy[._]core.numeric._frombuffer`` (protocol 5, same check),
-  ``numpy[._]core.multiarray.scalar`` (an integer scalar) and
-  ``_codecs.encode(text, 'latin1')`` (how protocol 2 stores bytes in Python 3).
+* The few names NumPy's own pickles use (``numpy.dtype``, ``_reconstruct``,
+  ``_frombuffer``, ``scalar``) and ``_codecs.encode``, each replaced by a small
+  builder of porder's own, never imported, that makes integer arrays only
+  (:mod:`.pickle_numpy` says exactly what each accepts).
 
 Anything else is refused with :class:`PickleError`. Memory is bounded by the
 input: every length is checked against the bytes that remain before anything
@@ -29,173 +24,15 @@ shape of ``_reconstruct`` is never allocated.
 from __future__ import annotations
 
 import codecs
-import math
 import struct
 
-import numpy as np
+from .pickle_numpy import PickleError, _build, _finish, _name, _reduce
 
 __all__ = ["PickleError", "load_cifar_pickle"]
 
-# The integer dtypes an array or scalar may have (``numpy.dtype(name)`` names).
-ALLOWED_DTYPES = frozenset({"i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"})
-MAX_DIMS = 32
 # Opcodes read at most. Each makes at most one small object (under ~100 bytes), so
 # this bounds memory beyond the input itself; CIFAR-100's `train` needs about 250,000.
 MAX_OPCODES = 2_000_000
-
-
-class PickleError(ValueError):
-    """A pickle that is not plain CIFAR data: malformed, truncated, or naming something else."""
-
-
-class _Name:
-    """A name from GLOBAL / STACK_GLOBAL that is one of ours (never imported)."""
-
-    def __init__(self, role: str):
-        self.role = role
-
-
-class _Dtype:
-    """``numpy.dtype(name)`` of an allowed integer dtype; BUILD may set its byte order."""
-
-    def __init__(self, name: str):
-        self.dtype = np.dtype(name)
-
-
-class _Array:
-    """``_reconstruct(ndarray, ...)``: an array whose content comes with BUILD."""
-
-    def __init__(self):
-        self.array: np.ndarray | None = None
-
-
-_NAMES = {}
-for _core in ("numpy.core", "numpy._core"):
-    _NAMES[(f"{_core}.multiarray", "_reconstruct")] = "reconstruct"
-    _NAMES[(f"{_core}.multiarray", "scalar")] = "scalar"
-    _NAMES[(f"{_core}.numeric", "_frombuffer")] = "frombuffer"
-_NAMES[("numpy", "ndarray")] = "ndarray"
-_NAMES[("numpy", "dtype")] = "dtype"
-_NAMES[("_codecs", "encode")] = "encode"
-_NAMES[("__builtin__", "bytes")] = _NAMES[("builtins", "bytes")] = "bytes"  # bytes() = b""
-
-
-def _name(module, name) -> _Name:
-    if not isinstance(module, str) or not isinstance(name, str):
-        raise PickleError("a global name that is not text")
-    role = _NAMES.get((module, name))
-    if role is None:
-        raise PickleError(f"refusing to load {module[:60]}.{name[:60]}: a CIFAR pickle holds "
-                          f"only lists, strings, numbers and integer NumPy arrays")
-    return _Name(role)
-
-
-def _ascii(x) -> str | None:
-    """Text given as str (Python 3) or bytes (Python 2 str), or None."""
-    if isinstance(x, bytes):
-        return x.decode("ascii", "replace")
-    return x if isinstance(x, str) else None
-
-
-def _dtype_of(obj) -> np.dtype:
-    if not isinstance(obj, _Dtype):
-        raise PickleError("an array or scalar whose dtype is not a numpy.dtype")
-    return obj.dtype
-
-
-def _array_from(raw, dtype: np.dtype, shape, fortran: bool) -> np.ndarray:
-    """The array of ``shape`` over ``raw`` (bytes-like), after checking their sizes agree."""
-    if not isinstance(shape, tuple) or len(shape) > MAX_DIMS or not all(
-            type(d) is int and d >= 0 for d in shape):
-        raise PickleError(f"an array shape that is not a tuple of at most {MAX_DIMS} "
-                          f"non-negative integers")
-    if not isinstance(raw, (bytes, bytearray)):
-        raise PickleError("array data that is not bytes")
-    need = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    if need != len(raw):
-        raise PickleError(f"an array of shape {shape} and dtype {dtype} needs {need} bytes, "
-                          f"the pickle holds {len(raw)}")
-    flat = np.frombuffer(bytes(raw) if isinstance(raw, bytearray) else raw, dtype=dtype)
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def _reduce(func, args):
-    """Apply one of our builders (REDUCE)."""
-    if not isinstance(func, _Name) or not isinstance(args, tuple):
-        raise PickleError("REDUCE of something that is not an allowed NumPy builder")
-    role = func.role
-    if role == "bytes":  # protocols 0-2 write b"" as bytes()
-        if args:
-            raise PickleError("bytes() called with arguments")
-        return b""
-    if role == "encode":  # _codecs.encode(text, 'latin1'): protocol 2's bytes
-        if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1",
-                                                                              "latin-1"):
-            raise PickleError("_codecs.encode used other than as encode(text, 'latin1')")
-        try:
-            return args[0].encode("latin-1")
-        except UnicodeEncodeError:
-            raise PickleError("_codecs.encode of text that is not latin-1") from None
-    if role == "dtype":  # the name is bytes in Python 2 files
-        name = _ascii(args[0]) if args else None
-        if name not in ALLOWED_DTYPES:
-            shown = repr(args[0])[:40] if args else "nothing"
-            raise PickleError(f"refusing NumPy dtype {shown}: only integer arrays "
-                              f"({', '.join(sorted(ALLOWED_DTYPES))}) are accepted")
-        return _Dtype(name)
-    if role == "reconstruct":  # _reconstruct(ndarray, shape, typecode); the shape is ignored
-        if len(args) != 3 or not isinstance(args[0], _Name) or args[0].role != "ndarray":
-            raise PickleError("_reconstruct of something other than numpy.ndarray")
-        return _Array()
-    if role == "frombuffer":  # _frombuffer(buffer, dtype, shape, order): protocol 5
-        if len(args) != 4 or args[3] not in ("C", "F"):
-            raise PickleError("_frombuffer with unexpected arguments")
-        return _array_from(args[0], _dtype_of(args[1]), args[2], args[3] == "F")
-    if role == "scalar":  # scalar(dtype, raw bytes) -> int
-        if len(args) != 2 or not isinstance(args[1], bytes):
-            raise PickleError("a NumPy scalar with unexpected arguments")
-        dtype = _dtype_of(args[0])
-        if len(args[1]) != dtype.itemsize:
-            raise PickleError(f"a {dtype} scalar of {len(args[1])} bytes")
-        return int(np.frombuffer(args[1], dtype=dtype)[0])
-    raise PickleError(f"{role} cannot be called")
-
-
-def _build(obj, state) -> None:
-    """BUILD: set the state of a dtype (byte order) or of a reconstructed array."""
-    if isinstance(obj, _Dtype):
-        # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
-        order = _ascii(state[1]) if isinstance(state, tuple) and len(state) > 1 else None
-        if (not isinstance(state, tuple) or len(state) not in (8, 9)
-                or order not in ("<", ">", "|", "=")
-                or any(s is not None for s in state[2:5])):
-            raise PickleError("a NumPy dtype state other than a plain integer dtype's")
-        if order in ("<", ">") and obj.dtype.itemsize > 1:
-            obj.dtype = obj.dtype.newbyteorder(order)
-        return
-    if isinstance(obj, _Array):
-        if obj.array is not None:
-            raise PickleError("an array built twice")
-        # (version, shape, dtype, is_fortran, raw) or, from old NumPy, without version
-        if isinstance(state, tuple) and len(state) == 5:
-            state = state[1:]
-        if not isinstance(state, tuple) or len(state) != 4 or type(state[2]) not in (bool, int):
-            raise PickleError("an array state other than (shape, dtype, fortran, data)")
-        shape, dtype, fortran, raw = state
-        obj.array = _array_from(raw, _dtype_of(dtype), shape, bool(fortran))
-        return
-    raise PickleError("BUILD of something other than a NumPy array or dtype")
-
-
-def _finish(obj):
-    """Replace our builders by what they built (arrays), checking none is left unfinished."""
-    if isinstance(obj, _Array):
-        if obj.array is None:
-            raise PickleError("an array without data")
-        return obj.array
-    if isinstance(obj, (_Name, _Dtype)):
-        raise PickleError("a NumPy name or dtype where data was expected")
-    return obj
 
 
 def _hashable(key):
@@ -304,33 +141,9 @@ class _Machine:
         if self.uint(8) > len(self.buf) - self.pos:
             raise PickleError("a frame longer than the pickle")
 
-    def op_mark(self):
-        self.marks.append(len(self.stack))
-
-    def op_pop(self):
-        self.pop()
-
-    def op_pop_mark(self):
-        self.pop_mark()
-
-    def op_dup(self):
-        self.push(self.top())
-
     def op_int(self):  # text; "00"/"01" are False/True
         line = self.line()
         self.push(line == b"01" if line in (b"00", b"01") else _text_int(line))
-
-    def op_binint(self):
-        self.push(struct.unpack("<i", self.take(4))[0])
-
-    def op_binint1(self):
-        self.push(self.uint(1))
-
-    def op_binint2(self):
-        self.push(self.uint(2))
-
-    def op_long(self):
-        self.push(_text_int(self.line()))
 
     def _long(self, width: int):
         n = self.uint(width)
@@ -344,17 +157,8 @@ class _Machine:
         except ValueError:
             raise PickleError("a malformed float") from None
 
-    def op_binfloat(self):
-        self.push(struct.unpack(">d", self.take(8))[0])
-
-    def op_string(self):  # protocol 0: a Python 2 str -> bytes
-        self.push(_quoted(self.line()))
-
     def _bytes(self, width: int):  # BINSTRING & co: Python 2 str -> bytes (encoding="bytes")
         self.push(bytes(self.take(self.uint(width))))
-
-    def op_bytearray8(self):  # protocol 5 in-band buffer
-        self.push(bytearray(self.take(self.uint(8))))
 
     def op_unicode(self):  # protocol 0
         try:
@@ -367,9 +171,6 @@ class _Machine:
 
     def op_list(self):
         self.push([_finish(x) for x in self.pop_mark()])
-
-    def op_tuple(self):
-        self.push(tuple(self.pop_mark()))
 
     def _tuple(self, n: int):
         stack = self.stack
@@ -414,9 +215,6 @@ class _Machine:
         for i in range(0, len(items), 2):
             target[_hashable(items[i])] = _finish(items[i + 1])
 
-    def op_memoize(self):
-        self.put(len(self.memo))
-
     def op_global(self):  # 'module\nname\n'
         module = self.line().decode("ascii", "replace")
         self.push(_name(module, self.line().decode("ascii", "replace")))
@@ -453,24 +251,29 @@ class _Machine:
 
 _M = _Machine
 _OPCODES = {ord(code): handler for code, handler in {
-    "\x80": _M.op_proto, "\x95": _M.op_frame, "(": _M.op_mark, "0": _M.op_pop,
-    "1": _M.op_pop_mark, "2": _M.op_dup,
+    "\x80": _M.op_proto, "\x95": _M.op_frame,
+    "(": lambda m: m.marks.append(len(m.stack)), "0": _M.pop, "1": _M.pop_mark,
+    "2": lambda m: m.push(m.top()),
     "N": lambda m: m.push(None), "\x88": lambda m: m.push(True),
     "\x89": lambda m: m.push(False),
-    "I": _M.op_int, "J": _M.op_binint, "K": _M.op_binint1, "M": _M.op_binint2,
-    "L": _M.op_long, "\x8a": lambda m: m._long(1), "\x8b": lambda m: m._long(4),
-    "F": _M.op_float, "G": _M.op_binfloat,
-    "S": _M.op_string, "T": lambda m: m._bytes(4), "U": lambda m: m._bytes(1),
+    "I": _M.op_int, "J": lambda m: m.push(struct.unpack("<i", m.take(4))[0]),
+    "K": lambda m: m.push(m.uint(1)), "M": lambda m: m.push(m.uint(2)),
+    "L": lambda m: m.push(_text_int(m.line())), "\x8a": lambda m: m._long(1),
+    "\x8b": lambda m: m._long(4),
+    "F": _M.op_float, "G": lambda m: m.push(struct.unpack(">d", m.take(8))[0]),
+    "S": lambda m: m.push(_quoted(m.line())),  # protocol 0: a Python 2 str -> bytes
+    "T": lambda m: m._bytes(4), "U": lambda m: m._bytes(1),
     "B": lambda m: m._bytes(4), "C": lambda m: m._bytes(1), "\x8e": lambda m: m._bytes(8),
-    "\x96": _M.op_bytearray8,
+    "\x96": lambda m: m.push(bytearray(m.take(m.uint(8)))),  # protocol 5 in-band buffer
     "V": _M.op_unicode, "X": lambda m: m._unicode(4), "\x8c": lambda m: m._unicode(1),
     "\x8d": lambda m: m._unicode(8),
     "]": lambda m: m.push([]), ")": lambda m: m.push(()), "}": lambda m: m.push({}),
-    "l": _M.op_list, "t": _M.op_tuple, "\x85": lambda m: m._tuple(1),
-    "\x86": lambda m: m._tuple(2), "\x87": lambda m: m._tuple(3), "d": _M.op_dict,
+    "l": _M.op_list, "t": lambda m: m.push(tuple(m.pop_mark())),
+    "\x85": lambda m: m._tuple(1), "\x86": lambda m: m._tuple(2),
+    "\x87": lambda m: m._tuple(3), "d": _M.op_dict,
     "a": _M.op_append, "e": _M.op_appends, "s": _M.op_setitem, "u": _M.op_setitems,
     "p": lambda m: m.put(_text_int(m.line())), "q": lambda m: m.put(m.uint(1)),
-    "r": lambda m: m.put(m.uint(4)), "\x94": _M.op_memoize,
+    "r": lambda m: m.put(m.uint(4)), "\x94": lambda m: m.put(len(m.memo)),
     "g": lambda m: m.get(_text_int(m.line())), "h": lambda m: m.get(m.uint(1)),
     "j": lambda m: m.get(m.uint(4)),
     "c": _M.op_global, "\x93": _M.op_stack_global, "R": _M.op_reduce, "b": _M.op_build,
