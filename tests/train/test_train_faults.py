@@ -215,3 +215,16 @@ def test_damaged_metrics_file_on_resume(tiny, finished, tmp_path, text):
     (run / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + text)
     assert_error(train_cli(tiny, run, "--resume"), f"'{run / 'metrics.jsonl'}' line 3 is not "
                                                    f"a metrics row")
+
+
+def test_hdf5_read_errors_name_the_file(tiny, tmp_path, monkeypatch):
+    import porder.train.batches as batches
+
+    def read_split(path, split):
+        raise OSError("Can't synchronously read data (wrong B-tree signature)")
+
+    monkeypatch.setattr(batches, "read_split", read_split)
+    run = tmp_path / "run"
+    assert_error(train_cli(tiny, run), f"cannot read the train split of '{tiny}' (a damaged "
+                                       f"file?): Can't synchronously read data")
+    assert not run.exists()
