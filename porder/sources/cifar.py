@@ -17,6 +17,7 @@ import gzip
 import io
 import lzma
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +279,7 @@ def _open_cifar_archive(description, path: Path, label, size):
                     prefix = stored_name("/".join(parts[:-1]))
             while capped.read(2**20):  # to the end: the compressed stream's checksum
                 pass
-    except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError) as exc:
+    except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as exc:
         if isinstance(exc, SourceError):
             raise
         reason = _one_line(exc)

@@ -347,6 +347,48 @@ def test_truncated_archives_are_one_clean_error(tmp_path):
             open_source(str(path))
 
 
+@pytest.mark.parametrize("suffix", ["gz", "bz2", "xz"])
+def test_corrupt_compressed_data_anywhere_is_one_clean_error(tmp_path, suffix):
+    # Damage at every tenth of the stream: in a header, in a member's data, near the end.
+    folder, _ = official_cifar10(tmp_path / "c")
+    path = tmp_path / f"c.tar.{suffix}"
+    with tarfile.open(path, f"w:{suffix}") as tar:
+        tar.add(folder, arcname=folder.name)
+    data = path.read_bytes()
+    for i in range(1, 10):
+        at = len(data) * i // 10
+        path.write_bytes(data[:at] + bytes(b ^ 0x5A for b in data[at:at + 8]) + data[at + 8:])
+        with pytest.raises(SourceError, match=rf"cannot read (archive|CIFAR pickle) '.*c.tar.{suffix}"):
+            open_source(str(path))
+
+
+def test_decompression_errors_mid_stream(tmp_path, monkeypatch):
+    # zlib raises its own error type (not OSError) for bad deflate data inside a member.
+    import zlib
+
+    class Failing(io.RawIOBase):
+        def __init__(self, f):
+            self.inner, self.count = gzip.GzipFile(fileobj=f, mode="rb"), 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            if self.count > 20_000:
+                raise zlib.error("Error -3 while decompressing data: invalid code lengths set")
+            data = self.inner.read(len(buffer))
+            buffer[:len(data)] = data
+            self.count += len(data)
+            return len(data)
+
+    monkeypatch.setattr(cifar_module, "_COMPRESSED", ((b"\x1f\x8b", Failing),))
+    folder, _ = official_cifar10(tmp_path / "c")
+    path = tar_gz(folder, tmp_path / "c.tar.gz")
+    with pytest.raises(SourceError, match=r"cannot read archive '.*c.tar.gz': Error -3 while "
+                                          r"decompressing data"):
+        open_source(str(path))
+
+
 @pytest.mark.parametrize("mode", ["w:bz2", "w:xz", "w"])
 def test_other_tar_compressions(tmp_path, mode):
     folder, content = official_cifar100(tmp_path)
