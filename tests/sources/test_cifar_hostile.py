@@ -311,6 +311,14 @@ def test_member_size_is_checked_before_reading(tmp_path):
     assert peak < 16 * 2**20
 
 
+def test_oversized_file_in_a_cifar_folder_is_refused_unread(tmp_path):
+    folder, _ = official_cifar10(tmp_path)
+    os.truncate(folder / "data_batch_4", 200 * 2**20)  # sparse: nothing is written
+    with pytest.raises(SourceError, match=r"data_batch_4' is 209,715,200 bytes; a CIFAR "
+                                          r"python batch is at most 192 MiB"):
+        open_source(str(folder))
+
+
 def test_archive_expansion_is_capped(tmp_path, monkeypatch):
     # A gzip bomb in a member porder does not even want: the decompressed stream is capped.
     monkeypatch.setattr(cifar_module, "MAX_ARCHIVE_BYTES", 2**20)
