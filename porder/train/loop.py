@@ -199,35 +199,35 @@ class TrainingDiverged(ValueError):
     """The loss became non-finite; the run stops, keeping its last good checkpoint."""
 
 
+_OOM_TEXTS = ("can't allocate memory", "not enough memory", "out of memory")  # CPU, CUDA
+
+
 def _out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in text
-                                            or "not enough memory" in text
-                                            or "out of memory" in text)
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and any(t in str(e) for t in _OOM_TEXTS))
 
 
 @contextmanager
-def _memory_hint(what: str, lower: str):
-    """Out of memory while doing ``what`` -> one-line ValueError saying which option to lower."""
+def _memory_hint(what: str, advice: str):
+    """Out of memory while doing ``what`` -> one-line ValueError: ``"out of memory {what}; {advice}"``."""
     try:
         yield
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
-        raise ValueError(f"out of memory {what}; lower {lower}") from None
+        raise ValueError(f"out of memory {what}; {advice}") from None
 
 
 def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainResult:
-    with _memory_hint(f"loading '{path}' onto {device}", "the file's size (or use another "
-                      "--device)"):
+    with _memory_hint(f"loading '{path}' onto {device}",
+                      "the file does not fit; use a smaller file or another --device"):
         data = Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
                     order_seed=cfg.order_seed)
     rank, world = env.rank, env.world_size
     main = rank == 0
     torch.manual_seed(cfg.seed)
-    with _memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}", "--width"):
+    with _memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}",
+                      "lower --width"):
         model = build_model(cfg.arch, num_classes=len(data.classes), in_size=data.size,
                             width=cfg.width)
         if env.active and device == "cuda":   # batch statistics of the global batch
@@ -322,7 +322,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
 
     def evaluated(stats: dict, since: Optional[int]) -> dict:
         with _memory_hint(f"evaluating the {cfg.arch} model at --width {cfg.width:g}",
-                          "--width"):
+                          "lower --width"):
             row = eval_row(stats)
         check_finite(row, since)
         return row
@@ -350,7 +350,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
             x, y = nxt.result()                         # (B, 3, S, S), (B,)
             waited += time.perf_counter() - t0
             nxt = pool.submit(fetch, step + 1) if step + 1 < cfg.steps else None
-            with _memory_hint(step_what, "--batch-size (or --width)"):
+            with _memory_hint(step_what, "lower --batch-size (or --width)"):
                 with _autocast(device, cfg):
                     logits = net(x)                     # (B, classes)
                     loss = F.cross_entropy(logits.float(), y)
