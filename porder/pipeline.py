@@ -20,6 +20,7 @@ from .measures import _check_bins, get_measure
 from .patches import check_patch_size
 from .reorder import reorder
 from .sources import open_source
+from .sources.base import stored_name
 from .store import SPLITS, StoreError, Writer, partial_path
 
 # progress(split, samples_done, samples_total) after each batch
@@ -55,20 +56,33 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _prefetch(iterator, depth: int = 2):
-    """Run ``iterator`` on a background thread, yielding (item, seconds waited)."""
+    """Run ``iterator`` on a background thread, yielding (item, seconds waited).
+
+    The thread is a daemon that stops at its next item once the consumer is
+    gone; leaving (Ctrl-C included) never waits for it, so a slow or stuck
+    decode cannot hold up an interrupt.
+    """
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def work():
         try:
             for item in iterator:
-                if stop.is_set():
+                if not put(item):
                     return
-                q.put(item)
-            q.put(done)
+            put(done)
         except BaseException as e:  # re-raised in the consumer
-            q.put(e)
+            put(e)
 
     t = threading.Thread(target=work, daemon=True)
     t.start()
@@ -83,12 +97,7 @@ def _prefetch(iterator, depth: int = 2):
                 raise item
             yield item, waited
     finally:
-        stop.set()
-        while t.is_alive():  # unblock the producer so it can see `stop`
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
+        stop.set()  # the producer sees it within 0.1 s of its next item
 
 
 def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: int = 256,
@@ -132,7 +141,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
     meta = {
         "measure": m.name, "patch": patch, "bins": bins, "reference": reference,
         "direction": "descending" if desc else "ascending", "image_size": size,
-        "source": source, "source_kind": src.kind, "seed": seed, "label": label,
+        "source": stored_name(source), "source_kind": src.kind, "seed": seed, "label": label,
         "test_fraction": test_fraction, "on_error": on_error,
         "shard_index": shard[0] if shard else 0, "shard_count": shard[1] if shard else 1,
     }

@@ -1,6 +1,8 @@
 """Helpers shared by porder's click commands: error mapping, interruption, progress."""
 from __future__ import annotations
 
+import math
+import re
 import signal
 import sys
 import time
@@ -8,7 +10,37 @@ from contextlib import contextmanager
 
 import click
 
+from ..sources.base import printable
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# Seeds are stored as int64 (in HDF5 attributes and checkpoints).
+SEED = click.IntRange(0, 2**63 - 1)
+
+
+class FiniteFloat(click.FloatRange):
+    """A ``click.FloatRange`` that also refuses ``nan`` and ``inf`` (exit 2)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def parse_shard_option(ctx, param, value):
+    """``--shard I/N`` -> (I, N) with 0 <= I < N, or None when the option is not given."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+)/(\d+)", value)
+    if not match:
+        raise click.BadParameter(f"{value!r} is not I/N with whole numbers, e.g. 0/4", ctx,
+                                 param)
+    i, n = int(match.group(1)), int(match.group(2))
+    if n < 1 or not i < n:
+        raise click.BadParameter(f"{value!r} needs 0 <= I < N", ctx, param)
+    return i, n
 
 
 @contextmanager
@@ -16,6 +48,7 @@ def library_errors(prefix: str = ""):
     """Turn library errors into one-line click errors (exit 1), no traceback.
 
     ``prefix`` starts the message (e.g. ``"rank 1: "`` for a process of a torchrun job).
+    Control characters (from file or class names) are escaped, never sent to the terminal.
     """
     try:
         yield
@@ -23,7 +56,7 @@ def library_errors(prefix: str = ""):
         raise
     except (ValueError, OSError) as e:
         line = str(e).splitlines()[0] if str(e) else repr(e)
-        raise click.ClickException(prefix + line) from None
+        raise click.ClickException(printable(prefix + line)) from None
 
 
 class ProgressReporter:

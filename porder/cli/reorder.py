@@ -5,12 +5,22 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 
 from ..backend import DEVICES
 from ..measures import MEASURES
-from .common import CONTEXT, ProgressReporter, _sigterm_to_interrupt, library_errors
+from .common import (
+    CONTEXT,
+    SEED,
+    FiniteFloat,
+    ProgressReporter,
+    _sigterm_to_interrupt,
+    library_errors,
+    parse_shard_option,
+    printable,
+)
 
 
 @click.command(context_settings=CONTEXT)
@@ -30,7 +40,7 @@ from .common import CONTEXT, ProgressReporter, _sigterm_to_interrupt, library_er
               help="Override the measure's default direction.")
 @click.option("--label", type=click.Choice(["fine", "coarse"]), default="fine",
               show_default=True, help="CIFAR-100 labels: 100 fine classes or 20 superclasses.")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+@click.option("--test-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.1,
               show_default=True, help="Held-out share for sources without a test split.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Compute on the CPU (NumPy) or a CUDA GPU (CuPy); auto picks CUDA if present.")
@@ -38,11 +48,11 @@ from .common import CONTEXT, ProgressReporter, _sigterm_to_interrupt, library_er
               help="Images per batch (memory is bounded by a few batches).")
 @click.option("-j", "--workers", type=click.IntRange(min=1), default=None,
               help="CPU workers for decoding and scoring [default: all cores].")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the `random` control and of the held-out split.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
               show_default=True, help="A corrupt image stops the run, or is skipped and listed.")
-@click.option("--shard", default=None, metavar="I/N",
+@click.option("--shard", default=None, metavar="I/N", callback=parse_shard_option,
               help="Process only slice I of N of every split (merge with `porder merge`).")
 @click.option("--dask", "dask_scheduler", default=None, metavar="SCHEDULER",
               help="Run shards on a Dask cluster: an address (tcp://host:8786) or local:N "
@@ -79,7 +89,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
       porder reorder --shard 0/4 cifar-100-python/ c100.0.h5   # then `porder merge`
       porder reorder --dask local:2 synthetic:100000 big.h5
     """
-    from ..pipeline import BuildResult, build_cache, parse_shard
+    from ..pipeline import BuildResult, build_cache
 
     reporter = ProgressReporter(progress)
     old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
@@ -90,7 +100,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
                    on_error=on_error, overwrite=overwrite, resume=resume)
     try:
         with library_errors():
-            options["shard"] = parse_shard(shard) if shard else None
+            options["shard"] = shard
             if dask_scheduler:
                 from ..store import read_meta
                 from .scale import dask_reorder
@@ -102,7 +112,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
                 result = build_cache(source, out, progress=reporter, **options)
     except KeyboardInterrupt:
         reporter.close()
-        click.echo(f"Interrupted: partial output kept in {out}.part; "
+        click.echo(f"Interrupted: partial output kept in {printable(out)}.part; "
                    f"run the same command with --resume to continue.", err=True)
         sys.exit(130)
     finally:
@@ -111,7 +121,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     dt = time.perf_counter() - t0
     rows = sum(result.rows.values())
     skipped = sum(result.skipped.values())
-    click.echo(f"Wrote {result.path}: " + ", ".join(f"{k} {v}" for k, v in result.rows.items())
+    click.echo(f"Wrote {printable(result.path)}: " + ", ".join(f"{k} {v}" for k, v in result.rows.items())
                + f" images ({rows / max(dt, 1e-9):.0f} img/s)"
                + (f"; skipped {skipped} unreadable (listed in the file)" if skipped else ""),
                err=True)
@@ -121,7 +131,11 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def inspect(file, as_json):
-    """Show what a porder FILE holds and how it was made."""
+    """Show what a porder FILE holds and how it was made.
+
+    Text from the file (class names, the source, attributes) is printed with
+    control characters escaped (\\x1b, \\n, ...), as --json does.
+    """
     from ..store import describe, to_json
 
     with library_errors():
@@ -145,15 +159,30 @@ def inspect(file, as_json):
         f"made by:     porder {info.get('porder_version')} on {info.get('created')}"
         f" (format {info.get('format_version')})",
     ]
-    if int(info.get("shard_count", 1)) > 1:
+    if str(info.get("shard_count", 1)) not in ("1", "None"):
         lines.append(f"shard:       {info.get('shard_index')}/{info.get('shard_count')}")
-    click.echo("\n".join(lines))
+    # Names and attributes come from the file: escape control characters (ESC, newlines).
+    click.echo("\n".join(printable(line) for line in lines))
+
+
+def _image_output(ctx, param, value):
+    """An output file name whose extension Pillow can write (checked before any work)."""
+    from PIL import Image
+
+    Image.init()
+    ext = Path(value).suffix.lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise click.BadParameter(f"cannot write an image named {printable(value)!r}: "
+                                 f"give a name ending in .png (or .jpg, .bmp, .tif, .webp)",
+                                 ctx, param)
+    return value
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="grid.png",
-              show_default=True, help="PNG file to write.")
+              show_default=True, callback=_image_output,
+              help="Image file to write; its extension picks the format (.png, .jpg, ...).")
 @click.option("-n", "--samples", type=click.IntRange(1, 256), default=8, show_default=True)
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
 @click.option("--scale", type=click.IntRange(1, 32), default=4, show_default=True,

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..measures import MEASURES
-from .common import CONTEXT, interruptible, library_errors
+from .common import CONTEXT, SEED, FiniteFloat, interruptible, library_errors
 
 ARCHS = ("vgg", "resnet", "inception")  # == porder.train.models.MODELS (checked by the tests)
 # The feature-map points of porder.train.fm.fm_points(arch, 32) with their map sides
@@ -29,6 +29,8 @@ stageK = after the K-th of 5 conv blocks (vgg), of 4 stages of 2 basic blocks (r
 after the Inception-A blocks (inception stage1) or the reduction and Inception-C blocks
 (stage2). The last stage is no point: global average pooling ignores patch order.
 PATCH must cut the map into 2x2 or more patches."""
+
+MAX_WIDTH = 16.0  # == porder.train.config.MAX_WIDTH (checked by the tests)
 DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
 
 
@@ -80,9 +82,9 @@ class TrainProgress:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-a", "--arch", type=click.Choice(ARCHS), default="vgg", show_default=True,
               help="VGG-16-BN, ResNet-18 or Inception-v3 (CIFAR-sized).")
-@click.option("--width", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--width", type=FiniteFloat(min=0, min_open=True, max=MAX_WIDTH), default=1.0,
               show_default=True, help="Channel multiplier (0.125-0.25 for a CPU).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3,
               show_default=True, help="Adam learning rate.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per step; 1 = online training, as in the paper.")
@@ -90,7 +92,7 @@ class TrainProgress:
               help="Optimizer steps.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Steps between test evaluations and checkpoints.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the weights, the batch order and dropout.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
               help="auto picks CUDA when torch sees a GPU.")
@@ -224,9 +226,9 @@ def _list_option(kind, name, check=None):
               help="Seeds per configuration (0..N-1).")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Optimizer steps per run.")
-@click.option("--width", type=click.FloatRange(min=0, min_open=True), default=0.25,
+@click.option("--width", type=FiniteFloat(min=0, min_open=True, max=MAX_WIDTH), default=0.25,
               show_default=True, help="Channel multiplier of every network.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3,
               show_default=True, help="Adam learning rate.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per step (1 = online training).")
@@ -236,7 +238,7 @@ def _list_option(kind, name, check=None):
               help="Images are resized to SIZE x SIZE.")
 @click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
               help="Histogram bins of the measures.")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--test-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True),
               default=0.1, show_default=True,
               help="Held-out share for sources without a test split.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)

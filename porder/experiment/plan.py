@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from ..measures import get_measure
 from ..patches import check_patch_size
+from ..sources.base import stored_name
 from ..store import partial_path, read_meta
 
 
@@ -255,7 +256,7 @@ def run_config(settings: dict, arch: str, seed: int, fm: Sequence[str] = (),
 
 def _check_cache(path: Path, *, source, measure, patch, size, bins, test_fraction):
     meta = read_meta(path)
-    want = {"measure": measure, "image_size": size, "source": source, "bins": bins,
+    want = {"measure": measure, "image_size": size, "source": stored_name(source), "bins": bins,
             "test_fraction": test_fraction}
     if measure != "none":
         want["patch"] = patch

@@ -16,6 +16,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
+from ..sources.base import stored_name
 from ..store import SPLITS, StoreError, check_output, partial_path
 from .merge import Progress, merge
 
@@ -242,7 +243,7 @@ def run_dask(scheduler: str, source: str, out, *, shards: Optional[int] = None,
             if cluster is not None:
                 cluster.close()
     merge(paths, out, copy=True, overwrite=overwrite, progress=progress,
-          _attrs={"source": source})
+          _attrs={"source": stored_name(source)})
     for p in paths:  # only what this run made; keep anything else a user put there
         for q in (p, partial_path(p)):
             q.unlink(missing_ok=True)

@@ -11,11 +11,15 @@ Accepted SOURCE forms (see :data:`SOURCE_HELP`)
 * CIFAR-10 / CIFAR-100, the official *python* version: the extracted folder
   (``cifar-10-batches-py/``, ``cifar-100-python/``) or the archive as
   distributed (``.tar.gz``, read in one pass without extracting). Pickles are
-  loaded by a restricted unpickler that only accepts NumPy arrays, so a
-  malicious archive cannot run code.
+  read by porder's own opcode reader (:mod:`.pickles`), which builds only
+  plain data and integer NumPy arrays, and sizes are checked before anything
+  is read, so a malicious file can neither run code nor exhaust memory.
 * An image folder with one sub-folder per class (class names are the sorted
-  sub-folder names; images are found recursively inside a class folder),
-  optionally below ``train/`` and ``test/``, which must hold the same classes.
+  sub-folder names; images are found recursively inside a class folder,
+  following linked folders), optionally below ``train/`` and ``test/``, which
+  must hold the same classes. A folder that cannot be listed (or a link loop)
+  is an error naming it; with ``on_error="skip"`` it is left out and listed
+  in :attr:`Batch.skipped`.
 * The Kaggle Dogs vs. Cats layout: images directly inside a folder, named
   ``<label>.<id>.<ext>`` (``cat.12.jpg`` is class ``cat``).
 * ``synthetic:N[:C]``: N generated images of C classes (default 10).
@@ -32,22 +36,30 @@ order. Samples are read in a fixed order (natural order of file names, e.g.
 ``cat.2.jpg`` before ``cat.10.jpg``), so resuming at sample ``start`` gives
 exactly the batches an uninterrupted run would have given.
 
-How image files become RGB arrays (modes, EXIF, resizing, bad files) is
-stated once, in :mod:`porder.sources.decode`.
+How image files become RGB arrays (modes, EXIF, resizing, bad files, files
+that are not regular files) is stated once, in :mod:`porder.sources.decode`.
 
-Layout: :mod:`.base` (Source, Batch, the held-out split), :mod:`.decode`
-(Pillow decoding and resizing, the thread-pool file source), one module per
-source kind (:mod:`.cifar`, :mod:`.folders`, :mod:`.synthetic` with
-``digits``), and :func:`open_source` here, which picks the kind.
+Names
+-----
+Class names and sample names are kept exactly as the file system or the CIFAR
+meta file gives them, except for what an HDF5 string cannot hold: bytes that
+are not UTF-8 and NUL are written ``\\xNN`` (see
+:func:`porder.sources.base.stored_name`). Messages show names with control
+characters escaped (:func:`porder.sources.base.printable`).
+
+Layout: :mod:`.base` (Source, Batch, the held-out split, names, opening
+regular files), :mod:`.decode` (Pillow decoding and resizing, the thread-pool
+file source), one module per source kind (:mod:`.cifar` with its pickle
+reader :mod:`.pickles`, :mod:`.folders`, :mod:`.synthetic` with ``digits``),
+and :func:`open_source` here, which picks the kind.
 """
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 
-from .base import Batch, Source, SourceError, _check_int, _one_line
-from .cifar import _cifar_kind, _open_cifar_archive, _open_cifar_folder
+from .base import Batch, Source, SourceError, _check_int, _one_line, printable
+from .cifar import _cifar_kind, _open_cifar_archive, _open_cifar_folder, is_archive
 from .decode import IMAGE_EXTENSIONS, RESAMPLE
 from .folders import _open_folder
 from .synthetic import _DigitsSource, _parse_synthetic, _SyntheticSource
@@ -63,6 +75,8 @@ __all__ = [
 ]
 
 LABEL_CHOICES = ("fine", "coarse")
+# Seeds are stored in the output file as int64.
+MAX_SEED = 2**63 - 1
 ON_ERROR_CHOICES = ("fail", "skip")
 
 SOURCE_HELP = """\
@@ -111,7 +125,7 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
         Fraction of samples held out as the test split, 0 <= f < 1, for
         sources without their own test split (ignored by the others).
     seed : int, optional
-        Seed (>= 0) of the held-out split and of ``synthetic`` images.
+        Seed (0 <= seed <= 2**63 - 1) of the held-out split and of ``synthetic`` images.
     on_error : {'fail', 'skip'}, optional
         What an undecodable image file does: raise, or leave it out and list it
         in :attr:`Batch.skipped`.
@@ -133,7 +147,7 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
     """
     spec_text = str(spec)
     size = _check_int("size", size, 1)
-    seed = _check_int("seed", seed, 0)
+    seed = _check_int("seed", seed, 0, MAX_SEED)
     if label not in LABEL_CHOICES:
         raise SourceError(f"label must be one of {list(LABEL_CHOICES)}, got {label!r}")
     if on_error not in ON_ERROR_CHOICES:
@@ -156,13 +170,14 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
                                 workers)
 
     path = Path(spec_text).expanduser()
+    shown = printable(spec_text)
     try:
         if not path.exists():
-            raise SourceError(f"source '{spec_text}' does not exist; give a CIFAR folder or "
+            raise SourceError(f"source '{shown}' does not exist; give a CIFAR folder or "
                               f".tar.gz, an image folder, synthetic:N[:C] or digits")
-        if path.is_file():
-            if not tarfile.is_tarfile(path):
-                raise SourceError(f"source '{spec_text}' is a file but not a CIFAR .tar.gz "
+        if not path.is_dir():
+            if not is_archive(path):
+                raise SourceError(f"source '{shown}' is a file but not a CIFAR .tar.gz "
                                   f"archive; give a folder of images or a CIFAR archive")
             return _open_cifar_archive(spec_text, path, label, size)
         kind = _cifar_kind({p.name for p in path.iterdir() if p.is_file()})
@@ -172,5 +187,5 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
             raise SourceError(f"label='coarse' needs CIFAR-100, but '{spec_text}' is an "
                               f"image folder; use label='fine'")
         return _open_folder(spec_text, path, size, test_fraction, seed, on_error, workers)
-    except OSError as exc:  # unreadable folder or file
-        raise SourceError(f"cannot read source '{spec_text}': {_one_line(exc)}") from None
+    except OSError as exc:  # unreadable folder or file, or not a regular file
+        raise SourceError(f"cannot read source '{shown}': {_one_line(exc)}") from None

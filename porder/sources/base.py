@@ -7,8 +7,12 @@ caller works on the current one (see :mod:`porder.sources.decode`).
 """
 from __future__ import annotations
 
+import os
+import queue
 import re
-from concurrent.futures import ThreadPoolExecutor
+import stat
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -37,7 +41,9 @@ class Batch:
     skipped : list of (str, str)
         ``(name, reason)`` of each sample of this batch left out under
         ``on_error="skip"``; ``len(names) + len(skipped)`` is the number of
-        samples the batch covers.
+        samples the batch covers. The batch that covers sample 0 of a split
+        also lists the folders of that split that could not be listed
+        (their name ends in ``/``; their images are not counted in the split).
     """
 
     images: np.ndarray  # (B, S, S, 3) uint8
@@ -56,10 +62,86 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SourceError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
+            or (maximum is not None and value > maximum)):
+        upper = "" if maximum is None else f" and <= {maximum}"
+        raise SourceError(f"{name} must be an integer >= {minimum}{upper}, got {value!r}")
     return int(value)
+
+
+# What HDF5 strings cannot hold: lone surrogates (bytes that are not UTF-8) and NUL.
+_UNSTORABLE = re.compile("[\ud800-\udfff\x00]")
+_UNPRINTABLE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
+
+
+def _escape_unstorable(m: re.Match) -> str:
+    o = ord(m.group())
+    return f"\\x{o & 0xFF:02x}" if o == 0 or 0xDC80 <= o <= 0xDCFF else f"\\u{o:04x}"
+
+
+def stored_name(name) -> str:
+    """A file, folder or class name as porder stores it: valid UTF-8 text without NUL.
+
+    Names are kept exactly, except for bytes that are not UTF-8 (on Linux,
+    ``os.fsdecode`` gives them as the surrogate escapes U+DC80..U+DCFF) and NUL
+    characters (from a CIFAR meta file): each such byte is written ``\\xNN``
+    (``café`` in Latin-1 is stored ``caf\\xe9``), so the stored name shows the
+    original bytes. ``bytes`` names are decoded the same way.
+    """
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "surrogateescape")
+    name = str(name)
+    return _UNSTORABLE.sub(_escape_unstorable, name) if not name.isprintable() else name
+
+
+def printable(text) -> str:
+    """``text`` safe for a terminal: control and format characters (ESC, newlines,
+    bidirectional overrides, ...) written as Python escapes (``\\x1b``, ``\\n``,
+    ``\\u202e``), and bytes that are not UTF-8 as ``\\xNN``."""
+    text = stored_name(text)
+    if text.isprintable():
+        return text
+    import unicodedata
+
+    return "".join(repr(ch)[1:-1] if ch != " " and unicodedata.category(ch)
+                   in _UNPRINTABLE_CATEGORIES else ch for ch in text)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+class NotRegularFile(OSError):
+    """A path that names a FIFO, socket, device or folder where a file was expected."""
+
+
+def open_regular(path):
+    """Open ``path`` for binary reading if it is a regular file (after symbolic links).
+
+    Opened without blocking and checked on the open descriptor, so a FIFO or a
+    device named like an image is refused at once (never waited on) and a file
+    swapped after a listing is still checked.
+
+    Raises
+    ------
+    NotRegularFile
+        ``path`` is a FIFO, socket, device or folder.
+    OSError
+        It cannot be opened (missing, dangling link, permission).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _FILE_KINDS if test(mode)), "not a file")
+            raise NotRegularFile(f"not a regular file ({kind})")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _natural_key(text: str) -> tuple:
@@ -78,6 +160,57 @@ def _holdout(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     is_test = np.zeros(n, dtype=bool)  # (n,)
     is_test[np.random.default_rng(seed).permutation(n)[:k]] = True
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+class _WorkerThreads:
+    """Decoding threads that never hold up an interrupt or the end of the process.
+
+    Like a ``ThreadPoolExecutor`` (``submit``, ``map``), but the threads are
+    daemons and :meth:`shutdown` does not wait for the work in progress: Ctrl-C
+    during a slow decode ends the run at once, and the interrupted decode is
+    abandoned (its result is never used).
+    """
+
+    def __init__(self, workers: int, name: str):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            future, fn, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def map(self, fn, items):
+        futures = [self.submit(fn, item) for item in items]
+        return (f.result() for f in futures)
+
+    def shutdown(self) -> None:
+        """Cancel the work not started and let the threads end; waits for nothing."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in self._threads:
+            self._tasks.put(None)
 
 
 # --------------------------------------------------------------------------
@@ -110,7 +243,7 @@ class Source:
         self.image_size = int(image_size)
         self.held_out = held_out
         self._workers = workers
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _WorkerThreads | None = None
         self._closed = False
 
     # -- public API -------------------------------------------------------
@@ -178,10 +311,14 @@ class Source:
         return self._batches(split, batch_size, start, n)
 
     def close(self) -> None:
-        """Release what the source holds (worker threads); it cannot be read afterwards."""
+        """Release what the source holds (worker threads); it cannot be read afterwards.
+
+        Returns at once: decoding not yet started is cancelled, and a decode in
+        progress is abandoned (its thread ends when it finishes).
+        """
         self._closed = True
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown()
             self._pool = None
 
     def __enter__(self) -> Source:
@@ -205,12 +342,12 @@ class Source:
     def _count(self, split: str) -> int:
         raise NotImplementedError
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> _WorkerThreads:
         """The worker threads, started on first use."""
         if self._closed:
             raise SourceError(f"source {self.description!r} is closed")
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="porder-source")
+            self._pool = _WorkerThreads(self._workers, "porder-source")
         return self._pool
 
     def _read(self, split: str, lo: int, hi: int) -> Batch:

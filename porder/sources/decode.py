@@ -23,6 +23,9 @@ Image conversion (one rule for every file)
   side (several times faster on photos; the result differs slightly from a
   full decode). CIFAR, ``digits`` and ``synthetic`` images are resized the
   same way when ``size`` is not their native size.
+* Only regular files are opened (symbolic links to them included): a FIFO,
+  socket, device or dangling link named like an image is a bad image, like a
+  file Pillow cannot decode.
 * A file Pillow cannot decode, truncated files included (Pillow's
   ``LOAD_TRUNCATED_IMAGES`` is left False and every image is fully loaded),
   raises :class:`SourceError` under ``on_error="fail"``; under
@@ -43,9 +46,9 @@ from concurrent.futures import Future
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .base import Batch, Source, SourceError, _one_line
+from .base import Batch, Source, SourceError, _one_line, open_regular, printable, stored_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # The one resampling filter of the module (antialiased when shrinking).
@@ -87,9 +90,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")
 
 
+def _open_image(handle) -> Image.Image:
+    try:
+        return Image.open(handle)
+    except UnidentifiedImageError:  # Pillow's message would show the handle's repr
+        raise UnidentifiedImageError("cannot identify image file") from None
+
+
 def _decode_file(path: str, size: int) -> np.ndarray:
-    """Read one image file as (size, size, 3) uint8; raises whatever Pillow raises."""
-    with Image.open(path) as img:
+    """Read one image file as (size, size, 3) uint8; raises whatever Pillow raises.
+
+    Only a regular file is opened (:func:`~porder.sources.base.open_regular`): a
+    FIFO, device or dangling link named like an image is a bad image, never waited on.
+    """
+    with open_regular(path) as handle, _open_image(handle) as img:
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.load()  # decode fully now: truncated files fail here
@@ -108,7 +122,7 @@ def _decode_chunk(paths: Sequence[str], size: int) -> list[tuple[np.ndarray | No
         try:
             out.append((_decode_file(path, size), ""))
         except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ...)
-            out.append((None, _one_line(exc)))
+            out.append((None, stored_name(_one_line(exc))))
     return out
 
 
@@ -116,11 +130,14 @@ class _FileSource(Source):
     """Image files (class folders or Kaggle layout), decoded per batch on worker threads."""
 
     def __init__(self, kind, description, classes, size, held_out, files, on_error,
-                 workers):
+                 workers, unlisted=None):
         super().__init__(kind, description, classes, size, held_out, workers)
         # split -> (paths, labels (N,) int64, names)
         self._files = files
         self._on_error = on_error
+        # split -> [(folder name, reason)]: folders that could not be listed (on_error="skip"),
+        # reported with the batch that covers sample 0 of the split
+        self._unlisted = {split: list((unlisted or {}).get(split, ())) for split in files}
 
     def _count(self, split):
         return len(self._files[split][0])
@@ -149,8 +166,11 @@ class _FileSource(Source):
             elif self._on_error == "skip":
                 skipped.append((names[lo + j], reason))
             else:
-                raise SourceError(f"cannot decode image '{paths[lo + j]}': {reason} "
-                                  f"(use on_error='skip' to leave bad images out)")
+                raise SourceError(f"cannot decode image '{printable(paths[lo + j])}': "
+                                  f"{printable(reason)} (use on_error='skip' to leave bad "
+                                  f"images out)")
+        if lo == 0:
+            skipped = self._unlisted[split] + skipped
         s = self.image_size
         images = (np.stack([results[j][0] for j in keep]) if keep
                   else np.empty((0, s, s, 3), dtype=np.uint8))  # (B, S, S, 3)
@@ -162,6 +182,8 @@ class _FileSource(Source):
     def _batches(self, split, batch_size, start, n):
         # Decode batch k + 1 while the caller works on batch k.
         bounds = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
+        if start == n == 0 and self._unlisted[split]:  # nothing to read: report them alone
+            bounds = [(0, 0)]
         pending = []  # (lo, hi, work) submitted, not yet collected; at most 2
         try:
             for k, (lo, hi) in enumerate(bounds):

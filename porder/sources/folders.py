@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import SPLITS, SourceError, _holdout, _natural_key, _one_line
+from .base import SPLITS, SourceError, _holdout, _natural_key, _one_line, printable, stored_name
 from .cifar import _cifar_kind
 from .decode import IMAGE_EXTENSIONS, _FileSource
 
@@ -24,43 +24,94 @@ def _is_image_name(name: str) -> bool:
 
 
 def _list_dir(folder: Path) -> tuple[list[str], list[str]]:
-    """(visible sub-folder names, image file names) directly inside ``folder``, sorted."""
+    """(visible sub-folder names, image names) directly inside ``folder``, sorted.
+
+    Image names include entries that are not regular files (a FIFO named
+    ``x.jpg``, a dangling link): they are refused when decoded, never dropped here.
+    """
     dirs, images = [], []
     try:
-        entries = list(os.scandir(folder))
+        with os.scandir(folder) as it:
+            entries = list(it)
     except OSError as exc:
-        raise SourceError(f"cannot list folder '{folder}': {_one_line(exc)}") from None
+        raise SourceError(f"cannot list folder '{printable(folder)}': {_one_line(exc)}") from None
     for entry in entries:
-        if entry.is_dir() and _is_visible(entry.name):
-            dirs.append(entry.name)
-        elif entry.is_file() and _is_image_name(entry.name):
+        if _is_dir(entry):
+            if _is_visible(entry.name):
+                dirs.append(entry.name)
+        elif _is_image_name(entry.name):
             images.append(entry.name)
     return sorted(dirs), sorted(images, key=_natural_key)
 
 
-def _images_below(folder: Path) -> list[str]:
-    """Image files anywhere below ``folder``, as sorted POSIX paths relative to it."""
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symbolic links
+    except OSError:
+        return False
+
+
+def _images_below(folder: Path, on_error: str, unlisted: list) -> list[str]:
+    """Image names anywhere below ``folder``, as sorted POSIX paths relative to it.
+
+    Linked folders are followed (a link back to a folder above is a loop). A
+    folder that cannot be listed, or a loop, raises :class:`SourceError` naming
+    it; under ``on_error="skip"`` it is appended to ``unlisted`` as
+    ``(relative path + "/", reason)`` instead.
+    """
     found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if _is_visible(d)]
-        rel = Path(root).relative_to(folder)
-        found.extend((rel / f).as_posix() for f in files if _is_image_name(f))
+    todo = [(folder, Path("."), frozenset())]  # (folder, path relative to `folder`, ancestors)
+    while todo:
+        path, rel, above = todo.pop()
+        real = os.path.realpath(path)
+        try:
+            if real in above:
+                raise OSError(f"it links back to a folder above it ('{printable(real)}')")
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError as exc:
+            if on_error != "skip":
+                raise SourceError(f"cannot list folder '{printable(path)}': {_one_line(exc)} "
+                                  f"(use on_error='skip' to leave it out and list it)") from None
+            name = "" if rel == Path(".") else rel.as_posix() + "/"
+            unlisted.append((name, f"cannot list folder: {_one_line(exc)}"))
+            continue
+        for entry in entries:
+            if _is_dir(entry):
+                if _is_visible(entry.name):
+                    todo.append((path / entry.name, rel / entry.name, above | {real}))
+            elif _is_image_name(entry.name):
+                found.append((rel / entry.name).as_posix())
     return sorted(found, key=_natural_key)
 
 
-def _class_folders(folder: Path, classes: list[str], prefix: str):
-    """Samples of a class-folder tree -> (paths, labels (N,) int64, names)."""
+def _class_folders(folder: Path, classes: list[str], prefix: str, on_error: str,
+                   unlisted: list):
+    """Samples of a class-folder tree -> (paths, labels (N,) int64, names).
+
+    ``classes`` are the folder names as the OS gives them; names are stored
+    with :func:`~porder.sources.base.stored_name`. Folders that cannot be listed
+    go to ``unlisted`` (under ``on_error="skip"``) as ``(name, reason)``.
+    """
     paths, labels, names = [], [], []
     for label, cls in enumerate(classes):
-        files = _images_below(folder / cls)
-        if not files:
-            if _cifar_kind({p.name for p in (folder / cls).iterdir()}):
-                raise SourceError(f"folder '{folder / cls}' looks like CIFAR: give that "
-                                  f"folder itself as the source, not '{folder}'")
-            raise SourceError(f"class folder '{folder / cls}' holds no images "
+        below: list = []
+        files = _images_below(folder / cls, on_error, below)
+        unlisted.extend((stored_name(f"{prefix}{cls}/{rel}"), stored_name(reason))
+                        for rel, reason in below)
+        if not files and not below:
+            try:
+                looks_like_cifar = _cifar_kind({p.name for p in (folder / cls).iterdir()})
+            except OSError:
+                looks_like_cifar = None
+            if looks_like_cifar:
+                raise SourceError(f"folder '{printable(folder / cls)}' looks like CIFAR: give "
+                                  f"that folder itself as the source, not "
+                                  f"'{printable(folder)}'")
+            raise SourceError(f"class folder '{printable(folder / cls)}' holds no images "
                               f"({' '.join(IMAGE_EXTENSIONS)}); remove it or add images")
         paths.extend(str(folder / cls / f) for f in files)
-        names.extend(f"{prefix}{cls}/{f}" for f in files)
+        names.extend(stored_name(f"{prefix}{cls}/{f}") for f in files)
         labels.extend([label] * len(files))
     return paths, np.asarray(labels, dtype=np.int64), names
 
@@ -76,54 +127,61 @@ def _open_folder(description, folder: Path, size, test_fraction, seed, on_error,
         return _open_split_folder(description, folder, dirs, size, test_fraction, seed,
                                   on_error, workers)
     if images:
-        class_dirs = [d for d in dirs if _images_below(folder / d)]
+        class_dirs = [d for d in dirs if _images_below(folder / d, "skip", [])]
         if class_dirs:
-            raise SourceError(f"folder '{folder}' holds both image files and class folders "
-                              f"({', '.join(class_dirs[:3])}); keep one layout")
+            shown = ", ".join(printable(d) for d in class_dirs[:3])
+            raise SourceError(f"folder '{printable(folder)}' holds both image files and class "
+                              f"folders ({shown}); keep one layout")
         return _open_kaggle(description, folder, images, size, test_fraction, seed,
                             on_error, workers)
     if not dirs:
-        raise SourceError(f"folder '{folder}' holds no images and no class folders")
-    classes = dirs
-    files = _class_folders(folder, classes, "")
+        raise SourceError(f"folder '{printable(folder)}' holds no images and no class folders")
+    unlisted: list = []
+    files = _class_folders(folder, dirs, "", on_error, unlisted)
     train, test = _holdout(len(files[0]), test_fraction, seed)
-    return _FileSource("folder", description, classes, size, test_fraction,
-                       {"train": _select(files, train), "test": _select(files, test)},
-                       on_error, workers)
+    return _FileSource("folder", description, [stored_name(d) for d in dirs], size,
+                       test_fraction, {"train": _select(files, train),
+                                       "test": _select(files, test)},
+                       on_error, workers, unlisted={"train": unlisted})
 
 
 def _open_split_folder(description, folder, dirs, size, test_fraction, seed, on_error,
                        workers):
     other = [d for d in dirs if d not in SPLITS]
     if other:
-        raise SourceError(f"folder '{folder}' has train/ or test/ beside other folders "
-                          f"({', '.join(other[:3])}); put every class folder inside train/ "
-                          f"and test/")
+        raise SourceError(f"folder '{printable(folder)}' has train/ or test/ beside other "
+                          f"folders ({', '.join(printable(d) for d in other[:3])}); put every "
+                          f"class folder inside train/ and test/")
     if "train" not in dirs:
-        raise SourceError(f"folder '{folder}' has test/ but no train/")
+        raise SourceError(f"folder '{printable(folder)}' has test/ but no train/")
     train_classes, train_images = _list_dir(folder / "train")
     if train_images or not train_classes:
-        raise SourceError(f"folder '{folder / 'train'}' must hold one sub-folder per class "
-                          f"and no image files")
-    train_files = _class_folders(folder / "train", train_classes, "train/")
+        raise SourceError(f"folder '{printable(folder / 'train')}' must hold one sub-folder "
+                          f"per class and no image files")
+    classes = [stored_name(c) for c in train_classes]
+    unlisted: dict = {"train": [], "test": []}
+    train_files = _class_folders(folder / "train", train_classes, "train/", on_error,
+                                 unlisted["train"])
     if "test" not in dirs:  # no test/: hold out part of train/
         train, test = _holdout(len(train_files[0]), test_fraction, seed)
         files = {"train": _select(train_files, train), "test": _select(train_files, test)}
-        return _FileSource("folder", description, train_classes, size, test_fraction, files,
-                           on_error, workers)
+        return _FileSource("folder", description, classes, size, test_fraction, files,
+                           on_error, workers, unlisted=unlisted)
     test_classes, test_images = _list_dir(folder / "test")
     if test_classes != train_classes:
-        only_train = sorted(set(train_classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(train_classes))
-        raise SourceError(f"folder '{folder}': test/ and train/ must have the same class "
-                          f"folders; only in train/: {only_train}, only in test/: {only_test}")
+        only_train = sorted(stored_name(c) for c in set(train_classes) - set(test_classes))
+        only_test = sorted(stored_name(c) for c in set(test_classes) - set(train_classes))
+        raise SourceError(printable(
+            f"folder '{folder}': test/ and train/ must have the same class folders; only in "
+            f"train/: {only_train}, only in test/: {only_test}"))
     if test_images:
-        raise SourceError(f"folder '{folder / 'test'}' must hold one sub-folder per class "
-                          f"and no image files")
+        raise SourceError(f"folder '{printable(folder / 'test')}' must hold one sub-folder "
+                          f"per class and no image files")
     files = {"train": train_files,
-             "test": _class_folders(folder / "test", test_classes, "test/")}
-    return _FileSource("folder", description, train_classes, size, None, files, on_error,
-                       workers)
+             "test": _class_folders(folder / "test", test_classes, "test/", on_error,
+                                    unlisted["test"])}
+    return _FileSource("folder", description, classes, size, None, files, on_error,
+                       workers, unlisted=unlisted)
 
 
 def _open_kaggle(description, folder, images, size, test_fraction, seed, on_error, workers):
@@ -132,14 +190,15 @@ def _open_kaggle(description, folder, images, size, test_fraction, seed, on_erro
     for name in images:
         stem = name.rsplit(".", 1)[0]
         if "." not in stem:
-            raise SourceError(f"cannot take a label from '{folder / name}': a flat image "
-                              f"folder needs names '<label>.<id>.<ext>' such as 'cat.12.jpg' "
-                              f"(or use one sub-folder per class)")
-        prefixes.append(stem.split(".", 1)[0])
+            raise SourceError(f"cannot take a label from '{printable(folder / name)}': a flat "
+                              f"image folder needs names '<label>.<id>.<ext>' such as "
+                              f"'cat.12.jpg' (or use one sub-folder per class)")
+        prefixes.append(stored_name(stem.split(".", 1)[0]))
     classes = sorted(set(prefixes))
     index = {c: i for i, c in enumerate(classes)}
     files = ([str(folder / n) for n in images],
-             np.asarray([index[p] for p in prefixes], dtype=np.int64), list(images))
+             np.asarray([index[p] for p in prefixes], dtype=np.int64),
+             [stored_name(n) for n in images])
     train, test = _holdout(len(images), test_fraction, seed)
     return _FileSource("kaggle", description, classes, size, test_fraction,
                        {"train": _select(files, train), "test": _select(files, test)},

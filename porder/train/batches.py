@@ -13,6 +13,15 @@ from ..store import read_meta, read_split
 from .config import TrainConfig
 
 
+def _read(path, split: str) -> dict:
+    """:func:`read_split`, with HDF5's read errors (a damaged file) naming the file and split."""
+    try:
+        return read_split(path, split)
+    except OSError as e:
+        raise ValueError(f"cannot read the {split} split of '{path}' (a damaged file?): "
+                         f"{' '.join(str(e).split())}") from None
+
+
 class Data:
     """A porder file's train and test splits as uint8 tensors on the device.
 
@@ -26,7 +35,12 @@ class Data:
         self.path = Path(path)
         self.meta = read_meta(path)
         self.classes = list(self.meta["classes"])
-        self.size = int(self.meta["image_size"])
+        try:
+            self.size = int(self.meta["image_size"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"'{path}' has no valid image_size attribute "
+                             f"(got {self.meta.get('image_size')!r}); remake the file with "
+                             f"`porder reorder`") from None
         if self.meta["splits"].get("train", 0) < 1 or self.meta["splits"].get("test", 0) < 1:
             raise ValueError(f"'{path}' needs images in both train and test splits, has "
                              f"{self.meta['splits']}")
@@ -38,7 +52,7 @@ class Data:
         self.device = device
         self.reorder_opts = None if reorder is None else dict(
             measure=reorder, patch=patch, bins=bins, seed=order_seed)
-        train, test = read_split(path, "train"), read_split(path, "test")
+        train, test = _read(path, "train"), _read(path, "test")
         for split in (train, test):
             bad = (split["labels"] < 0) | (split["labels"] >= len(self.classes))
             if bad.any():

@@ -1,6 +1,7 @@
 """What defines a training run (:class:`TrainConfig`) and what it returns (:class:`TrainResult`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -9,6 +10,10 @@ from .fm import FM_POINTS, parse_fm_spec
 from .models import MODELS
 
 DEVICES = ("cpu", "cuda", "auto")
+# Largest --width: 16 x the published channel counts (VGG's last layers: 8,192 channels).
+MAX_WIDTH = 16.0
+# Seeds are stored as int64 (config.json, checkpoints).
+MAX_SEED = 2**63 - 1
 # Metrics fields that measure time, not learning: they differ between runs.
 TIMING_FIELDS = ("images_per_s", "wall_s", "data_wait", "eval_s")
 # Config fields that must match to resume a run (the rest may change: steps, device, ...).
@@ -47,20 +52,27 @@ class TrainConfig:
     fm_reorder: list = field(default_factory=list)
 
     def validate(self) -> "TrainConfig":
+        """Check every field; ValueError naming the option and what it must be."""
         if self.arch not in MODELS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of "
                              f"{', '.join(MODELS)}")
         for name in ("batch_size", "steps", "eval_every", "eval_batch", "patch", "bins"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
-        if not self.width > 0:
-            raise ValueError(f"width must be positive, got {self.width}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
-        if self.seed < 0 or self.order_seed < 0:
-            raise ValueError(f"seeds must be non-negative, got {self.seed}, {self.order_seed}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be at least 1 (a whole number), got {value!r}")
+        if not _finite(self.lr) or not self.lr > 0:
+            raise ValueError(f"learning rate (--lr) must be a finite number > 0, got {self.lr!r}")
+        if not _finite(self.width) or not 0 < self.width <= MAX_WIDTH:
+            raise ValueError(f"width (--width) must be a finite number with 0 < width <= "
+                             f"{MAX_WIDTH:g}, got {self.width!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be at least 1, got {self.threads!r}")
+        for name in ("seed", "order_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 0 <= value <= MAX_SEED:
+                raise ValueError(f"{name} must be an integer with 0 <= {name} <= 2**63 - 1, "
+                                 f"got {value!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
         if self.reorder is not None:
@@ -91,6 +103,10 @@ def identity_diff(saved: dict, cfg: TrainConfig) -> list[str]:
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
     return [k for k in IDENTITY
             if norm(saved.get(k, IDENTITY_DEFAULTS.get(k))) != norm(getattr(cfg, k))]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass

@@ -37,9 +37,11 @@ This module holds the step loop only; beside it: :mod:`.config` (TrainConfig),
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -52,10 +54,12 @@ from ..store import read_meta
 from .batches import Data, get_batch
 from .checkpoint import (
     CHECKPOINT,
+    CheckpointError,
     _file_identity,
     _rng_state,
     _set_rng_state,
     load_checkpoint,
+    restore,
     save_checkpoint,
 )
 from .config import Progress, TrainConfig, TrainResult
@@ -165,29 +169,74 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     if env.active and threads is None and device == "cpu":   # the ranks of a machine share it
         threads = max(1, (os.cpu_count() or 1) // env.local_world_size)
     # Joining the group is the barrier after which rank 0 may write: every rank
-    # has checked the run folder and read the checkpoint by then.
-    with _process_group(env, device):
-        if env.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-        with _torch_settings(device, cfg.deterministic, threads):
-            return _run(path, cfg, out, device, meta, ckpt, progress if env.rank == 0 else None,
-                        env)
+    # has checked the run folder and read the checkpoint by then. Rank 0 makes
+    # the run folder once the file is loaded and the model built, and removes
+    # it again if the run fails before its first checkpoint.
+    fresh = env.rank == 0 and not out.exists()
+    try:
+        with _process_group(env, device):
+            with _torch_settings(device, cfg.deterministic, threads):
+                return _run(path, cfg, out, device, meta, ckpt,
+                            progress if env.rank == 0 else None, env)
+    except BaseException:
+        if fresh:
+            _remove_unstarted_run(out)
+        raise
+
+
+def _remove_unstarted_run(out: Path) -> None:
+    """Remove a run folder this run made, if nothing resumable was written to it."""
+    if not out.is_dir() or (out / CHECKPOINT).exists():
+        return
+    for name in (CONFIG, CONFIG + ".tmp", METRICS, METRICS + ".tmp", CHECKPOINT + ".tmp"):
+        (out / name).unlink(missing_ok=True)
+    try:
+        out.rmdir()  # only when empty: never removes what someone else put there
+    except OSError:
+        pass
+
+
+class TrainingDiverged(ValueError):
+    """The loss became non-finite; the run stops, keeping its last good checkpoint."""
+
+
+_OOM_TEXTS = ("can't allocate memory", "not enough memory", "out of memory")  # CPU, CUDA
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and any(t in str(e) for t in _OOM_TEXTS))
+
+
+@contextmanager
+def _memory_hint(what: str, advice: str):
+    """Out of memory while doing ``what`` -> one-line ValueError: ``"out of memory {what}; {advice}"``."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise ValueError(f"out of memory {what}; {advice}") from None
 
 
 def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainResult:
-    data = Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
-                order_seed=cfg.order_seed)
+    with _memory_hint(f"loading '{path}' onto {device}",
+                      "the file does not fit; use a smaller file or another --device"):
+        data = Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
+                    order_seed=cfg.order_seed)
     rank, world = env.rank, env.world_size
     main = rank == 0
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, num_classes=len(data.classes), in_size=data.size,
-                        width=cfg.width)
-    insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
-    if env.active and device == "cuda":   # batch statistics of the global batch
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if device == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    with _memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}",
+                      "lower --width"):
+        model = build_model(cfg.arch, num_classes=len(data.classes), in_size=data.size,
+                            width=cfg.width)
+        insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
+        if env.active and device == "cuda":   # batch statistics of the global batch
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(device)
+        if device == "cuda":
+            model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     use_scaler = device == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -196,17 +245,20 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
     step, wall = 0, 0.0
     rows: list[dict] = []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        restore(ckpt, out / CHECKPOINT, model, opt, scaler)
         step, wall = int(ckpt["step"]), float(ckpt["wall_s"])
         ranks = ckpt.get("rng_ranks")
-        if env.active and ranks is not None and len(ranks) == world:
-            _set_rng_state(ranks[rank], device)           # the same world size: exact resume
-        else:
-            _set_rng_state(ckpt["rng"], device)
-            if rank:
-                torch.manual_seed(_rank_seed(cfg.seed, rank, step))
+        try:
+            if env.active and ranks is not None and len(ranks) == world:
+                _set_rng_state(ranks[rank], device)       # the same world size: exact resume
+            else:
+                _set_rng_state(ckpt["rng"], device)
+                if rank:
+                    torch.manual_seed(_rank_seed(cfg.seed, rank, step))
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint '{out / CHECKPOINT}' has a random-number "
+                                  f"state this torch cannot use ({' '.join(str(e).split())}); "
+                                  f"delete it to start afresh") from None
         rows = [r for r in read_metrics(out) if r["step"] <= step]
     elif rank:
         torch.manual_seed(_rank_seed(cfg.seed, rank))     # own dropout masks
@@ -217,6 +269,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
         net = DDP(model, device_ids=[env.local_rank] if device == "cuda" else None,
                   find_unused_parameters=False)
     if main:
+        out.mkdir(parents=True, exist_ok=True)
         _atomic_json(out / CONFIG, {
             "config": asdict(cfg), "file": str(Path(path).resolve()),
             "file_meta": _file_identity(meta), "device": device, "torch": torch.__version__,
@@ -258,9 +311,27 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
         row["eval_s"] = time.perf_counter() - t0
         return row
 
+    def check_finite(row: dict, since: Optional[int]) -> None:
+        """Stop before a non-finite loss reaches a checkpoint (``since``: the last one kept)."""
+        for key in ("train_loss", "test_loss"):
+            value = row.get(key)
+            if value is not None and not math.isfinite(value):
+                kept = ("no checkpoint was written" if since is None else
+                        f"the last good checkpoint (step {since}) is kept in '{out}'")
+                raise TrainingDiverged(
+                    f"training diverged: the {key.replace('_', ' ')} is {value} at step "
+                    f"{step} (--lr {cfg.lr:g}); start a new run with a lower --lr; {kept}")
+
+    def evaluated(stats: dict, since: Optional[int]) -> dict:
+        with _memory_hint(f"evaluating the {cfg.arch} model at --width {cfg.width:g}",
+                          "lower --width"):
+            row = eval_row(stats)
+        check_finite(row, since)
+        return row
+
     if not rows:  # the untrained model: the curves start at step 0
-        rows.append(eval_row({"train_loss": None, "train_acc": None, "images_per_s": None,
-                              "wall_s": 0.0, "data_wait": None}))
+        rows.append(evaluated({"train_loss": None, "train_acc": None, "images_per_s": None,
+                               "wall_s": 0.0, "data_wait": None}, None))
         checkpoint()
     if progress:
         progress(step, cfg.steps, rows[-1])
@@ -273,18 +344,22 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen, waited, t_int, t_report = 0, 0.0, time.perf_counter(), time.perf_counter()
+        last_good = step
+        step_what = (f"training the {cfg.arch} model (--batch-size {cfg.batch_size}, "
+                     f"--width {cfg.width:g})")
         while step < cfg.steps:
             t0 = time.perf_counter()
             x, y = nxt.result()                         # (B, 3, S, S), (B,)
             waited += time.perf_counter() - t0
             nxt = pool.submit(fetch, step + 1) if step + 1 < cfg.steps else None
-            with _autocast(device, cfg):
-                logits = net(x)                         # (B, classes)
-                loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            with _memory_hint(step_what, "lower --batch-size (or --width)"):
+                with _autocast(device, cfg):
+                    logits = net(x)                     # (B, classes)
+                    loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             step += 1
             seen += len(y)
             loss_sum += loss.detach().double() * len(y)
@@ -298,10 +373,12 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
                     stats = {"train_loss": loss_sum.item() / seen,
                              "train_acc": correct.item() / seen, "images_per_s": seen / dt,
                              "wall_s": None, "data_wait": waited / dt}
-                rows.append(eval_row(stats))
+                check_finite(stats, last_good)
+                rows.append(evaluated(stats, last_good))
                 wall += time.perf_counter() - t_int     # training + evaluation
                 rows[-1]["wall_s"] = wall
                 checkpoint()
+                last_good = step
                 if progress:
                     progress(step, cfg.steps, rows[-1])
                 loss_sum.zero_()

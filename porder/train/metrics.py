@@ -12,11 +12,35 @@ METRICS, CONFIG, RESULT, CURVES = "metrics.jsonl", "config.json", "result.json",
 
 
 def read_metrics(out) -> list[dict]:
-    """The rows of ``out/metrics.jsonl`` (an empty list when absent)."""
+    """The rows of ``out/metrics.jsonl`` (an empty list when absent).
+
+    ValueError naming the file and line when a row is not a JSON object with an
+    integer ``step`` and numbers ``test_loss`` and ``test_acc``.
+    """
     p = Path(out) / METRICS
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not _is_row(row):
+            raise ValueError(f"'{p}' line {number} is not a metrics row (a JSON object with an "
+                             f"integer 'step' and numbers 'test_loss', 'test_acc'); repair or "
+                             f"delete the file")
+        rows.append(row)
+    return rows
+
+
+def _is_row(row) -> bool:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return (isinstance(row, dict) and isinstance(row.get("step"), int)
+            and not isinstance(row["step"], bool) and number(row.get("test_loss"))
+            and number(row.get("test_acc")))
 
 
 def _write_metrics(out: Path, rows: list[dict]) -> None:
