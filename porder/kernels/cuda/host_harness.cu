@@ -97,10 +97,7 @@ struct Scores {
                     }
                 }
             } else {
-                for (int j = 0; j < x.K; ++j) {
-                    scores[i * x.K + j] = channel_mean(
-                        x.C, [&](int c) -> double { return x.aux[c * x.K + j]; });
-                }
+                for (int j = 0; j < x.K; ++j) scores[i * x.K + j] = standalone_score(x, j);
             }
         }
         return sm.guard_ok() ? 0 : -2;

@@ -568,13 +568,14 @@ PORDER_HD void phase_select(const Ctx& x, int ref, int step, int tid, int nt) {
     }
 }
 
+// Standalone score of patch j: the mean of its units' scores (x.aux).
+PORDER_HD double standalone_score(const Ctx& x, int j) {
+    return channel_mean(x.C, [&](int c) -> double { return x.aux[c * x.K + j]; });
+}
+
 // Standalone: keys per patch (into x.part), then a stable rank into perm.
-template <int MID>
 PORDER_HD void phase_standalone_keys(const Ctx& x, int tid, int nt) {
-    for (int j = tid; j < x.K; j += nt) {
-        const double s = channel_mean(x.C, [&](int c) -> double { return x.aux[c * x.K + j]; });
-        x.part[j] = sort_key(s, x.desc);
-    }
+    for (int j = tid; j < x.K; j += nt) x.part[j] = sort_key(standalone_score(x, j), x.desc);
 }
 
 PORDER_HD void phase_rank(const Ctx& x, int tid, int nt) {
@@ -645,7 +646,7 @@ PORDER_HD void run_image(const Ctx& x, const u8* img, u8* out, i64* perm_out, in
             }
         }
     } else {
-        phase_standalone_keys<MID>(x, tid, nt);
+        phase_standalone_keys(x, tid, nt);
         block_sync();
         phase_rank(x, tid, nt);
         block_sync();
