@@ -119,6 +119,9 @@ def test_geometry_occupancy_and_grid():
     assert g.grid(10) == 10 and g.grid(0) == 1 and g.grid(10**6) == g.max_grid
     g4 = kc.launch_geometry("mi", 32, 3, 4)
     assert g4.threads == 192 and g4.blocks_per_sm == 2048 // 192
+    # 80 registers x 192 threads: 4 blocks per multiprocessor fit the register file
+    assert g4.grid(10**6, registers=80) == 4 * H100.sm_count
+    assert g4.grid(10**6, registers=16) == g4.max_grid
 
 
 def test_geometry_chunks_cover_the_batch():

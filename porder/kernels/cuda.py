@@ -76,6 +76,7 @@ class DeviceLimits:
     smem_per_sm: int = 233472  # shared memory per multiprocessor (bytes)
     max_threads_sm: int = 2048
     max_blocks_sm: int = 32
+    regs_per_sm: int = 65536
     reserved_smem_block: int = 1024  # the runtime reserves this per block (sm_80+)
 
 
@@ -102,8 +103,9 @@ class Geometry:
     threads: int  # per block (one block per image)
     smem_bytes: int  # dynamic shared memory per block
     offsets: dict = field(compare=False)  # region name -> (offset, bytes)
-    blocks_per_sm: int
+    blocks_per_sm: int  # resident blocks per multiprocessor (by threads and shared memory)
     max_grid: int  # blocks of a full launch (a grid-stride loop covers the rest)
+    regs_per_sm: int
     images_per_launch: int
     supported: bool
     reason: str
@@ -113,9 +115,18 @@ class Geometry:
         """The NVRTC name expression of the template instantiation."""
         return kernel_name(self.measure, self.mask_bits, self.mask_words)
 
-    def grid(self, n_images: int) -> int:
-        """Blocks for a launch over ``n_images`` images (at least 1)."""
-        return max(1, min(n_images, self.max_grid))
+    def grid(self, n_images: int, registers: int | None = None) -> int:
+        """Blocks for a launch over ``n_images`` images (at least 1).
+
+        One wave of resident blocks, each looping over images; ``registers``
+        (per thread, known once the kernel is compiled) can lower residency.
+        """
+        grid = self.max_grid
+        if registers:
+            per_block = _round_up(registers, 8) * self.threads
+            by_regs = max(1, self.regs_per_sm // per_block)
+            grid = min(grid, by_regs * (self.max_grid // self.blocks_per_sm))
+        return max(1, min(n_images, grid))
 
     def chunks(self, n_images: int) -> list[tuple[int, int]]:
         """Image ranges ``[lo, hi)`` of the launches for a batch of ``n_images``."""
@@ -307,7 +318,7 @@ def launch_geometry(measure: str, image_size: int, channels: int, patch: int, *,
         measure=m.name, image_size=image_size, channels=channels, patch=patch, bins=int(bins),
         reference=reference, descending=desc, grid_side=g, patches=k, pixels=n, mask_bits=wb,
         mask_words=nw, threads=threads, smem_bytes=smem, offsets=offsets, blocks_per_sm=blocks,
-        max_grid=blocks * limits.sm_count,
+        max_grid=blocks * limits.sm_count, regs_per_sm=limits.regs_per_sm,
         images_per_launch=max(1, chunk_bytes // (image_size * image_size * channels)),
         supported=not reason, reason=reason,
     )
@@ -375,15 +386,24 @@ _lock = threading.Lock()
 
 @lru_cache(maxsize=None)
 def _device_limits(device_id: int) -> DeviceLimits:
-    cp = _cupy()
-    a = cp.cuda.Device(device_id).attributes
+    runtime = _cupy().cuda.runtime
     d = DeviceLimits()
+
+    def attr(name: str, default: int) -> int:
+        try:
+            return int(runtime.deviceGetAttribute(getattr(runtime, "cudaDevAttr" + name),
+                                                  device_id))
+        except Exception:  # an attribute this CuPy or driver does not know: the default
+            return default
+
     return DeviceLimits(
-        sm_count=a.get("MultiProcessorCount", d.sm_count),
-        max_smem_block=a.get("MaxSharedMemoryPerBlockOptin", d.max_smem_block),
-        smem_per_sm=a.get("MaxSharedMemoryPerMultiprocessor", d.smem_per_sm),
-        max_threads_sm=a.get("MaxThreadsPerMultiProcessor", d.max_threads_sm),
-        max_blocks_sm=a.get("MaxBlocksPerMultiprocessor", d.max_blocks_sm),
+        sm_count=attr("MultiProcessorCount", d.sm_count),
+        max_smem_block=attr("MaxSharedMemoryPerBlockOptin", d.max_smem_block),
+        smem_per_sm=attr("MaxSharedMemoryPerMultiprocessor", d.smem_per_sm),
+        max_threads_sm=attr("MaxThreadsPerMultiProcessor", d.max_threads_sm),
+        max_blocks_sm=attr("MaxBlocksPerMultiprocessor", d.max_blocks_sm),
+        regs_per_sm=attr("MaxRegistersPerMultiprocessor", d.regs_per_sm),
+        reserved_smem_block=attr("ReservedSharedMemoryPerBlock", d.reserved_smem_block),
     )
 
 
@@ -477,7 +497,7 @@ def launch(x, geometry: Geometry, out, perm, *, check: bool = False) -> None:
         if not xs.flags.c_contiguous:
             xs = cp.ascontiguousarray(xs)
         os_, ps = out[lo:hi], perm[lo:hi]
-        kern((geometry.grid(hi - lo),), (geometry.threads,),
+        kern((geometry.grid(hi - lo, kern.num_regs),), (geometry.threads,),
              (xs, np.int64(hi - lo), np.int32(vec_flags(xs.data.ptr, os_.data.ptr, geometry)),
               os_, ps, params, table, err),
              shared_mem=geometry.smem_bytes)
