@@ -359,6 +359,103 @@ def test_harness_keys_round_like_numpy(harness):
 
 
 # ---------------------------------------------------------------------------
+# 2b. The Python launch path, with the kernel replaced by the CPU harness
+
+
+def test_kernel_signature_is_what_launch_passes():
+    src = (kc.KERNEL_DIR / kc.KERNEL_SOURCE).read_text()
+    sig = re.search(r"porder_reorder\((.*?)\)\s*\{", src, re.S).group(1)
+    names = [re.split(r"[\s*]+", a.strip())[-1] for a in sig.split(",")]
+    assert names == ["images", "n_images", "vec", "out", "perm", "params", "tab", "err"]
+
+
+class FakeKernel:
+    """Stands in for the compiled CUDA kernel: checks the launch, runs the harness."""
+
+    num_regs = 64
+
+    def __init__(self, harness, name):
+        self.harness, self.name, self.launches = harness, name, []
+        self.max_dynamic_shared_size_bytes = 48 * 1024
+        self.mid, self.wb, self.nw = map(int, re.findall(r"\d+", name))
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        images, n_images, vec, out, perm, params, tab, err = args
+        p = dict(zip(kc.PARAM_NAMES, params.tolist()))
+        assert block == (p["NT"],) and shared_mem == p["SMEM"] and 1 <= grid[0] <= int(n_images)
+        assert shared_mem <= 48 * 1024 or self.max_dynamic_shared_size_bytes >= shared_mem
+        assert (p["MID"], p["WB"], p["NW"]) == (self.mid, self.wb, self.nw)
+        assert images.flags.c_contiguous and out.flags.c_contiguous and perm.flags.c_contiguous
+        assert isinstance(n_images, np.int64) and isinstance(vec, np.int32)
+        assert images.shape[0] == out.shape[0] == perm.shape[0] == int(n_images)
+        self.launches.append(int(n_images))
+        rc = self.harness.lib.porder_host_reorder(
+            self.mid, self.wb, self.nw, images.ctypes.data, int(n_images), int(vec),
+            out.ctypes.data, perm.ctypes.data, params.ctypes.data, tab.ctypes.data)
+        assert rc == 0
+
+
+@pytest.fixture
+def fake_gpu(harness, monkeypatch):
+    """porder.kernels.cuda with NumPy standing in for CuPy and the harness for the kernel."""
+    import types
+
+    fake = types.SimpleNamespace(
+        ndarray=np.ndarray, empty=np.empty, full=np.full, zeros=np.zeros, asarray=np.asarray,
+        ascontiguousarray=np.ascontiguousarray, uint8=np.uint8, int32=np.int32, int64=np.int64,
+        cuda=types.SimpleNamespace(Device=lambda *a: types.SimpleNamespace(id=0)))
+    kernels = {}
+
+    def kernel(name, device_id):
+        return kernels.setdefault(name, FakeKernel(harness, name))
+
+    monkeypatch.setattr(kc, "_cupy", lambda: fake)
+    monkeypatch.setattr(kc, "_kernel", kernel)
+    monkeypatch.setattr(kc, "_device_arrays", lambda p, t, d: (
+        np.frombuffer(p, dtype=np.int32), np.frombuffer(t, dtype=np.float64)))
+    monkeypatch.setattr(kc, "_ptr", lambda a: a.ctypes.data)
+    monkeypatch.setattr(kc, "device_limits", lambda: H100)
+    return kernels
+
+
+@pytest.mark.parametrize("measure,patch", [("mi", 16), ("kl", 4), ("psnr", 8), ("ssim", 8)])
+def test_launch_path_on_the_harness(fake_gpu, measure, patch):
+    x = image_sets(np.random.default_rng(9), n=5)["photo"]
+    out, perm = kc.reorder_batch(x, porder.get_measure(measure), patch, bins=256, reference=0,
+                                 descending=porder.get_measure(measure).descending, check=True)
+    ref_out, ref_perm = porder.reorder(x, measure, patch, backend="generic")
+    assert perm.dtype == np.int64 and np.array_equal(perm, ref_perm)
+    assert np.array_equal(out, ref_out)
+    (k,) = fake_gpu.values()
+    assert k.launches == [5]
+    if patch == 16 and measure == "mi":  # 111 KB: the limit was raised before the launch
+        assert k.max_dynamic_shared_size_bytes > 48 * 1024
+
+
+def test_launch_path_chunks_strided_input(fake_gpu):
+    rng = np.random.default_rng(4)
+    x = np.concatenate(list(image_sets(rng, n=4).values()))  # 24 images
+    wide = np.concatenate([x, x[..., :1]], axis=3)[..., :3]  # not contiguous
+    g = kc.launch_geometry("je", 32, 3, 8, chunk_bytes=10 * 3072)
+    out = np.full(x.shape, 0xA5, np.uint8)
+    perm = np.full((len(x), 16), -7, np.int64)
+    kc.launch(wide, g, out, perm, check=True)
+    _, ref_perm = porder.reorder(x, "je", 8, backend="generic")
+    assert np.array_equal(perm, ref_perm)
+    assert fake_gpu[g.kernel].launches == [10, 10, 4]
+
+
+def test_launch_path_falls_back_to_generic(fake_gpu, monkeypatch):
+    calls = []
+    monkeypatch.setattr(porder, "reorder", lambda *a, **k: calls.append((a, k)) or "generic")
+    x = np.zeros((2, 64, 64, 3), np.uint8)
+    assert kc.reorder_batch(x, porder.get_measure("mi"), 32, bins=256, reference=0,
+                            descending=True) == "generic"
+    assert calls[0][1]["backend"] == "generic" and calls[0][1]["device"] == "cuda"
+    assert not fake_gpu
+
+
+# ---------------------------------------------------------------------------
 # 3. nvcc compiles every .cu, warnings as errors
 
 

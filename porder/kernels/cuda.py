@@ -43,8 +43,8 @@ KERNEL_DIR = Path(__file__).resolve().with_name("cuda")
 HEADER = "porder_core.cuh"
 KERNEL_SOURCE = "reorder.cu"
 # NVRTC options: C++17 for `if constexpr`; no fused multiply-add, so that float
-# results round exactly as the NumPy formulas do.
-COMPILE_OPTIONS = ("-std=c++17", "--fmad=false")
+# results round exactly as the NumPy formulas do; line info for compute-sanitizer.
+COMPILE_OPTIONS = ("-std=c++17", "--fmad=false", "-lineinfo")
 
 # Mirrors of the enums in cuda/porder_core.cuh (a test checks them).
 MEASURE_IDS = {"entropy": 0, "psnr": 1, "mi": 2, "je": 3, "kl": 4, "l1": 5, "l2": 6, "ssim": 7}
@@ -478,6 +478,11 @@ def compile_kernels(measures=tuple(MEASURE_IDS), patches=(4, 8, 16), *, image_si
 # Launching
 
 
+def _ptr(a) -> int:
+    """Device address of a CuPy array's first element."""
+    return a.data.ptr
+
+
 def launch(x, geometry: Geometry, out, perm, *, check: bool = False) -> None:
     """Run the fused kernel on ``x`` (N, S, S, C) uint8 into ``out`` and ``perm``.
 
@@ -498,11 +503,11 @@ def launch(x, geometry: Geometry, out, perm, *, check: bool = False) -> None:
             xs = cp.ascontiguousarray(xs)
         os_, ps = out[lo:hi], perm[lo:hi]
         kern((geometry.grid(hi - lo, kern.num_regs),), (geometry.threads,),
-             (xs, np.int64(hi - lo), np.int32(vec_flags(xs.data.ptr, os_.data.ptr, geometry)),
+             (xs, np.int64(hi - lo), np.int32(vec_flags(_ptr(xs), _ptr(os_), geometry)),
               os_, ps, params, table, err),
              shared_mem=geometry.smem_bytes)
     if check:
-        code = int(err.get()[0])
+        code = int(err[0])
         if code:
             raise RuntimeError(f"{geometry.kernel} refused the launch: {error_message(code)}")
 
