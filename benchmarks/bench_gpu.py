@@ -27,6 +27,7 @@ prints one table last. Every stage is bounded by ``--budget`` seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -93,14 +94,36 @@ def copy_bandwidth(cp) -> float:
     return 2 * a.nbytes / t
 
 
+def sm_clock_mhz(cp, props: dict) -> tuple[float, str]:
+    """The SM clock: from the runtime, else nvidia-smi's maximum, else an H100's boost."""
+    rt = cp.cuda.runtime
+    for how, get in (("props", lambda: props["clockRate"] / 1e3),
+                     ("attribute", lambda: rt.deviceGetAttribute(rt.cudaDevAttrClockRate,
+                                                                 cp.cuda.Device().id) / 1e3)):
+        try:
+            mhz = float(get())
+            if mhz > 0:
+                return mhz, how
+        except Exception:  # CUDA 13 dropped clockRate from the properties
+            pass
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20)
+        return float(r.stdout.split()[0]), "nvidia-smi max"
+    except Exception:
+        return 1980.0, "assumed (H100 SXM boost)"
+
+
 def device_info(cp) -> dict:
     dev = cp.cuda.Device()
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    info = {"name": name, "cc": f"{props['major']}.{props['minor']}",
-            "sms": props["multiProcessorCount"], "clock_mhz": props["clockRate"] / 1e3,
+    name = props.get("name", "?")
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    mhz, how = sm_clock_mhz(cp, props)
+    info = {"name": name, "cc": f"{props.get('major')}.{props.get('minor')}",
+            "sms": kc.device_limits().sm_count, "clock_mhz": mhz, "clock_from": how,
             "cupy": cp.__version__, "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
-            "limits": kc.device_limits().__dict__}
+            "limits": dataclasses.asdict(kc.device_limits())}
     try:
         import torch
 
@@ -122,7 +145,7 @@ def sanitize(cp, measures, patches) -> int:
     """Each kernel once on 12 images, error flag checked, perms against NumPy."""
     x = photo_like(cp, 12, seed=3)
     x[6:] = (x[6:] // 64) * 64  # tie-heavy half
-    xh = x.get()
+    xh = cp.asnumpy(x)
     bad = 0
     for m in measures:
         for p in patches:
@@ -130,10 +153,24 @@ def sanitize(cp, measures, patches) -> int:
                                          descending=porder.get_measure(m).descending,
                                          check=True)
             _, ref = porder.reorder(xh, m, p, backend="generic")
-            same = bool(np.array_equal(perm.get(), ref))
+            same = bool(np.array_equal(cp.asnumpy(perm), ref))
             bad += not same
             print(f"sanitize {m} p{p}: {'ok' if same else 'PERMS DIFFER'}", flush=True)
     return bad
+
+
+def compile_report(measures, patches) -> int:
+    """Compile every kernel now: one line each (registers, spills), errors in full."""
+    rows = kc.compile_kernels(measures, patches)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['kernel']}: COMPILE ERROR\n{r['error']}\n")
+        else:
+            print(f"{r['kernel']:26} {r['measure']:8} p{r['patch']:<3} {r['seconds']:6.2f} s "
+                  f"{r['registers']:4} regs {r['local_bytes']:4} B local {r['smem_bytes']:7} B "
+                  f"smem {r['threads']:4} threads {r['blocks_per_sm']:3} blocks/SM")
+    print(json.dumps(rows))
+    return sum("error" in r for r in rows)
 
 
 def main(argv=None) -> dict:
@@ -149,6 +186,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget", type=float, default=170.0, help="seconds for the whole run")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end CLI run")
     ap.add_argument("--sanitize", action="store_true", help="correctness pass only (see doc)")
+    ap.add_argument("--compile", action="store_true", help="compile the kernels and report")
     ap.add_argument("--quick", action="store_true", help="5,000 images, 3 repeats")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -158,6 +196,8 @@ def main(argv=None) -> dict:
 
     if args.sanitize:
         sys.exit(1 if sanitize(cp, measures, patches) else 0)
+    if args.compile:
+        sys.exit(1 if compile_report(measures, patches) else 0)
     if args.quick:
         args.n, args.repeats = min(args.n, 5000), 3
 
@@ -169,7 +209,7 @@ def main(argv=None) -> dict:
     res["copy_bytes_per_s"] = copy_bandwidth(cp)
     x = photo_like(cp, args.n)
     sub = x[: min(args.subset, args.n)]
-    hsub = x[: min(args.host_subset, args.n)].get()
+    hsub = cp.asnumpy(x[: min(args.host_subset, args.n)])
     cpu_missing = cpu_backend()
     if cpu_missing:
         res["notes"].append(f"compiled CPU backend not measured: {cpu_missing}")
@@ -217,8 +257,8 @@ def main(argv=None) -> dict:
                     row["compared"] = len(sub)
                     if diff.size:
                         i = int(diff[0])
-                        row["first_mismatch"] = {"image": i, "kernels": perm[i].get().tolist(),
-                                                 "generic": gperm[i].get().tolist()}
+                        row["first_mismatch"] = {"image": i, "kernels": cp.asnumpy(perm[i]).tolist(),
+                                                 "generic": cp.asnumpy(gperm[i]).tolist()}
                 except Exception as e:
                     row["generic_error"] = f"{type(e).__name__}: {e}"[:500]
             if left() > 20 and not cpu_missing:
@@ -294,7 +334,9 @@ def print_table(res: dict) -> None:
             note = note or f"target {target:,}: {'met' if k >= target else 'MISSED'}"
         elif k and mi.get(r["patch"]) and r["measure"] in kc.PAIRWISE:
             note = note or ("within 2x of mi" if k * 2 >= mi[r["patch"]] else "SLOWER than mi/2")
-        ratio = f"{k / r['generic']:,.0f}x" if k and r.get("generic") else "-"
+        ratio = "-"
+        if k and r.get("generic"):
+            ratio = f"{k / r['generic']:.1f}x" if k < 10 * r["generic"] else f"{k / r['generic']:,.0f}x"
         same = {True: "yes", False: "NO"}.get(r.get("same"), "-")
         print(f"{r['measure']:8} {r['patch']:>5} {_fmt(k):>12} {_fmt(r.get('generic')):>13} "
               f"{_fmt(r.get('cpu')):>13} {_fmt(r.get('numpy')):>9} {ratio:>10} {same:>5}  {note}")

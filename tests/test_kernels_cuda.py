@@ -524,12 +524,13 @@ def _gpu_check(cp, x, measure, patch, *, bins=256, reference=0, descending=None,
     where = f"{measure} patch {patch} bins {bins} ref {reference} desc {descending} seed {seed}"
     assert (perm >= 0).all(), f"{where}: perm entries left unwritten"
     kw = dict(bins=bins, reference=reference, descending=descending)
-    cout, cperm = porder.reorder(xg, measure, patch, device="cuda", backend="generic", **kw)
     nout, nperm = porder.reorder(x, measure, patch, backend="generic", **kw)
     assert np.array_equal(perm, nperm), f"{where} vs NumPy: {first_mismatch(perm, nperm)}"
+    assert np.array_equal(out, nout), f"{where}: {first_mismatch(perm, nperm, out, nout)}"
+    # the generic CuPy path (itself first run on a GPU with these tests)
+    cout, cperm = porder.reorder(xg, measure, patch, device="cuda", backend="generic", **kw)
     assert np.array_equal(perm, cperm.get()), \
         f"{where} vs generic CuPy: {first_mismatch(perm, cperm.get())}"
-    assert np.array_equal(out, nout), f"{where}: {first_mismatch(perm, nperm, out, nout)}"
     assert np.array_equal(out, cout.get())
 
 
