@@ -520,7 +520,7 @@ def _gpu_check(cp, x, measure, patch, *, bins=256, reference=0, descending=None,
     out = cp.full(x.shape, 0xA5, dtype=cp.uint8)
     perm = cp.full((n, g.patches), -7, dtype=cp.int64)
     kc.launch(xg, g, out, perm, check=True)
-    out, perm = out.get(), perm.get()
+    out, perm = cp.asnumpy(out), cp.asnumpy(perm)
     where = f"{measure} patch {patch} bins {bins} ref {reference} desc {descending} seed {seed}"
     assert (perm >= 0).all(), f"{where}: perm entries left unwritten"
     kw = dict(bins=bins, reference=reference, descending=descending)
@@ -529,9 +529,9 @@ def _gpu_check(cp, x, measure, patch, *, bins=256, reference=0, descending=None,
     assert np.array_equal(out, nout), f"{where}: {first_mismatch(perm, nperm, out, nout)}"
     # the generic CuPy path (itself first run on a GPU with these tests)
     cout, cperm = porder.reorder(xg, measure, patch, device="cuda", backend="generic", **kw)
-    assert np.array_equal(perm, cperm.get()), \
-        f"{where} vs generic CuPy: {first_mismatch(perm, cperm.get())}"
-    assert np.array_equal(out, cout.get())
+    assert np.array_equal(perm, cp.asnumpy(cperm)), \
+        f"{where} vs generic CuPy: {first_mismatch(perm, cp.asnumpy(cperm))}"
+    assert np.array_equal(out, cp.asnumpy(cout))
 
 
 @pytest.mark.gpu
@@ -579,7 +579,7 @@ def test_gpu_many_images_grid_stride_and_chunks(cp):
     perm = cp.full((len(x), g.patches), -7, dtype=cp.int64)
     kc.launch(xg, g, out, perm, check=True)
     _, nperm = porder.reorder(x, "mi", 16, backend="generic")
-    assert np.array_equal(perm.get(), nperm), first_mismatch(perm.get(), nperm)
+    assert np.array_equal(cp.asnumpy(perm), nperm), first_mismatch(cp.asnumpy(perm), nperm)
 
 
 @pytest.mark.gpu
@@ -589,13 +589,13 @@ def test_gpu_dispatch_and_fallback(cp):
     out, perm = porder.reorder(cp.asarray(x), "je", 8, device="cuda", backend="compiled")
     nout, nperm = porder.reorder(x, "je", 8, backend="generic")
     assert isinstance(perm, cp.ndarray) and perm.dtype == cp.int64
-    assert np.array_equal(perm.get(), nperm) and np.array_equal(out.get(), nout)
+    assert np.array_equal(cp.asnumpy(perm), nperm) and np.array_equal(cp.asnumpy(out), nout)
     # mi at patch 32 is outside the fused kernels: the generic CuPy path answers
     big = np.concatenate([np.concatenate([x, x], 1)] * 2, 2)[:4]  # (4, 64, 64, 3)
     out, perm = kc.reorder_batch(cp.asarray(big), porder.get_measure("mi"), 32, bins=256,
                                  reference=0, descending=True)
     _, nperm = porder.reorder(big, "mi", 32, backend="generic")
-    assert np.array_equal(perm.get(), nperm)
+    assert np.array_equal(cp.asnumpy(perm), nperm)
     empty, eperm = kc.reorder_batch(cp.zeros((0, 32, 32, 3), cp.uint8), porder.get_measure("mi"),
                                     8, bins=256, reference=0, descending=True)
     assert empty.shape == (0, 32, 32, 3) and eperm.shape == (0, 16)
@@ -613,7 +613,7 @@ def test_gpu_error_flag_reports_a_bad_launch(cp):
     err = cp.zeros(1, cp.int32)
     kern((1,), (g.threads,), (x, np.int64(len(x)), np.int32(3), out, perm, params,
                               cp.asarray(g.table()), err), shared_mem=g.smem_bytes)
-    assert int(err.get()[0]) == 1
+    assert int(err[0]) == 1
     assert "shared memory" in kc.error_message(1)
 
 
