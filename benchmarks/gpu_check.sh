@@ -6,7 +6,7 @@
 # kernels against the generic CuPy and host paths, run compute-sanitizer, and
 # keep logs and JSON under $OUT (default ./gpu-check-out; 8 files). Each stage
 # runs under `timeout`, even when an earlier one failed, within
-# GPU_CHECK_BUDGET seconds in all (default 390, so under 7 minutes); a failed
+# GPU_CHECK_BUDGET seconds in all (default 360: 6 minutes); a failed
 # stage prints the end of its log at once. One summary is printed last.
 #
 #   bash benchmarks/gpu_check.sh          # or: make gpu-check
@@ -46,7 +46,7 @@ fi
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-390}
+BUDGET=${GPU_CHECK_BUDGET:-360}
 T0=$(date +%s)
 export PY
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # this checkout, installed or not
