@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -205,6 +206,35 @@ def main(argv=None) -> dict:
         return args.budget - (time.perf_counter() - t_start)
 
     res = {"n_images": args.n, "device": device_info(cp), "rows": [], "notes": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    # `timeout` sends SIGTERM: stop measuring, still write the JSON and the table
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        measure_all(cp, args, res, measures, patches, left)
+    except Interrupted:
+        res["notes"].append(f"interrupted (SIGTERM) after {time.perf_counter() - t_start:.0f} s")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        res["seconds"] = time.perf_counter() - t_start
+        roofline(args, res)
+        save(args.out, res)
+        print_table(res)
+    return res
+
+
+class Interrupted(BaseException):  # not caught by the per-measurement `except Exception`
+    pass
+
+
+def _interrupt(signum, frame):
+    raise Interrupted()
+
+
+def save(out: Path, res: dict) -> None:
+    (out / "bench_gpu.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+def measure_all(cp, args, res, measures, patches, left) -> None:
     log("device:", json.dumps(res["device"]))
     res["copy_bytes_per_s"] = copy_bandwidth(cp)
     x = photo_like(cp, args.n)
@@ -225,62 +255,79 @@ def main(argv=None) -> dict:
             if left() < 5:
                 row["skipped"] = "time budget"
                 continue
-            g = kc.launch_geometry(m, 32, 3, p, limits=kc.device_limits())
-            row.update(threads=g.threads, smem_bytes=g.smem_bytes, fused=g.supported)
-            try:
-                t0 = time.perf_counter()
-                porder.reorder(x[:64], m, p, device="cuda", backend="compiled")
-                cp.cuda.Device().synchronize()
-                row["first_call_s"] = round(time.perf_counter() - t0, 3)  # compile or cache load
-                ts = gpu_seconds(cp, lambda m=m, p=p: porder.reorder(
-                    x, m, p, device="cuda", backend="compiled"), args.repeats)
-                row["kernels_s"] = statistics.median(ts)
-                row["kernels_spread"] = (max(ts) - min(ts)) / statistics.median(ts)
-                row["kernels"] = args.n / row["kernels_s"]
-                out, perm = kc.reorder_batch(sub, porder.get_measure(m), p, bins=256,
-                                             reference=0,
-                                             descending=porder.get_measure(m).descending,
-                                             check=True)
-            except Exception as e:
-                row["kernels_error"] = f"{type(e).__name__}: {e}"[:2000]
-                log(f"{m} p{p} kernels FAILED: {row['kernels_error']}")
-                continue
-            if left() > 20:
-                try:
-                    porder.reorder(sub[:64], m, p, device="cuda", backend="generic")
-                    ts = gpu_seconds(cp, lambda m=m, p=p: porder.reorder(
-                        sub, m, p, device="cuda", backend="generic"), 1)
-                    row["generic"] = len(sub) / ts[0]
-                    _, gperm = porder.reorder(sub, m, p, device="cuda", backend="generic")
-                    diff = cp.nonzero((perm != gperm).any(axis=1))[0]
-                    row["same"] = int(diff.size) == 0
-                    row["compared"] = len(sub)
-                    if diff.size:
-                        i = int(diff[0])
-                        row["first_mismatch"] = {"image": i, "kernels": cp.asnumpy(perm[i]).tolist(),
-                                                 "generic": cp.asnumpy(gperm[i]).tolist()}
-                except Exception as e:
-                    row["generic_error"] = f"{type(e).__name__}: {e}"[:500]
-            if left() > 20 and not cpu_missing:
-                try:
-                    porder.reorder(hsub[:16], m, p, backend="compiled")  # JIT warm-up
-                    row["cpu"] = len(hsub) / wall_seconds(
-                        lambda m=m, p=p: porder.reorder(hsub, m, p, backend="compiled"))
-                except Exception as e:
-                    row["cpu_error"] = f"{type(e).__name__}: {e}"[:500]
-            if left() > 20:
-                h = hsub[:500]
-                row["numpy"] = len(h) / wall_seconds(
-                    lambda m=m, p=p: porder.reorder(h, m, p, backend="generic"))
+            measure_row(cp, args, row, x, sub, hsub, cpu_missing, left)
+            save(args.out, res)
             log(f"{m} p{p}: kernels {row.get('kernels', 0):,.0f} img/s, generic "
                 f"{row.get('generic', 0):,.0f}, cpu {row.get('cpu', 0):,.0f}, numpy "
                 f"{row.get('numpy', 0):,.0f}, same {row.get('same')}")
+    if not args.no_e2e and left() > 30:
+        end_to_end(args, res, left)
 
-    # roofline for mi at patch 8
+
+def measure_row(cp, args, row, x, sub, hsub, cpu_missing, left) -> None:
+    """One (measure, patch): kernels, generic CuPy (and the comparison), CPU, NumPy."""
+    m, p = row["measure"], row["patch"]
+    mm = porder.get_measure(m)
+    g = kc.launch_geometry(m, 32, 3, p, limits=kc.device_limits())
+    row.update(threads=g.threads, smem_bytes=g.smem_bytes, fused=g.supported)
+    try:
+        t0 = time.perf_counter()
+        porder.reorder(x[:64], m, p, device="cuda", backend="compiled")
+        cp.cuda.Device().synchronize()
+        row["first_call_s"] = round(time.perf_counter() - t0, 3)  # compile or cache load
+        # size the timed batch to the kernel's speed: about a second per repeat at most
+        probe = x[:2000]
+        t = statistics.median(gpu_seconds(cp, lambda: porder.reorder(
+            probe, m, p, device="cuda", backend="compiled"), 1))
+        n = int(min(args.n, max(len(probe), len(probe) / t)))
+        xs = x[:n]
+        ts = gpu_seconds(cp, lambda: porder.reorder(xs, m, p, device="cuda", backend="compiled"),
+                         args.repeats)
+        row.update(timed_images=n, kernels_s=statistics.median(ts),
+                   kernels_spread=(max(ts) - min(ts)) / statistics.median(ts))
+        row["kernels"] = n / row["kernels_s"]
+        _, perm = kc.reorder_batch(sub, mm, p, bins=256, reference=0,
+                                   descending=mm.descending, check=True)
+    except Exception as e:
+        row["kernels_error"] = f"{type(e).__name__}: {e}"[:2000]
+        log(f"{m} p{p} kernels FAILED: {row['kernels_error']}")
+        return
+    if left() > 20:
+        try:
+            porder.reorder(sub[:64], m, p, device="cuda", backend="generic")  # warm-up
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            _, gperm = porder.reorder(sub, m, p, device="cuda", backend="generic")
+            end.record()
+            end.synchronize()
+            row["generic"] = len(sub) / (cp.cuda.get_elapsed_time(start, end) / 1e3)
+            diff = cp.nonzero((perm != gperm).any(axis=1))[0]
+            row["same"] = int(diff.size) == 0
+            row["compared"] = len(sub)
+            if diff.size:
+                i = int(diff[0])
+                row["first_mismatch"] = {"image": i, "kernels": cp.asnumpy(perm[i]).tolist(),
+                                         "generic": cp.asnumpy(gperm[i]).tolist()}
+        except Exception as e:
+            row["generic_error"] = f"{type(e).__name__}: {e}"[:500]
+    if left() > 20 and not cpu_missing:
+        try:
+            porder.reorder(hsub[:16], m, p, backend="compiled")  # JIT warm-up
+            row["cpu"] = len(hsub) / wall_seconds(
+                lambda: porder.reorder(hsub, m, p, backend="compiled"))
+        except Exception as e:
+            row["cpu_error"] = f"{type(e).__name__}: {e}"[:500]
+    if left() > 20:
+        h = hsub[:500]
+        row["numpy"] = len(h) / wall_seconds(lambda: porder.reorder(h, m, p, backend="generic"))
+
+
+def roofline(args, res) -> None:
+    """mi at patch 8: bytes against the copy bandwidth, integer work against the INT32 rate."""
     mi8 = next((r for r in res["rows"] if r["measure"] == "mi" and r["patch"] == 8
                 and "kernels_s" in r), None)
     if mi8:
-        n, k, c, px = args.n, 16, 3, 64
+        n, k, c, px = mi8["timed_images"], 16, 3, 64
         bytes_io = n * (32 * 32 * 3 * 2 + k * 8)
         # integer work: masks (C*n*K words x n/4 groups x ~8 ops) + chain (K(K-1)/2 pairs x C x n
         # pixels x ~8 ops: two loads, and, popcount, table load, add)
@@ -296,23 +343,19 @@ def main(argv=None) -> dict:
             "compute_floor_s": ops / int_rate,
         }
 
-    if not args.no_e2e and left() > 30:
-        with tempfile.TemporaryDirectory() as d:
-            cmd = [sys.executable, "-m", "porder", "reorder", "--measure", "mi", "--patch", "8",
-                   "--device", "cuda", "--no-progress", f"synthetic:{args.n}",
-                   str(Path(d) / "out.h5")]
-            try:
-                t0 = time.perf_counter()
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, left() - 5))
-                res["e2e"] = {"cmd": " ".join(cmd[1:]), "seconds": time.perf_counter() - t0,
-                              "rc": r.returncode, "stderr_tail": r.stderr[-800:]}
-            except subprocess.TimeoutExpired:
-                res["e2e"] = {"cmd": " ".join(cmd[1:]), "timeout_s": round(left(), 1)}
-    res["seconds"] = time.perf_counter() - t_start
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_gpu.json").write_text(json.dumps(res, indent=1, default=str))
-    print_table(res)
-    return res
+
+def end_to_end(args, res, left) -> None:
+    """`porder reorder --device cuda synthetic:N out.h5` (the CLI as it is), wall seconds."""
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "porder", "reorder", "--measure", "mi", "--patch", "8",
+               "--device", "cuda", "--no-progress", f"synthetic:{args.n}", str(Path(d) / "out.h5")]
+        try:
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, left() - 5))
+            res["e2e"] = {"cmd": " ".join(cmd[1:]), "seconds": time.perf_counter() - t0,
+                          "rc": r.returncode, "stderr_tail": r.stderr[-800:]}
+        except subprocess.TimeoutExpired:
+            res["e2e"] = {"cmd": " ".join(cmd[1:]), "timeout_s": round(left(), 1)}
 
 
 def _fmt(v) -> str:

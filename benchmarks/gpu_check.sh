@@ -110,10 +110,12 @@ stage bench $(( BENCH_BUDGET + 25 )) "$OUT/bench.log" \
     "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget "$BENCH_BUDGET"
 
 # 6. compute-sanitizer: out-of-bounds accesses and shared-memory races in the kernels
-if command -v compute-sanitizer > /dev/null; then
-    stage memcheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+      /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2> /dev/null | head -n 1)
+if [[ -n $SAN ]]; then
+    stage memcheck 60 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 3 \
         --print-limit 20 "$PY" benchmarks/bench_gpu.py --sanitize --measures mi,kl,entropy,ssim,psnr
-    stage racecheck 75 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 3 \
+    stage racecheck 75 "$OUT/sanitizer.log" "$SAN" --tool racecheck --error-exitcode 3 \
         --print-limit 20 "$PY" benchmarks/bench_gpu.py --sanitize --measures mi,kl,entropy,l2 \
         --patches 4,16
 else
