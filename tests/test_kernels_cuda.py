@@ -411,8 +411,8 @@ def fake_gpu(harness, monkeypatch):
 
     monkeypatch.setattr(kc, "_cupy", lambda: fake)
     monkeypatch.setattr(kc, "_kernel", kernel)
-    monkeypatch.setattr(kc, "_device_arrays", lambda p, t, d: (
-        np.frombuffer(p, dtype=np.int32), np.frombuffer(t, dtype=np.float64)))
+    monkeypatch.setattr(kc, "_device_arrays", lambda g, d: (g.params(), g.table()))
+    monkeypatch.setattr(kc, "_error_flag", lambda d: np.zeros(1, np.int32))
     monkeypatch.setattr(kc, "_ptr", lambda a: a.ctypes.data)
     monkeypatch.setattr(kc, "device_limits", lambda: H100)
     return kernels

@@ -437,10 +437,18 @@ def get_kernel(geometry: Geometry):
 
 
 @lru_cache(maxsize=256)
-def _device_arrays(params: bytes, table: bytes, device_id: int):
+def _device_arrays(geometry: Geometry, device_id: int):
+    """The params and table of ``geometry`` on the device (uploaded once)."""
     cp = _cupy()
-    return (cp.asarray(np.frombuffer(params, dtype=np.int32)),
-            cp.asarray(np.frombuffer(table, dtype=np.float64)))
+    return cp.asarray(geometry.params()), cp.asarray(geometry.table())
+
+
+@lru_cache(maxsize=None)
+def _error_flag(device_id: int):
+    return _cupy().zeros(1, dtype=np.int32)
+
+
+_geometry = lru_cache(maxsize=256)(launch_geometry)
 
 
 def compile_kernels(measures=tuple(MEASURE_IDS), patches=(4, 8, 16), *, image_size: int = 32,
@@ -495,8 +503,10 @@ def launch(x, geometry: Geometry, out, perm, *, check: bool = False) -> None:
         raise ValueError(f"the fused kernel cannot run this case: {geometry.reason}")
     dev = cp.cuda.Device().id
     kern = get_kernel(geometry)
-    params, table = _device_arrays(geometry.params().tobytes(), geometry.table().tobytes(), dev)
-    err = cp.zeros(1, dtype=cp.int32)
+    params, table = _device_arrays(geometry, dev)
+    err = _error_flag(dev)  # set only by a launch that does not match its params
+    if check:
+        err.fill(0)
     for lo, hi in geometry.chunks(x.shape[0]):
         xs = x[lo:hi]
         if not xs.flags.c_contiguous:
@@ -549,8 +559,8 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
     if not isinstance(images, cp.ndarray):
         raise ValueError(f"images must be a CuPy array on the GPU, got {type(images).__name__}")
     n, s, _, c = images.shape
-    g = launch_geometry(m.name, s, c, patch, bins=bins, reference=reference,
-                        descending=descending, limits=device_limits())
+    g = _geometry(m.name, s, c, patch, bins=int(bins), reference=int(reference),
+                  descending=descending, limits=device_limits())
     if not g.supported:
         import porder
 
