@@ -333,15 +333,15 @@ PORDER_HD void phase_load(const Ctx& x, const u8* img, int vec, int tid, int nt)
 // zeroes the q padding, the kl histogram and the chain state.
 template <int MID>
 PORDER_HD void phase_relayout(const Ctx& x, int tid, int nt) {
-    const int bytes = x.S * x.S * x.C;
-    for (int e = tid; e < bytes; e += nt) {
-        const int c = e % x.C, pix = e / x.C;
+    for (int pix = tid; pix < x.S * x.S; pix += nt) {  // one pixel, all its channels
         const int xx = pix % x.S, y = pix / x.S;
         const int j = (y / x.P) * x.G + xx / x.P;
         const int t = (y % x.P) * x.P + xx % x.P;
-        int v = x.raw[e];
-        if constexpr (Family<MID>::quantised) v = (v * x.bins) >> 8;  // bin = value * bins // 256
-        unit_q(x, c, j)[t] = (u8)v;
+        for (int c = 0; c < x.C; ++c) {
+            int v = x.raw[pix * x.C + c];
+            if constexpr (Family<MID>::quantised) v = (v * x.bins) >> 8;  // value * bins // 256
+            unit_q(x, c, j)[t] = (u8)v;
+        }
     }
     const int pad = x.qs - x.n;
     for (int e = tid; e < x.C * x.K * pad; e += nt) x.q[(e / pad) * x.qs + x.n + e % pad] = 0;
