@@ -2,7 +2,7 @@
 PY ?= python3
 BENCH_OUT ?= benchmarks/results
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean gpu-check
 
 # torch==2.13.0 is pinned explicitly when torch is missing: a bare `pip install
 # torch` would fetch several GB of CUDA wheels on a CPU machine.
@@ -21,6 +21,12 @@ test: install
 
 bench: install
 	$(PY) benchmarks/run.py --out $(BENCH_OUT)
+
+# On a machine with a CUDA GPU and CuPy: compile, test and time the CUDA kernels
+# (logs and JSON in $OUT, default gpu-check-out/; under 7 minutes). Installs
+# porder itself without dependencies: such machines are often offline.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: install
 	$(PY) -m ruff check porder tests benchmarks
