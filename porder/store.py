@@ -29,9 +29,7 @@ reader opens files through :func:`open_file`, which runs
 """
 from __future__ import annotations
 
-import atexit
 import os
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -95,23 +93,6 @@ def estimate_bytes(rows: int, size: int, k: int) -> int:
     return int(rows) * row + META_BYTES
 
 
-# Files that HDF5 could not close after a disk-full write error: HDF5 retries
-# the flush when the interpreter exits and crashes (a segfault after the error
-# message). Exiting straight away skips that retry; only this case does so.
-_UNCLOSED: list[str] = []
-
-
-def _exit_without_hdf5_cleanup() -> None:
-    if _UNCLOSED:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(1)
-
-
-atexit.register(_exit_without_hdf5_cleanup)  # after h5py's import: runs before its handlers
 
 
 class Writer:
@@ -324,7 +305,6 @@ class Writer:
             except (OSError, RuntimeError):
                 if not self._broken:
                     raise
-                _UNCLOSED.append(str(self.tmp))  # see _exit_without_hdf5_cleanup
         if self._space is not None:
             self._space.close()
             self._space = None
