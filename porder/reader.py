@@ -33,8 +33,14 @@ def _jsonable(v):
     return v
 
 
-def _open(path, *, require_complete: bool = True, contents: bool = False):
-    """Open and check a porder file: (h5py.File, Layout)."""
+def open_checked(path, *, require_complete: bool = True, contents: bool = False):
+    """Open a porder file and check it (:func:`porder.validate.check_file`).
+
+    Returns
+    -------
+    (h5py.File, porder.validate.Layout); the caller closes the file.
+    ``contents=True`` also checks every label and ``perm`` row (bounded memory).
+    """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         hint = f" (an unfinished '{partial_path(path)}' exists: resume it with --resume)" \
@@ -56,12 +62,12 @@ def open_file(path, *, require_complete: bool = True) -> h5py.File:
     not every row): anything that would make HDF5 read outside the file, or
     make a reader fail later, is refused here.
     """
-    return _open(path, require_complete=require_complete)[0]
+    return open_checked(path, require_complete=require_complete)[0]
 
 
 def read_meta(path) -> dict:
     """Root attributes, classes and per-split counts of a porder file."""
-    f, layout = _open(path)
+    f, layout = open_checked(path)
     with f, reading(path):
         meta = {k: _jsonable(v) for k, v in f.attrs.items()}
         meta["classes"] = [_jsonable(c) for c in f["classes"][()]]
@@ -84,7 +90,7 @@ def read_split(path, split: str = "train", *, start: int = 0, stop: int | None =
     """
     if split not in SPLITS:
         raise StoreError(f"'{path}' has no split {split!r}; choose one of {list(SPLITS)}")
-    f, layout = _open(path)
+    f, layout = open_checked(path)
     with f, reading(path):
         g = f[split]
         sl = slice(start, stop)
@@ -108,7 +114,7 @@ def describe(path) -> dict:
     meta = read_meta(path)
     meta["path"] = str(path)
     meta["bytes"] = Path(path).stat().st_size
-    f, layout = _open(path, contents=True)
+    f, layout = open_checked(path, contents=True)
     with f, reading(path):
         meta["skipped_names"] = {s: [_jsonable(n) for n in f[s]["skipped"][:SKIPPED_SHOWN]]
                                  for s in SPLITS if "skipped" in f[s]}

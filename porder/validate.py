@@ -368,8 +368,12 @@ def _check_shard_files(path: Path, shards: set, depth: int) -> None:
             same = False
         if same:
             raise StoreError(f"'{path}': its virtual datasets read from the file itself")
-        with open_hdf5(src) as sf:
-            check_file(sf, src, _depth=depth + 1)
+        try:
+            with open_hdf5(src) as sf:
+                check_file(sf, src, _depth=depth + 1)
+        except StoreError as e:
+            raise StoreError(f"'{path}' reads rows from shard file {s!r}, which is refused: "
+                             f"{e}") from None
 
 
 # --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from ..output import DiskFull, SpaceReserver, check_free_space, is_disk_full, lock_output
+from ..reader import open_checked
 from ..store import (
     IDENTITY_KEYS,
     SPLITS,
@@ -25,7 +26,7 @@ from ..store import (
     open_file,
     partial_path,
 )
-from ..validate import check_rows, open_hdf5, reading
+from ..validate import open_hdf5, reading
 
 # progress(stage, done, total): stage "images" while shards run, "merge" while copying
 Progress = Callable[[str, int, int], None]
@@ -52,7 +53,8 @@ def _read_shard(path: Path) -> _Shard:
     if path.name.endswith(".part"):
         raise StoreError(f"'{path}' is an unfinished shard (.part); finish it by running the "
                          f"same `porder reorder --shard I/N` command with --resume")
-    with open_file(path) as f, reading(path):
+    f, _ = open_checked(path, contents=True)  # every label and perm row, in bounded chunks
+    with f, reading(path):
         attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
         classes = [_jsonable(c) for c in f["classes"][()]]
         splits = {}
@@ -180,16 +182,11 @@ def _write_split(f: h5py.File, split: str, shards: list[_Shard], out_dir: Path, 
         for s, size in zip(parts, sizes, strict=True):
             if not size:
                 continue
-            k = int(shape[1]) if name == "perm" else 0
-            with open_file(s.path) as sf, reading(s.path):
+            with open_file(s.path) as sf, reading(s.path):  # checked by _read_shard
                 src = sf[split][name]
-                n_classes = len(s.classes)
                 for lo in range(0, size, step):
                     hi = min(size, lo + step)
                     rows = src[lo:hi]
-                    if name in ("labels", "perm"):  # copied rows are checked rows
-                        check_rows(s.path, split, lo, rows if name == "labels" else None,
-                                   rows if name == "perm" else None, classes=n_classes, k=k)
                     if space is not None:
                         space.reserve(rows.nbytes + (16 * len(rows) if name != "images" else 0)
                                       + 2**20)
