@@ -398,11 +398,16 @@ def check_rows(path, split: str, start: int, labels=None, perm=None, *, classes:
             raise StoreError(f"'{path}': label {int(labels[i])} of /{split} row {start + i} is "
                              f"outside 0..{classes - 1} (the file has {classes} classes)")
     if perm is not None and len(perm):
-        want = np.arange(k)
         step = max(1, (16 * 2**20) // max(1, 8 * k))  # bounded temporaries
         for lo in range(0, len(perm), step):
-            rows = np.sort(np.asarray(perm[lo:lo + step], dtype=np.int64), axis=1)  # (b, K)
-            bad = np.flatnonzero((rows != want).any(axis=1))
+            rows = np.asarray(perm[lo:lo + step])                         # (b, K)
+            out_of_range = (rows < 0) | (rows >= k)
+            if out_of_range.any():
+                bad = np.flatnonzero(out_of_range.any(axis=1))
+            else:  # K values in 0..K-1 are a permutation iff every one occurs
+                seen = np.zeros(rows.shape, dtype=bool)                   # (b, K)
+                seen[np.arange(len(rows))[:, None], rows] = True
+                bad = np.flatnonzero(~seen.all(axis=1))
             if bad.size:
                 raise StoreError(f"'{path}': /{split}/perm row {start + lo + int(bad[0])} is "
                                  f"not a permutation of 0..{k - 1} (the file is damaged)")
