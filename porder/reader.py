@@ -33,6 +33,25 @@ def _jsonable(v):
     return v
 
 
+def missing_virtual_sources(f: h5py.File, path) -> list[str]:
+    """Shard files that the virtual datasets of an open porder file point at
+    and that cannot be found (relative names are relative to ``path``'s folder)."""
+    missing: set[str] = set()
+    for split in SPLITS:
+        g = f.get(split)
+        if not isinstance(g, h5py.Group):
+            continue
+        for ds in g.values():
+            if not isinstance(ds, h5py.Dataset) or not ds.is_virtual:
+                continue
+            for m in ds.virtual_sources():
+                src = Path(m.file_name)
+                if m.file_name != "." and not (src if src.is_absolute()
+                                               else Path(path).parent / src).exists():
+                    missing.add(m.file_name)
+    return sorted(missing)
+
+
 def open_checked(path, *, require_complete: bool = True, contents: bool = False):
     """Open a porder file and check it (:func:`porder.validate.check_file`).
 

@@ -38,14 +38,22 @@ import numpy as np
 
 from . import __version__
 from .output import DiskFull, SpaceReserver, is_disk_full, lock_output
-from .reader import _jsonable, describe, open_file, partial_path, read_meta, read_split, to_json
+from .reader import (
+    _jsonable,
+    describe,
+    missing_virtual_sources,
+    open_file,
+    partial_path,
+    read_meta,
+    read_split,
+    to_json,
+)
 from .validate import (
     FORMAT,
     FORMAT_VERSION,
     SPLITS,
     StoreError,
     check_file,
-    missing_virtual_sources,
     open_hdf5,
     perm_dtype,
 )

@@ -109,7 +109,6 @@ def open_hdf5(path, mode: str = "r") -> h5py.File:
         raise StoreError(f"cannot read '{path}' as HDF5: {_first_line(e)}") from None
 
 
-# --------------------------------------------------------------------------
 # Attributes
 
 
@@ -138,9 +137,7 @@ def _flag(path, what: str, v) -> bool:
     """A boolean attribute: True/False (or 0/1); a string such as 'false' is refused."""
     if isinstance(v, np.ndarray) and v.shape == ():
         v = v[()]
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)) and int(v) in (0, 1):
+    if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)):
         return bool(v)
     raise StoreError(f"'{path}': attribute {what} is {_text(v)!r}; expected a boolean "
                      f"(the file was edited or damaged)")
@@ -148,13 +145,12 @@ def _flag(path, what: str, v) -> bool:
 
 def _attrs(obj, path, where: str) -> dict:
     """An object's attributes, refusing absurd counts."""
-    n = len(obj.attrs)
-    if n > MAX_ATTRS:
-        raise StoreError(f"'{path}': {where} has {n} attributes; a porder file has a few dozen")
+    if len(obj.attrs) > MAX_ATTRS:
+        raise StoreError(f"'{path}': {where} has {len(obj.attrs)} attributes; a porder file "
+                         f"has a few dozen")
     return {k: obj.attrs[k] for k in obj.attrs}
 
 
-# --------------------------------------------------------------------------
 # Objects and storage
 
 
@@ -183,8 +179,7 @@ def _check_storage(path, ds: h5py.Dataset, where: str, *, allow_virtual: bool) -
     """Refuse external raw storage; return a virtual dataset's sources (else [])."""
     dcpl = ds.id.get_create_plist()
     if dcpl.get_external_count() > 0:
-        name = dcpl.get_external(0)[0]
-        name = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+        name = _text(dcpl.get_external(0)[0])
         raise StoreError(f"'{path}': {where} keeps its data in external file {name!r}; porder "
                          f"refuses files that point outside themselves")
     if dcpl.get_layout() != h5py.h5d.VIRTUAL:
@@ -213,26 +208,6 @@ def _check_virtual(path: Path, sources, split: str, name: str) -> set[str]:
     return files
 
 
-def missing_virtual_sources(f: h5py.File, path) -> list[str]:
-    """Shard files that the virtual datasets of an open porder file point at
-    and that cannot be found (relative names are relative to ``path``'s folder)."""
-    missing: set[str] = set()
-    for split in SPLITS:
-        g = f.get(split)
-        if not isinstance(g, h5py.Group):
-            continue
-        for ds in g.values():
-            if not isinstance(ds, h5py.Dataset) or not ds.is_virtual:
-                continue
-            for m in ds.virtual_sources():
-                src = Path(m.file_name)
-                if m.file_name != "." and not (src if src.is_absolute()
-                                               else Path(path).parent / src).exists():
-                    missing.add(m.file_name)
-    return sorted(missing)
-
-
-# --------------------------------------------------------------------------
 # The check
 
 
@@ -376,7 +351,6 @@ def _check_shard_files(path: Path, shards: set, depth: int) -> None:
                              f"{e}") from None
 
 
-# --------------------------------------------------------------------------
 # Rows
 
 
