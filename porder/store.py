@@ -196,9 +196,13 @@ class Writer:
     def _resume(self, meta, classes):
         if not self.tmp.exists():
             raise StoreError(f"nothing to resume: '{self.tmp}' does not exist")
-        self.f = open_hdf5(self.tmp, "r+")
-        # Checked before anything is written: a hostile .part could redirect writes.
-        check_file(self.f, self.tmp, require_complete=False, partial=True, contents=True)
+        try:
+            self.f = open_hdf5(self.tmp, "r+")
+            # Checked before anything is written: a hostile .part could redirect writes.
+            check_file(self.f, self.tmp, require_complete=False, partial=True, contents=True)
+        except StoreError as e:
+            raise StoreError(f"cannot resume: {e}; run without --resume to start afresh") \
+                from None
         self._check_resumable(meta, classes)
         self.perm_dtype = self.f["train/perm"].dtype
         self._space = SpaceReserver(self.tmp, f"'{self.tmp}'")
