@@ -73,6 +73,7 @@ IDENTITY_KEYS = ("measure", "patch", "bins", "reference", "direction", "image_si
 # ... and what must also match for --resume: the same slice of the same files.
 RESUME_KEYS = (*IDENTITY_KEYS, "source_state", "shard_index", "shard_count")
 META_BYTES = 2**20          # HDF5 metadata headroom in size estimates
+CHUNK_BYTES = 4 * 2**20     # the most bytes of one HDF5 chunk (large images, many patches)
 NAME_BYTES = 64             # a stored name, on average, in size estimates
 
 
@@ -92,6 +93,11 @@ def check_output(path, *, overwrite: bool = False) -> Path:
     if not os.access(path.parent, os.W_OK):
         raise StoreError(f"cannot write '{path}': folder '{path.parent}' is not writable")
     return path
+
+
+def _chunk_rows(rows: int, row_bytes: int) -> int:
+    """Rows per chunk: ``rows``, fewer where a chunk would pass CHUNK_BYTES."""
+    return max(1, min(int(rows), CHUNK_BYTES // max(1, int(row_bytes))))
 
 
 def estimate_bytes(rows: int, size: int, k: int) -> int:
@@ -185,10 +191,12 @@ class Writer:
             g.attrs["consumed"] = 0
             g.attrs["rows"] = 0
             g.create_dataset("images", (0, size, size, 3), np.uint8,
-                             maxshape=(None, size, size, 3), chunks=(min(c, 512), size, size, 3))
+                             maxshape=(None, size, size, 3),
+                             chunks=(_chunk_rows(min(c, 512), size * size * 3), size, size, 3))
             g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(max(c, 1024),))
             g.create_dataset("perm", (0, self.k), self.perm_dtype, maxshape=(None, self.k),
-                             chunks=(max(c, 1024), self.k))
+                             chunks=(_chunk_rows(max(c, 1024), self.k * self.perm_dtype.itemsize),
+                                     self.k))
             g.create_dataset("names", (0,), _STR, maxshape=(None,), chunks=(max(c, 1024),))
             g.create_dataset("skipped", (0,), _STR, maxshape=(None,), chunks=(256,))
         self.f.flush()
@@ -289,9 +297,9 @@ class Writer:
 
     def _chunk_bytes(self) -> int:
         """A new HDF5 chunk of every dataset: the most one batch can allocate beyond its rows."""
-        c, s = self.chunk, self.size
-        return (min(c, 512) * s * s * 3 + max(c, 1024) * (8 + 16 + self.k * self.perm_dtype.itemsize)
-                + 256 * 16)
+        g = self.f["train"]
+        return sum(int(np.prod(ds.chunks)) * max(ds.dtype.itemsize, 16) for ds in g.values()
+                   if isinstance(ds, h5py.Dataset) and ds.chunks)
 
     def finish(self, **extra) -> Path:
         """Mark complete, close and rename to the final name; returns that path."""
