@@ -124,6 +124,24 @@ def read_split(path, split: str = "train", *, start: int = 0, stop: int | None =
     return out
 
 
+def _encodable(v):
+    """Text that can be printed: bytes a file held that are not UTF-8 (surrogate escapes
+    from h5py) are shown as ``\\xNN``; containers are converted item by item."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+            return v
+        except UnicodeEncodeError:
+            try:
+                return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:  # lone surrogates that are not escapes
+                return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(v, dict):
+        return {_encodable(k): _encodable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_encodable(x) for x in v]
+    return v
+
 
 def describe(path) -> dict:
     """What a file holds and how it was made, as JSON-ready data (``porder inspect``).
@@ -138,7 +156,7 @@ def describe(path) -> dict:
         meta["skipped_names"] = {s: [_jsonable(n) for n in f[s]["skipped"][:SKIPPED_SHOWN]]
                                  for s in SPLITS if "skipped" in f[s]}
         meta["virtual_sources"] = list(layout.virtual_sources)
-    return meta
+    return _encodable(meta)
 
 
 def to_json(obj) -> str:

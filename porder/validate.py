@@ -47,13 +47,8 @@ class StoreError(ValueError):
 
 
 def perm_dtype(k: int) -> np.dtype:
-    """The smallest unsigned dtype holding patch indices 0..k-1 (uint8/16/32).
-
-    Raises
-    ------
-    StoreError
-        ``k`` above 2**32 patches (no image is that large in practice).
-    """
+    """The smallest unsigned dtype holding patch indices 0..k-1 (uint8/16/32);
+    StoreError above 2**32 patches (no image is that large in practice)."""
     for dt in (np.uint8, np.uint16, np.uint32):
         if k - 1 <= np.iinfo(dt).max:
             return np.dtype(dt)
@@ -315,8 +310,12 @@ def _check_split(f, path, split: str, layout: Layout, partial: bool, shards: set
         rows = _int(path, f"rows of /{split}", gattrs["rows"], lo=0)
     else:
         rows = n
-    if "consumed" in gattrs:
-        _int(path, f"consumed of /{split}", gattrs["consumed"], lo=0)
+    for key in ("consumed", "first_sample", "last_sample"):
+        if key in gattrs:
+            _int(path, f"{key} of /{split}", gattrs[key], lo=0)
+    if "first_sample" in gattrs and "last_sample" in gattrs \
+            and int(gattrs["last_sample"]) < int(gattrs["first_sample"]):
+        raise StoreError(f"'{path}': /{split} ends before it starts (last_sample < first_sample)")
     for name in DATASETS:
         have = int(ds[name].shape[0])
         if (have < rows) if partial else (have != rows):

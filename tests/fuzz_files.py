@@ -81,14 +81,15 @@ def corrupt(base: Path, out: Path, rng: np.random.Generator, kind: str) -> str:
             name = str(rng.choice(["train/labels", "test/labels", "train/perm", "test/perm"]))
             ds = f[name]
             i = int(rng.integers(0, ds.shape[0]))
-            bad = int(rng.choice([-1, 10, 99, 16, 255]))
-            if ds.ndim == 2:
+            if ds.ndim == 2:  # perm (uint8 here): out of range, or a patch twice
                 row = ds[i]
-                row[int(rng.integers(0, ds.shape[1]))] = bad
+                j = int(rng.integers(0, ds.shape[1]))
+                row[j] = int(rng.choice([16, 255])) if rng.random() < 0.5 else row[j - 1]
                 ds[i] = row
-            else:
-                ds[i] = bad
-            return f"set a value of {name} row {i} to {bad}"
+                return f"set {name}[{i}, {j}] to {row[j]}"
+            bad = int(rng.choice([-1, 10, 99, 16, 255]))
+            ds[i] = bad
+            return f"set {name}[{i}] to {bad}"
     raise ValueError(kind)
 
 

@@ -279,7 +279,11 @@ def _merge(shards: Sequence, out: Path, *, copy: bool, overwrite: bool,
         with h5py.File(tmp, "w") as f:  # ours to truncate: we hold the lock of out
             space = SpaceReserver(tmp, f"'{tmp}'") if copy else None
             for key, val in attrs.items():
-                f.attrs[key] = val
+                try:
+                    f.attrs[key] = val
+                except (TypeError, ValueError) as e:  # e.g. text that is not valid UTF-8
+                    raise StoreError(f"cannot copy attribute {key!r} of '{ref.path}' into "
+                                     f"'{tmp}': {str(e).splitlines()[0]}") from None
             f.create_dataset("classes", data=np.array(ref.classes, dtype=object),
                              dtype=h5py.string_dtype())
             for split in SPLITS:
