@@ -354,9 +354,11 @@ class SpaceReserver:
             return
         try:
             size = os.fstat(self._fd).st_size
-            if self._fallocate is not None and self._end > size:
-                self._fallocate(self._fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, size,
-                                self._end - size)
+            if self._end > size:
+                if self._fallocate is not None:  # tmpfs frees blocks past the end this way
+                    self._fallocate(self._fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, size,
+                                    self._end - size)
+                os.ftruncate(self._fd, size)  # ext4 and xfs this way (same size: no data lost)
         except OSError:
             pass
         finally:

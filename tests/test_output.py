@@ -332,8 +332,16 @@ def test_space_reserver_reserves_before_writing(tiny_disk):
     space.reserve(1024 * 1024)           # fits
     with pytest.raises(DiskFull, match=r"'f' in '.*disk': the next write needs 4\.0 MiB"):
         space.reserve(4 * 1024 * 1024)   # does not
+    assert path.stat().st_blocks * 512 >= 2**20   # held for the writes to come
     space.close()
     assert path.stat().st_size == 1     # reserving never changes the file
+    assert path.stat().st_blocks * 512 < 2**16    # and closing gives back what was unused
+
+
+def test_a_finished_file_holds_no_reserved_blocks(tmp_path):
+    out = build_cache("synthetic:300", tmp_path / "o.h5", measure="entropy", batch_size=32,
+                      workers=1).path
+    assert out.stat().st_blocks * 512 < out.stat().st_size + 2**16
 
 
 def test_store_error_is_not_output_error():
