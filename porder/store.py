@@ -298,8 +298,8 @@ class Writer:
     def _chunk_bytes(self) -> int:
         """A new HDF5 chunk of every dataset: the most one batch can allocate beyond its rows."""
         g = self.f["train"]
-        return sum(int(np.prod(ds.chunks)) * max(ds.dtype.itemsize, 16) for ds in g.values()
-                   if isinstance(ds, h5py.Dataset) and ds.chunks)
+        return sum(int(np.prod(ds.chunks)) * (16 if ds.dtype.kind == "O" else ds.dtype.itemsize)
+                   for ds in g.values() if isinstance(ds, h5py.Dataset) and ds.chunks)
 
     def finish(self, **extra) -> Path:
         """Mark complete, close and rename to the final name; returns that path."""
