@@ -176,8 +176,13 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
     """Read ``source``, reorder every image, and write the porder HDF5 file ``out``.
 
     Parameters mirror ``porder reorder``. ``resume`` continues ``<out>.part``
-    when it exists (and starts afresh otherwise). ``shard=(i, n)`` processes
-    the i-th of n equal, contiguous slices of every split.
+    when it exists (and starts afresh otherwise) if it was made with the same
+    options, slice and source files (:func:`source_identity`). ``shard=(i, n)``
+    processes the i-th of n equal, contiguous slices of every split; a slice
+    that receives no sample is written with 0 rows.
+
+    ``out`` is locked (``<out>.lock``) before anything is read or written, and
+    the free space of its folder is checked before the ``.part`` is made.
 
     Returns
     -------
@@ -186,7 +191,11 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
 
     Raises
     ------
-    ValueError (SourceError, StoreError) for bad options, input or output.
+    ValueError (SourceError, StoreError) for bad options, input or output: an
+    ``out`` that is or lies inside the source, a ``.part`` that does not match
+    (naming what changed); porder.output.Busy when another process writes
+    ``out``; porder.output.DiskFull when the file does not fit (the ``.part``
+    is kept for ``resume`` when the disk fills up mid-run).
     """
     m = get_measure(measure)
     bins = _check_bins(bins)
