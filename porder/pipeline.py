@@ -6,6 +6,8 @@ write overlap. Memory is bounded by a few batches whatever the dataset size.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import queue
 import threading
 import time
@@ -13,15 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from .backend import resolve_device
 from .measures import _check_bins, get_measure
+from .output import DiskFull, check_free_space, check_not_inside_source, lock_output
 from .patches import check_patch_size
 from .reorder import reorder
 from .sources import open_source
 from .sources.base import stored_name
-from .store import SPLITS, StoreError, Writer, partial_path
+from .store import SPLITS, StoreError, Writer, check_output, estimate_bytes, partial_path
 
 # progress(split, samples_done, samples_total) after each batch
 Progress = Callable[[str, int, int], None]
@@ -100,6 +101,80 @@ def _prefetch(iterator, depth: int = 2):
         stop.set()  # the producer sees it within 0.1 s of its next item
 
 
+DIGEST_ALL = 2**30   # archives up to this size are hashed whole; larger ones in samples
+_SAMPLE = 2**20
+
+
+def _file_digest(path: Path, size: int) -> str:
+    """SHA-256 of a file's bytes (of 64 spread 1 MiB samples and the size, past DIGEST_ALL)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= DIGEST_ALL:
+            for block in iter(lambda: fh.read(2**22), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            for i in range(64):
+                fh.seek(i * (size - _SAMPLE) // 63)
+                h.update(fh.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def source_identity(source: str) -> dict:
+    """What identifies a source's data, recorded in the file for --resume and merge.
+
+    A file (an archive): its size and the SHA-256 of its bytes. A folder: the
+    count and total size of every file beneath it and a digest of their
+    relative names and sizes. Named sources (``synthetic:N``, ``digits``) are
+    identified by the name alone. ``source_state`` adds modification times:
+    it differs when a file was rewritten in place (checked by --resume only,
+    as copies of one dataset on different machines have other times).
+
+    Returns
+    -------
+    dict with ``source_files``, ``source_bytes``, ``source_digest`` and
+    ``source_state`` (hex strings).
+    """
+    path = Path(source)
+    named = source == "digits" or source.startswith("synthetic:") or not path.exists()
+    if named:
+        return {"source_files": 0, "source_bytes": 0, "source_digest": "",
+                "source_state": ""}
+    listing, state = hashlib.sha256(), hashlib.sha256()
+    files = total = 0
+    if path.is_file():
+        st = path.stat()
+        digest = _file_digest(path, st.st_size)
+        state.update(f"{st.st_size} {st.st_mtime_ns}".encode())
+        return {"source_files": 1, "source_bytes": st.st_size, "source_digest": digest,
+                "source_state": state.hexdigest()}
+    seen = set()
+    errors = []
+    for root, dirs, names in os.walk(path, followlinks=True, onerror=errors.append):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop: do not descend again
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        rel = os.path.relpath(root, path)
+        for name in sorted(names):
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            line = f"{rel}/{name}\0{st.st_size}".encode("utf-8", "surrogateescape")
+            listing.update(line + b"\n")
+            state.update(line + f"\0{st.st_mtime_ns}\n".encode())
+            files += 1
+            total += st.st_size
+    for e in errors:  # an unreadable folder is part of what the source is
+        listing.update(f"!{os.path.relpath(e.filename or '', path)}\n".encode(
+            "utf-8", "surrogateescape"))
+    return {"source_files": files, "source_bytes": total, "source_digest": listing.hexdigest(),
+            "source_state": state.hexdigest() + listing.hexdigest()[:8]}
+
+
 def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: int = 256,
                 size: int = 32, label: str = "fine", test_fraction: float = 0.1, seed: int = 0,
                 reference: int = 0, descending: Optional[bool] = None, batch_size: int = 256,
@@ -110,8 +185,13 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
     """Read ``source``, reorder every image, and write the porder HDF5 file ``out``.
 
     Parameters mirror ``porder reorder``. ``resume`` continues ``<out>.part``
-    when it exists (and starts afresh otherwise). ``shard=(i, n)`` processes
-    the i-th of n equal, contiguous slices of every split.
+    when it exists (and starts afresh otherwise) if it was made with the same
+    options, slice and source files (:func:`source_identity`). ``shard=(i, n)``
+    processes the i-th of n equal, contiguous slices of every split; a slice
+    that receives no sample is written with 0 rows.
+
+    ``out`` is locked (``<out>.lock``) before anything is read or written, and
+    the free space of its folder is checked before the ``.part`` is made.
 
     Returns
     -------
@@ -120,7 +200,11 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
 
     Raises
     ------
-    ValueError (SourceError, StoreError) for bad options, input or output.
+    ValueError (SourceError, StoreError) for bad options, input or output: an
+    ``out`` that is or lies inside the source, a ``.part`` that does not match
+    (naming what changed); porder.output.Busy when another process writes
+    ``out``; porder.output.DiskFull when the file does not fit (the ``.part``
+    is kept for ``resume`` when the disk fills up mid-run).
     """
     m = get_measure(measure)
     bins = _check_bins(bins)
@@ -135,20 +219,25 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                          f"for patch {patch} on {size}x{size} images")
     desc = m.descending if descending is None else bool(descending)
     out = Path(out)
-    resumed = bool(resume and partial_path(out).exists())
-    src = open_source(source, size=size, label=label, test_fraction=test_fraction, seed=seed,
-                      on_error=on_error, workers=workers)
-    meta = {
-        "measure": m.name, "patch": patch, "bins": bins, "reference": reference,
-        "direction": "descending" if desc else "ascending", "image_size": size,
-        "source": stored_name(source), "source_kind": src.kind, "seed": seed, "label": label,
-        "test_fraction": test_fraction, "on_error": on_error,
-        "shard_index": shard[0] if shard else 0, "shard_count": shard[1] if shard else 1,
-    }
+    check_output(out, overwrite=True)  # the folder, before locking in it
+    lock = lock_output(out)            # before touching anything else
     try:
-        writer = Writer(out, meta=meta, classes=src.classes, overwrite=overwrite,
-                        resume=resumed, chunk=batch_size)
+        check_not_inside_source(out, source)
+        check_output(out, overwrite=overwrite)
+        resumed = bool(resume and partial_path(out).exists())
+        src = open_source(source, size=size, label=label, test_fraction=test_fraction,
+                          seed=seed, on_error=on_error, workers=workers)
     except BaseException:
+        lock.release()
+        raise
+    try:
+        writer = _open_writer(src, source, out, lock, shard, resumed, overwrite, batch_size,
+                              dict(measure=m.name, patch=patch, bins=bins, reference=reference,
+                                   direction="descending" if desc else "ascending",
+                                   image_size=size, seed=seed, label=label,
+                                   test_fraction=test_fraction, on_error=on_error))
+    except BaseException:
+        lock.release()
         src.close()
         raise
     result = BuildResult(path=out, resumed=resumed)
@@ -172,7 +261,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                                      start=pos, workers=workers)
                 t1 = time.perf_counter()
                 pos += take
-                writer.append(split, imgs, batch.labels, perm.astype(np.uint16), batch.names,
+                writer.append(split, imgs, batch.labels, perm, batch.names,
                               consumed=pos, skipped=batch.skipped)
                 secs["measure"] += t1 - t0
                 secs["write"] += time.perf_counter() - t1
@@ -180,11 +269,16 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                     progress(split, pos - lo, hi - lo)
             result.rows[split] = writer.rows(split)
             result.skipped[split] = int(writer.f[split]["skipped"].shape[0])
-        if sum(result.rows.values()) == 0:
+        # An empty shard is a valid shard (more shards than samples); a whole run is not.
+        if sum(result.rows.values()) == 0 and (shard is None or shard[1] == 1):
             raise StoreError(f"source '{source}' gave no images to write")
         secs["total"] = time.perf_counter() - t_start
         result.seconds = secs
         writer.finish()
+    except DiskFull as e:
+        writer.close()  # what was written stays: resume once there is space
+        raise DiskFull(f"{e}; the partial output '{writer.tmp}' is kept: free some space and "
+                       f"run the same command with --resume") from None
     except KeyboardInterrupt:
         writer.close()  # keep the .part file: it can be resumed
         raise
@@ -194,3 +288,20 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
     finally:
         src.close()
     return result
+
+
+def _open_writer(src, source, out, lock, shard, resumed, overwrite, batch_size, options):
+    """The Writer of ``out`` (owning ``lock``), after the free-space check."""
+    identity = source_identity(source)
+    meta = {
+        **options, "source": stored_name(source), "source_kind": src.kind, **identity,
+        "shard_index": shard[0] if shard else 0, "shard_count": shard[1] if shard else 1,
+    }
+    rows = sum(hi - lo for lo, hi in (shard_range(src.count(sp), shard) for sp in SPLITS))
+    need = estimate_bytes(rows, options["image_size"],
+                          (options["image_size"] // options["patch"]) ** 2)
+    if resumed:
+        need -= partial_path(out).stat().st_size
+    check_free_space(out.absolute().parent, need, what=f"'{out}' ({rows} images)")
+    return Writer(out, meta=meta, classes=src.classes, overwrite=overwrite, resume=resumed,
+                  chunk=batch_size, lock=lock)

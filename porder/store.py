@@ -1,4 +1,4 @@
-"""The porder HDF5 cache: schema, atomic writing, resuming, reading, inspecting.
+"""The porder HDF5 cache: schema, atomic writing, resuming (reading: :mod:`porder.reader`).
 
 Layout (format_version 1)::
 
@@ -8,7 +8,8 @@ Layout (format_version 1)::
     /classes          variable-length strings, index = label
     /<split>/images   uint8 (N, S, S, 3), chunked by batch
     /<split>/labels   int64 (N,)
-    /<split>/perm     uint16 (N, K): output patch j is source patch perm[:, j]
+    /<split>/perm     uint8/uint16/uint32 (N, K), the smallest holding 0..K-1:
+                      output patch j is source patch perm[:, j]
     /<split>/names    variable-length strings: where each sample came from
     /<split>/skipped  variable-length strings "name: reason" (``--on-error skip``)
     /<split> attrs    consumed (source samples read so far), rows (rows written)
@@ -17,12 +18,18 @@ A file is written under ``<out>.part`` and renamed to ``<out>`` only when
 complete, so a killed run never leaves a file that looks finished. A ``.part``
 file can be resumed: rows beyond the last completed batch are dropped and the
 source is read again from the recorded position.
+
+Safety (see :mod:`porder.output` and :mod:`porder.validate`): a writer holds
+the exclusive lock ``<out>.lock`` from before it touches anything until the
+rename, reserves disk space ahead of each batch (a full disk fails before
+HDF5 writes, keeping the ``.part`` resumable), and resumes only a ``.part``
+made with the same options from the same source (``RESUME_KEYS``). Every
+reader opens files through :func:`open_file`, which runs
+:func:`porder.validate.check_file`.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,38 +37,52 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .output import DiskFull, SpaceReserver, is_disk_full, lock_output
+from .reader import (
+    _jsonable,
+    describe,
+    missing_virtual_sources,
+    open_file,
+    partial_path,
+    read_meta,
+    read_split,
+    to_json,
+)
+from .validate import (
+    FORMAT,
+    FORMAT_VERSION,
+    SPLITS,
+    StoreError,
+    check_file,
+    open_hdf5,
+    perm_dtype,
+)
 
-FORMAT = "porder"
-FORMAT_VERSION = 1
-SPLITS = ("train", "test")
+__all__ = ["FORMAT", "FORMAT_VERSION", "IDENTITY_KEYS", "RESUME_KEYS", "SPLITS", "StoreError",
+           "Writer", "check_output", "describe", "estimate_bytes", "missing_virtual_sources",
+           "open_file", "partial_path", "perm_dtype", "read_meta", "read_split", "to_json"]
+
 _STR = h5py.string_dtype()
-# Options that must match for --resume (and for merging shards).
+# What identifies the source, recorded by build_cache (porder.pipeline): file
+# count, total bytes and a digest of names and sizes (or of an archive's bytes);
+# source_state adds modification times.
+SOURCE_KEYS = ("source_files", "source_bytes", "source_digest")
+# Options that must match for merging shards (and for --resume).
 IDENTITY_KEYS = ("measure", "patch", "bins", "reference", "direction", "image_size", "source",
-                 "seed", "label", "test_fraction", "on_error")
-
-
-class StoreError(ValueError):
-    """A porder HDF5 file is missing, unreadable, incomplete or inconsistent."""
-
-
-def partial_path(path) -> Path:
-    """Where an unfinished output is kept: ``<path>.part``."""
-    path = Path(path)
-    return path.with_name(path.name + ".part")
-
-
-def _jsonable(v):
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
+                 "seed", "label", "test_fraction", "on_error", *SOURCE_KEYS)
+# ... and what must also match for --resume: the same slice of the same files.
+RESUME_KEYS = (*IDENTITY_KEYS, "source_state", "shard_index", "shard_count")
+META_BYTES = 2**20          # HDF5 metadata headroom in size estimates
+CHUNK_BYTES = 4 * 2**20     # the most bytes of one HDF5 chunk (large images, many patches)
+NAME_BYTES = 64             # a stored name, on average, in size estimates
 
 
 def check_output(path, *, overwrite: bool = False) -> Path:
-    """Refuse an output path that cannot or must not be written; returns it as a Path."""
+    """Refuse an output path that cannot or must not be written; returns it as a Path.
+
+    Call it holding the output's lock (:func:`porder.output.lock_output`), so
+    that what it checks stays true.
+    """
     path = Path(path)
     if path.is_dir():
         raise StoreError(f"output '{path}' is a directory; give a file name like out.h5")
@@ -72,6 +93,20 @@ def check_output(path, *, overwrite: bool = False) -> Path:
     if not os.access(path.parent, os.W_OK):
         raise StoreError(f"cannot write '{path}': folder '{path.parent}' is not writable")
     return path
+
+
+def _chunk_rows(rows: int, row_bytes: int) -> int:
+    """Rows per chunk: ``rows``, fewer where a chunk would pass CHUNK_BYTES."""
+    return max(1, min(int(rows), CHUNK_BYTES // max(1, int(row_bytes))))
+
+
+def estimate_bytes(rows: int, size: int, k: int) -> int:
+    """Bytes a porder file of ``rows`` images of ``size`` px with ``k`` patches takes
+    (images, labels, perm, names, metadata): an upper bound for the free-space check."""
+    row = size * size * 3 + 8 + k * perm_dtype(k).itemsize + NAME_BYTES
+    return int(rows) * row + META_BYTES
+
+
 
 
 class Writer:
@@ -88,70 +123,121 @@ class Writer:
     overwrite : bool
         Replace an existing ``path``; otherwise an existing file is refused.
     resume : bool
-        Continue an existing ``<path>.part`` made with the same options.
+        Continue an existing ``<path>.part`` made with the same options
+        (``RESUME_KEYS`` of ``meta``) and classes.
     chunk : int
         Images per HDF5 chunk (the batch size is a good choice).
+    lock : porder.output.Lock, optional
+        The lock of ``path`` if the caller took it already; the writer then
+        owns it. Otherwise the writer takes it first thing.
+
+    Raises
+    ------
+    porder.output.Busy
+        Another process is writing ``path``.
+    StoreError
+        A refused output, or a ``.part`` that cannot be resumed (naming what changed).
     """
 
     def __init__(self, path, *, meta: dict, classes, overwrite: bool = False,
-                 resume: bool = False, chunk: int = 256):
+                 resume: bool = False, chunk: int = 256, lock=None):
         self.path = Path(path)
         self.tmp = partial_path(self.path)
-        check_output(self.path, overwrite=overwrite)
-        size, patch = int(meta["image_size"]), int(meta["patch"])
-        self.k = (size // patch) ** 2
-        self.size = size
-        self.chunk = max(1, min(int(chunk), 4096))
-        if resume:
-            if not self.tmp.exists():
-                raise StoreError(f"nothing to resume: '{self.tmp}' does not exist")
-            try:
-                self.f = h5py.File(self.tmp, "r+")
-            except OSError as e:
-                raise StoreError(f"cannot resume from '{self.tmp}' ({e}); "
-                                 "delete it and start again") from None
-            self._check_resumable(meta, classes)
-            for split in SPLITS:  # drop rows of a batch that was cut off mid-write
-                g = self.f[split]
-                for name in ("images", "labels", "perm", "names"):
-                    g[name].resize(int(g.attrs["rows"]), axis=0)
-            return
+        self.f = None
+        self._space = None
+        self._broken = False
+        if lock is None:
+            check_output(self.path, overwrite=True)  # the folder, before locking in it
+            lock = lock_output(self.path)            # before touching anything else
+        self._lock = lock
+        created = False
         try:
-            self.f = h5py.File(self.tmp, "w")
+            check_output(self.path, overwrite=overwrite)
+            size, patch = int(meta["image_size"]), int(meta["patch"])
+            self.k = (size // patch) ** 2
+            self.size = size
+            self.perm_dtype = perm_dtype(self.k)
+            self.chunk = max(1, min(int(chunk), 4096))
+            if resume:
+                self._resume(meta, classes)
+                return
+            created = True
+            self._create(meta, classes)
+        except BaseException as e:
+            self._close_file()
+            if created:
+                self.tmp.unlink(missing_ok=True)
+            self._lock.release()
+            if is_disk_full(e) and not isinstance(e, DiskFull):
+                raise DiskFull(f"disk full creating '{self.tmp}': {_reason(e)}") from None
+            raise
+
+    def _create(self, meta, classes):
+        try:
+            self.f = h5py.File(self.tmp, "w")  # ours to truncate: we hold the lock
         except OSError as e:
             raise StoreError(f"cannot write '{self.tmp}': {e}") from None
+        self._space = SpaceReserver(self.tmp, f"'{self.tmp}'")
+        self._space.reserve(META_BYTES)
         attrs = dict(meta, format=FORMAT, format_version=FORMAT_VERSION,
                      porder_version=__version__, complete=False,
                      created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         for key, val in attrs.items():
             self.f.attrs[key] = val
         self.f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
+        size, c = self.size, self.chunk
         for split in SPLITS:
             g = self.f.create_group(split)
             g.attrs["consumed"] = 0
             g.attrs["rows"] = 0
-            c = self.chunk
             g.create_dataset("images", (0, size, size, 3), np.uint8,
-                             maxshape=(None, size, size, 3), chunks=(min(c, 512), size, size, 3))
+                             maxshape=(None, size, size, 3),
+                             chunks=(_chunk_rows(min(c, 512), size * size * 3), size, size, 3))
             g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(max(c, 1024),))
-            g.create_dataset("perm", (0, self.k), np.uint16, maxshape=(None, self.k),
-                             chunks=(max(c, 1024), self.k))
+            g.create_dataset("perm", (0, self.k), self.perm_dtype, maxshape=(None, self.k),
+                             chunks=(_chunk_rows(max(c, 1024), self.k * self.perm_dtype.itemsize),
+                                     self.k))
             g.create_dataset("names", (0,), _STR, maxshape=(None,), chunks=(max(c, 1024),))
             g.create_dataset("skipped", (0,), _STR, maxshape=(None,), chunks=(256,))
         self.f.flush()
 
+    def _resume(self, meta, classes):
+        if not self.tmp.exists():
+            raise StoreError(f"nothing to resume: '{self.tmp}' does not exist")
+        try:
+            self.f = open_hdf5(self.tmp, "r+")
+            # Checked before anything is written: a hostile .part could redirect writes.
+            check_file(self.f, self.tmp, require_complete=False, partial=True, contents=True)
+        except StoreError as e:
+            raise StoreError(f"cannot resume: {e}; run without --resume to start afresh") \
+                from None
+        self._check_resumable(meta, classes)
+        self.perm_dtype = self.f["train/perm"].dtype
+        self._space = SpaceReserver(self.tmp, f"'{self.tmp}'")
+        for split in SPLITS:  # drop rows of a batch that was cut off mid-write
+            g = self.f[split]
+            for name in ("images", "labels", "perm", "names"):
+                g[name].resize(int(g.attrs["rows"]), axis=0)
+
     def _check_resumable(self, meta, classes):
         old = self.f.attrs
-        if old.get("format") != FORMAT:
-            raise StoreError(f"'{self.tmp}' is not a porder file; delete it and start again")
-        diff = [k for k in IDENTITY_KEYS
+        diff = [k for k in RESUME_KEYS
                 if k in meta and _jsonable(old.get(k)) != _jsonable(meta[k])]
         if diff:
-            detail = ", ".join(f"{k}: file has {_jsonable(old.get(k))!r}, now {meta[k]!r}" for k in diff)
-            raise StoreError(f"cannot resume '{self.tmp}': options differ ({detail})")
+            opts = [_change(k, _jsonable(old.get(k)), meta, old) for k in diff
+                    if k not in SOURCE_KEYS + ("source_state", "shard_index", "shard_count")]
+            src = [_change(k, _jsonable(old.get(k)), meta, old) for k in diff
+                   if k in SOURCE_KEYS + ("source_state",)]
+            parts = ([f"options differ ({'; '.join(opts)})"] if opts else []) + (
+                [f"the source changed ({src[0]})"] if src else []) + (
+                [_change("shard_index", None, meta, old)]
+                if {"shard_index", "shard_count"} & set(diff) else [])
+            raise StoreError(f"cannot resume '{self.tmp}': {'; '.join(parts)}; run without "
+                             f"--resume to start afresh")
         have = [_jsonable(c) for c in self.f["classes"][()]]
         if have != list(classes):
-            raise StoreError(f"cannot resume '{self.tmp}': the source's classes changed")
+            raise StoreError(f"cannot resume '{self.tmp}': the source's classes changed "
+                             f"({len(have)} then, {len(classes)} now)")
 
     def consumed(self, split: str) -> int:
         """Source samples of ``split`` already processed (where to resume)."""
@@ -164,252 +250,128 @@ class Writer:
     def append(self, split: str, images, labels, perm, names, *, consumed: int, skipped=()):
         """Append one batch and record that ``consumed`` source samples are done.
 
-        images (B, S, S, 3) uint8, labels (B,), perm (B, K), names list of B str.
+        images (B, S, S, 3) uint8, labels (B,), perm (B, K) integers in 0..K-1
+        (stored as ``perm_dtype``), names list of B str.
+
+        Raises
+        ------
+        porder.output.DiskFull
+            Not enough space for the batch; nothing of it was written, and the
+            ``.part`` can be resumed once there is space.
         """
         g = self.f[split]
         b = len(labels)
+        perm = np.asarray(perm)
         if images.shape[1:] != (self.size, self.size, 3) or perm.shape != (b, self.k):
             raise StoreError(f"batch shapes {images.shape}, {perm.shape} do not fit the file")
+        if b and (perm.min() < 0 or perm.max() >= self.k):
+            raise StoreError(f"perm values must lie in 0..{self.k - 1}, got "
+                             f"{perm.min()}..{perm.max()}")
+        names_bytes = 4 * sum(len(str(n)) for n in names) + 4 * sum(
+            len(str(n)) + len(str(w)) for n, w in skipped)
+        self._space.reserve(images.nbytes + b * (16 + 16 + self.k * self.perm_dtype.itemsize)
+                            + names_bytes + self._chunk_bytes() + META_BYTES)
         r = int(g.attrs["rows"])
-        if b:
-            for name, data in (("images", images), ("labels", labels), ("perm", perm),
-                               ("names", np.array(names, dtype=object))):
-                ds = g[name]
-                ds.resize(r + b, axis=0)
-                ds[r : r + b] = data
-        if skipped:
-            ds = g["skipped"]
-            s = ds.shape[0]
-            ds.resize(s + len(skipped), axis=0)
-            ds[s:] = np.array([f"{n}: {why}" for n, why in skipped], dtype=object)
-        # Counters last: a batch cut off before here is dropped on resume.
-        g.attrs["rows"] = r + b
-        g.attrs["consumed"] = int(consumed)
-        self.f.flush()
+        try:
+            if b:
+                for name, data in (("images", images), ("labels", labels),
+                                   ("perm", perm.astype(self.perm_dtype, copy=False)),
+                                   ("names", np.array(names, dtype=object))):
+                    ds = g[name]
+                    ds.resize(r + b, axis=0)
+                    ds[r : r + b] = data
+            if skipped:
+                ds = g["skipped"]
+                s = ds.shape[0]
+                ds.resize(s + len(skipped), axis=0)
+                ds[s:] = np.array([f"{n}: {why}" for n, why in skipped], dtype=object)
+            # Counters last: a batch cut off before here is dropped on resume.
+            g.attrs["rows"] = r + b
+            g.attrs["consumed"] = int(consumed)
+            self.f.flush()
+        except (OSError, RuntimeError) as e:
+            if not is_disk_full(e):
+                raise
+            self._broken = True
+            raise DiskFull(f"disk full writing '{self.tmp}': {_reason(e)}") from None
+
+    def _chunk_bytes(self) -> int:
+        """A new HDF5 chunk of every dataset: the most one batch can allocate beyond its rows."""
+        g = self.f["train"]
+        return sum(int(np.prod(ds.chunks)) * (16 if ds.dtype.kind == "O" else ds.dtype.itemsize)
+                   for ds in g.values() if isinstance(ds, h5py.Dataset) and ds.chunks)
 
     def finish(self, **extra) -> Path:
         """Mark complete, close and rename to the final name; returns that path."""
-        for key, val in extra.items():
-            self.f.attrs[key] = val
-        self.f.attrs["complete"] = True
-        self.f.close()
+        try:
+            for key, val in extra.items():
+                self.f.attrs[key] = val
+            self.f.attrs["complete"] = True
+            self.f.close()
+        except (OSError, RuntimeError) as e:
+            if not is_disk_full(e):
+                raise
+            self._broken = True
+            raise DiskFull(f"disk full finishing '{self.tmp}': {_reason(e)}") from None
+        self._close_file()
         os.replace(self.tmp, self.path)
+        self._lock.release()
         return self.path
 
+    def _close_file(self) -> None:
+        if self.f is not None and self.f.id.valid:
+            try:
+                self.f.close()
+            except (OSError, RuntimeError):
+                if not self._broken:
+                    raise
+        if self._space is not None:
+            self._space.close()
+            self._space = None
+
     def close(self) -> None:
-        """Close without finishing (the ``.part`` file stays, resumable)."""
-        if self.f.id.valid:
-            self.f.close()
+        """Close without finishing (the ``.part`` file stays, resumable); drop the lock."""
+        try:
+            self._close_file()
+        finally:
+            self._lock.release()
 
     def discard(self) -> None:
-        """Close and delete the unfinished file."""
-        self.close()
-        self.tmp.unlink(missing_ok=True)
+        """Close and delete the unfinished file, then drop the lock."""
+        try:
+            self._broken = True  # closing is best effort: the file goes anyway
+            self._close_file()
+            self.tmp.unlink(missing_ok=True)
+        finally:
+            self._lock.release()
 
 
-def missing_virtual_sources(f: h5py.File, path) -> list[str]:
-    """Shard files that the virtual datasets of an open porder file point at
-    and that cannot be found (relative names are relative to ``path``'s folder)."""
-    missing: set[str] = set()
-    for split in SPLITS:
-        if split not in f:
-            continue
-        for ds in f[split].values():
-            if not isinstance(ds, h5py.Dataset) or not ds.is_virtual:
-                continue
-            for m in ds.virtual_sources():
-                src = Path(m.file_name)
-                if m.file_name != "." and not (src if src.is_absolute()
-                                               else Path(path).parent / src).exists():
-                    missing.add(m.file_name)
-    return sorted(missing)
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    if "No space left" in text or "errno = 28" in text:
+        return "no space left on the device"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
-def open_file(path, *, require_complete: bool = True) -> h5py.File:
-    """Open a porder file for reading, with one-line errors for anything wrong."""
-    path = Path(path)
-    if not path.exists():
-        hint = f" (an unfinished '{partial_path(path)}' exists: resume it with --resume)" \
-            if partial_path(path).exists() else ""
-        raise StoreError(f"file '{path}' does not exist{hint}")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise StoreError(f"cannot read '{path}' as HDF5: {e}") from None
-    if f.attrs.get("format") != FORMAT:
-        f.close()
-        raise StoreError(f"'{path}' is not a porder file (no format='porder' attribute)")
-    if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
-        v = f.attrs.get("format_version")
-        f.close()
-        raise StoreError(f"'{path}' has format_version {v}; this porder reads up to {FORMAT_VERSION}")
-    if require_complete and not bool(f.attrs.get("complete", False)):
-        f.close()
-        raise StoreError(f"'{path}' is incomplete (the run that wrote it did not finish)")
-    missing = missing_virtual_sources(f, path)
-    if missing:
-        f.close()
-        raise StoreError(f"'{path}' is a merged file whose shard files are missing: "
-                         f"{', '.join(missing)} (keep the shards beside it, or merge with --copy)")
-    return f
-
-
-def read_meta(path) -> dict:
-    """Root attributes, classes and per-split counts of a porder file."""
-    with open_file(path) as f:
-        meta = {k: _jsonable(v) for k, v in f.attrs.items()}
-        meta["classes"] = [_jsonable(c) for c in f["classes"][()]]
-        meta["splits"] = {s: int(f[s]["labels"].shape[0]) for s in SPLITS if s in f}
-        meta["skipped"] = {s: int(f[s]["skipped"].shape[0]) for s in SPLITS
-                           if s in f and "skipped" in f[s]}
-    return meta
-
-
-def read_split(path, split: str = "train", *, start: int = 0, stop: int | None = None) -> dict:
-    """Load rows [start, stop) of a split into memory.
-
-    Returns
-    -------
-    dict with ``images`` uint8 (N, S, S, 3), ``labels`` int64 (N,),
-    ``perm`` int64 (N, K) and ``names`` (list of str).
-    """
-    with open_file(path) as f:
-        if split not in f:
-            raise StoreError(f"'{path}' has no split {split!r}")
-        g = f[split]
-        sl = slice(start, stop)
-        return {
-            "images": g["images"][sl],
-            "labels": g["labels"][sl].astype(np.int64),
-            "perm": g["perm"][sl].astype(np.int64),
-            "names": [_jsonable(n) for n in g["names"][sl]],
-        }
-
-
-def iter_split(path, split: str = "train", *, rows: int = 4096, start: int = 0,
-               stop: int | None = None, perm: bool = True, names: bool = False):
-    """Read rows [start, stop) of a split in consecutive chunks, one file handle.
-
-    Yields ``(lo, chunk)`` for chunks of at most ``rows`` rows starting at row
-    ``lo``; ``chunk`` is a dict like :func:`read_split`'s, with ``perm`` only
-    when ``perm`` and ``names`` only when ``names``. Memory is bounded by one
-    chunk.
-    """
-    if rows < 1:
-        raise ValueError(f"rows must be at least 1, got {rows}")
-    with open_file(path) as f:
-        if split not in f:
-            raise StoreError(f"'{path}' has no split {split!r}")
-        g = f[split]
-        n = int(g["labels"].shape[0])
-        stop = n if stop is None else min(int(stop), n)
-        for lo in range(int(start), stop, rows):
-            hi = min(lo + rows, stop)
-            chunk = {"images": g["images"][lo:hi],                       # (m, S, S, 3) uint8
-                     "labels": g["labels"][lo:hi].astype(np.int64)}      # (m,)
-            if perm:
-                chunk["perm"] = g["perm"][lo:hi].astype(np.int64)        # (m, K)
-            if names:
-                chunk["names"] = [_jsonable(x) for x in g["names"][lo:hi]]
-            yield lo, chunk
-
-
-@dataclass
-class Split:
-    """One split of a porder file in memory, as returned by :func:`load`.
-
-    Attributes
-    ----------
-    images : uint8 array (N, S, S, 3)
-        As stored: the reordered images (the originals for measure 'none').
-    labels : int64 array (N,)
-        Indices into ``classes``.
-    perm : int64 array (N, K)
-        Output patch j of image i is source patch ``perm[i, j]``.
-    names : str array (N,)
-        Where each sample came from.
-    classes : list of str
-    options : dict
-        The file's root attributes: measure, patch, bins, reference, direction,
-        image_size, source, seed, ... (``porder inspect`` shows them).
-    split : str
-    path : Path
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    perm: np.ndarray
-    names: np.ndarray
-    classes: list
-    options: dict
-    split: str
-    path: Path
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, key: str):
-        """Dict-style access: ``data["images"]`` is ``data.images``."""
-        if key not in {f.name for f in fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def originals(self) -> np.ndarray:
-        """The images before reordering (N, S, S, 3), recovered through ``perm``."""
-        from .patches import restore_images
-
-        return restore_images(self.images, self.perm, int(self.options["patch"]))
-
-
-def load(path, split: str = "train") -> Split:
-    """Load one split of a porder file into memory, with its classes and options.
-
-    Parameters
-    ----------
-    path : path-like
-        A complete porder HDF5 file (``porder reorder`` writes them).
-    split : {'train', 'test'}
-
-    Returns
-    -------
-    Split
-        ``images`` uint8 (N, S, S, 3), ``labels`` int64 (N,), ``perm`` int64
-        (N, K), ``names`` str (N,), ``classes``, ``options`` (the file's root
-        attributes) and ``originals()``.
-
-    Raises
-    ------
-    StoreError (a ValueError)
-        A missing, incomplete or non-porder file, or a split it does not have.
-
-    Examples
-    --------
-    >>> d = porder.load("c100-mi8.h5", "test")             # doctest: +SKIP
-    >>> d.images.shape, d.options["measure"], d.classes[d.labels[0]]  # doctest: +SKIP
-    """
-    if split not in SPLITS:
-        raise StoreError(f"split={split!r} is not one of {', '.join(SPLITS)}")
-    meta = read_meta(path)
-    data = read_split(path, split)
-    options = {k: v for k, v in meta.items() if k not in ("classes", "splits", "skipped")}
-    return Split(images=data["images"], labels=data["labels"], perm=data["perm"],
-                 names=np.asarray(data["names"], dtype=str), classes=meta["classes"],
-                 options=options, split=split, path=Path(path))
-
-
-def describe(path) -> dict:
-    """What a file holds and how it was made, as JSON-ready data (``porder inspect``)."""
-    meta = read_meta(path)
-    meta["path"] = str(path)
-    meta["bytes"] = Path(path).stat().st_size
-    with open_file(path) as f:
-        meta["skipped_names"] = {s: [_jsonable(n) for n in f[s]["skipped"][()]]
-                                 for s in SPLITS if s in f and "skipped" in f[s]}
-        meta["virtual_sources"] = sorted({m.file_name for s in SPLITS if s in f
-                                          for ds in f[s].values() if ds.is_virtual
-                                          for m in ds.virtual_sources()})
-    return meta
-
-
-def to_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
+def _change(key: str, old, meta: dict, attrs) -> str:
+    """One phrase saying how option or source ``key`` differs between a .part and now."""
+    new = _jsonable(meta[key])
+    if key in ("shard_index", "shard_count"):
+        def shard(i, n):
+            return "none" if int(n) == 1 else f"{i}/{n}"
+        then = shard(_jsonable(attrs.get("shard_index", 0)), _jsonable(attrs.get("shard_count", 1)))
+        now = shard(meta.get("shard_index", 0), meta.get("shard_count", 1))
+        return f"--shard is {now} now, {then} in the .part"
+    if old is None:
+        return f"the .part does not record {key} (made by an older porder?)"
+    if key == "source_files":
+        return f"the source has {new} files now, {old} when the .part was started " \
+               f"(files were added or removed)"
+    if key == "source_bytes":
+        return f"the source's files hold {new} bytes now, {old} then (files changed)"
+    if key == "source_digest":
+        return "the source's file names or sizes changed since the .part was started"
+    if key == "source_state":
+        return "the source's files were modified since the .part was started (their " \
+               "modification times differ)"
+    return f"{key}: the .part has {old!r}, now {new!r}"

@@ -46,7 +46,7 @@ def test_layout_and_roundtrip(tmp_path):
                     "source", "porder_version", "created"):
             assert key in f.attrs
         assert f["train/images"].shape == (8, 32, 32, 3) and f["train/images"].dtype == np.uint8
-        assert f["train/labels"].dtype == np.int64 and f["train/perm"].dtype == np.uint16
+        assert f["train/labels"].dtype == np.int64 and f["train/perm"].dtype == np.uint8  # K=16
         assert f["test/perm"].shape == (4, 16)
         assert [c.decode() for c in f["classes"][()]] == ["a", "b", "c"]
     meta = read_meta(out)

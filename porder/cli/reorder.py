@@ -112,8 +112,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
                 result = build_cache(source, out, progress=reporter, **options)
     except KeyboardInterrupt:
         reporter.close()
-        click.echo(f"Interrupted: partial output kept in {printable(out)}.part; "
-                   f"run the same command with --resume to continue.", err=True)
+        click.echo(f"Interrupted: {_kept(out, dask_scheduler)}", err=True)
         sys.exit(130)
     finally:
         reporter.close()
@@ -125,6 +124,24 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
                + f" images ({rows / max(dt, 1e-9):.0f} img/s)"
                + (f"; skipped {skipped} unreadable (listed in the file)" if skipped else ""),
                err=True)
+
+
+def _kept(out, dask_scheduler) -> str:
+    """What an interrupted `porder reorder` left behind, and how to go on."""
+    from pathlib import Path
+
+    from ..store import partial_path
+
+    if dask_scheduler:  # the state of a Dask run is its shard files
+        shards = Path(out).absolute().with_name(Path(out).name + ".shards")
+        if shards.is_dir():
+            return (f"finished and partial shards kept in {shards}/; run the same command "
+                    f"(same cluster size) to resume them.")
+        return "no shard was written yet; nothing to resume."
+    if partial_path(out).exists():
+        return (f"partial output kept in {printable(partial_path(out))}; run the same command with "
+                f"--resume to continue.")
+    return "nothing was written yet; nothing to resume."
 
 
 @click.command(context_settings=CONTEXT)

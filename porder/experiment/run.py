@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+from ..output import lock_folder
 from ..store import read_meta
 from .plan import Plan, make_plan, run_config
 from .plots import write_figures
@@ -78,18 +79,32 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
         Bad options, an unreadable source, or an output folder made with other
         options.
     """
+    log = log or (lambda line: None)
+    options = dict(measures=measures, patches=patches, archs=archs, seeds=seeds, steps=steps,
+                   width=width, lr=lr, batch_size=batch_size, eval_every=eval_every, size=size,
+                   bins=bins, test_fraction=test_fraction, device=device)
+    if dry_run:
+        return make_plan(source, out, **options)
+    make_plan(source, out, **options)  # bad options fail before the folder is made
+    # One comparison per folder at a time: the second fails at once (each cache
+    # and run folder is locked on its own as well). Planned again under the lock.
+    lock = lock_folder(out, what=f"comparison folder '{out}'")
+    try:
+        plan = make_plan(source, out, **options)
+        return _compare(plan, source, log, progress_for, cache_progress, device=device,
+                        width=width, lr=lr, batch_size=batch_size, steps=steps,
+                        eval_every=eval_every, size=size, bins=bins,
+                        test_fraction=test_fraction, threads=threads)
+    finally:
+        lock.release(remove_folder=True)
+
+
+def _compare(plan: Plan, source, log, progress_for, cache_progress, *, device, width, lr,
+             batch_size, steps, eval_every, size, bins, test_fraction, threads):
     from ..pipeline import build_cache
     from ..train import read_metrics, resolve_device, train
 
-    log = log or (lambda line: None)
-    plan = make_plan(source, out, measures=measures, patches=patches, archs=archs, seeds=seeds,
-                     steps=steps, width=width, lr=lr, batch_size=batch_size,
-                     eval_every=eval_every, size=size, bins=bins, test_fraction=test_fraction,
-                     device=device)
-    if dry_run:
-        return plan
     train_device = resolve_device(device)
-    plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "data").mkdir(exist_ok=True)
     (plan.out / "compare.json").write_text(json.dumps(plan.settings, indent=2) + "\n")
 

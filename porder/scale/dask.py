@@ -16,9 +16,10 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
+from ..output import check_not_inside_source, lock_output, lock_path
 from ..sources.base import stored_name
 from ..store import SPLITS, StoreError, check_output, partial_path
-from .merge import Progress, merge
+from .merge import Progress, _merge
 
 # Build options a Dask run sets itself, per shard.
 _DASK_OWNED = ("shard", "resume", "workers", "out", "overwrite", "progress")
@@ -207,7 +208,17 @@ def run_dask(scheduler: str, source: str, out, *, shards: Optional[int] = None,
     if shards is not None and int(shards) < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
     out = Path(out).absolute()
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=True)  # the folder, before locking in it
+    # OUT's lock covers OUT.shards/ too; held until the merged file is in place.
+    with lock_output(out):
+        check_not_inside_source(out, source)
+        check_output(out, overwrite=overwrite)
+        return _run_dask_locked(distributed, address, n_local, source, out, shards=shards,
+                                overwrite=overwrite, progress=progress, **build_options)
+
+
+def _run_dask_locked(distributed, address, n_local, source, out, *, shards, overwrite, progress,
+                     **build_options) -> Path:
     named = source == "digits" or str(source).startswith("synthetic:")  # win over paths
     task_source = source if named or not Path(source).exists() else str(Path(source).resolve())
     counts = _count_samples(task_source, build_options)
@@ -242,10 +253,10 @@ def run_dask(scheduler: str, source: str, out, *, shards: Optional[int] = None,
                 client.close()
             if cluster is not None:
                 cluster.close()
-    merge(paths, out, copy=True, overwrite=overwrite, progress=progress,
-          _attrs={"source": stored_name(source)})
+    _merge(paths, out, copy=True, overwrite=overwrite, progress=progress,
+           _attrs={"source": stored_name(source)})
     for p in paths:  # only what this run made; keep anything else a user put there
-        for q in (p, partial_path(p)):
+        for q in (p, partial_path(p), lock_path(p)):  # a lock file a killed worker left
             q.unlink(missing_ok=True)
     _remove_if_empty(folder)
     return out

@@ -14,6 +14,8 @@ from typing import Callable, Optional, Sequence
 import h5py
 import numpy as np
 
+from ..output import DiskFull, SpaceReserver, check_free_space, is_disk_full, lock_output
+from ..reader import open_checked
 from ..store import (
     IDENTITY_KEYS,
     SPLITS,
@@ -24,6 +26,7 @@ from ..store import (
     open_file,
     partial_path,
 )
+from ..validate import open_hdf5, reading
 
 # progress(stage, done, total): stage "images" while shards run, "merge" while copying
 Progress = Callable[[str, int, int], None]
@@ -50,7 +53,8 @@ def _read_shard(path: Path) -> _Shard:
     if path.name.endswith(".part"):
         raise StoreError(f"'{path}' is an unfinished shard (.part); finish it by running the "
                          f"same `porder reorder --shard I/N` command with --resume")
-    with open_file(path) as f:
+    f, _ = open_checked(path, contents=True)  # every label and perm row, in bounded chunks
+    with f, reading(path):
         attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
         classes = [_jsonable(c) for c in f["classes"][()]]
         splits = {}
@@ -97,9 +101,11 @@ def _check_shards(shards: list[_Shard]) -> list[_Shard]:
         seen[s.index] = s
     missing = [i for i in range(ref.count) if i not in seen]
     if missing:
-        have = ", ".join(f"{i}/{ref.count}" for i in sorted(seen))
-        raise StoreError("missing shard slices " + ", ".join(f"{i}/{ref.count}" for i in missing)
-                         + f" (given: {have})")
+        have = ", ".join(f"{i}/{ref.count}" for i in sorted(seen)[:20])
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise StoreError("missing shard slices " + ", ".join(f"{i}/{ref.count}"
+                                                             for i in missing[:20])
+                         + f"{more} (given: {have}{' ...' if len(seen) > 20 else ''})")
     ordered = [seen[i] for i in range(ref.count)]
     for split in SPLITS:
         end = 0
@@ -115,15 +121,25 @@ def _check_shards(shards: list[_Shard]) -> list[_Shard]:
 
 
 def _relative(path: Path, start: Path) -> str:
-    """``path`` relative to folder ``start`` where possible (VDS source names)."""
+    """``path`` relative to folder ``start`` (a VDS source name); refused outside it.
+
+    Readers accept virtual datasets only when their sources lie inside the
+    merged file's folder (:mod:`porder.validate`), so merge never writes others.
+    """
     try:
-        return os.path.relpath(path.resolve(), start.resolve())
+        rel = os.path.relpath(path.resolve(), start.resolve())
     except ValueError:  # another drive on Windows
-        return str(path.resolve())
+        rel = str(path.resolve())
+    if rel.startswith("..") or os.path.isabs(rel):
+        raise StoreError(f"shard '{path}' is outside the folder '{start}' of the merged file; "
+                         f"a virtual merge must sit in the shards' folder or above it: write "
+                         f"the output there, or merge with --copy")
+    return rel.replace(os.sep, "/")
 
 
 def _write_split(f: h5py.File, split: str, shards: list[_Shard], out_dir: Path, *, copy: bool,
-                 progress: Optional[Progress], done: list[int], total: int) -> None:
+                 progress: Optional[Progress], done: list[int], total: int,
+                 space: Optional[SpaceReserver]) -> None:
     g = f.create_group(split)
     last = shards[-1].splits[split]
     g.attrs["consumed"] = last["consumed"]
@@ -135,6 +151,13 @@ def _write_split(f: h5py.File, split: str, shards: list[_Shard], out_dir: Path, 
         if not parts:
             continue
         shape, dtype, chunks = parts[0].splits[split]["datasets"][name]
+        dtypes = {s.splits[split]["datasets"][name][1] for s in parts}
+        if len(dtypes) > 1:  # e.g. perm uint16 from an older porder beside uint8
+            if not copy:
+                raise StoreError(f"the shards store {split}/{name} as different types "
+                                 f"({', '.join(sorted(map(str, dtypes)))}; made by different "
+                                 f"porder versions?): merge them with --copy")
+            dtype = np.result_type(*dtypes)
         sizes = [s.splits[split]["datasets"][name][0][0] for s in parts]
         n = int(sum(sizes))
         full = (n, *shape[1:])
@@ -159,11 +182,15 @@ def _write_split(f: h5py.File, split: str, shards: list[_Shard], out_dir: Path, 
         for s, size in zip(parts, sizes, strict=True):
             if not size:
                 continue
-            with h5py.File(s.path, "r") as sf:
+            with open_file(s.path) as sf, reading(s.path):  # checked by _read_shard
                 src = sf[split][name]
                 for lo in range(0, size, step):
                     hi = min(size, lo + step)
-                    ds[o + lo : o + hi] = src[lo:hi]
+                    rows = src[lo:hi]
+                    if space is not None:
+                        space.reserve(rows.nbytes + (16 * len(rows) if name != "images" else 0)
+                                      + 2**20)
+                    ds[o + lo : o + hi] = rows
                     if progress and name == "images":
                         done[0] += hi - lo
                         progress("merge", done[0], total)
@@ -203,9 +230,22 @@ def merge(shards: Sequence, out, *, copy: bool = False, overwrite: bool = False,
     given twice or equal to ``out``; a ``.part``, missing, unreadable or
     incomplete file; shards made with different options or classes, or from
     different ``--shard I/N`` splits; two shards of one slice; missing slices;
-    slices that do not join up (the source changed between runs).
+    slices that do not join up (the source changed between runs); without
+    ``copy``, a shard outside ``out``'s folder (readers refuse virtual
+    datasets that read outside it), or shards whose datasets differ in type.
+    porder.output.Busy when another process writes ``out``;
+    porder.output.DiskFull when the copy does not fit (nothing is left behind).
     """
     out = Path(out)
+    check_output(out, overwrite=True)  # the folder, before locking in it
+    with lock_output(out):             # before touching anything else
+        return _merge(shards, out, copy=copy, overwrite=overwrite, progress=progress,
+                      _attrs=_attrs)
+
+
+def _merge(shards: Sequence, out: Path, *, copy: bool, overwrite: bool,
+           progress: Optional[Progress], _attrs: Optional[dict]) -> Path:
+    """:func:`merge`, for a caller that holds the lock of ``out``."""
     paths = [Path(p) for p in shards]
     if not paths:
         raise StoreError("no shards to merge: give the files written by `porder reorder --shard`")
@@ -224,23 +264,44 @@ def merge(shards: Sequence, out, *, copy: bool = False, overwrite: bool = False,
     created = sorted(str(s.attrs["created"]) for s in ordered if "created" in s.attrs)
     if created:
         attrs["created"] = created[0]
+    if not copy:
+        for s in ordered:  # refused before anything is written
+            _relative(s.path, out.parent)
     tmp = partial_path(out)
     total = sum(s.splits[sp]["rows"] for s in ordered for sp in SPLITS)
+    if copy:
+        need = sum(int(np.prod(info[0], dtype=np.int64)) * info[1].itemsize
+                   for s in ordered for sp in SPLITS for info in s.splits[sp]["datasets"].values())
+        check_free_space(out.absolute().parent, need + 2**20, what=f"'{out}' ({total} images)")
     done = [0]
+    space = None
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w") as f:  # ours to truncate: we hold the lock of out
+            space = SpaceReserver(tmp, f"'{tmp}'") if copy else None
             for key, val in attrs.items():
-                f.attrs[key] = val
+                try:
+                    f.attrs[key] = val
+                except (TypeError, ValueError) as e:  # e.g. text that is not valid UTF-8
+                    raise StoreError(f"cannot copy attribute {key!r} of '{ref.path}' into "
+                                     f"'{tmp}': {str(e).splitlines()[0]}") from None
             f.create_dataset("classes", data=np.array(ref.classes, dtype=object),
                              dtype=h5py.string_dtype())
             for split in SPLITS:
                 _write_split(f, split, ordered, out.parent, copy=copy, progress=progress,
-                             done=done, total=total)
+                             done=done, total=total, space=space)
             f.attrs["complete"] = True  # last: a cut-off merge never looks finished
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, DiskFull):
+            raise DiskFull(f"{e}; the unfinished '{tmp}' was removed") from None
+        if is_disk_full(e):
+            raise DiskFull(f"disk full writing '{tmp}' (removed); the merge needs about "
+                           f"{total} images' worth of space in '{out.parent}'") from None
         raise
+    finally:
+        if space is not None:
+            space.close()
     return out
 
 
@@ -249,9 +310,5 @@ def missing_sources(path) -> list[str]:
 
     An empty list for a standalone file or one whose shards are all in place.
     """
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise StoreError(f"cannot read '{path}' as HDF5: {e}") from None
-    with f:
+    with open_hdf5(path) as f, reading(path):
         return missing_virtual_sources(f, path)

@@ -163,6 +163,8 @@ def insert_fm_reorder(model: nn.Module, specs: Sequence, *, bins: int = 256,
     keyed by point, so they show in ``print(model)`` and follow ``model.to``);
     a forward hook on each point's submodule passes its output through its layer.
     """
+    if not specs:  # nothing to insert: any nn.Module will do
+        return model
     arch = next((a for a, cls in MODELS.items() if type(model) is cls), type(model).__name__)
     parsed = _check(arch, model.fm_points, [parse_fm_spec(s) for s in specs])
     if not parsed:

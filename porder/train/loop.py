@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..output import lock_folder
 from ..store import read_meta
 from .batches import Data, get_batch
 from .checkpoint import (
@@ -160,19 +161,27 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"run folder '{out}' is a file; give a folder with --out")
-    if not resume and ((out / CHECKPOINT).exists() or (out / METRICS).exists()):
-        raise ValueError(f"'{out}' already holds a run; pass --resume to continue it "
-                         "or choose another --out")
-    meta = read_meta(path)
-    ckpt = load_checkpoint(out, cfg, meta) if resume else None
+    # The writer (rank 0) holds the run folder's lock from here to the end: a
+    # second `train` into the same folder fails at once instead of interleaving.
+    lock = lock_folder(out, what=f"run folder '{out}'") if env.rank == 0 else None
+    try:
+        if not resume and ((out / CHECKPOINT).exists() or (out / METRICS).exists()):
+            raise ValueError(f"'{out}' already holds a run; pass --resume to continue it "
+                             "or choose another --out")
+        meta = read_meta(path)
+        ckpt = load_checkpoint(out, cfg, meta) if resume else None
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_folder=True)  # a refused run leaves no empty folder
+        raise
     threads = cfg.threads
     if env.active and threads is None and device == "cpu":   # the ranks of a machine share it
         threads = max(1, (os.cpu_count() or 1) // env.local_world_size)
     # Joining the group is the barrier after which rank 0 may write: every rank
-    # has checked the run folder and read the checkpoint by then. Rank 0 makes
-    # the run folder once the file is loaded and the model built, and removes
-    # it again if the run fails before its first checkpoint.
-    fresh = env.rank == 0 and not out.exists()
+    # has checked the run folder and read the checkpoint by then. A run that
+    # fails before its first checkpoint removes what it wrote (and the folder
+    # if it made it), so a refused run leaves nothing behind.
+    fresh = env.rank == 0 and ckpt is None
     try:
         with _process_group(env, device):
             with _torch_settings(device, cfg.deterministic, threads):
@@ -182,6 +191,9 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
         if fresh:
             _remove_unstarted_run(out)
         raise
+    finally:
+        if lock is not None:
+            lock.release(remove_folder=True)
 
 
 def _remove_unstarted_run(out: Path) -> None:

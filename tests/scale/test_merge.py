@@ -26,12 +26,17 @@ from .shards import N, _build, assert_same_file
 
 @pytest.mark.parametrize("copy", [False, True], ids=["virtual", "copy"])
 def test_merge_matches_unsharded_run(full, shards, tmp_path, copy):
-    out = merge(list(reversed(shards)), tmp_path / "merged.h5", copy=copy)
-    assert out == tmp_path / "merged.h5" and not (tmp_path / "merged.h5.part").exists()
-    assert_same_file(full, out)
-    with h5py.File(out, "r") as f:
-        assert f["train/images"].is_virtual is (not copy)
-    assert missing_sources(out) == []
+    # a virtual merge lives in the shards' folder (or above it); a copy anywhere
+    where = tmp_path if copy else shards[0].parent
+    out = merge(list(reversed(shards)), where / "merged.h5", copy=copy)
+    try:
+        assert out == where / "merged.h5" and not (where / "merged.h5.part").exists()
+        assert_same_file(full, out)
+        with h5py.File(out, "r") as f:
+            assert f["train/images"].is_virtual is (not copy)
+        assert missing_sources(out) == []
+    finally:
+        out.unlink()
 
 
 def test_merge_copy_progress_and_is_standalone(full, shards, tmp_path):
@@ -74,12 +79,15 @@ def test_merge_single_unsharded_file_is_a_copy_of_it(full, tmp_path):
 
 
 def test_merge_overwrite(shards, tmp_path):
-    out = tmp_path / "m.h5"
+    out = shards[0].parent / "m-overwrite.h5"
     out.write_bytes(b"old")
-    with pytest.raises(StoreError, match="exists; pass --overwrite"):
-        merge(shards, out)
-    merge(shards, out, overwrite=True)
-    assert read_meta(out)["splits"] == {"train": 93, "test": 10}
+    try:
+        with pytest.raises(StoreError, match="exists; pass --overwrite"):
+            merge(shards, out)
+        merge(shards, out, overwrite=True)
+        assert read_meta(out)["splits"] == {"train": 93, "test": 10}
+    finally:
+        out.unlink()
 
 
 def _copy_with(src, dst, edit):
@@ -150,6 +158,10 @@ def test_cli_merge(full, shards, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli.h5"
     r = runner.invoke(merge_cmd, [*map(str, shards), str(out)])
+    assert r.exit_code == 1 and "outside the folder" in r.output and "--copy" in r.output
+    assert not out.exists()
+    out = shards[0].parent / "cli.h5"  # a virtual merge sits beside (or above) its shards
+    r = runner.invoke(merge_cmd, [*map(str, shards), str(out)])
     assert r.exit_code == 0, r.output
     assert "Wrote" in r.output and "train 93, test 10" in r.output and "virtual" in r.output
     assert_same_file(full, out)
@@ -163,5 +175,6 @@ def test_cli_merge(full, shards, tmp_path):
         "Error: missing shard slices 1/4, 3/4 (given: 0/4, 2/4)"]
     r = runner.invoke(merge_cmd, [str(out)])
     assert r.exit_code == 2 and "SHARDS... OUT.h5" in r.output
+    out.unlink()
     r = runner.invoke(merge_cmd, ["-h"])
     assert r.exit_code == 0 and "porder merge c100.0.h5" in r.output

@@ -1,0 +1,167 @@
+"""--resume continues only the run it was: same options, same slice, same source files.
+
+A run is cut off after its first batch (``Writer.append`` patched from outside
+to raise KeyboardInterrupt, as Ctrl-C does); then the source or the options
+change, and the resume must be refused with one line naming what changed,
+leaving the ``.part`` as it was. Put back, the resume gives the file of an
+uninterrupted run. Also: empty shards are valid shards and merge.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from porder.cli import main
+from porder.pipeline import build_cache, source_identity
+from porder.scale import merge
+from porder.store import SPLITS, StoreError, Writer, partial_path, read_meta, read_split
+from tests.scale.shards import assert_same_file
+from tests.sources.test_sources import make_cifar10, make_class_folder, make_tar
+
+OPTS = dict(measure="entropy", batch_size=4, workers=1)
+
+
+def cut_after_one_batch(source, out, monkeypatch, **kw):
+    """Start a build of ``source`` and stop it like Ctrl-C after its first batch."""
+    original = Writer.append
+
+    def append(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Writer, "append", append)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(str(source), out, **{**OPTS, **kw})
+    monkeypatch.setattr(Writer, "append", original)
+    assert partial_path(out).exists() and not out.exists()
+    return partial_path(out).read_bytes()
+
+
+def refused(source, out, pattern, **kw):
+    part = partial_path(out).read_bytes()
+    with pytest.raises(StoreError, match=pattern) as info:
+        build_cache(str(source), out, resume=True, **{**OPTS, **kw})
+    assert "\n" not in str(info.value) and f"cannot resume '{partial_path(out)}'" in str(
+        info.value)
+    assert partial_path(out).read_bytes() == part  # untouched, still resumable
+
+
+def same_rows(a, b):
+    for split in SPLITS:
+        x, y = read_split(a, split), read_split(b, split)
+        assert x["names"] == y["names"]
+        assert all(np.array_equal(x[k], y[k]) for k in ("images", "labels", "perm"))
+
+
+def test_resume_refuses_a_changed_folder(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_class_folder(src, {"ant": 6, "bee": 6})
+    whole = build_cache(str(src), tmp_path / "whole.h5", **OPTS).path
+    out = tmp_path / "o.h5"
+    cut_after_one_batch(src, out, monkeypatch)
+
+    extra = src / "bee" / "img9.png"
+    shutil.copy(src / "bee" / "img0.png", extra)              # a file added
+    refused(src, out, r"the source changed \(the source has 13 files now, 12 when the .part "
+                      r"was started \(files were added or removed\)\)")
+    extra.unlink()
+    gone = src / "ant" / "img5.png"
+    data, st = gone.read_bytes(), gone.stat()
+    gone.unlink()                                               # a file removed
+    refused(src, out, "has 11 files now, 12 when")
+    gone.write_bytes(data + b"\0")                              # a file changed size
+    refused(src, out, r"the source's files hold \d+ bytes now, \d+ then")
+    gone.write_bytes(data)                                      # rewritten in place
+    os.utime(gone, ns=(1, 1))
+    refused(src, out, r"modified since the .part was started \(their modification times")
+    os.utime(gone, ns=(st.st_atime_ns, st.st_mtime_ns))        # as it was
+    refused(src, out, r"options differ \(measure: the .part has 'entropy', now 'psnr';",
+            measure="psnr")
+    refused(src, out, r"--shard is 0/2 now, none in the .part", shard=(0, 2))
+    assert build_cache(str(src), out, resume=True, **OPTS).resumed
+    same_rows(whole, out)
+
+
+def test_resume_refuses_a_changed_archive_and_a_changed_shard(tmp_path, monkeypatch):
+    folder, *_ = make_cifar10(tmp_path / "a", per_batch=4)
+    archive = make_tar(folder, tmp_path / "c10.tar.gz")
+    whole = build_cache(str(archive), tmp_path / "w.h5", shard=(1, 2), **OPTS).path
+    out = tmp_path / "o.h5"
+    cut_after_one_batch(archive, out, monkeypatch, shard=(1, 2))
+    refused(archive, out, r"--shard is none now, 1/2 in the .part")
+    res = CliRunner().invoke(main, ["reorder", "--resume", "--measure", "entropy", "-b", "4",
+                                    "--shard", "0/2", str(archive), str(out)])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        f"Error: cannot resume '{partial_path(out)}': --shard is 0/2 now, 1/2 in the .part; "
+        f"run without --resume to start afresh"]
+    data, st = archive.read_bytes(), archive.stat()
+    other, *_ = make_cifar10(tmp_path / "b", per_batch=4, seed=5)
+    make_tar(other, archive)                                    # other bytes, same name
+    refused(archive, out, r"the source changed \(the source's (files hold|file names)",
+            shard=(1, 2))
+    archive.write_bytes(data)                                   # the same bytes again...
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))     # ...and times: resumable
+    assert build_cache(str(archive), out, resume=True, shard=(1, 2), **OPTS).resumed
+    same_rows(whole, out)
+
+
+def test_source_identity_of_named_sources_is_the_name():
+    assert source_identity("synthetic:10") == {"source_files": 0, "source_bytes": 0,
+                                               "source_digest": "", "source_state": ""}
+
+
+# -------------------------------------------------------------------- empty shards
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["virtual", "copy"])
+def test_more_shards_than_images_merge_to_the_unsharded_file(tmp_path, copy):
+    """Shards that receive no sample are written (0 rows) and merge like any other."""
+    src = tmp_path / "src"
+    make_class_folder(src, {"ant": 2, "bee": 1})   # 3 images: 3 train, 0 test
+    whole = build_cache(str(src), tmp_path / "whole.h5", **OPTS).path
+    n = 5
+    parts = [build_cache(str(src), tmp_path / f"s{i}.h5", shard=(i, n), **OPTS).path
+             for i in range(n)]
+    rows = [read_meta(p)["splits"]["train"] for p in parts]
+    assert sum(rows) == 3 and rows.count(0) >= 2
+    assert_same_file(whole, merge(parts, tmp_path / "m.h5", copy=copy))
+
+
+def test_an_unsharded_run_with_no_images_is_still_an_error(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError):
+        build_cache(str(tmp_path / "src"), tmp_path / "o.h5", on_error="skip", **OPTS)
+    assert not (tmp_path / "o.h5").exists() and not partial_path(tmp_path / "o.h5").exists()
+
+
+def test_dask_on_a_small_folder_with_empty_shards(tmp_path):
+    pytest.importorskip("distributed")
+    from porder.scale import run_dask
+
+    src = tmp_path / "src"
+    make_class_folder(src, {"ant": 2, "bee": 1})
+    whole = build_cache(str(src), tmp_path / "whole.h5", **OPTS).path
+    out = run_dask("local:1", str(src), tmp_path / "d.h5", shards=5, measure="entropy",
+                   batch_size=4)
+    assert_same_file(whole, out)
+    assert not (tmp_path / "d.h5.shards").exists()
+
+
+def test_a_dask_interrupt_names_the_shard_folder(tmp_path):
+    from porder.cli.reorder import _kept
+
+    out = tmp_path / "big.h5"
+    assert "no shard was written yet" in _kept(out, "local:2")
+    (tmp_path / "big.h5.shards").mkdir()
+    assert f"shards kept in {tmp_path / 'big.h5.shards'}/" in _kept(out, "local:2")
+    assert ".part" not in _kept(out, "local:2")
+    assert "nothing was written yet" in _kept(out, None)
+    partial_path(out).touch()
+    assert f"partial output kept in {partial_path(out)}; run the same command with --resume" \
+        in _kept(out, None)
