@@ -115,6 +115,7 @@ stage bench $(( BENCH_BUDGET + 25 )) "$OUT/bench.log" \
 
 # 5b. training on the GPU: ResNet-18 batch 512 bf16 channels-last, with and without --reorder mi
 stage train 120 "$OUT/train.log" "$PY" benchmarks/bench_train.py --gpu-only
+stage profile 60 "$OUT/train.log" "$PY" benchmarks/profile_gpu_reorder.py
 
 # 6. compute-sanitizer: out-of-bounds accesses and shared-memory races in the kernels
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
@@ -158,7 +159,7 @@ stage pytest-harness 90 "$OUT/pytest_kernels.log" \
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|DIFFER|Invalid .* of size|Race reported" \
         "$OUT/sanitizer.log" | head -n 10
     echo "-- training:"
-    grep -E "^train resnet" "$OUT/train.log" | tail -n 2
+    grep -E "^train resnet|ms/call" "$OUT/train.log" | tail -n 8
     echo "-- benchmark (full numbers in bench_gpu.json):"
     awk '/^$/{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$OUT/bench.log" | tail -n 40
 } | tee "$OUT/summary.txt"
