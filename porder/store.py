@@ -39,8 +39,11 @@ import numpy as np
 from . import __version__
 from .output import DiskFull, SpaceReserver, is_disk_full, lock_output
 from .reader import (
+    Split,
     _jsonable,
     describe,
+    iter_split,
+    load,
     missing_virtual_sources,
     open_file,
     partial_path,
@@ -60,7 +63,8 @@ from .validate import (
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "IDENTITY_KEYS", "RESUME_KEYS", "SPLITS", "StoreError",
            "Writer", "check_output", "describe", "estimate_bytes", "missing_virtual_sources",
-           "open_file", "partial_path", "perm_dtype", "read_meta", "read_split", "to_json"]
+           "open_file", "partial_path", "perm_dtype", "read_meta", "read_split", "to_json",
+           "Split", "iter_split", "load"]
 
 _STR = h5py.string_dtype()
 # What identifies the source, recorded by build_cache (porder.pipeline): file
