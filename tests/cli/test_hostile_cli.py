@@ -169,11 +169,16 @@ def test_inspect_a_hand_edited_shard_count(tmp_path):
     out = tmp_path / "o.h5"
     assert run("reorder", "--no-progress", "synthetic:20", out).exit_code == 0
     with h5py.File(out, "r+") as f:
-        f.attrs["shard_count"] = "abc"
         f.attrs["source"] = "x\x1b[2J\ny"
     res = run("inspect", out)
-    assert res.exit_code == 0 and "shard:       0/abc" in res.output
+    assert res.exit_code == 0
     assert "source:      x\\x1b[2J\\ny (synthetic)" in res.output
+    with h5py.File(out, "r+") as f:  # a shard count that is no number: refused, naming the file
+        f.attrs["shard_count"] = "abc"
+    res = run("inspect", out)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and str(out) in last and "shard_count" in last, res.output
 
 
 # --------------------------------------------------------------------------
