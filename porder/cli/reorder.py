@@ -46,7 +46,7 @@ from .common import CONTEXT, ProgressReporter, _sigterm_to_interrupt, library_er
               help="Process only slice I of N of every split (merge with `porder merge`).")
 @click.option("--dask", "dask_scheduler", default=None, metavar="SCHEDULER",
               help="Run shards on a Dask cluster: an address (tcp://host:8786) or local:N "
-                   "for N local worker processes; needs `pip install porder[scale]`.")
+                   "for N local worker processes; needs `pip install \"patch-order[scale]\"`.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (OUT.part).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--progress/--no-progress", default=None,
