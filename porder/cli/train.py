@@ -149,13 +149,14 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
     click.echo(f"Wrote {Path(out) / 'metrics.jsonl'} and {Path(out) / 'curves.png'}", err=True)
 
 
-def _list_option(kind, name, check=None):
+def _list_option(kind, name, plural, example, check=None):
+    """A click callback: 'a, b,c' -> [kind('a'), ...], duplicates dropped, each checked."""
     def convert(ctx, param, value):
         try:
             items = [kind(v.strip()) for v in str(value).split(",") if v.strip()]
         except ValueError:
             raise click.BadParameter(f"{value!r} is not a comma-separated list of "
-                                     f"{name}") from None
+                                     f"{plural} (e.g. {example})") from None
         if not items:
             raise click.BadParameter("give at least one value")
         for v in items:
@@ -170,13 +171,14 @@ def _list_option(kind, name, check=None):
 @click.option("-o", "--out", type=click.Path(file_okay=False), required=True,
               help="Output folder: caches, runs, summary.csv/md and figures.")
 @click.option("-m", "--measures", default="none,mi", show_default=True,
-              callback=_list_option(str, "measure", lambda m: m in MEASURES),
+              callback=_list_option(str, "measure", "measures", "none,mi", lambda m: m in MEASURES),
               help="Comma-separated measures; `none` (the baseline) is added if missing.")
 @click.option("-p", "--patch", "patches", default="8", show_default=True,
-              callback=_list_option(int, "patch size", lambda p: p >= 1),
+              callback=_list_option(int, "patch size", "patch sizes", "4,8,16", lambda p: p >= 1),
               help="Comma-separated patch sides, e.g. 4,8,16.")
 @click.option("-a", "--arch", "archs", default="vgg", show_default=True,
-              callback=_list_option(str, "architecture", lambda a: a in ARCHS),
+              callback=_list_option(str, "architecture", "architectures", "vgg,resnet",
+                                     lambda a: a in ARCHS),
               help=f"Comma-separated architectures from {', '.join(ARCHS)}.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds per configuration (0..N-1).")

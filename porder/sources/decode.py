@@ -150,7 +150,8 @@ class _FileSource(Source):
                 skipped.append((names[lo + j], reason))
             else:
                 raise SourceError(f"cannot decode image '{paths[lo + j]}': {reason} "
-                                  f"(use on_error='skip' to leave bad images out)")
+                                  f"(to leave bad images out: --on-error skip, or on_error='skip' "
+                                  f"in Python)")
         s = self.image_size
         images = (np.stack([results[j][0] for j in keep]) if keep
                   else np.empty((0, s, s, 3), dtype=np.uint8))  # (B, S, S, 3)

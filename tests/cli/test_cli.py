@@ -211,7 +211,7 @@ def test_corrupt_image_fail_and_skip(tmp_path):
     (src / "ant" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "x.h5"
     res = run("reorder", src, out, ok=False)
-    assert_one_line_error(res, "broken.jpg")
+    assert_one_line_error(res, "broken.jpg", "--on-error skip")  # the CLI's spelling
     assert not out.exists() and not partial_path(out).exists()
     res = run("reorder", "--on-error", "skip", "--test-fraction", "0", src, out)
     assert "skipped 1" in res.output

@@ -104,6 +104,28 @@ def test_compare_end_to_end(tmp_path):
     assert (out / "runs/vgg/mi-p8/seed1/metrics.jsonl").stat().st_mtime_ns == stamp
 
 
+def test_one_seed_shows_no_spread(tmp_path):
+    from porder.experiment import CacheItem, Plan, RunItem, summarise, write_csv, write_markdown
+
+    settings = dict(archs=["vgg"], measures=["none", "mi"], patches=[8], seeds=[0], steps=20,
+                    batch_size=8, lr=1e-3, width=0.25, eval_every=10, size=32)
+    plan = Plan("synthetic:10", tmp_path, settings=settings,
+                caches=[CacheItem("none", 8, tmp_path / "a.h5"), CacheItem("mi", 8, tmp_path / "b.h5")])
+    plan.runs = [RunItem("vgg", c.measure, 8, 0, c.path, tmp_path / c.label) for c in plan.caches]
+    curves = {("vgg", "none", 0): rows_of(0.1, 0.5, 0.6), ("vgg", "mi-p8", 0): rows_of(0.1, 0.6, 0.7)}
+    runs, means, stds = summarise(plan, curves)
+    assert means[1]["final_test_acc"] == pytest.approx(0.7)
+    assert stds[1]["final_test_acc"] is None          # undefined from one value, not 0.0
+    write_markdown(tmp_path / "s.md", plan, runs, means, stds,
+                   {"train": 9, "test": 1, "classes": 2, "device": "cpu"}, [])
+    md = (tmp_path / "s.md").read_text()
+    assert "±" not in md.split("## Per run")[0].split("## One seed")[1]
+    assert "| vgg | mi | 8 | 70.0 | 70.0 | 10 | 10 | 2.00 |" in md
+    write_csv(tmp_path / "s.csv", runs + means + stds)
+    std_rows = [r for r in csv.DictReader((tmp_path / "s.csv").open()) if r["seed"] == "std"]
+    assert std_rows and all(r["final_test_acc"] == "" for r in std_rows)
+
+
 class Stop(Exception):
     pass
 
@@ -141,6 +163,8 @@ def test_compare_rejects_bad_options(tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output
     r = CliRunner().invoke(compare_cmd, [SOURCE, "-o", str(tmp_path), "-a", "lenet"])
     assert r.exit_code == 2
+    r = CliRunner().invoke(compare_cmd, [SOURCE, "-o", str(tmp_path), "-p", "4,eight"])
+    assert r.exit_code == 2 and "'4,eight' is not a comma-separated list of patch sizes" in r.output
     # A cache made from another source is not silently reused.
     kw = dict(measures=["none"], patches=[8], seeds=1, size=16)
     (tmp_path / "data").mkdir()
