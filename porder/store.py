@@ -285,6 +285,14 @@ def read_split(path, split: str = "train", *, start: int = 0, stop: int | None =
         }
 
 
+def read_labels(path, split: str = "train") -> np.ndarray:
+    """The labels of a split, int64 (N,), without reading its images."""
+    with open_file(path) as f:
+        if split not in f:
+            raise StoreError(f"'{path}' has no split {split!r}")
+        return f[split]["labels"][()].astype(np.int64)
+
+
 def describe(path) -> dict:
     """What a file holds and how it was made, as JSON-ready data (``porder inspect``)."""
     meta = read_meta(path)

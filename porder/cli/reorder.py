@@ -154,18 +154,33 @@ def inspect(file, as_json):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="grid.png",
               show_default=True, help="PNG file to write.")
-@click.option("-n", "--samples", type=click.IntRange(1, 256), default=8, show_default=True)
-@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("-n", "--samples", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Images shown (one row each).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Split the images come from.")
 @click.option("--scale", type=click.IntRange(1, 32), default=4, show_default=True,
               help="Upscaling factor (nearest neighbour).")
-@click.option("--start", type=click.IntRange(min=0), default=0, help="First sample shown.")
+@click.option("--start", type=click.IntRange(min=0), default=None,
+              help="Show consecutive rows from this one [default: samples across the classes].")
 def show(file, output, samples, split, scale, start):
     """Write a PNG grid of original images beside their reordered versions.
 
-    Originals are recovered from the stored images through `perm`.
+    Originals are recovered from the stored images through `perm`. By default
+    the samples are spread over the classes (the first image of each class, then
+    the second, ...); --start N shows SAMPLES consecutive rows from row N.
+
+    \b
+    Examples:
+      porder show c100-mi8.h5 -o grid.png
+      porder show c100-mi8.h5 -o test.png --split test -n 16 --start 100
     """
+    from pathlib import Path
+
     from ..visual import comparison_grid
 
+    folder = Path(output).parent
+    if not folder.is_dir():
+        raise click.ClickException(f"cannot write '{output}': folder '{folder}' does not exist")
     with library_errors():
         grid = comparison_grid(file, split=split, samples=samples, scale=scale, start=start)
         grid.save(output)

@@ -196,7 +196,7 @@ def test_inspect_and_show(tmp_path):
     info = json.loads(run("inspect", "--json", out).output)
     assert info["measure"] == "ssim" and info["splits"] == {"train": 45, "test": 5}
     png = tmp_path / "grid.png"
-    run("show", out, "-o", png, "-n", "3")
+    run("show", out, "-o", png, "-n", "3", "--start", "0")
     img = Image.open(png)
     assert img.size[0] > 2 * 32 * 4 and img.size[1] > 3 * 32 * 4
     # the left column is the original: recovered exactly through perm
@@ -204,6 +204,36 @@ def test_inspect_and_show(tmp_path):
     orig = porder.restore_images(data["images"], data["perm"], 8)[0]
     left = np.asarray(img.convert("RGB"))[18:18 + 128:4, 4:4 + 128:4]
     assert np.array_equal(left, orig)
+
+
+def test_show_samples_across_classes_and_checks_its_options(tmp_path):
+    from porder.store import Writer
+    from porder.visual import across_classes
+
+    labels = np.array([2, 0, 0, 0, 1, 1, 2, 0])    # rows sorted-ish, as many splits are
+    assert across_classes(labels, 5).tolist() == [1, 4, 0, 2, 5]  # class 0, 1, 2, then again
+    assert across_classes(labels, 100).tolist() == [1, 4, 0, 2, 5, 6, 3, 7]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    perm = np.stack([rng.permutation(16) for _ in range(8)]).astype(np.uint16)
+    w = Writer(tmp_path / "c.h5", meta={"measure": "mi", "patch": 4, "bins": 256,
+                                        "image_size": 16, "source": "test"},
+               classes=["ant", "bee", "cat"])
+    w.append("train", images, labels, perm, [f"r{i}" for i in range(8)], consumed=8)
+    out = w.finish()
+    png = tmp_path / "grid.png"
+    run("show", out, "-o", png, "-n", "3", "--scale", "1")
+    grid = np.asarray(Image.open(png).convert("RGB"))
+    want = porder.restore_images(images, perm.astype(np.int64), 4)
+    for i, row in enumerate([1, 4, 0]):        # the first image of each class
+        y = 18 + i * (16 + 4)
+        assert np.array_equal(grid[y:y + 16, 4:20], want[row]), i
+    assert "Images shown" in run("show", "--help").output
+    assert "Split the images come from" in run("show", "--help").output
+    assert_one_line_error(run("show", out, "-o", png, "--start", "8", ok=False),
+                          "--start 8 is past the end", "8 images")
+    assert_one_line_error(run("show", out, "-o", tmp_path / "no" / "g.png", ok=False),
+                          "folder", "does not exist")
 
 
 def test_corrupt_image_fail_and_skip(tmp_path):
