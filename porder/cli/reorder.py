@@ -111,8 +111,13 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     dt = time.perf_counter() - t0
     rows = sum(result.rows.values())
     skipped = sum(result.skipped.values())
+    # The rate counts the images this run processed, not those a resumed run had written.
+    here = sum(v for k, v in reporter.work.items() if k != "merge")
+    rate = f"{here / max(dt, 1e-9):.0f} img/s"
+    if here < rows:
+        rate = f"{here} processed now, {rate}" if here else "all written before: nothing to do"
     click.echo(f"Wrote {result.path}: " + ", ".join(f"{k} {v}" for k, v in result.rows.items())
-               + f" images ({rows / max(dt, 1e-9):.0f} img/s)"
+               + f" images ({rate})"
                + (f"; skipped {skipped} unreadable (listed in the file)" if skipped else ""),
                err=True)
 

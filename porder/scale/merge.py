@@ -227,6 +227,8 @@ def merge(shards: Sequence, out, *, copy: bool = False, overwrite: bool = False,
     tmp = partial_path(out)
     total = sum(s.splits[sp]["rows"] for s in ordered for sp in SPLITS)
     done = [0]
+    if copy and progress:
+        progress("merge", 0, total)   # the start: rates count from here
     try:
         with h5py.File(tmp, "w") as f:
             for key, val in attrs.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -267,6 +268,22 @@ def test_shards_with_skipped_images_merge_to_the_unsharded_file(tmp_path):
     assert a["names"] == b["names"]
 
 
+def test_progress_rates_count_only_the_work_done(monkeypatch, capsys):
+    from porder.cli import common
+
+    clock = iter([100.0, 100.0, 101.0, 102.0])     # __init__, first call, then one per call
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    rep = common.ProgressReporter(False, every=0.5)
+    rep("train", 500, 1000)                         # a resumed run: 500 rows were written before
+    rep("train", 700, 1000)
+    rep("train", 1000, 1000)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["train: 500/1000 images (50%, resuming)",
+                   "train: 700/1000 images (70%, 200 img/s)",
+                   "train: 1000/1000 images (100%, 250 img/s)"]
+    assert rep.work == {"train": 500}
+
+
 # ---------------------------------------------------------------------------
 # interruption and resume
 
@@ -293,6 +310,9 @@ def test_resume_after_a_killed_run_is_identical(tmp_path, sig):
         assert "Traceback" not in res.stderr
     res = _subprocess_reorder(args + ["--resume", out])
     assert res.returncode == 0, res.stderr
+    # Rates count only the work of this run: the rows resumed from are not "processed now".
+    base = int(re.search(r"train: (\d+)/540 images \(\d+%, resuming\)", res.stderr).group(1))
+    assert f"({600 - base} processed now, " in res.stderr, res.stderr
     for split in ("train", "test"):
         a, b = read_split(whole, split), read_split(out, split)
         for key in ("images", "labels", "perm"):
