@@ -33,7 +33,9 @@ from .common import CONTEXT, ProgressReporter, _sigterm_to_interrupt, library_er
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
               show_default=True, help="Held-out share for sources without a test split.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
-              help="Compute on the CPU (NumPy) or a CUDA GPU (CuPy); auto picks CUDA if present.")
+              help="Compute on the CPU (NumPy) or a CUDA GPU (CuPy); auto picks CUDA if present. "
+                   "cpu by default, unlike train's auto: CuPy is an optional extra, and "
+                   "reordering costs little next to training.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
               help="Images per batch (memory is bounded by a few batches).")
 @click.option("-j", "--workers", type=click.IntRange(min=1), default=None,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from ..store import read_meta
-from .plan import Plan, make_plan
+from .plan import Plan, estimate_times, make_plan
 from .plots import write_figures
 from .summary import summarise, write_csv, write_markdown
 
@@ -25,7 +25,7 @@ class CompareResult:
 def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
             patches: Sequence[int] = (8,), archs: Sequence[str] = ("vgg",), seeds=3,
             steps: int = 1000, width: float = 0.25, lr: float = 1e-3, batch_size: int = 32,
-            eval_every: int = 100, size: int = 32, bins: int = 256, test_fraction: float = 0.1,
+            eval_every: int = 50, size: int = 32, bins: int = 256, test_fraction: float = 0.1,
             device: str = "auto", threads: Optional[int] = None, dry_run: bool = False,
             log: Optional[Log] = None,
             progress_for: Optional[Callable] = None,
@@ -50,7 +50,8 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     threads : int, optional
         CPU threads for torch (default: all cores).
     dry_run : bool
-        Only plan: return the :class:`Plan` without building or training.
+        Only plan: return the :class:`Plan`, with each run's estimated time on
+        this device, without building or training.
     log : callable(str), optional
         Receives one line per stage.
     progress_for : callable(description) -> Progress, optional
@@ -66,7 +67,9 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     ------
     ValueError
         Bad options, an unreadable source, or an output folder made with other
-        options.
+        options (caches, or runs that ``train`` could not continue: checked
+        before anything is written, so ``compare.json`` keeps describing the
+        runs on disk).
     """
     from ..pipeline import build_cache
     from ..train import TrainConfig, read_metrics, resolve_device, train
@@ -77,7 +80,14 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
                      eval_every=eval_every, size=size, bins=bins, test_fraction=test_fraction,
                      device=device)
     if dry_run:
+        estimate_times(plan, threads=threads, log=log)
         return plan
+    if plan.conflicts:
+        r = plan.conflicts[0]
+        more = f" (and {len(plan.conflicts) - 1} more)" if len(plan.conflicts) > 1 else ""
+        raise ValueError(f"run '{r.dir}' cannot go on: {r.reason}{more}; use another output "
+                         "folder, delete it, or give the options it was made with (--dry-run "
+                         "lists them)")
     train_device = resolve_device(device)
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "data").mkdir(exist_ok=True)
