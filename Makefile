@@ -1,12 +1,33 @@
 # porder developer tasks. Every target installs what it needs first.
+#
+# Python: the active virtual environment when there is one (VIRTUAL_ENV set);
+# otherwise .venv here, created on first use with `python3 -m venv .venv`, so
+# nothing is installed into the system Python (which Debian 12+ and Ubuntu
+# 23.04+ refuse: "externally-managed-environment"). PY=... overrides both.
+VENV ?= .venv
+ifdef VIRTUAL_ENV
 PY ?= python3
+else
+PY ?= $(VENV)/bin/python
+endif
 BENCH_OUT ?= benchmarks/results
 
-.PHONY: install demo test bench lint clean gpu-check
+.PHONY: install venv demo test bench lint clean gpu-check
+
+venv:
+ifndef VIRTUAL_ENV
+ifeq ($(PY),$(VENV)/bin/python)
+	@test -x $(PY) || { echo "make: no virtual environment is active (VIRTUAL_ENV is unset): creating $(VENV) (python3 -m venv $(VENV))"; python3 -m venv $(VENV); }
+	@echo "make: using the virtual environment $(VENV) (activate it with: . $(VENV)/bin/activate)"
+endif
+endif
 
 # torch==2.13.0 is pinned explicitly when torch is missing: a bare `pip install
-# torch` would fetch several GB of CUDA wheels on a CPU machine.
-install:
+# torch` may fetch several GB of CUDA wheels on a CPU machine (on PyPI the Linux
+# wheel depends on the CUDA libraries). For the CPU-only build from PyTorch's own
+# index, install it first:
+#   $(PY) -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+install: venv
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	@$(PY) -m pip install -q -e ".[dev]"
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DOGS = ROOT.parent / "shared" / "data" / "dogs-vs-cats-1k"
+# The 1,000 Dogs-vs-Cats photographs: $PORDER_PHOTOS, else ../shared/data beside the repo.
+DOGS = Path(os.environ.get("PORDER_PHOTOS") or ROOT.parent / "shared" / "data" / "dogs-vs-cats-1k")
 
 CHILD = r"""
 import json, resource, sys, time

@@ -2,7 +2,8 @@
 
 Every array function in porder starts with ``xp = get_array_module(x)`` and then
 calls only ``xp.*``, so the same code runs on both. CuPy is optional
-(``pip install porder[gpu]``); without it everything runs on NumPy.
+(``pip install "patch-order[gpu]"`` for CUDA 13, ``"patch-order[gpu-cuda12]"`` for
+CUDA 12); without it everything runs on NumPy.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not cuda_available():
         if importlib.util.find_spec("cupy") is None:
             raise ValueError(
-                "device='cuda' needs CuPy: install it with `pip install porder[gpu]`, "
-                "or use device='cpu'"
+                "device='cuda' needs CuPy: install it with `pip install \"patch-order[gpu]\"` "
+                "(CUDA 13; `patch-order[gpu-cuda12]` for CUDA 12), or use device='cpu'"
             )
         raise ValueError("device='cuda' but CuPy sees no CUDA GPU; use device='cpu'")
     return device

@@ -240,6 +240,18 @@ def load(path, split: str = "train") -> Split:
                  options=options, split=split, path=Path(path))
 
 
+def read_labels(path, split: str = "train") -> np.ndarray:
+    """The labels of a split, int64 (N,), without reading its images (checked rows)."""
+    if split not in SPLITS:
+        raise StoreError(f"'{path}' has no split {split!r}; choose one of {list(SPLITS)}")
+    f, layout = open_checked(path)
+    with f, reading(path):
+        labels = f[split]["labels"][()].astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(layout.classes)):
+        raise StoreError(f"'{path}': /{split}/labels holds labels outside 0..{len(layout.classes) - 1}")
+    return labels
+
+
 def _encodable(v):
     """Text that can be printed: bytes a file held that are not UTF-8 (surrogate escapes
     from h5py) are shown as ``\\xNN``; containers are converted item by item."""

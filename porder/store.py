@@ -47,6 +47,7 @@ from .reader import (
     missing_virtual_sources,
     open_file,
     partial_path,
+    read_labels,
     read_meta,
     read_split,
     to_json,
@@ -64,7 +65,7 @@ from .validate import (
 __all__ = ["FORMAT", "FORMAT_VERSION", "IDENTITY_KEYS", "RESUME_KEYS", "SPLITS", "StoreError",
            "Writer", "check_output", "describe", "estimate_bytes", "missing_virtual_sources",
            "open_file", "partial_path", "perm_dtype", "read_meta", "read_split", "to_json",
-           "Split", "iter_split", "load"]
+           "Split", "iter_split", "load", "read_labels"]
 
 _STR = h5py.string_dtype()
 # What identifies the source, recorded by build_cache (porder.pipeline): file

@@ -1,6 +1,8 @@
-"""Shared fixtures: the array backends and the real photographs in ../shared."""
+"""Shared fixtures: the array backends and the real photographs (``$PORDER_PHOTOS``, or
+../shared/data/dogs-vs-cats-1k beside the repository)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,19 @@ import pytest
 from porder.backend import cuda_available
 
 REPO = Path(__file__).resolve().parents[1]
-DOGS_VS_CATS = REPO.parent / "shared" / "data" / "dogs-vs-cats-1k"
+PHOTOS_ENV = "PORDER_PHOTOS"
+
+
+def photos_dir() -> Path:
+    """The folder of the 1,000 Dogs-vs-Cats photographs: ``$PORDER_PHOTOS`` when set,
+    else ``shared/data/dogs-vs-cats-1k`` beside the repository (where CI lays it)."""
+    env = os.environ.get(PHOTOS_ENV)
+    return Path(env) if env else REPO.parent / "shared" / "data" / "dogs-vs-cats-1k"
+
+
+DOGS_VS_CATS = photos_dir()
+PHOTOS_MISSING = (f"real photographs not available: {DOGS_VS_CATS} is absent "
+                  f"(set {PHOTOS_ENV} to the dogs-vs-cats-1k folder)")
 
 XP_PARAMS = [
     pytest.param("numpy", id="numpy"),
@@ -33,7 +47,7 @@ def xp(request):
 def dogs_vs_cats() -> Path:
     """The 1,000 Kaggle Dogs-vs-Cats JPEGs, or a skip saying why."""
     if not DOGS_VS_CATS.is_dir():
-        pytest.skip(f"real photographs not available: {DOGS_VS_CATS} is absent")
+        pytest.skip(PHOTOS_MISSING)
     return DOGS_VS_CATS
 
 

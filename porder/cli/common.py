@@ -60,33 +60,46 @@ def library_errors(prefix: str = ""):
 
 
 class ProgressReporter:
-    """A tqdm bar on a terminal; plain periodic lines otherwise (CI logs)."""
+    """A tqdm bar on a terminal; plain periodic lines otherwise (CI logs).
+
+    Rates count only the work of this run: the first ``done`` of a stage (rows
+    a resumed run had already written, shards already finished) is its base.
+    ``work`` maps each stage to the images this run processed in it.
+    """
 
     def __init__(self, enabled: bool | None = None, every: float = 10.0):
         self.tty = sys.stderr.isatty() if enabled is None else enabled
         self.every = every
         self.bar = None
         self.split = None
+        self.base = 0
         self.last = 0.0
         self.t0 = time.perf_counter()
+        self.work: dict[str, int] = {}
 
     def __call__(self, split: str, done: int, total: int) -> None:
         if split != self.split:
             self.close()
-            self.split, self.t0, self.last = split, time.perf_counter(), 0.0
+            self.split, self.base = split, done
+            self.t0 = self.last = time.perf_counter()
+            self.work[split] = 0
             if self.tty:
-                from tqdm import tqdm
+                from tqdm import tqdm  # its rate already leaves out `initial`
 
                 self.bar = tqdm(total=total, initial=done, desc=split, unit="img",
                                 dynamic_ncols=True, leave=True)
-                return
+            else:
+                click.echo(f"{split}: {done}/{total} images ({100 * done / max(total, 1):.0f}%"
+                           + (", resuming)" if 0 < done < total else ")"), err=True)
+            return
+        self.work[split] = done - self.base
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             return
         now = time.perf_counter()
         if done >= total or now - self.last >= self.every:
             self.last = now
-            rate = done / max(now - self.t0, 1e-9)
+            rate = (done - self.base) / max(now - self.t0, 1e-9)
             click.echo(f"{split}: {done}/{total} images ({100 * done / max(total, 1):.0f}%, "
                        f"{rate:.0f} img/s)", err=True)
 

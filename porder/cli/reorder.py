@@ -43,7 +43,9 @@ from .common import (
 @click.option("--test-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.1,
               show_default=True, help="Held-out share for sources without a test split.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
-              help="Compute on the CPU (NumPy) or a CUDA GPU (CuPy); auto picks CUDA if present.")
+              help="Compute on the CPU (NumPy) or a CUDA GPU (CuPy); auto picks CUDA if present. "
+                   "cpu by default, unlike train's auto: CuPy is an optional extra, and "
+                   "reordering costs little next to training.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
               help="Images per batch (memory is bounded by a few batches).")
 @click.option("-j", "--workers", type=click.IntRange(min=1), default=None,
@@ -56,7 +58,7 @@ from .common import (
               help="Process only slice I of N of every split (merge with `porder merge`).")
 @click.option("--dask", "dask_scheduler", default=None, metavar="SCHEDULER",
               help="Run shards on a Dask cluster: an address (tcp://host:8786) or local:N "
-                   "for N local worker processes; needs `pip install porder[scale]`.")
+                   "for N local worker processes; needs `pip install \"patch-order[scale]\"`.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (OUT.part).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--progress/--no-progress", default=None,
@@ -120,8 +122,13 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     dt = time.perf_counter() - t0
     rows = sum(result.rows.values())
     skipped = sum(result.skipped.values())
+    # The rate counts the images this run processed, not those a resumed run had written.
+    here = sum(v for k, v in reporter.work.items() if k != "merge")
+    rate = f"{here / max(dt, 1e-9):.0f} img/s"
+    if here < rows:
+        rate = f"{here} processed now, {rate}" if here else "all written before: nothing to do"
     click.echo(f"Wrote {printable(result.path)}: " + ", ".join(f"{k} {v}" for k, v in result.rows.items())
-               + f" images ({rows / max(dt, 1e-9):.0f} img/s)"
+               + f" images ({rate})"
                + (f"; skipped {skipped} unreadable (listed in the file)" if skipped else ""),
                err=True)
 
@@ -200,18 +207,33 @@ def _image_output(ctx, param, value):
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="grid.png",
               show_default=True, callback=_image_output,
               help="Image file to write; its extension picks the format (.png, .jpg, ...).")
-@click.option("-n", "--samples", type=click.IntRange(1, 256), default=8, show_default=True)
-@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("-n", "--samples", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Images shown (one row each).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Split the images come from.")
 @click.option("--scale", type=click.IntRange(1, 32), default=4, show_default=True,
               help="Upscaling factor (nearest neighbour).")
-@click.option("--start", type=click.IntRange(min=0), default=0, help="First sample shown.")
+@click.option("--start", type=click.IntRange(min=0), default=None,
+              help="Show consecutive rows from this one [default: samples across the classes].")
 def show(file, output, samples, split, scale, start):
     """Write a PNG grid of original images beside their reordered versions.
 
-    Originals are recovered from the stored images through `perm`.
+    Originals are recovered from the stored images through `perm`. By default
+    the samples are spread over the classes (the first image of each class, then
+    the second, ...); --start N shows SAMPLES consecutive rows from row N.
+
+    \b
+    Examples:
+      porder show c100-mi8.h5 -o grid.png
+      porder show c100-mi8.h5 -o test.png --split test -n 16 --start 100
     """
+    from pathlib import Path
+
     from ..visual import comparison_grid
 
+    folder = Path(output).parent
+    if not folder.is_dir():
+        raise click.ClickException(f"cannot write '{output}': folder '{folder}' does not exist")
     with library_errors():
         grid = comparison_grid(file, split=split, samples=samples, scale=scale, start=start)
         grid.save(output)

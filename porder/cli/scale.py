@@ -64,7 +64,7 @@ def dask_reorder(scheduler: str, source: str, out, build_options: dict, progress
     them. ``shard`` must be unset (a Dask run makes its own shards); ``resume``
     and ``workers`` are dropped: every shard resumes its own unfinished file
     and uses one CPU thread per task. Library errors become one-line
-    ``click.ClickException``; a missing Dask says ``pip install porder[scale]``.
+    ``click.ClickException``; a missing Dask says ``pip install "patch-order[scale]"``.
     """
     from ..scale import run_dask
     from .common import library_errors

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ..experiment.plan import duration
 from ..measures import MEASURES
 from .common import CONTEXT, SEED, FiniteFloat, interruptible, library_errors
 
@@ -44,15 +45,74 @@ def _fmt_row(row: dict) -> str:
 
 
 class TrainProgress:
-    """A tqdm bar with loss and accuracy on a terminal; a plain line per evaluation otherwise."""
+    """Training progress: a tqdm bar (loss, accuracy, ETA) on a terminal; plain lines
+    otherwise, one per evaluation and one every ``every`` seconds, with the ETA.
 
-    def __init__(self, enabled: bool | None = None, desc: str = "train"):
+    Once the first steps are timed (``first`` seconds after the first step), one
+    line says how long the whole run will take: the measured seconds per step
+    (evaluations left out) times the steps left, plus the evaluations left at the
+    cost of the last one. Rates count only the steps of this process, so a
+    resumed run is not credited with the steps it had done before.
+    """
+
+    def __init__(self, enabled: bool | None = None, desc: str = "train", *,
+                 eval_every: int | None = None, batch_size: int | None = None,
+                 every: float = 30.0, first: float = 3.0, slow_hint: str = ""):
         self.tty = sys.stderr.isatty() if enabled is None else enabled
         self.desc = desc
         self.bar = None
         self.post: dict = {}
+        self.eval_every, self.batch_size = eval_every, batch_size
+        self.every, self.first = every, first
+        self.slow_hint = slow_hint  # added to the estimate when the run takes over 10 minutes
+        self.initial = None         # the step this process started from
+        self.start = None           # (step, time) once its first step is done
+        self.eval_time = 0.0        # seconds of evaluations since then
+        self.eval_cost = None       # seconds of the last evaluation
+        self.last_line = 0.0
+        self.told = False
+
+    def eta(self, step: int, total: int, now: float) -> tuple[float, float] | None:
+        """(seconds left, seconds per step) once a step has been timed, else None."""
+        if self.start is None or step <= self.start[0]:
+            return None
+        s0, t0 = self.start
+        per_step = max(now - t0 - self.eval_time, 1e-9) / (step - s0)
+        left = (total - step) * per_step
+        if self.eval_every and self.eval_cost is not None:
+            e = self.eval_every
+            left += (total // e - step // e + (1 if total % e else 0)) * self.eval_cost
+        return left, per_step
+
+    def _say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            click.echo(line, err=True)
 
     def __call__(self, step: int, total: int, stats: dict | None) -> None:
+        now = time.perf_counter()
+        if self.initial is None:
+            self.initial = step
+        before = self.start is not None
+        if not before and step > self.initial:   # the first step (warm-up) is not timed
+            self.start = (step, now)
+        if stats is not None and stats.get("eval_s") is not None:
+            self.eval_cost = stats["eval_s"]
+            if before:
+                self.eval_time += stats["eval_s"]
+        if before and not self.told and step < total \
+                and now - self.start[1] - self.eval_time >= self.first:
+            self.told = True
+            left, per_step = self.eta(step, total, now)
+            whole = now - self.start[1] + left
+            rate = f", {self.batch_size / per_step:,.0f} img/s" if self.batch_size else ""
+            self._say(f"{self.desc}: {1 / per_step:.2f} steps/s{rate}: the {total} steps will "
+                      f"take about {duration(whole)} in all, {duration(left)} from now"
+                      + (self.slow_hint if whole > 600 else ""))
+        self._update(step, total, stats, now)
+
+    def _update(self, step: int, total: int, stats: dict | None, now: float) -> None:
         if self.tty and self.bar is None:
             from tqdm import tqdm
 
@@ -69,8 +129,16 @@ class TrainProgress:
                     self.post.update(loss=f"{stats['loss']:.3f}", acc=f"{100 * stats['acc']:.1f}%")
                 self.bar.set_postfix(self.post, refresh=False)
             self.bar.update(step - self.bar.n)
-        elif stats is not None and "test_acc" in stats:
-            click.echo(f"{self.desc}: step {step}/{total}  {_fmt_row(stats)}", err=True)
+            return
+        eta = self.eta(step, total, now)
+        left = f"  ETA {duration(eta[0])}" if eta and step < total else ""
+        if stats is not None and "test_acc" in stats:
+            self.last_line = now
+            click.echo(f"{self.desc}: step {step}/{total}  {_fmt_row(stats)}{left}", err=True)
+        elif eta and now - self.last_line >= self.every:
+            self.last_line = now
+            click.echo(f"{self.desc}: step {step}/{total} ({100 * step / total:.0f}%, "
+                       f"{1 / eta[1]:.2f} steps/s){left}", err=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -83,7 +151,9 @@ class TrainProgress:
 @click.option("-a", "--arch", type=click.Choice(ARCHS), default="vgg", show_default=True,
               help="VGG-16-BN, ResNet-18 or Inception-v3 (CIFAR-sized).")
 @click.option("--width", type=FiniteFloat(min=0, min_open=True, max=MAX_WIDTH), default=1.0,
-              show_default=True, help="Channel multiplier (0.125-0.25 for a CPU).")
+              show_default=True, help="Channel multiplier: 1.0 = the published networks, as "
+              "in the paper; 0.125-0.25 trains many times faster on a CPU (compare defaults "
+              "to 0.25: it trains many runs).")
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3,
               show_default=True, help="Adam learning rate.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -162,7 +232,10 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
                       eval_every=eval_every, seed=seed, device=device, reorder=reorder,
                       patch=patch, bins=bins, threads=threads, fm_reorder=fm)
     # One reporter for a torchrun job: rank 0's; other ranks print only their errors.
-    reporter = TrainProgress(progress, desc=arch) if rank == 0 else None
+    hint = (f" (a smaller --width than {width:g}, e.g. 0.25, is much faster on a CPU)"
+            if width > 0.25 else "")
+    reporter = TrainProgress(progress, desc=arch, eval_every=eval_every, batch_size=batch_size,
+                             slow_hint=hint) if rank == 0 else None
     t0 = time.perf_counter()
     try:
         with interruptible(f"the last checkpoint is in {out}; run the same command with "
@@ -186,13 +259,14 @@ def split_fm_reorder(values) -> list[str]:
     return [v.strip() for value in values for v in str(value).split(",") if v.strip()]
 
 
-def _list_option(kind, name, check=None):
+def _list_option(kind, name, plural, example, check=None):
+    """A click callback: 'a, b,c' -> [kind('a'), ...], duplicates dropped, each checked."""
     def convert(ctx, param, value):
         try:
             items = [kind(v.strip()) for v in str(value).split(",") if v.strip()]
         except ValueError:
             raise click.BadParameter(f"{value!r} is not a comma-separated list of "
-                                     f"{name}") from None
+                                     f"{plural} (e.g. {example})") from None
         if not items:
             raise click.BadParameter("give at least one value")
         for v in items:
@@ -211,29 +285,33 @@ def _list_option(kind, name, check=None):
               "measure with none and random, patches 4,8,16, ... (--dry-run prints every value "
               "and its source). Options given explicitly override it.")
 @click.option("-m", "--measures", default="none,mi", show_default=True,
-              callback=_list_option(str, "measure",
+              callback=_list_option(str, "measure", "measures", "none,mi",
                                     lambda m: m in MEASURES or m.startswith("fm:")),
               help="Comma-separated measures; `none` (the baseline) is added if missing. "
               "fm:POINT:MEASURE:PATCH trains on the `none` cache with a feature-map reordering "
               "layer at POINT (see `porder train --help`); fm:POINT:MEASURE, at every --patch.")
 @click.option("-p", "--patch", "patches", default="8", show_default=True,
-              callback=_list_option(int, "patch size", lambda p: p >= 1),
+              callback=_list_option(int, "patch size", "patch sizes", "4,8,16", lambda p: p >= 1),
               help="Comma-separated patch sides, e.g. 4,8,16.")
 @click.option("-a", "--arch", "archs", default="vgg", show_default=True,
-              callback=_list_option(str, "architecture", lambda a: a in ARCHS),
+              callback=_list_option(str, "architecture", "architectures", "vgg,resnet",
+                                     lambda a: a in ARCHS),
               help=f"Comma-separated architectures from {', '.join(ARCHS)}.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds per configuration (0..N-1).")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Optimizer steps per run.")
 @click.option("--width", type=FiniteFloat(min=0, min_open=True, max=MAX_WIDTH), default=0.25,
-              show_default=True, help="Channel multiplier of every network.")
+              show_default=True, help="Channel multiplier of every network; 0.25, not train's "
+              "1.0 (the published size), because a comparison trains measures x patches x "
+              "seeds runs.")
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3,
               show_default=True, help="Adam learning rate.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per step (1 = online training).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Steps between test evaluations.")
+              help="Steps between test evaluations; 50, not train's 100, because steps-to-"
+              "target figures are only as fine as this.")
 @click.option("--size", type=click.IntRange(min=8), default=32, show_default=True,
               help="Images are resized to SIZE x SIZE.")
 @click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
@@ -241,12 +319,15 @@ def _list_option(kind, name, check=None):
 @click.option("--test-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True),
               default=0.1, show_default=True,
               help="Held-out share for sources without a test split.")
-@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
+              help="Where the networks train (auto: CUDA when torch sees a GPU); the caches "
+              "are made on the GPU too when CuPy sees one.")
 @click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: all cores].")
 @click.option("--dry-run", is_flag=True,
-              help="Print the plan (what is done, the preset's values) and a time estimate "
-              "measured on this machine, and stop.")
+              help="Check the source and the runs already in OUT, print the plan (with the "
+              "preset's values) and the estimated time of each run on this device, and stop "
+              "(exit 1 on a conflict).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars [default: on a terminal; plain lines otherwise].")
 @click.pass_context
@@ -289,7 +370,9 @@ def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, wi
     with interruptible("run the same command again to resume."), library_errors():
         result = run_compare(
             source, out, **opts, device=device, threads=threads, dry_run=dry_run,
-            log=log, progress_for=lambda desc: TrainProgress(tty, desc=desc),
+            log=log, progress_for=lambda desc: TrainProgress(tty, desc=desc,
+                                                             eval_every=opts["eval_every"],
+                                                             batch_size=opts["batch_size"]),
             cache_progress=CacheProgress(tty))
         if dry_run:
             from ..experiment.estimate import estimate
@@ -299,6 +382,9 @@ def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, wi
 
                 click.echo(describe_preset(preset, given))
             click.echo(result.describe())
+            if result.conflicts:
+                raise click.ClickException(f"{len(result.conflicts)} of {len(result.runs)} runs "
+                                           f"in {out} conflict with these options (listed above)")
             click.echo(estimate(result, threads=threads, log=log).describe())
             return
     click.echo((Path(out) / "summary.md").read_text())

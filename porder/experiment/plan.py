@@ -1,5 +1,6 @@
-"""Planning a comparison: the caches to build and the runs to train, and which of them
-are already done (a comparison run again resumes where it stopped).
+"""Planning a comparison: the caches to build and the runs to train, which of them are
+already done (a comparison run again resumes where it stopped), which runs on disk
+conflict with the options, and how long the rest will take on this device.
 
 A comparison has *arms*: an input ordering (a measure, at each patch size, on its own
 cache) or a feature-map ordering (``fm:POINT:MEASURE:PATCH``: the ``none`` cache, with a
@@ -7,9 +8,10 @@ cache) or a feature-map ordering (``fm:POINT:MEASURE:PATCH``: the ``none`` cache
 the patch sizes). Every arm is trained with every architecture and seed."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..measures import get_measure
 from ..patches import check_patch_size
@@ -55,8 +57,10 @@ class RunItem:
     seed: int
     cache: Path
     dir: Path
-    state: str = "new"          # done | resume | new
+    state: str = "new"          # done | resume | new | conflict
     at_step: int = 0
+    reason: str = ""            # why a conflicting run cannot go on
+    seconds: Optional[float] = None   # estimated training time left on this device
 
     @property
     def label(self) -> str:
@@ -75,9 +79,17 @@ class Plan:
     runs: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     arms: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)   # train / test images and classes
+    speeds: dict = field(default_factory=dict)   # arch -> {train, eval img/s, how, device}
+
+    @property
+    def conflicts(self) -> list:
+        """The runs on disk that these options cannot continue."""
+        return [r for r in self.runs if r.state == "conflict"]
 
     def describe(self) -> str:
-        """The plan as text (``--dry-run``)."""
+        """The plan as text (``--dry-run``): what is done, what will fail and why, and
+        the estimated time of each run."""
         s = self.settings
         lines = [f"compare {self.source} -> {self.out}",
                  f"  {len(self.runs)} runs: arch {', '.join(s['archs'])}; "
@@ -92,7 +104,23 @@ class Plan:
         lines.append("runs:")
         for r in self.runs:
             st = f"resume (step {r.at_step})" if r.state == "resume" else r.state
-            lines.append(f"  {st:<7} {r.arch:<9} {r.label:<12} seed {r.seed}  {r.dir}")
+            eta = f"  ~{duration(r.seconds)}" if r.seconds else ""
+            lines.append(f"  {st:<7} {r.arch:<9} {r.label:<12} seed {r.seed}  {r.dir}{eta}")
+            if r.state == "conflict":
+                lines.append(f"          will fail: {r.reason}")
+        if not any(r.state in ("new", "resume") for r in self.runs):
+            lines.append("nothing left to train")
+        elif self.speeds:
+            left = sum(r.seconds or 0.0 for r in self.runs)
+            how = "; ".join(f"{a}: {v['train']:,.0f} img/s training, {v['eval']:,.0f} img/s "
+                            f"evaluating ({v['how']})" for a, v in self.speeds.items())
+            todo = sum(c.state != "ready" for c in self.caches)
+            lines.append(f"estimated training time on {next(iter(self.speeds.values()))['device']}"
+                         f": {duration(left)} ({how})"
+                         + (f"; plus building {todo} cache{'s' if todo > 1 else ''}" if todo else ""))
+        if self.conflicts:
+            lines.append(f"{len(self.conflicts)} run(s) conflict with the options: use another "
+                         "-o, delete their folders, or give the options they were made with")
         return "\n".join(lines)
 
 
@@ -107,6 +135,19 @@ def is_fm(measure: str) -> bool:
 def fm_spec(measure: str, patch: int) -> str:
     """``fm:POINT:MEASURE`` and a patch -> the ``--fm-reorder`` spec ``POINT:MEASURE:PATCH``."""
     return f"{measure[len(FM_PREFIX):]}:{patch}"
+
+
+def duration(seconds: Optional[float]) -> str:
+    """'45 s', '12.5 min', '3.2 h'."""
+    if seconds is None:
+        return "?"
+    if seconds < 1:
+        return "<1 s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _label(measure: str, patch: int) -> str:
@@ -153,7 +194,7 @@ def parse_list(text: str, kind=str) -> list:
 def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
               patches: Sequence[int] = (8,), archs: Sequence[str] = ("vgg",),
               seeds=3, steps: int = 1000, width: float = 0.25, lr: float = 1e-3,
-              batch_size: int = 32, eval_every: int = 100, size: int = 32, bins: int = 256,
+              batch_size: int = 32, eval_every: int = 50, size: int = 32, bins: int = 256,
               test_fraction: float = 0.1, device: str = "auto") -> Plan:
     """Which caches to build and which runs to train, and what is already done.
 
@@ -161,9 +202,8 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     baseline when missing; it does not depend on the patch size, so it is
     cached and trained once per arch x seed.
     """
-    from ..train.config import TrainConfig, identity_diff
+    from ..train.config import TrainConfig
     from ..train.fm import check_fm_reorder
-    from ..train.metrics import read_metrics, read_result
     from ..train.models import MODELS
 
     patches = [int(p) for p in patches]
@@ -203,6 +243,9 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     TrainConfig(arch=archs[0], width=width, lr=lr, batch_size=batch_size, steps=steps,
                 eval_every=eval_every, device=device).validate()
     plan = Plan(source=source, out=out, settings=settings)
+    from ..train.device import resolve_device
+
+    train_device = resolve_device(device)
 
     inputs = [m for m, p in pairs if not is_fm(m) and m != "none"]
     combos = [("none", patches[0])] + [(m, p) for m in dict.fromkeys(inputs) for p in patches]
@@ -220,20 +263,30 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     for m, p in dict.fromkeys((m, p) for m, p in pairs if is_fm(m)):
         plan.arms.append(Arm(m, p, plan.caches[0].path))       # the `none` cache
 
+    # The source is opened (and so checked) whenever a cache still has to be made from it.
+    if all(c.state == "ready" for c in plan.caches):
+        meta = read_meta(plan.caches[0].path)
+        plan.counts = {"train": meta["splits"].get("train", 0),
+                       "test": meta["splits"].get("test", 0), "classes": len(meta["classes"])}
+    else:
+        plan.counts = _source_counts(source, size=size, test_fraction=test_fraction)
+    if plan.counts["test"] < 1:
+        raise ValueError(f"source '{source}' gives no test images at --test-fraction "
+                         f"{test_fraction} ({plan.counts['train']} images in all); raise it")
+    if plan.counts["train"] < batch_size:
+        raise ValueError(f"--batch-size {batch_size} is larger than the training split of "
+                         f"'{source}' ({plan.counts['train']} images); use at most "
+                         f"{plan.counts['train']}")
+
+    identity = {c.path: _cache_identity(c.path) if c.state == "ready" else None
+                for c in plan.caches}
     for arch in archs:
         for seed in seeds:  # seed-major: an interrupted compare has whole seeds done
             for arm in plan.arms:
                 d = out / "runs" / arch / arm.label / f"seed{seed}"
                 cfg = run_config(settings, arch, seed, arm.fm)
                 item = RunItem(arch, arm.measure, arm.patch, seed, arm.cache, d)
-                res = read_result(d)
-                rows = read_metrics(d)
-                if res and res.get("steps") == steps and not identity_diff(res["config"], cfg) \
-                        and rows and rows[-1]["step"] == steps:
-                    item.state, item.at_step = "done", steps
-                elif (d / "checkpoint.pt").exists():
-                    item.state = "resume"
-                    item.at_step = max((r["step"] for r in rows), default=0)
+                _run_state(item, cfg, identity[arm.cache], train_device)
                 plan.runs.append(item)
     return plan
 
@@ -252,6 +305,134 @@ def run_config(settings: dict, arch: str, seed: int, fm: Sequence[str] = (),
                        batch_size=settings["batch_size"], steps=settings["steps"],
                        eval_every=settings["eval_every"], seed=seed, device=settings["device"],
                        threads=threads, **extra)
+
+
+def _source_counts(source: str, *, size: int, test_fraction: float) -> dict:
+    """Train / test images and classes of ``source`` as compare caches it (opened, not read)."""
+    from ..sources import open_source
+
+    with open_source(source, size=size, test_fraction=test_fraction, seed=0) as src:
+        return {"train": src.count("train"), "test": src.count("test"),
+                "classes": len(src.classes)}
+
+
+def _cache_identity(path: Path) -> dict:
+    """What a run's ``config.json`` records of the file it trains on (JSON round trip)."""
+    from ..train.checkpoint import _file_identity
+
+    return json.loads(json.dumps(_file_identity(read_meta(path)), default=str))
+
+
+def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) -> None:
+    """Set ``item.state``/``at_step``/``reason`` from the run folder on disk.
+
+    done: finished with these options. resume: a checkpoint that ``train`` will
+    continue. conflict: a run that ``train`` would refuse (other options, another
+    file, or past ``--steps``), with the reason. new: nothing there yet.
+    """
+    from ..train.config import config_diff
+    from ..train.metrics import CONFIG, read_metrics, read_result
+
+    d, steps = item.dir, cfg.steps
+    res, rows = read_result(d), read_metrics(d)
+    has_ckpt = (d / "checkpoint.pt").exists()
+    if res is None and not has_ckpt:
+        return                                               # new
+    try:
+        recorded = json.loads((d / CONFIG).read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    options = (res or {}).get("config") or recorded.get("config")
+    run_device = (res or {}).get("device") or recorded.get("device") or device
+    at = int(res["steps"]) if res else max((int(r["step"]) for r in rows), default=0)
+    why = []
+    if options is not None:
+        diff = config_diff(options, cfg, run_device)
+        if diff:
+            why.append(f"options differ ({', '.join(diff)})")
+    if at > steps:
+        why.append(f"it is at step {at}, beyond --steps {steps}")
+    done = res is not None and at == steps and bool(rows) and rows[-1]["step"] == steps
+    if not why and not done and has_ckpt:
+        if cache_identity is None:
+            why.append("its cache is to be made again, and it was trained on the old one")
+        elif recorded.get("file_meta") not in (None, cache_identity):
+            why.append("it was trained on another version of its cache")
+    if why:
+        item.state, item.at_step, item.reason = "conflict", at, "; ".join(why)
+    elif done:
+        item.state, item.at_step = "done", steps
+    elif has_ckpt:
+        item.state, item.at_step = "resume", at
+
+
+def estimate_times(plan: Plan, *, threads: Optional[int] = None,
+                   log: Optional[Callable[[str], None]] = None) -> None:
+    """Fill ``plan.speeds`` and each run's ``seconds``: its training time left on this device.
+
+    Speeds come from the runs of the same network, width and batch on this device
+    that are already in the output folder (the ``images_per_s`` and ``eval_s`` of
+    their metrics), else from a few training steps measured now
+    (:func:`porder.train.speed.measure_speed`). Evaluations count the whole test
+    split at every ``eval_every`` steps (and at step 0 of a new run).
+    """
+    from ..train.device import resolve_device
+    from ..train.speed import measure_speed
+
+    s, n_test = plan.settings, plan.counts["test"]
+    device = resolve_device(s["device"])
+    todo = [r for r in plan.runs if r.state in ("new", "resume")]
+    for arch in dict.fromkeys(r.arch for r in todo):
+        speed = _history_speed(plan, arch, device, n_test)
+        if speed is None:
+            if log:
+                log(f"measuring a few training steps of {arch} (width {s['width']:g}) on "
+                    f"{device} for the estimate ...")
+            m = measure_speed(arch, width=s["width"], size=s["size"],
+                              num_classes=plan.counts["classes"], batch_size=s["batch_size"],
+                              device=device, threads=threads)
+            speed = {"train": m["train_images_per_s"], "eval": m["eval_images_per_s"],
+                     "how": "measured now"}
+        plan.speeds[arch] = speed | {"device": device}
+    for r in todo:
+        sp = plan.speeds[r.arch]
+        evals = _evaluations(r.at_step, s["steps"], s["eval_every"]) + (r.state == "new")
+        r.seconds = ((s["steps"] - r.at_step) * s["batch_size"] / sp["train"]
+                     + evals * n_test / sp["eval"])
+
+
+def _evaluations(start: int, steps: int, every: int) -> int:
+    """Evaluations a run makes after step ``start``: every ``every`` steps and at the end."""
+    return steps // every - start // every + (1 if steps % every else 0)
+
+
+def _history_speed(plan: Plan, arch: str, device: str, n_test: int) -> Optional[dict]:
+    """Mean training and evaluation img/s of this plan's runs of ``arch`` already on disk,
+    when they trained with the same width and batch on ``device``."""
+    from ..train.metrics import CONFIG, read_metrics
+
+    s = plan.settings
+    train, evals = [], []
+    for r in plan.runs:
+        if r.arch != arch:
+            continue
+        try:
+            rec = json.loads((r.dir / CONFIG).read_text())
+        except (OSError, ValueError):
+            continue
+        c = rec.get("config", {})
+        if rec.get("device") != device or c.get("width") != s["width"] \
+                or c.get("batch_size") != s["batch_size"] or rec.get("world_size", 1) != 1:
+            continue
+        for row in read_metrics(r.dir):
+            if row.get("images_per_s"):
+                train.append(row["images_per_s"])
+            if row.get("eval_s"):
+                evals.append(n_test / row["eval_s"])
+    if not train or not evals:
+        return None
+    return {"train": sum(train) / len(train), "eval": sum(evals) / len(evals),
+            "how": f"from the metrics of the runs in {plan.out}"}
 
 
 def _check_cache(path: Path, *, source, measure, patch, size, bins, test_fraction):

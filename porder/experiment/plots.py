@@ -31,6 +31,19 @@ def _curves(rows_list, key):
     return [steps[i] for i in keep], [[v[i] for i in keep] for v in vals]
 
 
+def _loss_curves(rows_list):
+    """Per-step training loss of each seed, as a running mean (``train_loss_steps``);
+    the per-evaluation means when a run has no per-step losses."""
+    from ..train.metrics import loss_window, running_mean, step_losses
+
+    per = [step_losses(rows) for rows in rows_list]
+    steps = per[0][0]
+    if any(s != steps for s, _ in per) or len(steps) <= len(rows_list[0]):
+        return (*_curves(rows_list, "train_loss"), 1)
+    w = loss_window(len(steps))
+    return steps, [running_mean(v, w) for _, v in per], w
+
+
 def _figure(ncols, width=5.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -45,6 +58,7 @@ def write_figures(plan: Plan, rows_of: dict) -> list[Path]:
     """Fig. 4 (accuracy per measure) and Fig. 5 (training loss per patch size)."""
     st, out, files = plan.settings, plan.out, []
     seeds = st["seeds"]
+    net = lambda arch: f"{arch} (width {st['width']:g})"
     for arch in st["archs"]:
         for p in st["patches"]:
             fig, (ax_tr, ax_te) = _figure(2)
@@ -57,7 +71,7 @@ def write_figures(plan: Plan, rows_of: dict) -> list[Path]:
                 _band(ax_te, *_curves(rl, "test_acc"), name)
             for ax, what in ((ax_tr, "training"), (ax_te, "test")):
                 ax.set(xlabel="step", ylabel=f"{what} accuracy", ylim=(0, 1),
-                       title=f"{what} accuracy, {arch}, patch {p}x{p}")
+                       title=f"{what} accuracy, {net(arch)}, patch {p}x{p}")
                 ax.grid(alpha=0.3)
                 ax.legend()
             f = out / f"fig4_accuracy_{arch}_p{p}.png"
@@ -67,15 +81,20 @@ def write_figures(plan: Plan, rows_of: dict) -> list[Path]:
         ordered = ordered or ["none"]
         fig, axes = _figure(len(ordered))
         for ax, m in zip(axes, ordered, strict=True):
-            rl = [rows_of[(arch, "none", s)] for s in seeds]
-            _band(ax, *_curves(rl, "train_loss"), "unmodified", color="k")
+            steps, curves, w = _loss_curves([rows_of[(arch, "none", s)] for s in seeds])
+            _band(ax, steps, curves, "unmodified", color="k")
+            patches = []
             for a in plan.arms:
                 if a.measure == m != "none":
                     p = a.patch
-                    rl = [rows_of[(arch, _label(m, p), s)] for s in seeds]
-                    _band(ax, *_curves(rl, "train_loss"), f"{m} {p}x{p}")
-            ax.set(xlabel="step", ylabel="training loss (cross-entropy)",
-                   title=f"training loss, {arch}, {m}")
+                    patches.append(p)
+                    steps, curves, w = _loss_curves([rows_of[(arch, _label(m, p), s)]
+                                                     for s in seeds])
+                    _band(ax, steps, curves, f"{m} {p}x{p}")
+            ax.set(xlabel="step", ylabel="training loss (cross-entropy)"
+                   + (f", mean of {w} steps" if w > 1 else ""),
+                   title=f"training loss, {net(arch)}, {m}"
+                         + (f", patch {', '.join(map(str, patches))}" if patches else ""))
             ax.grid(alpha=0.3)
             ax.legend()
         f = out / f"fig5_loss_{arch}.png"

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 
 from ..output import lock_folder
 from ..store import read_meta
-from .plan import Plan, make_plan, run_config
+from .plan import Plan, estimate_times, make_plan, run_config
 from .plots import write_figures
 from .summary import (
     paired_comparisons,
@@ -33,7 +33,7 @@ class CompareResult:
 def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
             patches: Sequence[int] = (8,), archs: Sequence[str] = ("vgg",), seeds=3,
             steps: int = 1000, width: float = 0.25, lr: float = 1e-3, batch_size: int = 32,
-            eval_every: int = 100, size: int = 32, bins: int = 256, test_fraction: float = 0.1,
+            eval_every: int = 50, size: int = 32, bins: int = 256, test_fraction: float = 0.1,
             device: str = "auto", threads: Optional[int] = None, dry_run: bool = False,
             log: Optional[Log] = None,
             progress_for: Optional[Callable] = None,
@@ -61,7 +61,8 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     threads : int, optional
         CPU threads for torch (default: all cores).
     dry_run : bool
-        Only plan: return the :class:`Plan` without building or training.
+        Only plan: return the :class:`Plan`, with each run's estimated time on
+        this device, without building or training.
     log : callable(str), optional
         Receives one line per stage.
     progress_for : callable(description) -> Progress, optional
@@ -77,26 +78,41 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     ------
     ValueError
         Bad options, an unreadable source, or an output folder made with other
-        options.
+        options (caches, or runs that ``train`` could not continue: checked
+        before anything is written, so ``compare.json`` keeps describing the
+        runs on disk).
     """
     log = log or (lambda line: None)
     options = dict(measures=measures, patches=patches, archs=archs, seeds=seeds, steps=steps,
                    width=width, lr=lr, batch_size=batch_size, eval_every=eval_every, size=size,
                    bins=bins, test_fraction=test_fraction, device=device)
     if dry_run:
-        return make_plan(source, out, **options)
-    make_plan(source, out, **options)  # bad options fail before the folder is made
+        plan = make_plan(source, out, **options)
+        estimate_times(plan, threads=threads, log=log)
+        return plan
+    _refuse_conflicts(make_plan(source, out, **options))  # bad options fail before the folder is made
     # One comparison per folder at a time: the second fails at once (each cache
     # and run folder is locked on its own as well). Planned again under the lock.
     lock = lock_folder(out, what=f"comparison folder '{out}'")
     try:
         plan = make_plan(source, out, **options)
+        _refuse_conflicts(plan)
         return _compare(plan, source, log, progress_for, cache_progress, device=device,
                         width=width, lr=lr, batch_size=batch_size, steps=steps,
                         eval_every=eval_every, size=size, bins=bins,
                         test_fraction=test_fraction, threads=threads)
     finally:
         lock.release(remove_folder=True)
+
+
+def _refuse_conflicts(plan: Plan) -> None:
+    """ValueError naming the first run on disk that these options cannot continue."""
+    if plan.conflicts:
+        r = plan.conflicts[0]
+        more = f" (and {len(plan.conflicts) - 1} more)" if len(plan.conflicts) > 1 else ""
+        raise ValueError(f"run '{r.dir}' cannot go on: {r.reason}{more}; use another output "
+                         "folder, delete it, or give the options it was made with (--dry-run "
+                         "lists them)")
 
 
 def _compare(plan: Plan, source, log, progress_for, cache_progress, *, device, width, lr,

@@ -62,11 +62,12 @@ def speedup(base_steps: Optional[int], steps: Optional[int]) -> Optional[float]:
 
 
 def _mean_std(values):
+    """Mean and sample std; the std of one value is None (undefined, not 0)."""
     v = [float(x) for x in values if x is not None]
     if not v:
         return None, None
     m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None
     return m, sd
 
 
@@ -76,8 +77,9 @@ def summarise(plan: Plan, rows_of: dict) -> tuple[list, list, list]:
     ``rows_of[(arch, label, seed)]`` holds the metrics rows of each run. The
     baseline of an arch is the mean over seeds of ``none``'s final test
     accuracy; the speed-up pairs each run with ``none`` of the same seed.
-    Standard deviations are sample ones (n - 1); steps-to figures average the
-    seeds that reached the target (``reached_*`` counts them).
+    Standard deviations are sample ones (n - 1), None from a single value (the
+    tables then show the mean alone); steps-to figures average the seeds that
+    reached the target (``reached_*`` counts them).
     """
     runs, means, stds = [], [], []
     for arch in plan.settings["archs"]:
@@ -266,7 +268,7 @@ def _pct(v):
 def _pm(m, s, fmt):
     if m is None:
         return "never"
-    return f"{fmt(m)} ± {fmt(s)}"
+    return fmt(m) if s is None else f"{fmt(m)} ± {fmt(s)}"
 
 
 def write_markdown(path, plan: Plan, runs, means, stds, meta: dict, figures,
@@ -298,7 +300,9 @@ def write_markdown(path, plan: Plan, runs, means, stds, meta: dict, figures,
     lines += paired_markdown(comparisons,
                              has_random=any(a.measure == "random" for a in plan.arms))
     lines += [
-        "## Mean ± std over seeds",
+        "",
+        "## Mean ± std over seeds" if len(st["seeds"]) > 1 else
+        "## One seed (no spread: run more seeds for mean and std)",
         "",
         "| arch | measure | patch | final test acc % | best test acc % | steps to 90% "
         "| steps to 95% | speed-up vs none (95%) | AUC test acc % |",

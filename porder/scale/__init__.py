@@ -26,7 +26,7 @@ HDF5 reads its rows as fill values (labels read as -1; :func:`missing_sources`
 finds such files). ``copy=True`` copies the rows into a standalone file, a
 bounded number of rows at a time.
 
-Dask is an optional extra (``pip install porder[scale]``); ``distributed`` is
+Dask is an optional extra (``pip install "patch-order[scale]"``); ``distributed`` is
 imported only inside the functions that need it.
 
 Layout: :mod:`.merge` (shard files -> one file, virtual or copied) and

@@ -3,7 +3,7 @@
 Each shard is ``build_cache(..., shard=(i, n))`` in a task that resumes its own
 ``.part`` file when a worker died; the shards are then merged with
 :func:`porder.scale.merge.merge` (``copy=True``). ``distributed`` is imported
-only inside the functions that need it (``pip install porder[scale]``).
+only inside the functions that need it (``pip install "patch-order[scale]"``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _import_distributed():
     try:
         import distributed
     except ImportError:
-        raise ScaleError("--dask needs Dask distributed: pip install porder[scale]") from None
+        raise ScaleError('--dask needs Dask distributed: pip install "patch-order[scale]"') from None
     return distributed
 
 
@@ -162,8 +162,9 @@ def run_dask(scheduler: str, source: str, out, *, shards: Optional[int] = None,
         machine (loopback only, no dashboard; dask-cuda's GPU workers when
         ``device`` is CUDA and ``dask_cuda`` is installed); otherwise the
         address of a running scheduler, e.g. ``'tcp://10.0.0.5:8786'``, whose
-        workers must have porder installed and see ``source`` and ``out``'s
-        folder at the same paths (a shared file system).
+        workers must have porder installed (``pip install patch-order``; the
+        name ``porder`` on the package index is another project) and see
+        ``source`` and ``out``'s folder at the same paths (a shared file system).
     source : str
         As for ``porder reorder``; a local path is passed to workers absolute.
     out : path-like

@@ -275,6 +275,8 @@ def _merge(shards: Sequence, out: Path, *, copy: bool, overwrite: bool,
         check_free_space(out.absolute().parent, need + 2**20, what=f"'{out}' ({total} images)")
     done = [0]
     space = None
+    if copy and progress:
+        progress("merge", 0, total)   # the start: rates count from here
     try:
         with h5py.File(tmp, "w") as f:  # ours to truncate: we hold the lock of out
             space = SpaceReserver(tmp, f"'{tmp}'") if copy else None

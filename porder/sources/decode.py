@@ -167,8 +167,8 @@ class _FileSource(Source):
                 skipped.append((names[lo + j], reason))
             else:
                 raise SourceError(f"cannot decode image '{printable(paths[lo + j])}': "
-                                  f"{printable(reason)} (use on_error='skip' to leave bad "
-                                  f"images out)")
+                                  f"{printable(reason)} (to leave bad images out: --on-error "
+                                  f"skip, or on_error='skip' in Python)")
         if lo == 0:
             skipped = self._unlisted[split] + skipped
         s = self.image_size

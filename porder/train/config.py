@@ -109,6 +109,36 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def effective_config(cfg: TrainConfig, device: str) -> dict:
+    """``cfg`` as a dict, as it acts on the resolved ``device``: mixed precision
+    (``amp``) is only ever used on CUDA, so on the CPU it reads False.
+
+    What ``config.json`` and ``result.json`` record; the checkpoint keeps the
+    options as given (they decide whether a run can resume).
+    """
+    from dataclasses import asdict
+
+    return asdict(cfg) | {"amp": bool(cfg.amp and device == "cuda")}
+
+
+def config_diff(recorded: dict, cfg: TrainConfig, device: str) -> list[str]:
+    """How a run's recorded options (its ``config.json``/``result.json`` ``config``,
+    trained on ``device``) differ from ``cfg`` in the :data:`IDENTITY` fields that
+    decide whether it can resume: ``['lr: 0.001 -> 0.01', ...]``. ``amp`` counts
+    only on CUDA, the one device where it acts.
+    """
+    diff = []
+    for k in IDENTITY:
+        old, new = recorded.get(k, IDENTITY_DEFAULTS.get(k)), getattr(cfg, k)
+        if isinstance(old, (list, tuple)) or isinstance(new, (list, tuple)):
+            old, new = list(old or []), list(new or [])
+        if k == "amp":
+            old, new = bool(old) and device == "cuda", bool(new) and device == "cuda"
+        if old != new:
+            diff.append(f"{k}: {old!r} -> {new!r}")
+    return diff
+
+
 @dataclass
 class TrainResult:
     out: Path

@@ -63,7 +63,7 @@ from .checkpoint import (
     restore,
     save_checkpoint,
 )
-from .config import Progress, TrainConfig, TrainResult
+from .config import Progress, TrainConfig, TrainResult, effective_config
 from .device import _autocast, _torch_settings, resolve_device
 from .distributed import (
     DistEnv,
@@ -122,8 +122,9 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     out : path-like
         Run folder (created): ``config.json``, ``metrics.jsonl`` (one row per
         evaluation: step, epoch, train_loss/train_acc (means over the steps since
-        the previous row), test_loss/test_acc, images_per_s, wall_s, data_wait,
-        eval_s), ``checkpoint.pt`` (at every evaluation), ``curves.png`` and
+        the previous row), train_loss_steps (the loss of each of those steps),
+        test_loss/test_acc, images_per_s, wall_s, data_wait, eval_s),
+        ``checkpoint.pt`` (at every evaluation), ``curves.png`` and
         ``result.json`` when finished.
     resume : bool
         Continue from ``out/checkpoint.pt`` (start afresh if there is none);
@@ -169,6 +170,10 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
             raise ValueError(f"'{out}' already holds a run; pass --resume to continue it "
                              "or choose another --out")
         meta = read_meta(path)
+        n_train = meta["splits"].get("train", 0)
+        if 0 < n_train < cfg.batch_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split "
+                             f"of '{path}' ({n_train} images); use at most {n_train}")
         ckpt = load_checkpoint(out, cfg, meta) if resume else None
     except BaseException:
         if lock is not None:
@@ -283,7 +288,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_json(out / CONFIG, {
-            "config": asdict(cfg), "file": str(Path(path).resolve()),
+            "config": effective_config(cfg, device), "file": str(Path(path).resolve()),
             "file_meta": _file_identity(meta), "device": device, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "world_size": world})
     result = TrainResult(out=out, rows=rows, resumed_from=step, device=device, rank=rank,
@@ -359,6 +364,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
         last_good = step
         step_what = (f"training the {cfg.arch} model (--batch-size {cfg.batch_size}, "
                      f"--width {cfg.width:g})")
+        step_losses: list = []   # this interval's per-step losses, on the device: no sync per step
         while step < cfg.steps:
             t0 = time.perf_counter()
             x, y = nxt.result()                         # (B, 3, S, S), (B,)
@@ -375,6 +381,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
             step += 1
             seen += len(y)
             loss_sum += loss.detach().double() * len(y)
+            step_losses.append(loss.detach())
             correct += (logits.detach().argmax(1) == y).sum()
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 sync()
@@ -385,6 +392,12 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
                     stats = {"train_loss": loss_sum.item() / seen,
                              "train_acc": correct.item() / seen, "images_per_s": seen / dt,
                              "wall_s": None, "data_wait": waited / dt}
+                per_step = torch.stack(step_losses).double()      # (steps since the last row,)
+                if env.active:  # each rank's loss is over its equal slice: the mean is global
+                    dist.all_reduce(per_step)
+                    per_step /= world
+                stats["train_loss_steps"] = [float(f"{v:.6g}") for v in per_step.tolist()]
+                step_losses.clear()
                 check_finite(stats, last_good)
                 rows.append(evaluated(stats, last_good))
                 wall += time.perf_counter() - t_int     # training + evaluation
@@ -408,7 +421,7 @@ def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainRes
         pool.shutdown(wait=True, cancel_futures=True)
 
     if main:
-        _finish(path, cfg, out, rows, step, wall, device, world)
+        _finish(path, cfg, out, rows, step, wall, device, world, meta)
     if env.active:  # files are complete when any rank returns
         _barrier(device, env)
     return result

@@ -1,10 +1,10 @@
 """The files of a run folder other than the checkpoint: ``metrics.jsonl`` (one row per
-evaluation), ``config.json``, ``result.json`` and ``curves.png``."""
+evaluation, with the loss of every step since the previous one), ``config.json``,
+``result.json`` and ``curves.png``."""
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -64,8 +64,48 @@ def read_result(out) -> Optional[dict]:
         return None
 
 
+def step_losses(rows: list[dict]) -> tuple[list[int], list[float]]:
+    """The training loss of every step of a run: (steps, losses).
+
+    From each row's ``train_loss_steps`` (the steps just before the row's own);
+    a row without it (written by an older porder) gives its interval mean
+    ``train_loss`` at its step.
+    """
+    steps: list[int] = []
+    losses: list[float] = []
+    for r in rows:
+        per = r.get("train_loss_steps")
+        if per:
+            steps += range(int(r["step"]) - len(per) + 1, int(r["step"]) + 1)
+            losses += per
+        elif r.get("train_loss") is not None:
+            steps.append(int(r["step"]))
+            losses.append(r["train_loss"])
+    return steps, losses
+
+
+def loss_window(n_steps: int) -> int:
+    """Steps averaged by the plotted training loss: about a fiftieth of the run, 1..100."""
+    return max(1, min(100, n_steps // 50))
+
+
+def running_mean(values, window: int) -> list[float]:
+    """Trailing mean of the last ``window`` values (fewer at the start)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)                 # (n,)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    hi = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, hi - window)
+    return ((c[hi] - c[lo]) / (hi - lo)).tolist()
+
+
 def plot_curves(rows: list[dict], path, *, title: str = "") -> None:
-    """Loss and accuracy (train and test) against steps, written as a PNG."""
+    """Loss and accuracy (train and test) against steps, written as a PNG.
+
+    The training loss is drawn for every step (faint) and as a running mean over
+    :func:`loss_window` steps.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -74,8 +114,13 @@ def plot_curves(rows: list[dict], path, *, title: str = "") -> None:
     ax_l, ax_a = fig.subplots(1, 2)
     tr = [r for r in rows if r.get("train_loss") is not None]
     steps = [r["step"] for r in rows]
-    ax_l.plot([r["step"] for r in tr], [r["train_loss"] for r in tr], label="train")
-    ax_l.plot(steps, [r["test_loss"] for r in rows], label="test")
+    s, loss = step_losses(rows)
+    w = loss_window(len(s))
+    if w > 1:
+        ax_l.plot(s, loss, color="C0", alpha=0.25, lw=0.8)
+    ax_l.plot(s, running_mean(loss, w), color="C0",
+              label=f"train (mean of {w} steps)" if w > 1 else "train")
+    ax_l.plot(steps, [r["test_loss"] for r in rows], color="C1", label="test")
     ax_a.plot([r["step"] for r in tr], [r["train_acc"] for r in tr], label="train")
     ax_a.plot(steps, [r["test_acc"] for r in rows], label="test")
     ax_l.set(xlabel="step", ylabel="cross-entropy", title="loss")
@@ -89,19 +134,31 @@ def plot_curves(rows: list[dict], path, *, title: str = "") -> None:
 
 
 
-def _finish(path, cfg, out, rows, step, wall, device, world) -> None:
+def run_title(cfg, path, meta: dict) -> str:
+    """What a run trained: network, width, file, measure and patch (figure titles)."""
+    if cfg.reorder:
+        how = f"{cfg.reorder}, patch {cfg.patch} (reordered on the fly)"
+    elif meta.get("measure") in (None, "none"):
+        how = "unmodified (measure none)"
+    else:
+        how = f"{meta['measure']}, patch {meta.get('patch')}"
+    return f"{cfg.arch}, width {cfg.width:g}, on {Path(path).name}: {how}"
+
+
+def _finish(path, cfg, out, rows, step, wall, device, world, meta: dict) -> None:
     """curves.png and result.json of a finished run."""
+    from .config import effective_config
+
     try:
-        plot_curves(rows, out / CURVES, title=f"{cfg.arch} on {Path(path).name}"
-                    + (f" (reordered on the fly: {cfg.reorder}, patch {cfg.patch})"
-                       if cfg.reorder else ""))
+        plot_curves(rows, out / CURVES, title=run_title(cfg, path, meta))
     except Exception as e:  # a figure must never lose a finished run
         import warnings
 
         warnings.warn(f"could not draw {out / CURVES}: {e}", stacklevel=2)
     final = rows[-1]
     _atomic_json(out / RESULT, {
-        "complete": True, "steps": step, "config": asdict(cfg), "device": device,
+        "complete": True, "steps": step, "config": effective_config(cfg, device),
+        "device": device,
         "world_size": world,
         "final_test_acc": final["test_acc"], "final_test_loss": final["test_loss"],
         "best_test_acc": max(r["test_acc"] for r in rows), "wall_s": wall,

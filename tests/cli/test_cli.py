@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -196,7 +197,7 @@ def test_inspect_and_show(tmp_path):
     info = json.loads(run("inspect", "--json", out).output)
     assert info["measure"] == "ssim" and info["splits"] == {"train": 45, "test": 5}
     png = tmp_path / "grid.png"
-    run("show", out, "-o", png, "-n", "3")
+    run("show", out, "-o", png, "-n", "3", "--start", "0")
     img = Image.open(png)
     assert img.size[0] > 2 * 32 * 4 and img.size[1] > 3 * 32 * 4
     # the left column is the original: recovered exactly through perm
@@ -206,12 +207,42 @@ def test_inspect_and_show(tmp_path):
     assert np.array_equal(left, orig)
 
 
+def test_show_samples_across_classes_and_checks_its_options(tmp_path):
+    from porder.store import Writer
+    from porder.visual import across_classes
+
+    labels = np.array([2, 0, 0, 0, 1, 1, 2, 0])    # rows sorted-ish, as many splits are
+    assert across_classes(labels, 5).tolist() == [1, 4, 0, 2, 5]  # class 0, 1, 2, then again
+    assert across_classes(labels, 100).tolist() == [1, 4, 0, 2, 5, 6, 3, 7]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    perm = np.stack([rng.permutation(16) for _ in range(8)]).astype(np.uint16)
+    w = Writer(tmp_path / "c.h5", meta={"measure": "mi", "patch": 4, "bins": 256,
+                                        "image_size": 16, "source": "test"},
+               classes=["ant", "bee", "cat"])
+    w.append("train", images, labels, perm, [f"r{i}" for i in range(8)], consumed=8)
+    out = w.finish()
+    png = tmp_path / "grid.png"
+    run("show", out, "-o", png, "-n", "3", "--scale", "1")
+    grid = np.asarray(Image.open(png).convert("RGB"))
+    want = porder.restore_images(images, perm.astype(np.int64), 4)
+    for i, row in enumerate([1, 4, 0]):        # the first image of each class
+        y = 18 + i * (16 + 4)
+        assert np.array_equal(grid[y:y + 16, 4:20], want[row]), i
+    assert "Images shown" in run("show", "--help").output
+    assert "Split the images come from" in run("show", "--help").output
+    assert_one_line_error(run("show", out, "-o", png, "--start", "8", ok=False),
+                          "--start 8 is past the end", "8 images")
+    assert_one_line_error(run("show", out, "-o", tmp_path / "no" / "g.png", ok=False),
+                          "folder", "does not exist")
+
+
 def test_corrupt_image_fail_and_skip(tmp_path):
     src = write_folder(tmp_path / "imgs")
     (src / "ant" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "x.h5"
     res = run("reorder", src, out, ok=False)
-    assert_one_line_error(res, "broken.jpg")
+    assert_one_line_error(res, "broken.jpg", "--on-error skip")  # the CLI's spelling
     assert not out.exists() and not partial_path(out).exists()
     res = run("reorder", "--on-error", "skip", "--test-fraction", "0", src, out)
     assert "skipped 1" in res.output
@@ -235,6 +266,22 @@ def test_shards_with_skipped_images_merge_to_the_unsharded_file(tmp_path):
     for key in ("images", "labels", "perm"):
         assert np.array_equal(a[key], b[key])
     assert a["names"] == b["names"]
+
+
+def test_progress_rates_count_only_the_work_done(monkeypatch, capsys):
+    from porder.cli import common
+
+    clock = iter([100.0, 100.0, 101.0, 102.0])     # __init__, first call, then one per call
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    rep = common.ProgressReporter(False, every=0.5)
+    rep("train", 500, 1000)                         # a resumed run: 500 rows were written before
+    rep("train", 700, 1000)
+    rep("train", 1000, 1000)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["train: 500/1000 images (50%, resuming)",
+                   "train: 700/1000 images (70%, 200 img/s)",
+                   "train: 1000/1000 images (100%, 250 img/s)"]
+    assert rep.work == {"train": 500}
 
 
 # ---------------------------------------------------------------------------
@@ -263,6 +310,9 @@ def test_resume_after_a_killed_run_is_identical(tmp_path, sig):
         assert "Traceback" not in res.stderr
     res = _subprocess_reorder(args + ["--resume", out])
     assert res.returncode == 0, res.stderr
+    # Rates count only the work of this run: the rows resumed from are not "processed now".
+    base = int(re.search(r"train: (\d+)/540 images \(\d+%, resuming\)", res.stderr).group(1))
+    assert f"({600 - base} processed now, " in res.stderr, res.stderr
     for split in ("train", "test"):
         a, b = read_split(whole, split), read_split(out, split)
         for key in ("images", "labels", "perm"):

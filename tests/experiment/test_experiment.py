@@ -104,6 +104,28 @@ def test_compare_end_to_end(tmp_path):
     assert (out / "runs/vgg/mi-p8/seed1/metrics.jsonl").stat().st_mtime_ns == stamp
 
 
+def test_one_seed_shows_no_spread(tmp_path):
+    from porder.experiment import CacheItem, Plan, RunItem, summarise, write_csv, write_markdown
+
+    settings = dict(archs=["vgg"], measures=["none", "mi"], patches=[8], seeds=[0], steps=20,
+                    batch_size=8, lr=1e-3, width=0.25, eval_every=10, size=32)
+    plan = Plan("synthetic:10", tmp_path, settings=settings,
+                caches=[CacheItem("none", 8, tmp_path / "a.h5"), CacheItem("mi", 8, tmp_path / "b.h5")])
+    plan.runs = [RunItem("vgg", c.measure, 8, 0, c.path, tmp_path / c.label) for c in plan.caches]
+    curves = {("vgg", "none", 0): rows_of(0.1, 0.5, 0.6), ("vgg", "mi-p8", 0): rows_of(0.1, 0.6, 0.7)}
+    runs, means, stds = summarise(plan, curves)
+    assert means[1]["final_test_acc"] == pytest.approx(0.7)
+    assert stds[1]["final_test_acc"] is None          # undefined from one value, not 0.0
+    write_markdown(tmp_path / "s.md", plan, runs, means, stds,
+                   {"train": 9, "test": 1, "classes": 2, "device": "cpu"}, [])
+    md = (tmp_path / "s.md").read_text()
+    assert "±" not in md.split("## Per run")[0].split("## One seed")[1]
+    assert "| vgg | mi | 8 | 70.0 | 70.0 | 10 | 10 | 2.00 |" in md
+    write_csv(tmp_path / "s.csv", runs + means + stds)
+    std_rows = [r for r in csv.DictReader((tmp_path / "s.csv").open()) if r["seed"] == "std"]
+    assert std_rows and all(r["final_test_acc"] == "" for r in std_rows)
+
+
 class Stop(Exception):
     pass
 
@@ -141,6 +163,8 @@ def test_compare_rejects_bad_options(tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output
     r = CliRunner().invoke(compare_cmd, [SOURCE, "-o", str(tmp_path), "-a", "lenet"])
     assert r.exit_code == 2
+    r = CliRunner().invoke(compare_cmd, [SOURCE, "-o", str(tmp_path), "-p", "4,eight"])
+    assert r.exit_code == 2 and "'4,eight' is not a comma-separated list of patch sizes" in r.output
     # A cache made from another source is not silently reused.
     kw = dict(measures=["none"], patches=[8], seeds=1, size=16)
     (tmp_path / "data").mkdir()
@@ -149,3 +173,58 @@ def test_compare_rejects_bad_options(tmp_path):
     build_cache("synthetic:20:2", tmp_path / "data" / "none.h5", measure="none", patch=8, size=16)
     with pytest.raises(ValueError, match="other options"):
         make_plan(SOURCE, tmp_path, **kw)
+
+
+def test_dry_run_checks_the_source_and_the_runs_on_disk(tmp_path):
+    out = tmp_path / "cmp"
+    run = lambda *extra: CliRunner().invoke(compare_cmd, [SOURCE, "-o", str(out), "--seeds", "1",
+                                                          *TINY, *extra])
+    r = CliRunner().invoke(compare_cmd, [str(tmp_path / "nope"), "-o", str(out), "--dry-run"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith("Error: source") and "does not exist" in r.output
+    assert not out.exists()
+    r = run("-b", "37", "--dry-run")                 # synthetic:40 holds 36 training images
+    assert r.exit_code == 1 and "--batch-size 37 is larger than the training split" in r.output
+
+    r = run("--dry-run")
+    assert r.exit_code == 0, r.output
+    assert r.output.count(" new ") == 2 and "estimated training time on cpu: " in r.output
+    assert "(measured now)" in r.output and r.output.count("  ~") == 2
+
+    assert run().exit_code == 0
+    settings = (out / "compare.json").read_bytes()
+    r = run("--dry-run")
+    assert r.exit_code == 0 and r.output.count(" done ") == 2 and "nothing left to train" in r.output
+
+    r = run("--lr", "0.01", "--dry-run")             # other options: train would refuse them
+    assert r.exit_code == 1 and r.output.count("  conflict vgg") == 2
+    assert "will fail: options differ (lr: 0.001 -> 0.01)" in r.output
+    r = run("--steps", "2", "--dry-run")             # fewer steps than done
+    assert r.exit_code == 1 and "will fail: it is at step 4, beyond --steps 2" in r.output
+    r = run("--steps", "6", "--dry-run")             # more steps: they resume
+    assert r.exit_code == 0 and r.output.count("resume (step 4)") == 2
+    assert f"(from the metrics of the runs in {out})" in r.output
+
+    r = run("--lr", "0.01")                          # fails before writing anything
+    assert r.exit_code == 1 and "cannot go on: options differ (lr: 0.001 -> 0.01)" in r.output
+    assert (out / "compare.json").read_bytes() == settings
+
+
+def test_defaults_agree_between_the_cli_and_the_library():
+    import inspect
+
+    from porder.cli.reorder import reorder as reorder_cmd
+    from porder.cli.train import train as train_cmd
+
+    defaults = lambda cmd: {p.name: p.default for p in cmd.params}
+    cli = defaults(compare_cmd)
+    for fn in (compare, make_plan):
+        lib = inspect.signature(fn).parameters
+        for name in ("width", "eval_every", "steps", "lr", "batch_size", "device"):
+            assert lib[name].default == cli[name], (fn.__name__, name)
+    # Where commands differ, their help says why.
+    assert defaults(train_cmd)["width"] == 1.0 and cli["width"] == 0.25
+    text = lambda cmd: " ".join(CliRunner().invoke(cmd, ["--help"]).output.split())
+    assert "not train's 1.0" in text(compare_cmd) and "not train's 100" in text(compare_cmd)
+    assert "compare defaults to 0.25" in text(train_cmd)
+    assert defaults(reorder_cmd)["device"] == "cpu" and "unlike train's auto" in text(reorder_cmd)

@@ -29,11 +29,11 @@ def test_parse_scheduler():
 
 def test_dask_missing_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` fails
-    with pytest.raises(ScaleError, match=r"pip install porder\[scale\]"):
+    with pytest.raises(ScaleError, match=r'pip install "patch-order\[scale\]"'):
         run_dask("local:2", SOURCE, tmp_path / "x.h5")
     import click
 
-    with pytest.raises(click.ClickException, match=r"pip install porder\[scale\]"):
+    with pytest.raises(click.ClickException, match=r'pip install "patch-order\[scale\]"'):
         dask_reorder("local:2", SOURCE, tmp_path / "x.h5", {"batch_size": 7}, None)
 
 

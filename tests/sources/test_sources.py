@@ -1,7 +1,7 @@
 """Tests of porder.sources: every SOURCE form, image modes, splits, resuming and errors.
 
 All data is made here in tmp_path with fixed seeds, except the optional real
-Dogs vs. Cats sample in ../shared/data/dogs-vs-cats-1k (skipped when absent).
+Dogs vs. Cats sample ($PORDER_PHOTOS, or ../shared/data/dogs-vs-cats-1k; skipped when absent).
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from porder.sources import (
     open_source,
 )
 
-DOGS_VS_CATS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dogs-vs-cats-1k"
-
+from ..conftest import DOGS_VS_CATS, PHOTOS_MISSING
 
 # --------------------------------------------------------------------------
 # Helpers
@@ -552,8 +551,16 @@ def test_mixed_flat_and_class_folders(tmp_path):
         open_source(str(tmp_path / "k"))
 
 
-@pytest.mark.skipif(not DOGS_VS_CATS.is_dir(),
-                    reason=f"Dogs vs. Cats sample not found at {DOGS_VS_CATS}")
+def test_photos_are_found_through_the_environment(monkeypatch, tmp_path):
+    from ..conftest import PHOTOS_ENV, REPO, photos_dir
+
+    monkeypatch.setenv(PHOTOS_ENV, str(tmp_path))
+    assert photos_dir() == tmp_path
+    monkeypatch.delenv(PHOTOS_ENV)
+    assert photos_dir() == REPO.parent / "shared" / "data" / "dogs-vs-cats-1k"
+
+
+@pytest.mark.skipif(not DOGS_VS_CATS.is_dir(), reason=PHOTOS_MISSING)
 def test_dogs_vs_cats_sample():
     with open_source(str(DOGS_VS_CATS), test_fraction=0) as whole:
         assert whole.kind == "kaggle" and whole.classes == ["cat", "dog"]

@@ -65,7 +65,7 @@ def test_files_written(tiny, tmp_path):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 2, 4]
     assert set(rows[1]) == {"step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc",
-                            "images_per_s", "wall_s", "data_wait", "eval_s"}
+                            "images_per_s", "wall_s", "data_wait", "eval_s", "train_loss_steps"}
     assert rows[1]["images_per_s"] > 0 and 0 <= rows[1]["data_wait"] < 1
     assert rows[2]["wall_s"] > rows[1]["wall_s"] > 0
     assert rows[2]["epoch"] == pytest.approx(4 * 8 / 48)
@@ -76,6 +76,51 @@ def test_files_written(tiny, tmp_path):
     ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert {"config", "step", "model", "optimizer", "rng"} <= set(ckpt)
     assert ckpt["step"] == 4 and ckpt["config"]["arch"] == "resnet"
+    # Mixed precision acts only on CUDA: the files of a CPU run do not claim it.
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["device"] == "cpu" and config["config"]["amp"] is False
+    assert result["config"]["amp"] is False
+    assert ckpt["config"]["amp"] is True      # the options as given: they decide resuming
+
+
+def test_the_loss_of_every_step_is_logged(tiny, tmp_path):
+    from porder.train.metrics import loss_window, running_mean, step_losses
+
+    rows = train(tiny, cfg(steps=10, eval_every=4), tmp_path).rows
+    assert [r["step"] for r in rows] == [0, 4, 8, 10]
+    assert "train_loss_steps" not in rows[0]
+    assert [len(r["train_loss_steps"]) for r in rows[1:]] == [4, 4, 2]
+    for r in rows[1:]:  # constant batch: the row's mean loss is the mean of its steps' losses
+        assert sum(r["train_loss_steps"]) / len(r["train_loss_steps"]) == pytest.approx(
+            r["train_loss"], rel=1e-5)
+    steps, losses = step_losses(rows)
+    assert steps == list(range(1, 11)) and losses == sum((r["train_loss_steps"] for r in rows[1:]), [])
+    # rows from before per-step logging give one point per evaluation
+    old = [{k: v for k, v in r.items() if k != "train_loss_steps"} for r in rows]
+    assert step_losses(old) == ([4, 8, 10], [r["train_loss"] for r in rows[1:]])
+    assert running_mean([1, 2, 3, 4, 5], 2) == [1, 1.5, 2.5, 3.5, 4.5]
+    assert loss_window(10) == 1 and loss_window(1000) == 20 and loss_window(10 ** 6) == 100
+
+
+def test_figure_title_names_the_run(tiny):
+    from porder.store import read_meta
+    from porder.train.metrics import run_title
+
+    meta = read_meta(tiny)
+    assert run_title(cfg(width=0.25), tiny, meta) == \
+        "resnet, width 0.25, on tiny.h5: unmodified (measure none)"
+    assert run_title(cfg(reorder="mi", patch=4), tiny, meta).endswith(
+        ": mi, patch 4 (reordered on the fly)")
+    assert run_title(cfg(arch="vgg"), "c.h5", {"measure": "ssim", "patch": 8}) == \
+        "vgg, width 0.0625, on c.h5: ssim, patch 8"
+
+
+def test_batch_larger_than_the_split_is_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"--batch-size 49 is larger than the training split "
+                                         r".* \(48 images\); use at most 48"):
+        train(tiny, cfg(batch_size=49), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    train(tiny, cfg(batch_size=48, steps=1, eval_every=1), tmp_path / "ok")   # the whole split
 
 
 def test_batch_indices_cover_each_epoch():
@@ -204,3 +249,41 @@ def test_cli_train_errors(tmp_path):
     assert r.exit_code == 2
     r = CliRunner().invoke(train_cmd, ["--help"])
     assert r.exit_code == 0 and "porder train c100-mi8.h5" in r.output
+
+
+def test_train_progress_estimates_the_whole_run(monkeypatch, capsys):
+    from porder.cli import train as cli_train
+
+    times = iter([0.0, 1.0, 3.0, 4.5, 8.5])
+    monkeypatch.setattr(cli_train.time, "perf_counter", lambda: next(times))
+    p = cli_train.TrainProgress(False, desc="d", eval_every=10, batch_size=32, first=3.0)
+    row0 = {"step": 0, "train_loss": None, "test_loss": 2.3, "test_acc": 0.1, "eval_s": 2.0}
+    p(0, 100, row0)                        # t=0: the step-0 evaluation
+    p(1, 100, None)                        # t=1: the first step (warm-up), timing starts
+    p(5, 100, None)                        # t=3: 2 s timed, not enough for an estimate
+    p(7, 100, None)                        # t=4.5: 6 steps in 3.5 s
+    row = {"step": 10, "train_loss": 1.0, "train_acc": 0.5, "images_per_s": 55.0,
+           "data_wait": 0.0, "test_loss": 1.1, "test_acc": 0.6, "eval_s": 2.0}
+    p(10, 100, row)                        # t=8.5: an evaluation of 2 s
+    err = capsys.readouterr().err.splitlines()
+    # 93 steps left at 3.5/6 s each, plus 10 evaluations of 2 s: 74.25 s; 77.75 s in all
+    assert err[1] == "d: 1.71 steps/s, 55 img/s: the 100 steps will take about 78 s in all, " \
+                     "74 s from now"
+    # at step 10: (8.5 - 1 - 2) s for 9 steps; 90 steps and 9 evaluations left: 73 s
+    assert err[2].startswith("d: step 10/100  train loss 1.0000") and err[2].endswith("ETA 73 s")
+
+
+def test_train_progress_after_resume_counts_only_new_steps(monkeypatch, capsys):
+    from porder.cli import train as cli_train
+
+    times = iter([0.0, 1.0, 10.0])
+    monkeypatch.setattr(cli_train.time, "perf_counter", lambda: next(times))
+    p = cli_train.TrainProgress(False, desc="d", eval_every=1000, batch_size=10, first=3.0,
+                                slow_hint=" (hint)")
+    p(500, 2000, {"step": 500, "train_loss": None, "test_loss": 1.0, "test_acc": 0.5,
+                  "eval_s": 0.0})          # resumed at step 500
+    p(501, 2000, None)
+    p(510, 2000, None)                     # 9 steps in 9 s: 1 step/s, not 510 steps in 10 s
+    err = capsys.readouterr().err.splitlines()
+    assert err[1] == "d: 1.00 steps/s, 10 img/s: the 2000 steps will take about 25.0 min in " \
+                     "all, 24.8 min from now (hint)"
