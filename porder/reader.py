@@ -247,8 +247,7 @@ def read_labels(path, split: str = "train") -> np.ndarray:
     f, layout = open_checked(path)
     with f, reading(path):
         labels = f[split]["labels"][()].astype(np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(layout.classes)):
-        raise StoreError(f"'{path}': /{split}/labels holds labels outside 0..{len(layout.classes) - 1}")
+    check_rows(path, split, 0, labels, None, classes=layout.classes, k=layout.k)
     return labels
 
 
