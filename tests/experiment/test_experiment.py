@@ -106,12 +106,14 @@ def test_compare_end_to_end(tmp_path):
 
 def test_one_seed_shows_no_spread(tmp_path):
     from porder.experiment import CacheItem, Plan, RunItem, summarise, write_csv, write_markdown
+    from porder.experiment.plan import Arm
 
     settings = dict(archs=["vgg"], measures=["none", "mi"], patches=[8], seeds=[0], steps=20,
                     batch_size=8, lr=1e-3, width=0.25, eval_every=10, size=32)
     plan = Plan("synthetic:10", tmp_path, settings=settings,
                 caches=[CacheItem("none", 8, tmp_path / "a.h5"), CacheItem("mi", 8, tmp_path / "b.h5")])
     plan.runs = [RunItem("vgg", c.measure, 8, 0, c.path, tmp_path / c.label) for c in plan.caches]
+    plan.arms = [Arm(c.measure, c.patch, c.path) for c in plan.caches]
     curves = {("vgg", "none", 0): rows_of(0.1, 0.5, 0.6), ("vgg", "mi-p8", 0): rows_of(0.1, 0.6, 0.7)}
     runs, means, stds = summarise(plan, curves)
     assert means[1]["final_test_acc"] == pytest.approx(0.7)
