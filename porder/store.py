@@ -41,6 +41,7 @@ from .output import DiskFull, SpaceReserver, is_disk_full, lock_output
 from .reader import (
     _jsonable,
     describe,
+    iter_split,
     missing_virtual_sources,
     open_file,
     partial_path,
