@@ -61,7 +61,7 @@ from .validate import (
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "IDENTITY_KEYS", "RESUME_KEYS", "SPLITS", "StoreError",
            "Writer", "check_output", "describe", "estimate_bytes", "missing_virtual_sources",
-           "open_file", "partial_path", "perm_dtype", "read_meta", "read_split", "to_json"]
+           "iter_split", "open_file", "partial_path", "perm_dtype", "read_meta", "read_split", "to_json"]
 
 _STR = h5py.string_dtype()
 # What identifies the source, recorded by build_cache (porder.pipeline): file
