@@ -1,8 +1,9 @@
 """Source to reordered HDF5 cache: the job behind ``porder reorder``.
 
-Batches are decoded on a background thread (the source itself decodes with all
-cores) while the previous batch is scored and written, so decode, measure and
-write overlap. Memory is bounded by a few batches whatever the dataset size.
+Three stages run at once: batches are decoded on a background thread (the
+source itself decodes with all cores), the main thread scores batch k, and a
+writer thread appends batch k-1 to the HDF5 file, so decode, measure and write
+overlap. Memory is bounded by a few batches whatever the dataset size.
 """
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ class BuildResult:
     path: Path
     rows: dict = field(default_factory=dict)        # split -> rows written
     skipped: dict = field(default_factory=dict)     # split -> samples skipped
-    seconds: dict = field(default_factory=dict)     # decode / measure / write / total
+    # decode: the main thread waiting for decoded batches; measure: scoring;
+    # write: the writer thread appending (overlapped); write_wait: the main thread
+    # held up by the writer; other: the main thread's own work; total: wall clock
+    seconds: dict = field(default_factory=dict)
     resumed: bool = False
 
 
@@ -99,6 +103,74 @@ def _prefetch(iterator, depth: int = 2):
             yield item, waited
     finally:
         stop.set()  # the producer sees it within 0.1 s of its next item
+
+
+class _WriteBehind:
+    """Run writer calls in order on one background thread, at most ``depth`` waiting.
+
+    :meth:`submit` queues a call and returns at once (it blocks only while
+    ``depth`` calls are waiting); the first error a call raises is raised again
+    by the next :meth:`submit` or by :meth:`drain`, and the calls queued after
+    it are dropped. Only this thread touches the file between two :meth:`drain` calls.
+    ``busy`` is the seconds spent in the calls, ``waited`` the seconds the
+    submitter was held up (a full queue, or :meth:`drain`).
+    """
+
+    def __init__(self, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._drop = False
+        self.busy = 0.0
+        self.waited = 0.0
+        self._thread = threading.Thread(target=self._work, name="porder-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None and not self._drop:
+                    fn, args, kwargs = item
+                    t0 = time.perf_counter()
+                    try:
+                        fn(*args, **kwargs)
+                    except BaseException as e:  # raised again in the submitter
+                        self._error = e
+                    self.busy += time.perf_counter() - t0
+            finally:
+                self._q.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._drop = True  # nothing more is written after a failed call
+            raise error
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        self._raise()
+        t0 = time.perf_counter()
+        self._q.put((fn, args, kwargs))
+        self.waited += time.perf_counter() - t0
+
+    def drain(self) -> None:
+        """Wait until every queued call has run; raise the first error."""
+        t0 = time.perf_counter()
+        self._q.join()
+        self.waited += time.perf_counter() - t0
+        self._raise()
+
+    def stop(self, *, drop: bool = False) -> None:
+        """End the thread after the call it is running (and, unless ``drop``, the queued ones).
+
+        Errors of the calls are not raised here: this is the way out after a failure.
+        """
+        if not self._thread.is_alive():
+            return
+        self._drop = self._drop or drop
+        self._q.put(None)
+        self._thread.join()
 
 
 DIGEST_ALL = 2**30   # archives up to this size are hashed whole; larger ones in samples
@@ -195,8 +267,8 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
 
     Returns
     -------
-    BuildResult with the final path, rows and skips per split and the seconds
-    spent waiting for decoding, scoring and writing.
+    BuildResult with the final path, rows and skips per split and where the
+    seconds went (:attr:`BuildResult.seconds`).
 
     Raises
     ------
@@ -241,14 +313,22 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
         src.close()
         raise
     result = BuildResult(path=out, resumed=resumed)
-    secs = dict(decode=0.0, measure=0.0, write=0.0)
+    secs = dict(decode=0.0, measure=0.0)
     t_start = time.perf_counter()
+    behind = _WriteBehind()  # appends batch k-1 while batch k is scored
+    written = {split: 0 for split in SPLITS}  # samples done, as the writer confirms them
+
+    def append(split, lo, *args, consumed, skipped):
+        writer.append(split, *args, consumed=consumed, skipped=skipped)
+        written[split] = consumed - lo
+
     try:
         for split in SPLITS:
             lo, hi = shard_range(src.count(split), shard)
             writer.f[split].attrs["first_sample"] = lo
             writer.f[split].attrs["last_sample"] = hi
             pos = max(lo, writer.consumed(split)) if resumed else lo
+            written[split] = pos - lo
             if progress:
                 progress(split, pos - lo, hi - lo)
             batches = src.iter_batches(split, batch_size, start=pos, stop=hi)
@@ -259,30 +339,40 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                 imgs, perm = reorder(batch.images, m, patch, bins=bins, device=device,
                                      reference=reference, descending=descending, seed=seed,
                                      start=pos, workers=workers)
-                t1 = time.perf_counter()
+                secs["measure"] += time.perf_counter() - t0
                 pos += take
-                writer.append(split, imgs, batch.labels, perm, batch.names,
+                behind.submit(append, split, lo, imgs, batch.labels, perm, batch.names,
                               consumed=pos, skipped=batch.skipped)
-                secs["measure"] += t1 - t0
-                secs["write"] += time.perf_counter() - t1
                 if progress:
-                    progress(split, pos - lo, hi - lo)
+                    progress(split, written[split], hi - lo)
+            behind.drain()  # the split is complete on disk before its counts are read
+            if progress:
+                progress(split, hi - lo, hi - lo)
             result.rows[split] = writer.rows(split)
             result.skipped[split] = int(writer.f[split]["skipped"].shape[0])
+        behind.stop()
         # An empty shard is a valid shard (more shards than samples); a whole run is not.
         if sum(result.rows.values()) == 0 and (shard is None or shard[1] == 1):
             raise StoreError(f"source '{source}' gave no images to write")
+        secs["write"] = behind.busy          # on the writer thread, overlapped
+        secs["write_wait"] = behind.waited   # the main thread held up by the writer
         secs["total"] = time.perf_counter() - t_start
+        # the main thread's own work: splitting batches, progress, hand-offs
+        secs["other"] = max(0.0, secs["total"] - secs["decode"] - secs["measure"]
+                            - secs["write_wait"])
         result.seconds = secs
         writer.finish()
     except DiskFull as e:
+        behind.stop(drop=True)
         writer.close()  # what was written stays: resume once there is space
         raise DiskFull(f"{e}; the partial output '{writer.tmp}' is kept: free some space and "
                        f"run the same command with --resume") from None
     except KeyboardInterrupt:
+        behind.stop(drop=True)  # the batch being appended completes; queued ones are dropped
         writer.close()  # keep the .part file: it can be resumed
         raise
     except BaseException:
+        behind.stop(drop=True)
         writer.discard()
         raise
     finally:
