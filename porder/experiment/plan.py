@@ -373,11 +373,11 @@ def estimate_times(plan: Plan, *, threads: Optional[int] = None,
     Speeds come from the runs of the same network, width and batch on this device
     that are already in the output folder (the ``images_per_s`` and ``eval_s`` of
     their metrics), else from a few training steps measured now
-    (:func:`porder.train.speed.measure_speed`). Evaluations count the whole test
+    (:func:`porder.train.timing.time_steps`). Evaluations count the whole test
     split at every ``eval_every`` steps (and at step 0 of a new run).
     """
     from ..train.device import resolve_device
-    from ..train.speed import measure_speed
+    from ..train.timing import time_steps
 
     s, n_test = plan.settings, plan.counts["test"]
     device = resolve_device(s["device"])
@@ -388,10 +388,9 @@ def estimate_times(plan: Plan, *, threads: Optional[int] = None,
             if log:
                 log(f"measuring a few training steps of {arch} (width {s['width']:g}) on "
                     f"{device} for the estimate ...")
-            m = measure_speed(arch, width=s["width"], size=s["size"],
-                              num_classes=plan.counts["classes"], batch_size=s["batch_size"],
-                              device=device, threads=threads)
-            speed = {"train": m["train_images_per_s"], "eval": m["eval_images_per_s"],
+            t = time_steps(run_config(s, arch, 0, threads=threads),
+                           num_classes=plan.counts["classes"], size=s["size"], min_time=0.5)
+            speed = {"train": s["batch_size"] / t.step_s, "eval": 1.0 / t.eval_image_s,
                      "how": "measured now"}
         plan.speeds[arch] = speed | {"device": device}
     for r in todo:
