@@ -5,11 +5,11 @@ cache (``cache=True``) is invalidated when the file that defines a function
 changes, not when a callee in another file does, so keeping callers and callees
 together means a stale cache can never outlive an edit.
 
-The drivers at the bottom (``reorder_images``: a ``prange`` over images, one
-per dynamically scheduled task; ``reorder_range``: a plain loop for a caller's
-own threads) call :func:`_one` per image; everything else is plain ``@njit``
-code on one image. Shapes use N images, S image side, C channels, p patch side,
-G = S // p, K = G * G patches, n = p * p pixels per patch and channel.
+The driver at the bottom, ``reorder_range`` (a range of images, GIL released;
+:mod:`porder.kernels.cpu` runs it on a pool of threads), calls :func:`_one`
+per image; everything else is plain ``@njit`` code on one image. Shapes use
+N images, S image side, C channels, p patch side, G = S // p, K = G * G
+patches, n = p * p pixels per patch and channel.
 
 Scores become ordering keys exactly as ``porder.ordering`` compares them:
 rounded to ``DECIMALS`` decimals the way ``np.round`` rounds (x * 1e9, round
@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
 
 # Measure codes shared with cpu.py.
@@ -49,12 +48,18 @@ NEG_INF = -np.inf
 _JIT = {"cache": True, "error_model": "numpy"}
 # Candidates whose score may be within this of the best are scored exactly.
 BAND_SCORE = 4e-9
+# Pixels per exact int32 block of pixel sums: SUM_BLOCK * 255**2 < 2**31.
+SUM_BLOCK = 32768
 _U1 = np.uint64(1)
 _U0 = np.uint64(0)
 
 
 # --------------------------------------------------------------------------
 # Bit intrinsics (LLVM ctpop / cttz: one instruction each on x86-64)
+#
+# Style note for everything below: hot loops index arrays directly
+# (a[k, c, t]) instead of taking views (a[k, c]) inside loops, because each
+# view costs a reference-count increment and decrement (two calls) in numba.
 
 
 @intrinsic
@@ -102,20 +107,24 @@ def _key(s, descending):
     return r
 
 
+@njit(**_JIT, inline="always")
+def _better(key, j, bkey, best):
+    """Is candidate j with key better than the best so far? (ties: lower index)."""
+    return best < 0 or key > bkey or (key == bkey and j < best)
+
+
 @njit(**_JIT)
 def _split(img, p, qtab, q):
     """img (S, S, C) uint8 -> q (K, C, n) uint8 of qtab[value], patches row-major."""
     S, C = img.shape[0], img.shape[2]
     G = S // p
     for gy in range(G):
-        for gx in range(G):
-            qk = q[gy * G + gx]
-            for y in range(p):
-                row = img[gy * p + y]
+        for y in range(p):
+            for gx in range(G):
+                k = gy * G + gx
                 for x in range(p):
-                    px = row[gx * p + x]
                     for c in range(C):
-                        qk[c, y * p + x] = qtab[px[c]]
+                        q[k, c, y * p + x] = qtab[img[gy * p + y, gx * p + x, c]]
 
 
 @njit(**_JIT)
@@ -155,34 +164,26 @@ def _gather(img, perm, p, out):
 
 
 @njit(**_JIT, inline="always")
-def _drop(cols, idx, pos, k, m):
-    """Remove patch k from the m live candidate slots; returns m - 1.
+def _move_col(cols, pos, k, m):
+    """Move the last live slot's column of cols (R, KP) into patch k's slot."""
+    s, last = pos[k], m - 1
+    if s != last:
+        for r in range(cols.shape[0]):
+            cols[r, s] = cols[r, last]
 
-    cols (R, KP): candidate-last data; the last live slot moves into k's slot.
-    idx[slot] -> patch, pos[patch] -> slot.
+
+@njit(**_JIT, inline="always")
+def _drop(idx, pos, k, m):
+    """Remove patch k from the m live candidate slots (after its columns moved).
+
+    idx[slot] -> patch, pos[patch] -> slot; the last live slot takes k's.
+    Returns m - 1.
     """
     s, last = pos[k], m - 1
     if s != last:
-        for r in range(cols.shape[0]):
-            cols[r, s] = cols[r, last]
         idx[s] = idx[last]
         pos[idx[s]] = s
     return last
-
-
-@njit(**_JIT, inline="always")
-def _move_col(cols, pos, k, m):
-    """Move the last live slot's column of cols (R, KP) into patch k's slot (before _drop)."""
-    s, last = pos[k], m - 1
-    if s != last:
-        for r in range(cols.shape[0]):
-            cols[r, s] = cols[r, last]
-
-
-@njit(**_JIT, inline="always")
-def _better(key, j, bkey, best):
-    """Is candidate j with key better than the best so far? (ties: lower index)."""
-    return best < 0 or key > bkey or (key == bkey and j < best)
 
 
 @njit(**_JIT)
@@ -212,9 +213,25 @@ def _rescale(prod, m, flip):
             prod[s] *= inv
 
 
+@njit(**_JIT, inline="always")
+def _band_first(prod, idx, m, thr):
+    """(patch of the first slot in the band, number of slots in the band).
+
+    A band of one is the winner outright: no other candidate can reach its
+    rounded score.
+    """
+    first, count = -1, 0
+    for s in range(m):
+        if prod[s] >= thr:
+            count += 1
+            if first < 0:
+                first = idx[s]
+    return first, count
+
+
 @njit(**_JIT)
 def _band_pick(prod, m, flip, band):
-    """Threshold of the band: candidates with prod >= it may win (prod inverted if flip)."""
+    """Band threshold: candidates with prod >= it may win (prod inverted first if flip)."""
     if flip:
         for s in range(m):
             prod[s] = 1.0 / prod[s]
@@ -225,67 +242,78 @@ def _band_pick(prod, m, flip, band):
 # mi / je: per-pixel equality bitmasks, joint counts by popcount
 
 
-@njit(**_JIT)
-def _eq_small(qq, et):
-    """et (n,) uint16: bit u of et[t] set when qq[u] == qq[t] (n <= 16).
-
-    One vector compare of the patch's pixels against pixel t per mask.
-    """
-    n = qq.shape[0]
+@njit(**_JIT, inline="always")
+def _stats(E, k, c, n, nu, nucnt, h, ltab, log2n):
+    """Shared-bin pixel list and entropy of patch k, channel c from its masks E (K, C, n)."""
+    lsum = 0.0
+    m = 0
     for t in range(n):
-        v = qq[t]
-        m = np.uint16(0)
-        for u in range(n):
-            m |= np.uint16(qq[u] == v) << np.uint16(u)
-        et[t] = m
-
-
-@njit(**_JIT)
-def _eq_words(qq, et, tab):
-    """et (n, W) uint64 equality masks (n <= 64 W) through tab (256, W), zero in and out."""
-    n, W = et.shape
-    for t in range(n):
-        tab[qq[t], t >> 6] |= _U1 << np.uint64(t & 63)
-    for t in range(n):
-        v = qq[t]
-        for w in range(W):
-            et[t, w] = tab[v, w]
-    for t in range(n):
-        v = qq[t]
-        for w in range(W):
-            tab[v, w] = _U0
+        cnt = popcount(E[k, c, t])
+        lsum += ltab[cnt]
+        nu[k, c, m] = t
+        m += cnt > 1
+    nucnt[k, c] = m
+    h[k, c] = log2n - lsum / n
 
 
 @njit(**_JIT)
 def _masks(q, E, nu, nucnt, h, ltab, log2n, tab):
-    """Equality masks and marginal entropies of every patch channel.
+    """Equality masks and marginal entropies of every patch channel (n <= 64).
 
-    q (K, C, n) bins; E (K, C, n, W) uint16 (n <= 16, W = 1) or uint64 out:
-    bit u of E[k, c, t] set when pixel u has the bin of pixel t; nu (K, C, n)
-    int32 out: the pixels whose bin is shared with another pixel (all others
-    count 1 in every joint histogram and are skipped), nucnt (K, C) their
-    number; h (K, C) out: entropy in bits; ltab (n + 1,) log2 c; tab (256 W,)
-    uint64 scratch, zero in and out.
+    q (K, C, n) bins; E (K, C, n) out, uint16 (n <= 16) or uint64: bit u of
+    E[k, c, t] set when pixel u has the bin of pixel t; nu (K, C, n) int32
+    out: the pixels whose bin is shared with another pixel (all others count
+    1 in every joint histogram and are skipped), nucnt (K, C) their number;
+    h (K, C) out: entropy in bits; ltab (n + 1,) log2 c; tab (256,) uint64
+    scratch, zero in and out.
     """
-    K, C, n, W = E.shape
-    tw = tab[: 256 * W].reshape((256, W))
+    K, C, n = E.shape
     for k in range(K):
         for c in range(C):
-            qq = q[k, c]
-            et = E[k, c]
-            if E.itemsize == 2:
-                _eq_small(qq, et[:, 0])
-            else:
-                _eq_words(qq, et, tw)
+            if n == 16:  # 4x4 patches: one 16-byte vector compare per pixel
+                for t in range(16):
+                    v = q[k, c, t]
+                    msk = np.uint16(0)
+                    for u in range(16):
+                        msk |= np.uint16(np.uint16(q[k, c, u] == v) << u)
+                    E[k, c, t] = msk
+            else:  # a value -> mask table
+                for t in range(n):
+                    tab[q[k, c, t]] |= _U1 << np.uint64(t)
+                for t in range(n):
+                    E[k, c, t] = tab[q[k, c, t]]
+                for t in range(n):
+                    tab[q[k, c, t]] = _U0
+            _stats(E, k, c, n, nu, nucnt, h, ltab, log2n)
+
+
+@njit(**_JIT)
+def _masks_words(q, E, nu, nucnt, h, ltab, log2n, tab):
+    """:func:`_masks` for 64 < n <= 256: E (K, C, n, W) uint64, W = ceil(n / 64).
+
+    tab (256 W,) uint64 scratch, zero in and out.
+    """
+    K, C, n, W = E.shape
+    for k in range(K):
+        for c in range(C):
+            for t in range(n):
+                tab[np.int64(q[k, c, t]) * W + (t >> 6)] |= _U1 << np.uint64(t & 63)
+            for t in range(n):
+                b = np.int64(q[k, c, t]) * W
+                for w in range(W):
+                    E[k, c, t, w] = tab[b + w]
+            for t in range(n):
+                b = np.int64(q[k, c, t]) * W
+                for w in range(W):
+                    tab[b + w] = _U0
             lsum = 0.0
             m = 0
-            nk = nu[k, c]
             for t in range(n):
                 cnt = 0
                 for w in range(W):
-                    cnt += np.int64(popcount(et[t, w]))
+                    cnt += np.int64(popcount(E[k, c, t, w]))
                 lsum += ltab[cnt]
-                nk[m] = t
+                nu[k, c, m] = t
                 m += cnt > 1
             nucnt[k, c] = m
             h[k, c] = log2n - lsum / n
@@ -293,17 +321,31 @@ def _masks(q, E, nu, nucnt, h, ltab, log2n, tab):
 
 @njit(**_JIT, inline="always")
 def _score_masks(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j):
-    """mi or je of candidate j against reference cur, from :func:`_masks`."""
+    """mi or je of candidate j against reference cur, from :func:`_masks` (E 3-D)."""
+    C, n = E.shape[1], E.shape[2]
+    acc = 0.0
+    for c in range(C):
+        lsum = 0.0
+        for ii in range(nucnt[cur, c]):
+            t = nu[cur, c, ii]
+            lsum += ltab[popcount(E[cur, c, t] & E[j, c, t])]
+        je = log2n - lsum / n
+        acc += (h[cur, c] + h[j, c] - je) if is_mi else je
+    return acc / C
+
+
+@njit(**_JIT, inline="always")
+def _score_words(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j):
+    """:func:`_score_masks` for multi-word masks E (K, C, n, W)."""
     C, n, W = E.shape[1], E.shape[2], E.shape[3]
     acc = 0.0
     for c in range(C):
-        ec, ej, nc = E[cur, c], E[j, c], nu[cur, c]
         lsum = 0.0
         for ii in range(nucnt[cur, c]):
-            t = nc[ii]
+            t = nu[cur, c, ii]
             cnt = 0
             for w in range(W):
-                cnt += np.int64(popcount(ec[t, w] & ej[t, w]))
+                cnt += np.int64(popcount(E[cur, c, t, w] & E[j, c, t, w]))
             lsum += ltab[cnt]
         je = log2n - lsum / n
         acc += (h[cur, c] + h[j, c] - je) if is_mi else je
@@ -312,28 +354,27 @@ def _score_masks(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j):
 
 @njit(**_JIT)
 def _chain_masks(E, nu, nucnt, h, ltab, log2n, is_mi, reference, descending, perm):
-    """Greedy mi/je chain, one candidate at a time (masks of more than one word)."""
+    """Greedy mi/je chain, one candidate at a time (multi-word masks E (K, C, n, W))."""
     K = E.shape[0]
-    idx = np.arange(K)
-    pos = np.arange(K)
-    dummy = np.empty((0, K), np.int8)
-    m = _drop(dummy, idx, pos, reference, K)
+    used = np.zeros(K, np.bool_)
+    used[reference] = True
     perm[0] = cur = reference
     for step in range(1, K):
         best, bkey = -1, NEG_INF
-        for s in range(m):
-            j = idx[s]
-            key = _key(_score_masks(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j), descending)
-            if _better(key, j, bkey, best):
-                best, bkey = j, key
+        for j in range(K):
+            if not used[j]:
+                key = _key(_score_words(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j),
+                           descending)
+                if _better(key, j, bkey, best):
+                    best, bkey = j, key
         perm[step] = cur = best
-        m = _drop(dummy, idx, pos, best, m)
+        used[best] = True
 
 
 @njit(**_JIT)
 def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, reference,
                  descending, perm):
-    """Greedy mi/je chain scoring every candidate of a step in vector lanes (W = 1).
+    """Greedy mi/je chain scoring every candidate of a step in vector lanes.
 
     The product of a candidate's joint counts P_j (over the reference's
     shared-bin pixels) orders je (je = log2 n - log2 P_j / (n C)), and P_j
@@ -345,18 +386,19 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
     """
     K, C, n = E.shape[0], E.shape[1], E.shape[2]
     KP = (K + 31) // 32 * 32
-    R = C * n  # row R of E2: a dummy row (factor 1) to pad odd pixel counts
+    R = C * n  # row R of E2: a dummy row (factor 1) to pad pixel counts to 4
     E2 = np.empty((R + 1, KP), E.dtype)  # candidate-last masks, row c * n + t
-    rinit = np.ones((C, KP), np.float64)  # per-channel factor of each candidate (mi)
+    # factor of each candidate: per channel when rescaling, else all channels
+    rinit = np.ones((C if rescale else 1, KP), np.float64)
     for k in range(K):
         for c in range(C):
             r = 1.0
             for t in range(n):
-                e = E[k, c, t, 0]
+                e = E[k, c, t]
                 E2[c * n + t, k] = e
                 r *= popcount(e)
             if is_mi:
-                rinit[c, k] = 1.0 / r
+                rinit[c if rescale else 0, k] /= r
     for r in range(R):
         for k in range(K, KP):
             E2[r, k] = E2[r, 0]
@@ -367,43 +409,54 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
     pos = np.arange(K)
     prod = np.empty(KP, np.float64)
     _move_col(rinit, pos, reference, K)
-    m = _drop(E2, idx, pos, reference, K)
+    _move_col(E2, pos, reference, K)
+    m = _drop(idx, pos, reference, K)
     perm[0] = cur = reference
     for step in range(1, K):
         mm = (m + 31) // 32 * 32
         for s in range(mm):
-            prod[s] = 1.0
+            prod[s] = rinit[0, s]
         for c in range(C):
-            if is_mi:
-                rc = rinit[c]
+            if rescale and c > 0:
                 for s in range(mm):
-                    prod[s] *= rc[s]
-            nc, ec = nu[cur, c], E[cur, c]
+                    prod[s] *= rinit[c, s]
             nr = nucnt[cur, c]
-            for ii in range(0, nr, 2):
-                t0 = nc[ii]
-                c0, e0 = E2[c * n + t0], ec[t0, 0]
-                c1, e1 = E2[R], e_one
+            for ii in range(0, nr, 4):  # four reference pixels per pass
+                r0 = r1 = r2 = r3 = R
+                e0 = e1 = e2 = e3 = e_one
+                t = nu[cur, c, ii]
+                r0, e0 = c * n + t, E[cur, c, t]
                 if ii + 1 < nr:
-                    t1 = nc[ii + 1]
-                    c1, e1 = E2[c * n + t1], ec[t1, 0]
+                    t = nu[cur, c, ii + 1]
+                    r1, e1 = c * n + t, E[cur, c, t]
+                if ii + 2 < nr:
+                    t = nu[cur, c, ii + 2]
+                    r2, e2 = c * n + t, E[cur, c, t]
+                if ii + 3 < nr:
+                    t = nu[cur, c, ii + 3]
+                    r3, e3 = c * n + t, E[cur, c, t]
                 for s in range(mm):
-                    # counts <= 64, so the product of two fits 16 bits
-                    prod[s] *= np.uint16(popcount(e0 & c0[s]) * popcount(e1 & c1[s]))
+                    # counts <= 64: a product of two fits 16 bits, of four 32
+                    a = np.uint16(popcount(e0 & E2[r0, s]) * popcount(e1 & E2[r1, s]))
+                    b = np.uint16(popcount(e2 & E2[r2, s]) * popcount(e3 & E2[r3, s]))
+                    prod[s] *= np.uint32(np.uint32(a) * np.uint32(b))
             if rescale:
                 _rescale(prod, m, flip)
         thr = _band_pick(prod, m, flip, band)
-        best, bkey = -1, NEG_INF
-        for s in range(m):
-            if prod[s] >= thr:
-                j = idx[s]
-                key = _key(_score_masks(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j),
-                           descending)
-                if _better(key, j, bkey, best):
-                    best, bkey = j, key
+        best, inband = _band_first(prod, idx, m, thr)
+        if inband > 1:  # near-ties: exact scores and rounded keys decide
+            best, bkey = -1, NEG_INF
+            for s in range(m):
+                if prod[s] >= thr:
+                    j = idx[s]
+                    key = _key(_score_masks(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j),
+                               descending)
+                    if _better(key, j, bkey, best):
+                        best, bkey = j, key
         perm[step] = cur = best
         _move_col(rinit, pos, best, m)
-        m = _drop(E2, idx, pos, best, m)
+        _move_col(E2, pos, best, m)
+        m = _drop(idx, pos, best, m)
 
 
 # --------------------------------------------------------------------------
@@ -419,19 +472,18 @@ def _marginals(q, nu, nucnt, h, ltab, log2n, hist):
     K, C, n = q.shape
     for k in range(K):
         for c in range(C):
-            qq = q[k, c]
             for t in range(n):
-                hist[qq[t]] += 1
+                hist[q[k, c, t]] += 1
             lsum = 0.0
             m = 0
             for t in range(n):
-                cnt = hist[qq[t]]
+                cnt = hist[q[k, c, t]]
                 lsum += ltab[cnt]
                 nu[k, c, m] = t
                 m += cnt > 1
             nucnt[k, c] = m
             for t in range(n):
-                hist[qq[t]] = 0
+                hist[q[k, c, t]] = 0
             h[k, c] = log2n - lsum / n
 
 
@@ -440,36 +492,34 @@ def _chain_dense(q, bins, nu, nucnt, h, ltab, log2n, is_mi, reference, descendin
                  joint):
     """Greedy mi/je chain with joint counts in joint (>= bins**2,) int32, zero in and out."""
     K, C, n = q.shape
-    idx = np.arange(K)
-    pos = np.arange(K)
-    dummy = np.empty((0, K), np.int8)
-    m = _drop(dummy, idx, pos, reference, K)
+    used = np.zeros(K, np.bool_)
+    used[reference] = True
     perm[0] = cur = reference
     for step in range(1, K):
         best, bkey = -1, NEG_INF
-        for s in range(m):
-            j = idx[s]
+        for j in range(K):
+            if used[j]:
+                continue
             acc = 0.0
             for c in range(C):
-                qc, qj, nc = q[cur, c], q[j, c], nu[cur, c]
                 mm = nucnt[cur, c]
                 for ii in range(mm):
-                    t = nc[ii]
-                    joint[np.int64(qc[t]) * bins + qj[t]] += 1
+                    t = nu[cur, c, ii]
+                    joint[np.int64(q[cur, c, t]) * bins + q[j, c, t]] += 1
                 lsum = 0.0
                 for ii in range(mm):
-                    t = nc[ii]
-                    lsum += ltab[joint[np.int64(qc[t]) * bins + qj[t]]]
+                    t = nu[cur, c, ii]
+                    lsum += ltab[joint[np.int64(q[cur, c, t]) * bins + q[j, c, t]]]
                 for ii in range(mm):
-                    t = nc[ii]
-                    joint[np.int64(qc[t]) * bins + qj[t]] = 0
+                    t = nu[cur, c, ii]
+                    joint[np.int64(q[cur, c, t]) * bins + q[j, c, t]] = 0
                 je = log2n - lsum / n
                 acc += (h[cur, c] + h[j, c] - je) if is_mi else je
             key = _key(acc / C, descending)
             if _better(key, j, bkey, best):
                 best, bkey = j, key
         perm[step] = cur = best
-        m = _drop(dummy, idx, pos, best, m)
+        used[best] = True
 
 
 @njit(**_JIT)
@@ -483,18 +533,18 @@ def _mi_je(q, is_mi, bins, reference, descending, ltab, log2n, tab, hist, joint,
     band = 2.0 ** (-C * n * BAND_SCORE)
     rescale = C * n * math.log2(max(n, 2)) > 900.0
     if n <= 16:
-        E16 = np.empty((K, C, n, 1), np.uint16)
+        E16 = np.empty((K, C, n), np.uint16)
         _masks(q, E16, nu, nucnt, h, ltab, log2n, tab)
         _chain_lanes(E16, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, reference,
                      descending, perm)
     elif n <= 64:
-        E64 = np.empty((K, C, n, 1), np.uint64)
+        E64 = np.empty((K, C, n), np.uint64)
         _masks(q, E64, nu, nucnt, h, ltab, log2n, tab)
         _chain_lanes(E64, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, reference,
                      descending, perm)
     elif n <= 256:
         EW = np.empty((K, C, n, (n + 63) // 64), np.uint64)
-        _masks(q, EW, nu, nucnt, h, ltab, log2n, tab)
+        _masks_words(q, EW, nu, nucnt, h, ltab, log2n, tab)
         _chain_masks(EW, nu, nucnt, h, ltab, log2n, is_mi, reference, descending, perm)
     else:
         _marginals(q, nu, nucnt, h, ltab, log2n, hist)
@@ -520,20 +570,18 @@ def _kl_hists(q, bins, bits, pre, cnts, negh, tsum, plp, lt, hist):
     W = bits.shape[2]
     for k in range(K):
         for c in range(C):
-            qq = q[k, c]
-            b = bits[k, c]
             for w in range(W):
-                b[w] = _U0
+                bits[k, c, w] = _U0
             for t in range(n):
-                v = qq[t]
-                b[v >> 6] |= _U1 << np.uint64(v & 63)
+                v = q[k, c, t]
+                bits[k, c, v >> 6] |= _U1 << np.uint64(v & 63)
                 hist[v] += 1
             r = 0
             s_plp = 0.0
             s_lt = 0.0
             for w in range(W):
                 pre[k, c, w] = r
-                m = b[w]
+                m = bits[k, c, w]
                 while m:
                     v = w * 64 + np.int64(trailing_zeros(m))
                     m &= m - _U1
@@ -554,15 +602,15 @@ def _score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j):
     lt0 = lt[0]
     acc = 0.0
     for c in range(C):
-        bc, bj = bits[cur, c], bits[j, c]
         x = n * lt0
         for w in range(W):
-            m = bc[w] & bj[w]
+            bc, bj = bits[cur, c, w], bits[j, c, w]
+            m = bc & bj
             while m:
                 low = (m & (_U0 - m)) - _U1  # the bits below the lowest set bit
                 m &= m - _U1
-                ri = pre[cur, c, w] + np.int64(popcount(bc[w] & low))
-                rj = pre[j, c, w] + np.int64(popcount(bj[w] & low))
+                ri = pre[cur, c, w] + np.int64(popcount(bc & low))
+                rj = pre[j, c, w] + np.int64(popcount(bj & low))
                 x += cnts[cur, c, ri] * (lt[cnts[j, c, rj]] - lt0)
         cross = (x + tsum[j, c] / bins) / (n + 1)
         acc += negh[cur, c] - cross
@@ -574,10 +622,11 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
     """Greedy KL(reference || candidate) chain.
 
     Up to 64 pixels per patch the candidates of a step are scored in lanes:
-    with cnt_j(v) candidate j's count of bin v, KL = const - log2(T_j prod_t
-    (cnt_j(q_ref,t) + 1/bins)) / (C (n + 1)), T_j = prod_c 2^(sum_b log2 Q_j,b /
-    bins), so that product orders the candidates (see the module notes).
-    cntT (C * bins * K,) uint8 scratch, zero in and out.
+    with cnt_j(v) candidate j's count of bin v, KL = const - log2(prod_c T_j,c
+    prod_t (cnt_j(q_ref,t) + 1/bins)) / (C (n + 1)), T_j,c = 2^(sum_b log2
+    Q_j,b / bins), so that product orders the candidates (module notes).
+    cntT (C * bins * KP,) uint8 scratch (KP = K rounded up to 32), zero in and
+    out.
     """
     K, C, n = q.shape
     W = (bins + 63) // 64
@@ -587,38 +636,38 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
     negh = np.empty((K, C), np.float64)
     tsum = np.empty((K, C), np.float64)
     _kl_hists(q, bins, bits, pre, cnts, negh, tsum, plp, lt, hist)
-    idx = np.arange(K)
-    pos = np.arange(K)
-    dummy = np.empty((0, K), np.int8)
     perm[0] = cur = reference
     if n > 64:
-        m = _drop(dummy, idx, pos, reference, K)
+        used = np.zeros(K, np.bool_)
+        used[reference] = True
         for step in range(1, K):
             best, bkey = -1, NEG_INF
-            for s in range(m):
-                j = idx[s]
-                key = _key(_score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j),
-                           descending)
-                if _better(key, j, bkey, best):
-                    best, bkey = j, key
+            for j in range(K):
+                if not used[j]:
+                    key = _key(_score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j),
+                               descending)
+                    if _better(key, j, bkey, best):
+                        best, bkey = j, key
             perm[step] = cur = best
-            m = _drop(dummy, idx, pos, best, m)
+            used[best] = True
         return
     flip = descending  # kl is natively ascending: the largest product is the best
     band = 2.0 ** (-C * (n + 1) * BAND_SCORE)
     rescale = C * n * max(math.log2(n + 1), math.log2(bins)) > 900.0
     ib = 1.0 / bins
     KP = (K + 31) // 32 * 32
-    ct = cntT[: C * bins * KP].reshape((C, bins, KP))  # candidate-last bin counts
+    ct = cntT[: C * bins * KP].reshape((C * bins, KP))  # candidate-last bin counts
     tau = np.empty((C, KP), np.float64)
     for k in range(K):
         for c in range(C):
             for t in range(n):
-                ct[c, q[k, c, t], k] += 1
+                ct[c * bins + q[k, c, t], k] += 1
             tau[c, k] = 2.0 ** (tsum[k, c] / bins)
     for k in range(K, KP):
         for c in range(C):
             tau[c, k] = 1.0
+    idx = np.arange(K)
+    pos = np.arange(K)
     prod = np.empty(KP, np.float64)
     m = K
     for step in range(K):
@@ -628,41 +677,43 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
             for s in range(mm):
                 prod[s] = 1.0
             for c in range(C):
-                tc, qc, cc = tau[c], q[cur, c], ct[c]
                 for s in range(mm):
-                    prod[s] *= tc[s]
+                    prod[s] *= tau[c, s]
                 for t in range(0, n - 1, 2):
-                    r0, r1 = cc[qc[t]], cc[qc[t + 1]]
+                    r0, r1 = c * bins + q[cur, c, t], c * bins + q[cur, c, t + 1]
                     for s in range(mm):
-                        prod[s] *= (r0[s] + ib) * (r1[s] + ib)
+                        prod[s] *= (ct[r0, s] + ib) * (ct[r1, s] + ib)
                 if n % 2:
-                    r0 = cc[qc[n - 1]]
+                    r0 = c * bins + q[cur, c, n - 1]
                     for s in range(mm):
-                        prod[s] *= r0[s] + ib
+                        prod[s] *= ct[r0, s] + ib
                 if rescale:
                     _rescale(prod, m, flip)
             thr = _band_pick(prod, m, flip, band)
-            best, bkey = -1, NEG_INF
-            for s in range(m):
-                if prod[s] >= thr:
-                    j = idx[s]
-                    key = _key(_score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j),
-                               descending)
-                    if _better(key, j, bkey, best):
-                        best, bkey = j, key
+            best, inband = _band_first(prod, idx, m, thr)
+            if inband > 1:  # near-ties: exact scores and rounded keys decide
+                best, bkey = -1, NEG_INF
+                for s in range(m):
+                    if prod[s] >= thr:
+                        j = idx[s]
+                        key = _key(_score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j),
+                                   descending)
+                        if _better(key, j, bkey, best):
+                            best, bkey = j, key
             perm[step] = cur = k = best
         # drop patch k: clear its counts, move the last slot's counts and data in
         s, last = pos[k], m - 1
         lk = idx[last]
         for c in range(C):
             for t in range(n):
-                ct[c, q[k, c, t], s] = 0
+                ct[c * bins + q[k, c, t], s] = 0
             if s != last:
                 for t in range(n):
-                    ct[c, q[lk, c, t], s] = ct[c, q[lk, c, t], last]
+                    ct[c * bins + q[lk, c, t], s] = ct[c * bins + q[lk, c, t], last]
                 for t in range(n):
-                    ct[c, q[lk, c, t], last] = 0
-        m = _drop(tau, idx, pos, k, m)
+                    ct[c * bins + q[lk, c, t], last] = 0
+        _move_col(tau, pos, k, m)
+        m = _drop(idx, pos, k, m)
 
 
 # --------------------------------------------------------------------------
@@ -675,11 +726,10 @@ def _moments(q, s1, mu, var):
     K, C, n = q.shape
     for k in range(K):
         for c in range(C):
-            qq = q[k, c]
             a = 0
             b = 0
             for t in range(n):
-                v = np.int64(qq[t])
+                v = np.int64(q[k, c, t])
                 a += v
                 b += v * v
             fa, fb = float(a), float(b)
@@ -689,16 +739,17 @@ def _moments(q, s1, mu, var):
 
 
 @njit(**_JIT)
-def _sums(q, code, reference, descending, acc, perm):
-    """Greedy l1 / l2 / ssim chain; acc (C, KP) int32 or int64 scratch for the sums.
+def _sums(q, code, reference, descending, perm):
+    """Greedy l1 / l2 / ssim chain.
 
     Each step accumulates, for all remaining candidates at once (lanes), the
-    exact per-channel sum of |a - b|, (a - b)^2 or a * b, then evaluates the
-    float formula of porder.measures, in the same order, in lanes too: the
-    scores are bitwise those of the generic path.
+    exact per-channel sum of |a - b|, (a - b)^2 or a * b (int32 lanes over
+    blocks of SUM_BLOCK pixels, which cannot overflow, added up in float64,
+    exact below 2^53), then evaluates the float formula of porder.measures in
+    the same order, in lanes too: the scores are bitwise the generic path's.
     """
     K, C, n = q.shape
-    KP = acc.shape[1]
+    KP = (K + 31) // 32 * 32
     q2 = np.zeros((C * n, KP), np.uint8)  # candidate-last pixels, row c * n + t
     for k in range(K):
         for c in range(C):
@@ -716,68 +767,80 @@ def _sums(q, code, reference, descending, acc, perm):
     nn = float(n * n)
     idx = np.arange(K)
     pos = np.arange(K)
+    acc = np.empty(KP, np.int32)
+    ex = np.empty(KP, np.float64)
     tot = np.empty(KP, np.float64)
     _move_col(st, pos, reference, K)
-    m = _drop(q2, idx, pos, reference, K)
+    _move_col(q2, pos, reference, K)
+    m = _drop(idx, pos, reference, K)
     perm[0] = cur = reference
     for step in range(1, K):
         mm = (m + 31) // 32 * 32
         for s in range(mm):
             tot[s] = 0.0
         for c in range(C):
-            a = acc[c]
             for s in range(mm):
-                a[s] = 0
-            qc = q[cur, c]
-            for t in range(0, n - 1, 2):
-                v0, v1 = np.int32(qc[t]), np.int32(qc[t + 1])
-                c0, c1 = q2[c * n + t], q2[c * n + t + 1]
-                if code == L1:
-                    for s in range(mm):
-                        a[s] += (np.int32(abs(np.int32(v0 - np.int32(c0[s]))))
-                                 + np.int32(abs(np.int32(v1 - np.int32(c1[s])))))
-                elif code == L2:
-                    for s in range(mm):
-                        d0 = np.int32(v0 - np.int32(c0[s]))
-                        d1 = np.int32(v1 - np.int32(c1[s]))
-                        a[s] += np.int32(d0 * d0) + np.int32(d1 * d1)
-                else:
-                    for s in range(mm):
-                        a[s] += np.int32(v0 * np.int32(c0[s])) + np.int32(v1 * np.int32(c1[s]))
-            if n % 2:
-                v0, c0 = np.int32(qc[n - 1]), q2[c * n + n - 1]
+                ex[s] = 0.0
+            for b0 in range(0, n, SUM_BLOCK):
+                b1 = min(n, b0 + SUM_BLOCK)
                 for s in range(mm):
-                    d0 = np.int32(v0 - np.int32(c0[s]))
+                    acc[s] = 0
+                for t in range(b0, b1 - 1, 2):
+                    v0, v1 = np.int32(q[cur, c, t]), np.int32(q[cur, c, t + 1])
+                    r0, r1 = c * n + t, c * n + t + 1
                     if code == L1:
-                        a[s] += abs(d0)
+                        for s in range(mm):
+                            acc[s] += (np.int32(abs(np.int32(v0 - np.int32(q2[r0, s]))))
+                                       + np.int32(abs(np.int32(v1 - np.int32(q2[r1, s])))))
                     elif code == L2:
-                        a[s] += d0 * d0
+                        for s in range(mm):
+                            d0 = np.int32(v0 - np.int32(q2[r0, s]))
+                            d1 = np.int32(v1 - np.int32(q2[r1, s]))
+                            acc[s] += np.int32(d0 * d0) + np.int32(d1 * d1)
                     else:
-                        a[s] += v0 * np.int32(c0[s])
+                        for s in range(mm):
+                            acc[s] += (np.int32(v0 * np.int32(q2[r0, s]))
+                                       + np.int32(v1 * np.int32(q2[r1, s])))
+                if (b1 - b0) % 2:
+                    v0, r0 = np.int32(q[cur, c, b1 - 1]), c * n + b1 - 1
+                    for s in range(mm):
+                        d0 = np.int32(v0 - np.int32(q2[r0, s]))
+                        if code == L1:
+                            acc[s] += abs(d0)
+                        elif code == L2:
+                            acc[s] += d0 * d0
+                        else:
+                            acc[s] += v0 * np.int32(q2[r0, s])
+                for s in range(mm):
+                    ex[s] += acc[s]
             # the formula of porder.measures, candidate by candidate, in lanes
             if code == L1:
                 for s in range(mm):
-                    tot[s] += a[s] / n
+                    tot[s] += ex[s] / n
             elif code == L2:
                 for s in range(mm):
-                    tot[s] += math.sqrt(a[s] / n)
+                    tot[s] += math.sqrt(ex[s] / n)
             else:
                 s1a, mua, va = s1[cur, c], mu[cur, c], var[cur, c]
-                s1b, mub, vb = st[c], st[C + c], st[2 * C + c]
                 for s in range(mm):
-                    cov = (n * float(a[s]) - s1a * s1b[s]) / nn
-                    num = (2 * mua * mub[s] + SSIM_C1) * (2 * cov + SSIM_C2)
-                    den = (mua * mua + mub[s] * mub[s] + SSIM_C1) * (va + vb[s] + SSIM_C2)
+                    mub = st[C + c, s]
+                    cov = (n * ex[s] - s1a * st[c, s]) / nn
+                    num = (2 * mua * mub + SSIM_C1) * (2 * cov + SSIM_C2)
+                    den = (mua * mua + mub * mub + SSIM_C1) * (va + st[2 * C + c, s] + SSIM_C2)
                     tot[s] += num / den
+        for s in range(mm):  # keys as _key computes them, in lanes
+            r = np.rint(tot[s] / C * ROUND_SCALE)
+            r = r if descending else -r
+            tot[s] = NEG_INF if r != r else r
         best, bkey = -1, NEG_INF
         for s in range(m):
             j = idx[s]
-            key = _key(tot[s] / C, descending)
-            if _better(key, j, bkey, best):
-                best, bkey = j, key
+            if _better(tot[s], j, bkey, best):
+                best, bkey = j, tot[s]
         perm[step] = cur = best
         _move_col(st, pos, best, m)
-        m = _drop(q2, idx, pos, best, m)
+        _move_col(q2, pos, best, m)
+        m = _drop(idx, pos, best, m)
 
 
 # --------------------------------------------------------------------------
@@ -813,38 +876,36 @@ def _block_sum(a, lo, n):
 
 
 @njit(**_JIT)
-def _pairwise_sum(a, n):
+def _pairwise_sum(a, n, stack):
     """Sum of a[:n] in NumPy's pairwise order (np.add.reduce on float64).
 
     NumPy halves a range of more than 128 elements (the first half rounded
     down to a multiple of 8) and adds the two sums. The recursion is unrolled
-    with an explicit stack: numba's cache cannot reload recursive functions.
+    with an explicit stack (4, 64) int64 scratch: numba's cache cannot reload
+    recursive functions.
     """
     if n <= 128:
         return _block_sum(a, 0, n)
-    los = np.empty(64, np.int64)  # ranges still to sum, and their state
-    ns = np.empty(64, np.int64)
-    st = np.zeros(64, np.int64)  # 0: split next, 1: right half next, 2: combine
-    vals = np.empty(64, np.float64)
+    vals = stack[3].view(np.float64)
     sp, vp = 1, 0
-    los[0], ns[0], st[0] = 0, n, 0
+    stack[0, 0], stack[1, 0], stack[2, 0] = 0, n, 0  # lo, length, state
     while sp:
-        lo, m, s = los[sp - 1], ns[sp - 1], st[sp - 1]
+        lo, m, s = stack[0, sp - 1], stack[1, sp - 1], stack[2, sp - 1]
         m2 = m // 2
         m2 -= m2 % 8
         if m <= 128:
             sp -= 1
             vals[vp] = _block_sum(a, lo, m)
             vp += 1
-        elif s == 0:
-            st[sp - 1] = 1
-            los[sp], ns[sp], st[sp] = lo, m2, 0
+        elif s == 0:  # left half next
+            stack[2, sp - 1] = 1
+            stack[0, sp], stack[1, sp], stack[2, sp] = lo, m2, 0
             sp += 1
-        elif s == 1:
-            st[sp - 1] = 2
-            los[sp], ns[sp], st[sp] = lo + m2, m - m2, 0
+        elif s == 1:  # right half next
+            stack[2, sp - 1] = 2
+            stack[0, sp], stack[1, sp], stack[2, sp] = lo + m2, m - m2, 0
             sp += 1
-        else:
+        else:  # both done: combine
             sp -= 1
             vals[vp - 2] = vals[vp - 2] + vals[vp - 1]
             vp -= 1
@@ -862,13 +923,13 @@ def _standalone(q, code, descending, clogc, log2n, hist, perm):
     keys = np.empty(K, np.float64)
     buf = np.zeros(n, np.float64)
     bits = np.zeros(4, np.uint64)
+    stack = np.empty((4, 64), np.int64)
     for k in range(K):
         acc = 0.0
         for c in range(C):
-            qq = q[k, c]
             if code == ENTROPY:
                 for t in range(n):
-                    v = qq[t]
+                    v = q[k, c, t]
                     hist[v] += 1
                     bits[v >> 6] |= _U1 << np.uint64(v & 63)
                 r = 0
@@ -881,33 +942,61 @@ def _standalone(q, code, descending, clogc, log2n, hist, perm):
                         buf[r] = clogc[hist[v]]
                         hist[v] = 0
                         r += 1
-                acc += log2n - _pairwise_sum(buf, n) / n
+                acc += log2n - _pairwise_sum(buf, n, stack) / n
                 for i in range(r):
                     buf[i] = 0.0
             else:  # PSNR
                 a = 0
                 b2 = 0
                 for t in range(n):
-                    v = np.int64(qq[t])
+                    v = np.int64(q[k, c, t])
                     a += v
                     b2 += v * v
                 fa, fb = float(a), float(b2)
                 v2 = (n * fb - fa * fa) / (n * n)
                 acc += 10.0 * math.log10(PSNR_PEAK2 / max(v2, PSNR_NOISE_FLOOR))
-        keys[k] = -_key(acc / C, descending)  # ascending sort key
-    m = 0
-    finite = np.empty(K, np.int64)
-    for k in range(K):
-        if keys[k] != -NEG_INF:
-            finite[m] = k
-            m += 1
-    order = np.argsort(keys[finite[:m]], kind="mergesort")
-    for i in range(m):
-        perm[i] = finite[order[i]]
-    for k in range(K):
-        if keys[k] == -NEG_INF:
-            perm[m] = k
-            m += 1
+        r = np.rint(acc / C * ROUND_SCALE)  # np.round(., 9) without the monotone / 1e9
+        keys[k] = -r if descending else r
+    _argsort_stable(keys, perm)
+
+
+@njit(**_JIT, inline="always")
+def _lt(a, b):
+    """a < b with NaN after everything (NumPy's sort order)."""
+    return a < b or (b != b and a == a)
+
+
+@njit(**_JIT)
+def _argsort_stable(keys, out):
+    """out (K,) int64 = np.argsort(keys, kind='stable'): bottom-up merge sort."""
+    K = keys.shape[0]
+    tmp = np.empty(K, np.int64)
+    for i in range(K):
+        out[i] = i
+    width = 1
+    while width < K:
+        for lo in range(0, K, 2 * width):
+            mid, hi = min(lo + width, K), min(lo + 2 * width, K)
+            i, j, o = lo, mid, lo
+            while i < mid and j < hi:
+                if _lt(keys[out[j]], keys[out[i]]):
+                    tmp[o] = out[j]
+                    j += 1
+                else:
+                    tmp[o] = out[i]
+                    i += 1
+                o += 1
+            while i < mid:
+                tmp[o] = out[i]
+                i += 1
+                o += 1
+            while j < hi:
+                tmp[o] = out[j]
+                j += 1
+                o += 1
+        for i in range(K):
+            out[i] = tmp[i]
+        width *= 2
 
 
 # --------------------------------------------------------------------------
@@ -929,10 +1018,8 @@ def _one(img, code, p, bins, reference, descending, qtab, ltab, clogc, log2n, pl
         _mi_je(q, code == MI, bins, reference, descending, ltab, log2n, tab, hist, joint, perm)
     elif code == KL:
         _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm)
-    elif n * 65025 < 2**31:
-        _sums(q, code, reference, descending, np.empty((C, (K + 31) // 32 * 32), np.int32), perm)
     else:
-        _sums(q, code, reference, descending, np.empty((C, (K + 31) // 32 * 32), np.int64), perm)
+        _sums(q, code, reference, descending, perm)
     _gather(img, perm, p, out)
 
 
@@ -944,19 +1031,9 @@ def reorder_range(images, lo, hi, code, p, bins, reference, descending, qtab, lt
     code: a measure code; qtab (256,) uint8 value -> bin; ltab, clogc, plp, lt
     (n + 1,): log2 c, c log2 c and KL's P log2 P, log2 P of a count c; hist
     (256,) int32, tab (1024,) uint64, joint (bins**2 or 1,) int32 and cntT
-    (C * bins * K or 1,) uint8: zeroed scratch of this thread; out (N, S, S, C)
+    (C * bins * KP or 1,) uint8: zeroed scratch of this thread; out (N, S, S, C)
     uint8 and perm (N, K) int64 are written.
     """
     for i in range(lo, hi):
         _one(images[i], code, p, bins, reference, descending, qtab, ltab, clogc, log2n, plp, lt,
              hist, tab, joint, cntT, out[i], perm[i])
-
-
-@njit(parallel=True, **_JIT)
-def reorder_images(images, code, p, bins, reference, descending, qtab, ltab, clogc, log2n, plp,
-                   lt, hist, tab, joint, cntT, out, perm):
-    """All images, one per prange task; scratch arrays have one row per thread id."""
-    for i in prange(images.shape[0]):
-        t = numba.get_thread_id()
-        _one(images[i], code, p, bins, reference, descending, qtab, ltab, clogc, log2n, plp, lt,
-             hist[t], tab[t], joint[t], cntT[t], out[i], perm[i])

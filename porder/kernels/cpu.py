@@ -1,21 +1,27 @@
-"""Compiled CPU backend of :func:`porder.reorder`: numba kernels, one image per task.
+"""Compiled CPU backend of :func:`porder.reorder`: numba kernels, one image at a time.
 
 Every measure is covered. A pairwise measure scores the remaining candidates
-against the current reference and runs the greedy chain inside one compiled
-loop per image (no (N, K, K) score matrix); a standalone measure sorts its
-patch scores in the same loop. ``mi`` and ``je`` count co-located pixel pairs
-with per-pixel equality bitmasks and a popcount up to 8x8 patches (pixels whose
-bin is unique within the reference patch count 1 and are skipped), and with a
-dense joint-count table above; ``kl`` intersects per-patch bitsets of the bins
-present. Permutations are identical to the generic NumPy path (scores rounded
-to ``porder.ordering.DECIMALS`` decimals, ties to the lowest index, NaN last).
+of a step against the current reference, all at once in vector lanes, and
+runs the greedy chain inside one compiled loop per image (no (N, K, K) score
+matrix); a standalone measure sorts its patch scores in the same loop, and the
+reordered image is gathered there too. ``mi`` and ``je`` count co-located
+pixel pairs with per-pixel equality bitmasks and a popcount (16-bit masks up
+to 4x4 patches, 64-bit up to 8x8; pixels whose bin is unique within the
+reference patch count 1 and are skipped), ``kl`` reads candidate-last bin
+counts; for these three a product of counts orders the candidates, and only
+the few candidates near the best get an exact score (details in
+``_cpu_kernels``). Permutations are identical to the generic NumPy path:
+scores rounded to ``porder.ordering.DECIMALS`` decimals, ties to the lowest
+index, NaN last.
 
-The kernels are compiled on first use and cached on disk (numba
+Images are split into chunks that a pool of threads (``workers``, default all
+cores) takes one after another; the compiled loop releases the GIL.
+
+The kernels compile on first use and are cached on disk (numba
 ``cache=True``): next to this file when the package folder is writable,
 otherwise in ``$XDG_CACHE_HOME/porder/numba`` (``~/.cache/porder/numba``)
 unless ``NUMBA_CACHE_DIR`` is set. The first call on a machine compiles for
-about a minute (see README, "Backends"); later processes load the cache in well
-under a second.
+about a minute; later processes load the cache in about half a second.
 """
 from __future__ import annotations
 
@@ -23,14 +29,19 @@ import math
 import os
 import sys
 import threading
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 
 def _cache_dir() -> str | None:
-    """The folder numba should cache in, or None to let it use the package folder."""
+    """The folder numba should cache in, or None to leave numba's default.
+
+    numba's default is ``__pycache__`` next to the kernels; when that cannot
+    be written (a read-only site-packages), a per-user folder instead.
+    ``NUMBA_CACHE_DIR``, when set, always wins.
+    """
     if os.environ.get("NUMBA_CACHE_DIR"):
         return None
     here = Path(__file__).resolve().parent
@@ -44,38 +55,20 @@ def _cache_dir() -> str | None:
 _CACHE_DIR = _cache_dir()
 if _CACHE_DIR is not None:
     os.environ["NUMBA_CACHE_DIR"] = _CACHE_DIR
-    if "numba" in sys.modules:  # imported before us: numba reads its config at import
+    if "numba" in sys.modules:  # imported before us: numba read its config already
         import numba.core.config
 
         numba.core.config.CACHE_DIR = _CACHE_DIR
 
-import numba  # noqa: E402
-
-from . import _cpu_kernels as _k  # noqa: E402
+from . import _cpu_kernels as _k  # noqa: E402  (after the cache folder is chosen)
 
 CODES = {"mi": _k.MI, "je": _k.JE, "kl": _k.KL, "l1": _k.L1, "l2": _k.L2, "ssim": _k.SSIM,
          "entropy": _k.ENTROPY, "psnr": _k.PSNR}
 # Measures that quantise intensities into bins; the others read raw values.
 _BINNED = ("mi", "je", "kl", "entropy")
-# numba's default threading layer (workqueue) aborts on concurrent launches from
-# several Python threads; one launch at a time is also what keeps the cores busy.
-_LOCK = threading.Lock()
-
-
-@contextmanager
-def _threads(workers):
-    """numba threads for this call (default all), one image per scheduled task."""
-    prev_n = numba.get_num_threads()
-    want = numba.config.NUMBA_NUM_THREADS if workers is None else int(workers)
-    if want < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    numba.set_num_threads(min(want, numba.config.NUMBA_NUM_THREADS))
-    prev_chunk = numba.set_parallel_chunksize(1)
-    try:
-        yield
-    finally:
-        numba.set_parallel_chunksize(prev_chunk)
-        numba.set_num_threads(prev_n)
+# Images per task: large enough to hide the ~10 us Python cost of a call,
+# small enough to balance the threads at the end of a batch.
+MAX_CHUNK = 32
 
 
 def _tables(name: str, n: int, bins: int):
@@ -96,6 +89,12 @@ def _tables(name: str, n: int, bins: int):
     return qtab, ltab, clogc, prob * lt, lt
 
 
+def _chunks(n_img: int, workers: int) -> list[tuple[int, int]]:
+    """(lo, hi) image ranges: about 8 per worker, at most MAX_CHUNK images each."""
+    size = max(1, min(MAX_CHUNK, -(-n_img // (8 * workers))))
+    return [(lo, min(lo + size, n_img)) for lo in range(0, n_img, size)]
+
+
 def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, descending: bool,
                   workers=None):
     """POR-reorder a batch of images with the numba kernels.
@@ -114,7 +113,7 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
     descending : bool
         True when a higher score is more similar (pairwise) or sorts first.
     workers : int, optional
-        Threads (default: all cores numba sees).
+        Threads (default: all cores).
 
     Returns
     -------
@@ -139,7 +138,11 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
         raise ValueError(f"patch size {patch!r} does not divide the image size {s}")
     if not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 256:
         raise ValueError(f"bins must be an integer from 1 to 256, got {bins!r}")
-    p, g = int(patch), s // int(patch)
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    p, g, bins = int(patch), s // int(patch), int(bins)
     k, n = g * g, p * p
     if not 0 <= reference < k:
         raise ValueError(f"reference patch {reference} is out of range 0..{k - 1}")
@@ -147,17 +150,34 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
     perm = np.empty((n_img, k), dtype=np.int64)
     if n_img == 0:
         return out, perm
-    qtab, ltab, clogc, plp, lt = _tables(name, n, int(bins))
-    code, desc, log2n = CODES[name], bool(descending), math.log2(n)
-    # per-thread scratch (zero; the kernels leave it zero), indexed by thread id
-    slots = numba.config.NUMBA_NUM_THREADS
-    hist = np.zeros((slots, 256), dtype=np.int32)
-    tab = np.zeros((slots, 1024), dtype=np.uint64)
-    dense = code in (_k.MI, _k.JE) and n > 256
-    joint = np.zeros((slots, bins * bins if dense else 1), dtype=np.int32)
+    qtab, ltab, clogc, plp, lt = _tables(name, n, bins)
+    code = CODES[name]
+    args = (code, p, bins, int(reference), bool(descending), qtab, ltab, clogc, math.log2(n),
+            plp, lt)
+    dense = code in (_k.MI, _k.JE) and n > 64
     lanes = code == _k.KL and n <= 64
-    cnt_t = np.zeros((slots, c * bins * ((k + 31) // 32 * 32) if lanes else 1), dtype=np.uint8)
-    with _LOCK, _threads(workers):
-        _k.reorder_images(x, code, p, int(bins), int(reference), desc, qtab, ltab, clogc, log2n,
-                          plp, lt, hist, tab, joint, cnt_t, out, perm)
+    chunks = _chunks(n_img, int(workers))
+    todo = iter(chunks)
+    lock = threading.Lock()
+
+    def work():
+        # this thread's scratch; the kernels leave it zeroed
+        hist = np.zeros(256, dtype=np.int32)
+        tab = np.zeros(1024, dtype=np.uint64)
+        joint = np.zeros(bins * bins if dense else 1, dtype=np.int32)
+        cnt_t = np.zeros(c * bins * (-(-k // 32) * 32) if lanes else 1, dtype=np.uint8)
+        while True:
+            with lock:
+                lo_hi = next(todo, None)
+            if lo_hi is None:
+                return
+            _k.reorder_range(x, lo_hi[0], lo_hi[1], *args, hist, tab, joint, cnt_t, out, perm)
+
+    nthreads = min(int(workers), len(chunks))
+    if nthreads == 1:
+        work()
+    else:
+        with ThreadPoolExecutor(nthreads, thread_name_prefix="porder-cpu") as pool:
+            for f in [pool.submit(work) for _ in range(nthreads)]:
+                f.result()
     return out, perm
