@@ -287,38 +287,6 @@ def _masks(q, E, nu, nucnt, h, ltab, log2n, tab):
             _stats(E, k, c, n, nu, nucnt, h, ltab, log2n)
 
 
-@njit(**_JIT)
-def _masks_words(q, E, nu, nucnt, h, ltab, log2n, tab):
-    """:func:`_masks` for 64 < n <= 256: E (K, C, n, W) uint64, W = ceil(n / 64).
-
-    tab (256 W,) uint64 scratch, zero in and out.
-    """
-    K, C, n, W = E.shape
-    for k in range(K):
-        for c in range(C):
-            for t in range(n):
-                tab[np.int64(q[k, c, t]) * W + (t >> 6)] |= _U1 << np.uint64(t & 63)
-            for t in range(n):
-                b = np.int64(q[k, c, t]) * W
-                for w in range(W):
-                    E[k, c, t, w] = tab[b + w]
-            for t in range(n):
-                b = np.int64(q[k, c, t]) * W
-                for w in range(W):
-                    tab[b + w] = _U0
-            lsum = 0.0
-            m = 0
-            for t in range(n):
-                cnt = 0
-                for w in range(W):
-                    cnt += np.int64(popcount(E[k, c, t, w]))
-                lsum += ltab[cnt]
-                nu[k, c, m] = t
-                m += cnt > 1
-            nucnt[k, c] = m
-            h[k, c] = log2n - lsum / n
-
-
 @njit(**_JIT, inline="always")
 def _score_masks(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j):
     """mi or je of candidate j against reference cur, from :func:`_masks` (E 3-D)."""
@@ -332,43 +300,6 @@ def _score_masks(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j):
         je = log2n - lsum / n
         acc += (h[cur, c] + h[j, c] - je) if is_mi else je
     return acc / C
-
-
-@njit(**_JIT, inline="always")
-def _score_words(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j):
-    """:func:`_score_masks` for multi-word masks E (K, C, n, W)."""
-    C, n, W = E.shape[1], E.shape[2], E.shape[3]
-    acc = 0.0
-    for c in range(C):
-        lsum = 0.0
-        for ii in range(nucnt[cur, c]):
-            t = nu[cur, c, ii]
-            cnt = 0
-            for w in range(W):
-                cnt += np.int64(popcount(E[cur, c, t, w] & E[j, c, t, w]))
-            lsum += ltab[cnt]
-        je = log2n - lsum / n
-        acc += (h[cur, c] + h[j, c] - je) if is_mi else je
-    return acc / C
-
-
-@njit(**_JIT)
-def _chain_masks(E, nu, nucnt, h, ltab, log2n, is_mi, reference, descending, perm):
-    """Greedy mi/je chain, one candidate at a time (multi-word masks E (K, C, n, W))."""
-    K = E.shape[0]
-    used = np.zeros(K, np.bool_)
-    used[reference] = True
-    perm[0] = cur = reference
-    for step in range(1, K):
-        best, bkey = -1, NEG_INF
-        for j in range(K):
-            if not used[j]:
-                key = _key(_score_words(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j),
-                           descending)
-                if _better(key, j, bkey, best):
-                    best, bkey = j, key
-        perm[step] = cur = best
-        used[best] = True
 
 
 @njit(**_JIT)
@@ -464,33 +395,49 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
 
 
 @njit(**_JIT)
-def _marginals(q, nu, nucnt, h, ltab, log2n, hist):
-    """Entropies h (K, C) and shared-bin pixel lists nu/nucnt (see _masks).
+def _marginals(q, bins, nu, nucnt, h, rowid, ltab, log2n, hist):
+    """Entropies h (K, C), shared-bin pixel lists nu/nucnt (see _masks) and rows.
 
+    rowid (K, C, n) int32 out: for a shared-bin pixel, bins times the rank of
+    its bin among the patch's shared bins: its row in a compact joint table.
     hist (>= bins,) int32 scratch, zero in and out.
     """
     K, C, n = q.shape
+    rank = np.full(256, -1, np.int32)
     for k in range(K):
         for c in range(C):
             for t in range(n):
                 hist[q[k, c, t]] += 1
             lsum = 0.0
             m = 0
+            d = 0
             for t in range(n):
-                cnt = hist[q[k, c, t]]
+                v = q[k, c, t]
+                cnt = hist[v]
                 lsum += ltab[cnt]
-                nu[k, c, m] = t
-                m += cnt > 1
+                if cnt > 1:
+                    if rank[v] < 0:
+                        rank[v] = d
+                        d += 1
+                    rowid[k, c, t] = rank[v] * bins
+                    nu[k, c, m] = t
+                    m += 1
             nucnt[k, c] = m
             for t in range(n):
                 hist[q[k, c, t]] = 0
+                rank[q[k, c, t]] = -1
             h[k, c] = log2n - lsum / n
 
 
 @njit(**_JIT)
-def _chain_dense(q, bins, nu, nucnt, h, ltab, log2n, is_mi, reference, descending, perm,
+def _chain_dense(q, nu, nucnt, h, rowid, clogc, log2n, is_mi, reference, descending, perm,
                  joint):
-    """Greedy mi/je chain with joint counts in joint (>= bins**2,) int32, zero in and out."""
+    """Greedy mi/je chain with joint counts in a dense table (any patch size).
+
+    The joint histogram of a pair fills rows rowid (compact, so it stays in
+    cache) of joint (>= bins**2,) int32, zero in and out; sum_t log2 count(t)
+    is read back as sum over cells of c log2 c, each cell once (then zeroed).
+    """
     K, C, n = q.shape
     used = np.zeros(K, np.bool_)
     used[reference] = True
@@ -505,14 +452,13 @@ def _chain_dense(q, bins, nu, nucnt, h, ltab, log2n, is_mi, reference, descendin
                 mm = nucnt[cur, c]
                 for ii in range(mm):
                     t = nu[cur, c, ii]
-                    joint[np.int64(q[cur, c, t]) * bins + q[j, c, t]] += 1
+                    joint[rowid[cur, c, t] + q[j, c, t]] += 1
                 lsum = 0.0
                 for ii in range(mm):
                     t = nu[cur, c, ii]
-                    lsum += ltab[joint[np.int64(q[cur, c, t]) * bins + q[j, c, t]]]
-                for ii in range(mm):
-                    t = nu[cur, c, ii]
-                    joint[np.int64(q[cur, c, t]) * bins + q[j, c, t]] = 0
+                    ix = rowid[cur, c, t] + q[j, c, t]
+                    lsum += clogc[joint[ix]]  # clogc[0] = 0 for cells already read
+                    joint[ix] = 0
                 je = log2n - lsum / n
                 acc += (h[cur, c] + h[j, c] - je) if is_mi else je
             key = _key(acc / C, descending)
@@ -523,8 +469,8 @@ def _chain_dense(q, bins, nu, nucnt, h, ltab, log2n, is_mi, reference, descendin
 
 
 @njit(**_JIT)
-def _mi_je(q, is_mi, bins, reference, descending, ltab, log2n, tab, hist, joint, perm):
-    """Dispatch mi/je by patch size: lanes (n <= 64), word masks (<= 256), dense table."""
+def _mi_je(q, is_mi, bins, reference, descending, ltab, clogc, log2n, tab, hist, joint, perm):
+    """Dispatch mi/je by patch size: bitmask lanes up to 64 pixels, a dense table above."""
     K, C, n = q.shape
     nu = np.empty((K, C, n), np.int32)
     nucnt = np.empty((K, C), np.int32)
@@ -542,13 +488,10 @@ def _mi_je(q, is_mi, bins, reference, descending, ltab, log2n, tab, hist, joint,
         _masks(q, E64, nu, nucnt, h, ltab, log2n, tab)
         _chain_lanes(E64, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, reference,
                      descending, perm)
-    elif n <= 256:
-        EW = np.empty((K, C, n, (n + 63) // 64), np.uint64)
-        _masks_words(q, EW, nu, nucnt, h, ltab, log2n, tab)
-        _chain_masks(EW, nu, nucnt, h, ltab, log2n, is_mi, reference, descending, perm)
     else:
-        _marginals(q, nu, nucnt, h, ltab, log2n, hist)
-        _chain_dense(q, bins, nu, nucnt, h, ltab, log2n, is_mi, reference, descending, perm,
+        rowid = np.empty((K, C, n), np.int32)
+        _marginals(q, bins, nu, nucnt, h, rowid, ltab, log2n, hist)
+        _chain_dense(q, nu, nucnt, h, rowid, clogc, log2n, is_mi, reference, descending, perm,
                      joint)
 
 
@@ -1015,7 +958,8 @@ def _one(img, code, p, bins, reference, descending, qtab, ltab, clogc, log2n, pl
     if code == ENTROPY or code == PSNR:
         _standalone(q, code, descending, clogc, log2n, hist, perm)
     elif code == MI or code == JE:
-        _mi_je(q, code == MI, bins, reference, descending, ltab, log2n, tab, hist, joint, perm)
+        _mi_je(q, code == MI, bins, reference, descending, ltab, clogc, log2n, tab, hist, joint,
+               perm)
     elif code == KL:
         _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm)
     else:
