@@ -60,7 +60,7 @@ def permutations(patches, measure: str = "mi", *, bins: int = 256, reference: in
 
 def reorder(images, measure: str = "mi", patch: int = 8, *, bins: int = 256,
             device: str = "cpu", reference: int = 0, descending=None, seed: int = 0,
-            start: int = 0, workers: int | None = None, backend: str = "generic"):
+            start: int = 0, workers: int | None = None, backend: str = "compiled"):
     """Reorder the patches of every image with the POR algorithm.
 
     Parameters

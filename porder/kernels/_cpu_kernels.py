@@ -48,6 +48,8 @@ NEG_INF = -np.inf
 _JIT = {"cache": True, "error_model": "numpy"}
 # Candidates whose score may be within this of the best are scored exactly.
 BAND_SCORE = 4e-9
+# Candidate lanes are padded to a multiple of this (whole vectors, no tails).
+LANES = 16
 # Pixels per exact int32 block of pixel sums: SUM_BLOCK * 255**2 < 2**31.
 SUM_BLOCK = 32768
 _U1 = np.uint64(1)
@@ -312,11 +314,11 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
     divided by the product Q_j of the candidate's own pixel counts orders mi
     (mi = H_ref + log2(P_j / Q_j) / (n C)). flip: the direction opposite to the
     measure's own (the reciprocal is maximised). rescale: renormalise after
-    each channel (products beyond float64's range otherwise). Two reference
-    pixels per pass over the lanes; lane counts padded to 32.
+    each channel (products beyond float64's range otherwise). Four reference
+    pixels per pass over the lanes; lane counts padded to LANES.
     """
     K, C, n = E.shape[0], E.shape[1], E.shape[2]
-    KP = (K + 31) // 32 * 32
+    KP = (K + LANES - 1) // LANES * LANES
     R = C * n  # row R of E2: a dummy row (factor 1) to pad pixel counts to 4
     E2 = np.empty((R + 1, KP), E.dtype)  # candidate-last masks, row c * n + t
     # factor of each candidate: per channel when rescaling, else all channels
@@ -344,7 +346,7 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
     m = _drop(idx, pos, reference, K)
     perm[0] = cur = reference
     for step in range(1, K):
-        mm = (m + 31) // 32 * 32
+        mm = (m + LANES - 1) // LANES * LANES
         for s in range(mm):
             prod[s] = rinit[0, s]
         for c in range(C):
@@ -568,7 +570,7 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
     with cnt_j(v) candidate j's count of bin v, KL = const - log2(prod_c T_j,c
     prod_t (cnt_j(q_ref,t) + 1/bins)) / (C (n + 1)), T_j,c = 2^(sum_b log2
     Q_j,b / bins), so that product orders the candidates (module notes).
-    cntT (C * bins * KP,) uint8 scratch (KP = K rounded up to 32), zero in and
+    cntT (C * bins * KP,) uint8 scratch (KP = K rounded up to LANES), zero in and
     out.
     """
     K, C, n = q.shape
@@ -598,7 +600,7 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
     band = 2.0 ** (-C * (n + 1) * BAND_SCORE)
     rescale = C * n * max(math.log2(n + 1), math.log2(bins)) > 900.0
     ib = 1.0 / bins
-    KP = (K + 31) // 32 * 32
+    KP = (K + LANES - 1) // LANES * LANES
     ct = cntT[: C * bins * KP].reshape((C * bins, KP))  # candidate-last bin counts
     tau = np.empty((C, KP), np.float64)
     for k in range(K):
@@ -616,7 +618,7 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
     for step in range(K):
         k = cur
         if step > 0:
-            mm = (m + 31) // 32 * 32
+            mm = (m + LANES - 1) // LANES * LANES
             for s in range(mm):
                 prod[s] = 1.0
             for c in range(C):
@@ -692,7 +694,7 @@ def _sums(q, code, reference, descending, perm):
     the same order, in lanes too: the scores are bitwise the generic path's.
     """
     K, C, n = q.shape
-    KP = (K + 31) // 32 * 32
+    KP = (K + LANES - 1) // LANES * LANES
     q2 = np.zeros((C * n, KP), np.uint8)  # candidate-last pixels, row c * n + t
     for k in range(K):
         for c in range(C):
@@ -718,7 +720,7 @@ def _sums(q, code, reference, descending, perm):
     m = _drop(idx, pos, reference, K)
     perm[0] = cur = reference
     for step in range(1, K):
-        mm = (m + 31) // 32 * 32
+        mm = (m + LANES - 1) // LANES * LANES
         for s in range(mm):
             tot[s] = 0.0
         for c in range(C):

@@ -165,7 +165,8 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
         hist = np.zeros(256, dtype=np.int32)
         tab = np.zeros(1024, dtype=np.uint64)
         joint = np.zeros(bins * bins if dense else 1, dtype=np.int32)
-        cnt_t = np.zeros(c * bins * (-(-k // 32) * 32) if lanes else 1, dtype=np.uint8)
+        cnt_t = np.zeros(c * bins * (-(-k // _k.LANES) * _k.LANES) if lanes else 1,
+                         dtype=np.uint8)
         while True:
             with lock:
                 lo_hi = next(todo, None)
