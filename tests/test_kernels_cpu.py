@@ -143,13 +143,21 @@ def test_single_patch_images():
         np.testing.assert_array_equal(out, imgs)
 
 
-def test_workers_and_noncontiguous_input():
+def test_workers_and_unusual_arrays_share_one_compiled_kernel():
+    from porder.kernels import _cpu_kernels
+
     imgs = image_set("photo", n=9)[::2]  # a strided view
     assert not imgs.flags.c_contiguous
+    frozen = np.ascontiguousarray(imgs)
+    frozen.flags.writeable = False
     want = porder.reorder(np.ascontiguousarray(imgs), "mi", 8, backend="generic")[1]
     for workers in (1, 2, None):
         perm = porder.reorder(imgs, "mi", 8, backend="compiled", workers=workers)[1]
         np.testing.assert_array_equal(perm, want)
+    np.testing.assert_array_equal(porder.reorder(frozen, "mi", 8, backend="compiled")[1], want)
+    # every call above (and in this file) reuses one compiled signature: no
+    # second minute-long compile for strided or read-only inputs
+    assert len(_cpu_kernels.reorder_range.signatures) == 1
 
 
 def test_controls_use_the_shared_path():

@@ -89,6 +89,14 @@ def _tables(name: str, n: int, bins: int):
     return qtab, ltab, clogc, prob * lt, lt
 
 
+def _cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _chunks(n_img: int, workers: int) -> list[tuple[int, int]]:
     """(lo, hi) image ranges: about 8 per worker, at most MAX_CHUNK images each."""
     size = max(1, min(MAX_CHUNK, -(-n_img // (8 * workers))))
@@ -131,6 +139,8 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
         raise ValueError(f"measure {name!r} has no compiled kernel; choose one of "
                          f"{', '.join(CODES)}")
     x = np.ascontiguousarray(images)
+    if not x.flags.writeable:  # numba types read-only arrays apart: one compile for all
+        x = x.copy()
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[3] < 1:
         raise ValueError(f"images must be uint8 (N, S, S, C), got {x.dtype} {tuple(x.shape)}")
     n_img, s, _, c = x.shape
@@ -139,7 +149,7 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
     if not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 256:
         raise ValueError(f"bins must be an integer from 1 to 256, got {bins!r}")
     if workers is None:
-        workers = os.cpu_count() or 1
+        workers = _cores()
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     p, g, bins = int(patch), s // int(patch), int(bins)
