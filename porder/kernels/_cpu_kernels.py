@@ -355,10 +355,10 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
                     prod[s] *= rinit[c, s]
             nr = nucnt[cur, c]
             for ii in range(0, nr, 4):  # four reference pixels per pass
-                r0 = r1 = r2 = r3 = R
-                e0 = e1 = e2 = e3 = e_one
                 t = nu[cur, c, ii]
                 r0, e0 = c * n + t, E[cur, c, t]
+                r1 = r2 = r3 = R  # the dummy row past the last pixel
+                e1 = e2 = e3 = e_one
                 if ii + 1 < nr:
                     t = nu[cur, c, ii + 1]
                     r1, e1 = c * n + t, E[cur, c, t]
@@ -393,7 +393,7 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
 
 
 # --------------------------------------------------------------------------
-# mi / je, patches of more than 256 pixels: joint counts in a dense table
+# mi / je, patches of more than 64 pixels: joint counts in a dense table
 
 
 @njit(**_JIT)
