@@ -63,7 +63,7 @@ def permutations(patches, measure: str | Measure = "mi", *, bins: int = 256, ref
 
 def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int = 256,
             device: str | None = None, reference: int = 0, descending=None, seed: int = 0,
-            start: int = 0, workers: int | None = None, backend: str | None = None):
+            start: int = 0, workers: int | None = None, backend: str = "compiled"):
     """Reorder the patches of every image with the POR algorithm.
 
     Parameters
@@ -94,8 +94,7 @@ def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int 
         results do not depend on batching.
     workers : int, optional
         CPU threads (default: all cores). Ignored on CUDA.
-    backend : {'compiled', 'generic'}, optional
-        Default: 'compiled' on a GPU, 'generic' on the CPU.
+    backend : {'compiled', 'generic'}
         'compiled' runs the fused kernels of :mod:`porder.kernels` (numba on
         the CPU, CUDA C++ on a GPU); 'generic' the array-generic reference
         path. Both give identical permutations.
@@ -139,8 +138,6 @@ def _reorder(images, xp, in_xp, measure, patch, *, bins, reference, descending, 
     """:func:`reorder` on an array of ``in_xp``, computed with ``xp``."""
     m = get_measure(measure)
     bins = _check_bins(bins)
-    if backend is None:
-        backend = "generic" if xp is np else "compiled"
     check_backend(backend)
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] < 1:
         raise ValueError(f"images must have shape (N, S, S, C), got {tuple(images.shape)}")

@@ -1,0 +1,985 @@
+"""numba kernels of the compiled CPU backend (private; see :mod:`porder.kernels.cpu`).
+
+Everything numba compiles lives in this one file on purpose: numba's on-disk
+cache (``cache=True``) is invalidated when the file that defines a function
+changes, not when a callee in another file does, so keeping callers and callees
+together means a stale cache can never outlive an edit.
+
+The driver at the bottom, ``reorder_range`` (a range of images, GIL released;
+:mod:`porder.kernels.cpu` runs it on a pool of threads), calls :func:`_one`
+per image; everything else is plain ``@njit`` code on one image. Shapes use
+N images, S image side, C channels, p patch side, G = S // p, K = G * G
+patches, n = p * p pixels per patch and channel.
+
+Scores become ordering keys exactly as ``porder.ordering`` compares them:
+rounded to ``DECIMALS`` decimals the way ``np.round`` rounds (x * 1e9, round
+half to even), negated for ascending measures, NaN ranking last, ties to the
+lowest patch index.
+
+Pairwise chains score all remaining candidates of a step at once, in vector
+lanes (candidate-last copies of the patch data, compacted as candidates are
+used). For mi, je and kl the lanes compute a product that is monotone in the
+score (so no logarithm per candidate); only the candidates whose product is
+within a relative ``band`` of the best one (scores within ~4e-9, enough for
+any candidate that could win or tie after rounding) get their exact score, the
+same float formula for every candidate, and the rounded key.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+# Measure codes shared with cpu.py.
+MI, JE, KL, L1, L2, SSIM = 0, 1, 2, 3, 4, 5
+ENTROPY, PSNR = 6, 7
+
+SSIM_C1 = (0.01 * 255.0) ** 2
+SSIM_C2 = (0.03 * 255.0) ** 2
+PSNR_PEAK2 = 255.0**2
+PSNR_NOISE_FLOOR = 1.0 / 12.0
+ROUND_SCALE = 1e9  # 10 ** porder.ordering.DECIMALS
+NEG_INF = -np.inf
+# Every kernel: cached on disk; float division by zero gives inf/nan instead of
+# raising (no per-division checks, so loops with divisions vectorise).
+_JIT = {"cache": True, "error_model": "numpy"}
+# Candidates whose score may be within this of the best are scored exactly.
+BAND_SCORE = 4e-9
+# Candidate lanes are padded to a multiple of this (whole vectors, no tails).
+LANES = 16
+# Pixels per exact int32 block of pixel sums: SUM_BLOCK * 255**2 < 2**31.
+SUM_BLOCK = 32768
+_U1 = np.uint64(1)
+_U0 = np.uint64(0)
+
+
+# --------------------------------------------------------------------------
+# Bit intrinsics (LLVM ctpop / cttz: one instruction each on x86-64)
+#
+# Style note for everything below: hot loops index arrays directly
+# (a[k, c, t]) instead of taking views (a[k, c]) inside loops, because each
+# view costs a reference-count increment and decrement (two calls) in numba.
+
+
+@intrinsic
+def popcount(typingctx, x):
+    """Number of set bits of an unsigned integer (same type out)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return x(x), codegen
+
+
+@intrinsic
+def trailing_zeros(typingctx, x):
+    """Index of the lowest set bit of a non-zero unsigned integer."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return x(x), codegen
+
+
+# --------------------------------------------------------------------------
+# Shared pieces: keys, patches in and out, candidate slots
+
+
+@njit(**_JIT, inline="always")
+def _key(s, descending):
+    """Ordering key of a score: higher is better, as porder.ordering compares.
+
+    np.round(s, 9) is rint(s * 1e9) / 1e9; that division is monotone and
+    one-to-one below |s| = 4e6 (far above any measure's range), so comparing
+    rint(s * 1e9) orders and ties exactly like the rounded scores. NaN -> -inf
+    (last; the generic path maps NaN and -inf both to its lowest value).
+    """
+    r = np.rint(s * ROUND_SCALE)
+    if not descending:
+        r = -r
+    if r != r:
+        r = NEG_INF
+    return r
+
+
+@njit(**_JIT, inline="always")
+def _better(key, j, bkey, best):
+    """Is candidate j with key better than the best so far? (ties: lower index)."""
+    return best < 0 or key > bkey or (key == bkey and j < best)
+
+
+@njit(**_JIT)
+def _split(img, p, qtab, q):
+    """img (S, S, C) uint8 -> q (K, C, n) uint8 of qtab[value], patches row-major."""
+    S, C = img.shape[0], img.shape[2]
+    G = S // p
+    for gy in range(G):
+        for y in range(p):
+            for gx in range(G):
+                k = gy * G + gx
+                for x in range(p):
+                    for c in range(C):
+                        q[k, c, y * p + x] = qtab[img[gy * p + y, gx * p + x, c]]
+
+
+@njit(**_JIT)
+def _copy_patches(src, dst, perm, G, p, rowlen, w):
+    """Flat images src -> dst (S * rowlen words): dst patch j = src patch perm[j].
+
+    A patch row is w words; rowlen = G * w words per image row.
+    """
+    for j in range(G * G):
+        k = perm[j]
+        so = (k // G) * p * rowlen + (k % G) * w
+        do = (j // G) * p * rowlen + (j % G) * w
+        for _y in range(p):
+            for x in range(w):
+                dst[do + x] = src[so + x]
+            so += rowlen
+            do += rowlen
+
+
+@njit(**_JIT)
+def _gather(img, perm, p, out):
+    """out (S, S, C): output patch j is input patch perm[j] of img (S, S, C).
+
+    Copies whole 8- or 4-byte words when a patch row is a multiple of them.
+    """
+    S, C = img.shape[0], img.shape[2]
+    G = S // p
+    a = img.reshape(S * S * C)
+    b = out.reshape(S * S * C)
+    w = p * C
+    if w % 8 == 0:
+        _copy_patches(a.view(np.uint64), b.view(np.uint64), perm, G, p, G * w // 8, w // 8)
+    elif w % 4 == 0:
+        _copy_patches(a.view(np.uint32), b.view(np.uint32), perm, G, p, G * w // 4, w // 4)
+    else:
+        _copy_patches(a, b, perm, G, p, G * w, w)
+
+
+@njit(**_JIT, inline="always")
+def _move_col(cols, pos, k, m):
+    """Move the last live slot's column of cols (R, KP) into patch k's slot."""
+    s, last = pos[k], m - 1
+    if s != last:
+        for r in range(cols.shape[0]):
+            cols[r, s] = cols[r, last]
+
+
+@njit(**_JIT, inline="always")
+def _drop(idx, pos, k, m):
+    """Remove patch k from the m live candidate slots (after its columns moved).
+
+    idx[slot] -> patch, pos[patch] -> slot; the last live slot takes k's.
+    Returns m - 1.
+    """
+    s, last = pos[k], m - 1
+    if s != last:
+        idx[s] = idx[last]
+        pos[idx[s]] = s
+    return last
+
+
+@njit(**_JIT)
+def _band_max(prod, m):
+    """Largest of prod[:m] (0.0 when empty)."""
+    pm = 0.0
+    for s in range(m):
+        pm = max(pm, prod[s])
+    return pm
+
+
+@njit(**_JIT)
+def _rescale(prod, m, flip):
+    """Divide prod[:m] by its largest entry (smallest when flip) to stay in range.
+
+    A common factor changes no ratio; only candidates ~2^1000 away from the
+    best ones can leave float64's range, and they are far outside the band.
+    """
+    pm = _band_max(prod, m)
+    if flip:
+        pm = np.inf
+        for s in range(m):
+            pm = min(pm, prod[s])
+    if pm > 0.0 and pm < np.inf:
+        inv = 1.0 / pm
+        for s in range(m):
+            prod[s] *= inv
+
+
+@njit(**_JIT, inline="always")
+def _band_first(prod, idx, m, thr):
+    """(patch of the first slot in the band, number of slots in the band).
+
+    A band of one is the winner outright: no other candidate can reach its
+    rounded score.
+    """
+    first, count = -1, 0
+    for s in range(m):
+        if prod[s] >= thr:
+            count += 1
+            if first < 0:
+                first = idx[s]
+    return first, count
+
+
+@njit(**_JIT)
+def _band_pick(prod, m, flip, band):
+    """Band threshold: candidates with prod >= it may win (prod inverted first if flip)."""
+    if flip:
+        for s in range(m):
+            prod[s] = 1.0 / prod[s]
+    return _band_max(prod, m) * band
+
+
+# --------------------------------------------------------------------------
+# mi / je: per-pixel equality bitmasks, joint counts by popcount
+
+
+@njit(**_JIT, inline="always")
+def _stats(E, k, c, n, nu, nucnt, h, ltab, log2n):
+    """Shared-bin pixel list and entropy of patch k, channel c from its masks E (K, C, n)."""
+    lsum = 0.0
+    m = 0
+    for t in range(n):
+        cnt = popcount(E[k, c, t])
+        lsum += ltab[cnt]
+        nu[k, c, m] = t
+        m += cnt > 1
+    nucnt[k, c] = m
+    h[k, c] = log2n - lsum / n
+
+
+@njit(**_JIT)
+def _masks(q, E, nu, nucnt, h, ltab, log2n, tab):
+    """Equality masks and marginal entropies of every patch channel (n <= 64).
+
+    q (K, C, n) bins; E (K, C, n) out, uint16 (n <= 16) or uint64: bit u of
+    E[k, c, t] set when pixel u has the bin of pixel t; nu (K, C, n) int32
+    out: the pixels whose bin is shared with another pixel (all others count
+    1 in every joint histogram and are skipped), nucnt (K, C) their number;
+    h (K, C) out: entropy in bits; ltab (n + 1,) log2 c; tab (256,) uint64
+    scratch, zero in and out.
+    """
+    K, C, n = E.shape
+    for k in range(K):
+        for c in range(C):
+            if n == 16:  # 4x4 patches: one 16-byte vector compare per pixel
+                for t in range(16):
+                    v = q[k, c, t]
+                    msk = np.uint16(0)
+                    for u in range(16):
+                        msk |= np.uint16(np.uint16(q[k, c, u] == v) << u)
+                    E[k, c, t] = msk
+            else:  # a value -> mask table
+                for t in range(n):
+                    tab[q[k, c, t]] |= _U1 << np.uint64(t)
+                for t in range(n):
+                    E[k, c, t] = tab[q[k, c, t]]
+                for t in range(n):
+                    tab[q[k, c, t]] = _U0
+            _stats(E, k, c, n, nu, nucnt, h, ltab, log2n)
+
+
+@njit(**_JIT, inline="always")
+def _score_masks(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j):
+    """mi or je of candidate j against reference cur, from :func:`_masks` (E 3-D)."""
+    C, n = E.shape[1], E.shape[2]
+    acc = 0.0
+    for c in range(C):
+        lsum = 0.0
+        for ii in range(nucnt[cur, c]):
+            t = nu[cur, c, ii]
+            lsum += ltab[popcount(E[cur, c, t] & E[j, c, t])]
+        je = log2n - lsum / n
+        acc += (h[cur, c] + h[j, c] - je) if is_mi else je
+    return acc / C
+
+
+@njit(**_JIT)
+def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, reference,
+                 descending, perm):
+    """Greedy mi/je chain scoring every candidate of a step in vector lanes.
+
+    The product of a candidate's joint counts P_j (over the reference's
+    shared-bin pixels) orders je (je = log2 n - log2 P_j / (n C)), and P_j
+    divided by the product Q_j of the candidate's own pixel counts orders mi
+    (mi = H_ref + log2(P_j / Q_j) / (n C)). flip: the direction opposite to the
+    measure's own (the reciprocal is maximised). rescale: renormalise after
+    each channel (products beyond float64's range otherwise). Four reference
+    pixels per pass over the lanes; lane counts padded to LANES.
+    """
+    K, C, n = E.shape[0], E.shape[1], E.shape[2]
+    KP = (K + LANES - 1) // LANES * LANES
+    R = C * n  # row R of E2: a dummy row (factor 1) to pad pixel counts to 4
+    E2 = np.empty((R + 1, KP), E.dtype)  # candidate-last masks, row c * n + t
+    # factor of each candidate: per channel when rescaling, else all channels
+    rinit = np.ones((C if rescale else 1, KP), np.float64)
+    for k in range(K):
+        for c in range(C):
+            r = 1.0
+            for t in range(n):
+                e = E[k, c, t]
+                E2[c * n + t, k] = e
+                r *= popcount(e)
+            if is_mi:
+                rinit[c if rescale else 0, k] /= r
+    for r in range(R):
+        for k in range(K, KP):
+            E2[r, k] = E2[r, 0]
+    for k in range(KP):
+        E2[R, k] = 1
+    e_one = E2[R, 0]
+    idx = np.arange(K)
+    pos = np.arange(K)
+    prod = np.empty(KP, np.float64)
+    _move_col(rinit, pos, reference, K)
+    _move_col(E2, pos, reference, K)
+    m = _drop(idx, pos, reference, K)
+    perm[0] = cur = reference
+    for step in range(1, K):
+        mm = (m + LANES - 1) // LANES * LANES
+        for s in range(mm):
+            prod[s] = rinit[0, s]
+        for c in range(C):
+            if rescale and c > 0:
+                for s in range(mm):
+                    prod[s] *= rinit[c, s]
+            nr = nucnt[cur, c]
+            for ii in range(0, nr, 4):  # four reference pixels per pass
+                t = nu[cur, c, ii]
+                r0, e0 = c * n + t, E[cur, c, t]
+                r1 = r2 = r3 = R  # the dummy row past the last pixel
+                e1 = e2 = e3 = e_one
+                if ii + 1 < nr:
+                    t = nu[cur, c, ii + 1]
+                    r1, e1 = c * n + t, E[cur, c, t]
+                if ii + 2 < nr:
+                    t = nu[cur, c, ii + 2]
+                    r2, e2 = c * n + t, E[cur, c, t]
+                if ii + 3 < nr:
+                    t = nu[cur, c, ii + 3]
+                    r3, e3 = c * n + t, E[cur, c, t]
+                for s in range(mm):
+                    # counts <= 64: a product of two fits 16 bits, of four 32
+                    a = np.uint16(popcount(e0 & E2[r0, s]) * popcount(e1 & E2[r1, s]))
+                    b = np.uint16(popcount(e2 & E2[r2, s]) * popcount(e3 & E2[r3, s]))
+                    prod[s] *= np.uint32(np.uint32(a) * np.uint32(b))
+            if rescale:
+                _rescale(prod, m, flip)
+        thr = _band_pick(prod, m, flip, band)
+        best, inband = _band_first(prod, idx, m, thr)
+        if inband > 1:  # near-ties: exact scores and rounded keys decide
+            best, bkey = -1, NEG_INF
+            for s in range(m):
+                if prod[s] >= thr:
+                    j = idx[s]
+                    key = _key(_score_masks(E, nu, nucnt, h, ltab, log2n, is_mi, cur, j),
+                               descending)
+                    if _better(key, j, bkey, best):
+                        best, bkey = j, key
+        perm[step] = cur = best
+        _move_col(rinit, pos, best, m)
+        _move_col(E2, pos, best, m)
+        m = _drop(idx, pos, best, m)
+
+
+# --------------------------------------------------------------------------
+# mi / je, patches of more than 64 pixels: joint counts in a dense table
+
+
+@njit(**_JIT)
+def _marginals(q, bins, nu, nucnt, h, rowid, ltab, log2n, hist):
+    """Entropies h (K, C), shared-bin pixel lists nu/nucnt (see _masks) and rows.
+
+    rowid (K, C, n) int32 out: for a shared-bin pixel, bins times the rank of
+    its bin among the patch's shared bins: its row in a compact joint table.
+    hist (>= bins,) int32 scratch, zero in and out.
+    """
+    K, C, n = q.shape
+    rank = np.full(256, -1, np.int32)
+    for k in range(K):
+        for c in range(C):
+            for t in range(n):
+                hist[q[k, c, t]] += 1
+            lsum = 0.0
+            m = 0
+            d = 0
+            for t in range(n):
+                v = q[k, c, t]
+                cnt = hist[v]
+                lsum += ltab[cnt]
+                if cnt > 1:
+                    if rank[v] < 0:
+                        rank[v] = d
+                        d += 1
+                    rowid[k, c, t] = rank[v] * bins
+                    nu[k, c, m] = t
+                    m += 1
+            nucnt[k, c] = m
+            for t in range(n):
+                hist[q[k, c, t]] = 0
+                rank[q[k, c, t]] = -1
+            h[k, c] = log2n - lsum / n
+
+
+@njit(**_JIT)
+def _chain_dense(q, nu, nucnt, h, rowid, clogc, log2n, is_mi, reference, descending, perm,
+                 joint):
+    """Greedy mi/je chain with joint counts in a dense table (any patch size).
+
+    The joint histogram of a pair fills rows rowid (compact, so it stays in
+    cache) of joint (>= bins**2,) int32, zero in and out; sum_t log2 count(t)
+    is read back as sum over cells of c log2 c, each cell once (then zeroed).
+    """
+    K, C, n = q.shape
+    used = np.zeros(K, np.bool_)
+    used[reference] = True
+    perm[0] = cur = reference
+    for step in range(1, K):
+        best, bkey = -1, NEG_INF
+        for j in range(K):
+            if used[j]:
+                continue
+            acc = 0.0
+            for c in range(C):
+                mm = nucnt[cur, c]
+                for ii in range(mm):
+                    t = nu[cur, c, ii]
+                    joint[rowid[cur, c, t] + q[j, c, t]] += 1
+                lsum = 0.0
+                for ii in range(mm):
+                    t = nu[cur, c, ii]
+                    ix = rowid[cur, c, t] + q[j, c, t]
+                    lsum += clogc[joint[ix]]  # clogc[0] = 0 for cells already read
+                    joint[ix] = 0
+                je = log2n - lsum / n
+                acc += (h[cur, c] + h[j, c] - je) if is_mi else je
+            key = _key(acc / C, descending)
+            if _better(key, j, bkey, best):
+                best, bkey = j, key
+        perm[step] = cur = best
+        used[best] = True
+
+
+@njit(**_JIT)
+def _mi_je(q, is_mi, bins, reference, descending, ltab, clogc, log2n, tab, hist, joint, perm):
+    """Dispatch mi/je by patch size: bitmask lanes up to 64 pixels, a dense table above."""
+    K, C, n = q.shape
+    nu = np.empty((K, C, n), np.int32)
+    nucnt = np.empty((K, C), np.int32)
+    h = np.empty((K, C), np.float64)
+    flip = descending != is_mi  # mi is natively descending, je ascending
+    band = 2.0 ** (-C * n * BAND_SCORE)
+    rescale = C * n * math.log2(max(n, 2)) > 900.0
+    if n <= 16:
+        E16 = np.empty((K, C, n), np.uint16)
+        _masks(q, E16, nu, nucnt, h, ltab, log2n, tab)
+        _chain_lanes(E16, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, reference,
+                     descending, perm)
+    elif n <= 64:
+        E64 = np.empty((K, C, n), np.uint64)
+        _masks(q, E64, nu, nucnt, h, ltab, log2n, tab)
+        _chain_lanes(E64, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, reference,
+                     descending, perm)
+    else:
+        rowid = np.empty((K, C, n), np.int32)
+        _marginals(q, bins, nu, nucnt, h, rowid, ltab, log2n, hist)
+        _chain_dense(q, nu, nucnt, h, rowid, clogc, log2n, is_mi, reference, descending, perm,
+                     joint)
+
+
+# --------------------------------------------------------------------------
+# kl: sparse histograms (a bitset of the bins present + their counts)
+
+
+@njit(**_JIT)
+def _kl_hists(q, bins, bits, pre, cnts, negh, tsum, plp, lt, hist):
+    """Per patch channel: bitset of present bins and their counts, -H and sum log Q.
+
+    bits (K, C, W) uint64 out; pre (K, C, W) int32 out: set bits in the words
+    before w; cnts (K, C, n) int32 out: counts of the present bins in bin
+    order; negh (K, C) out: sum_b P_b log2 P_b; tsum (K, C) out: sum_b log2 P_b;
+    plp, lt (n + 1,): P(c) log2 P(c) and log2 P(c) of a bin with count c;
+    hist (>= bins,) int32 scratch, zero in and out.
+    """
+    K, C, n = q.shape
+    W = bits.shape[2]
+    for k in range(K):
+        for c in range(C):
+            for w in range(W):
+                bits[k, c, w] = _U0
+            for t in range(n):
+                v = q[k, c, t]
+                bits[k, c, v >> 6] |= _U1 << np.uint64(v & 63)
+                hist[v] += 1
+            r = 0
+            s_plp = 0.0
+            s_lt = 0.0
+            for w in range(W):
+                pre[k, c, w] = r
+                m = bits[k, c, w]
+                while m:
+                    v = w * 64 + np.int64(trailing_zeros(m))
+                    m &= m - _U1
+                    cnt = hist[v]
+                    hist[v] = 0
+                    cnts[k, c, r] = cnt
+                    s_plp += plp[cnt]
+                    s_lt += lt[cnt]
+                    r += 1
+            negh[k, c] = s_plp + (bins - r) * plp[0]
+            tsum[k, c] = s_lt + (bins - r) * lt[0]
+
+
+@njit(**_JIT, inline="always")
+def _score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j):
+    """KL(cur || j) from :func:`_kl_hists` (bins present in both patches only)."""
+    C, W = bits.shape[1], bits.shape[2]
+    lt0 = lt[0]
+    acc = 0.0
+    for c in range(C):
+        x = n * lt0
+        for w in range(W):
+            bc, bj = bits[cur, c, w], bits[j, c, w]
+            m = bc & bj
+            while m:
+                low = (m & (_U0 - m)) - _U1  # the bits below the lowest set bit
+                m &= m - _U1
+                ri = pre[cur, c, w] + np.int64(popcount(bc & low))
+                rj = pre[j, c, w] + np.int64(popcount(bj & low))
+                x += cnts[cur, c, ri] * (lt[cnts[j, c, rj]] - lt0)
+        cross = (x + tsum[j, c] / bins) / (n + 1)
+        acc += negh[cur, c] - cross
+    return acc / C
+
+
+@njit(**_JIT)
+def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
+    """Greedy KL(reference || candidate) chain.
+
+    Up to 64 pixels per patch the candidates of a step are scored in lanes:
+    with cnt_j(v) candidate j's count of bin v, KL = const - log2(prod_c T_j,c
+    prod_t (cnt_j(q_ref,t) + 1/bins)) / (C (n + 1)), T_j,c = 2^(sum_b log2
+    Q_j,b / bins), so that product orders the candidates (module notes).
+    cntT (C * bins * KP,) uint8 scratch (KP = K rounded up to LANES), zero in and
+    out.
+    """
+    K, C, n = q.shape
+    W = (bins + 63) // 64
+    bits = np.empty((K, C, W), np.uint64)
+    pre = np.empty((K, C, W), np.int32)
+    cnts = np.empty((K, C, n), np.int32)
+    negh = np.empty((K, C), np.float64)
+    tsum = np.empty((K, C), np.float64)
+    _kl_hists(q, bins, bits, pre, cnts, negh, tsum, plp, lt, hist)
+    perm[0] = cur = reference
+    if n > 64:
+        used = np.zeros(K, np.bool_)
+        used[reference] = True
+        for step in range(1, K):
+            best, bkey = -1, NEG_INF
+            for j in range(K):
+                if not used[j]:
+                    key = _key(_score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j),
+                               descending)
+                    if _better(key, j, bkey, best):
+                        best, bkey = j, key
+            perm[step] = cur = best
+            used[best] = True
+        return
+    flip = descending  # kl is natively ascending: the largest product is the best
+    band = 2.0 ** (-C * (n + 1) * BAND_SCORE)
+    rescale = C * n * max(math.log2(n + 1), math.log2(bins)) > 900.0
+    ib = 1.0 / bins
+    KP = (K + LANES - 1) // LANES * LANES
+    ct = cntT[: C * bins * KP].reshape((C * bins, KP))  # candidate-last bin counts
+    tau = np.empty((C, KP), np.float64)
+    for k in range(K):
+        for c in range(C):
+            for t in range(n):
+                ct[c * bins + q[k, c, t], k] += 1
+            tau[c, k] = 2.0 ** (tsum[k, c] / bins)
+    for k in range(K, KP):
+        for c in range(C):
+            tau[c, k] = 1.0
+    idx = np.arange(K)
+    pos = np.arange(K)
+    prod = np.empty(KP, np.float64)
+    m = K
+    for step in range(K):
+        k = cur
+        if step > 0:
+            mm = (m + LANES - 1) // LANES * LANES
+            for s in range(mm):
+                prod[s] = 1.0
+            for c in range(C):
+                for s in range(mm):
+                    prod[s] *= tau[c, s]
+                for t in range(0, n - 1, 2):
+                    r0, r1 = c * bins + q[cur, c, t], c * bins + q[cur, c, t + 1]
+                    for s in range(mm):
+                        prod[s] *= (ct[r0, s] + ib) * (ct[r1, s] + ib)
+                if n % 2:
+                    r0 = c * bins + q[cur, c, n - 1]
+                    for s in range(mm):
+                        prod[s] *= ct[r0, s] + ib
+                if rescale:
+                    _rescale(prod, m, flip)
+            thr = _band_pick(prod, m, flip, band)
+            best, inband = _band_first(prod, idx, m, thr)
+            if inband > 1:  # near-ties: exact scores and rounded keys decide
+                best, bkey = -1, NEG_INF
+                for s in range(m):
+                    if prod[s] >= thr:
+                        j = idx[s]
+                        key = _key(_score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j),
+                                   descending)
+                        if _better(key, j, bkey, best):
+                            best, bkey = j, key
+            perm[step] = cur = k = best
+        # drop patch k: clear its counts, move the last slot's counts and data in
+        s, last = pos[k], m - 1
+        lk = idx[last]
+        for c in range(C):
+            for t in range(n):
+                ct[c * bins + q[k, c, t], s] = 0
+            if s != last:
+                for t in range(n):
+                    ct[c * bins + q[lk, c, t], s] = ct[c * bins + q[lk, c, t], last]
+                for t in range(n):
+                    ct[c * bins + q[lk, c, t], last] = 0
+        _move_col(tau, pos, k, m)
+        m = _drop(idx, pos, k, m)
+
+
+# --------------------------------------------------------------------------
+# l1 / l2 / ssim: exact integer pixel sums in lanes
+
+
+@njit(**_JIT)
+def _moments(q, s1, mu, var):
+    """Per patch channel: pixel sum s1, mean mu and population variance var (K, C)."""
+    K, C, n = q.shape
+    for k in range(K):
+        for c in range(C):
+            a = 0
+            b = 0
+            for t in range(n):
+                v = np.int64(q[k, c, t])
+                a += v
+                b += v * v
+            fa, fb = float(a), float(b)
+            s1[k, c] = fa
+            mu[k, c] = fa / n
+            var[k, c] = (n * fb - fa * fa) / (n * n)
+
+
+@njit(**_JIT)
+def _sums(q, code, reference, descending, perm):
+    """Greedy l1 / l2 / ssim chain.
+
+    Each step accumulates, for all remaining candidates at once (lanes), the
+    exact per-channel sum of |a - b|, (a - b)^2 or a * b (int32 lanes over
+    blocks of SUM_BLOCK pixels, which cannot overflow, added up in float64,
+    exact below 2^53), then evaluates the float formula of porder.measures in
+    the same order, in lanes too: the scores are bitwise the generic path's.
+    """
+    K, C, n = q.shape
+    KP = (K + LANES - 1) // LANES * LANES
+    q2 = np.zeros((C * n, KP), np.uint8)  # candidate-last pixels, row c * n + t
+    for k in range(K):
+        for c in range(C):
+            for t in range(n):
+                q2[c * n + t, k] = q[k, c, t]
+    s1 = np.empty((K, C), np.float64)
+    mu = np.empty((K, C), np.float64)
+    var = np.empty((K, C), np.float64)
+    st = np.zeros((3 * C, KP), np.float64)  # ssim: candidate-last s1, mu, var
+    if code == SSIM:
+        _moments(q, s1, mu, var)
+        for k in range(K):
+            for c in range(C):
+                st[c, k], st[C + c, k], st[2 * C + c, k] = s1[k, c], mu[k, c], var[k, c]
+    nn = float(n * n)
+    idx = np.arange(K)
+    pos = np.arange(K)
+    acc = np.empty(KP, np.int32)
+    ex = np.empty(KP, np.float64)
+    tot = np.empty(KP, np.float64)
+    _move_col(st, pos, reference, K)
+    _move_col(q2, pos, reference, K)
+    m = _drop(idx, pos, reference, K)
+    perm[0] = cur = reference
+    for step in range(1, K):
+        mm = (m + LANES - 1) // LANES * LANES
+        for s in range(mm):
+            tot[s] = 0.0
+        for c in range(C):
+            for s in range(mm):
+                ex[s] = 0.0
+            for b0 in range(0, n, SUM_BLOCK):
+                b1 = min(n, b0 + SUM_BLOCK)
+                for s in range(mm):
+                    acc[s] = 0
+                for t in range(b0, b1 - 1, 2):
+                    v0, v1 = np.int32(q[cur, c, t]), np.int32(q[cur, c, t + 1])
+                    r0, r1 = c * n + t, c * n + t + 1
+                    if code == L1:
+                        for s in range(mm):
+                            acc[s] += (np.int32(abs(np.int32(v0 - np.int32(q2[r0, s]))))
+                                       + np.int32(abs(np.int32(v1 - np.int32(q2[r1, s])))))
+                    elif code == L2:
+                        for s in range(mm):
+                            d0 = np.int32(v0 - np.int32(q2[r0, s]))
+                            d1 = np.int32(v1 - np.int32(q2[r1, s]))
+                            acc[s] += np.int32(d0 * d0) + np.int32(d1 * d1)
+                    else:
+                        for s in range(mm):
+                            acc[s] += (np.int32(v0 * np.int32(q2[r0, s]))
+                                       + np.int32(v1 * np.int32(q2[r1, s])))
+                if (b1 - b0) % 2:
+                    v0, r0 = np.int32(q[cur, c, b1 - 1]), c * n + b1 - 1
+                    for s in range(mm):
+                        d0 = np.int32(v0 - np.int32(q2[r0, s]))
+                        if code == L1:
+                            acc[s] += abs(d0)
+                        elif code == L2:
+                            acc[s] += d0 * d0
+                        else:
+                            acc[s] += v0 * np.int32(q2[r0, s])
+                for s in range(mm):
+                    ex[s] += acc[s]
+            # the formula of porder.measures, candidate by candidate, in lanes
+            if code == L1:
+                for s in range(mm):
+                    tot[s] += ex[s] / n
+            elif code == L2:
+                for s in range(mm):
+                    tot[s] += math.sqrt(ex[s] / n)
+            else:
+                s1a, mua, va = s1[cur, c], mu[cur, c], var[cur, c]
+                for s in range(mm):
+                    mub = st[C + c, s]
+                    cov = (n * ex[s] - s1a * st[c, s]) / nn
+                    num = (2 * mua * mub + SSIM_C1) * (2 * cov + SSIM_C2)
+                    den = (mua * mua + mub * mub + SSIM_C1) * (va + st[2 * C + c, s] + SSIM_C2)
+                    tot[s] += num / den
+        for s in range(mm):  # keys as _key computes them, in lanes
+            r = np.rint(tot[s] / C * ROUND_SCALE)
+            r = r if descending else -r
+            tot[s] = NEG_INF if r != r else r
+        best, bkey = -1, NEG_INF
+        for s in range(m):
+            j = idx[s]
+            if _better(tot[s], j, bkey, best):
+                best, bkey = j, tot[s]
+        perm[step] = cur = best
+        _move_col(st, pos, best, m)
+        _move_col(q2, pos, best, m)
+        m = _drop(idx, pos, best, m)
+
+
+# --------------------------------------------------------------------------
+# Standalone measures: entropy and psnr, then a stable sort
+
+
+@njit(**_JIT)
+def _block_sum(a, lo, n):
+    """NumPy's pairwise-sum leaf (n <= 128): eight running sums, then the rest."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - (n % 8):
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@njit(**_JIT)
+def _pairwise_sum(a, n, stack):
+    """Sum of a[:n] in NumPy's pairwise order (np.add.reduce on float64).
+
+    NumPy halves a range of more than 128 elements (the first half rounded
+    down to a multiple of 8) and adds the two sums. The recursion is unrolled
+    with an explicit stack (4, 64) int64 scratch: numba's cache cannot reload
+    recursive functions.
+    """
+    if n <= 128:
+        return _block_sum(a, 0, n)
+    vals = stack[3].view(np.float64)
+    sp, vp = 1, 0
+    stack[0, 0], stack[1, 0], stack[2, 0] = 0, n, 0  # lo, length, state
+    while sp:
+        lo, m, s = stack[0, sp - 1], stack[1, sp - 1], stack[2, sp - 1]
+        m2 = m // 2
+        m2 -= m2 % 8
+        if m <= 128:
+            sp -= 1
+            vals[vp] = _block_sum(a, lo, m)
+            vp += 1
+        elif s == 0:  # left half next
+            stack[2, sp - 1] = 1
+            stack[0, sp], stack[1, sp], stack[2, sp] = lo, m2, 0
+            sp += 1
+        elif s == 1:  # right half next
+            stack[2, sp - 1] = 2
+            stack[0, sp], stack[1, sp], stack[2, sp] = lo + m2, m - m2, 0
+            sp += 1
+        else:  # both done: combine
+            sp -= 1
+            vals[vp - 2] = vals[vp - 2] + vals[vp - 1]
+            vp -= 1
+    return vals[0]
+
+
+@njit(**_JIT)
+def _standalone(q, code, descending, clogc, log2n, hist, perm):
+    """Stable sort of entropy/psnr patch scores into perm (K,), NaN last.
+
+    Entropy sums c log2 c of the bins present in bin order, zero-padded to n,
+    pairwise like NumPy: the exact arithmetic of porder.measures.entropy.
+    """
+    K, C, n = q.shape
+    keys = np.empty(K, np.float64)
+    buf = np.zeros(n, np.float64)
+    bits = np.zeros(4, np.uint64)
+    stack = np.empty((4, 64), np.int64)
+    for k in range(K):
+        acc = 0.0
+        for c in range(C):
+            if code == ENTROPY:
+                for t in range(n):
+                    v = q[k, c, t]
+                    hist[v] += 1
+                    bits[v >> 6] |= _U1 << np.uint64(v & 63)
+                r = 0
+                for w in range(4):
+                    b = bits[w]
+                    bits[w] = _U0
+                    while b:
+                        v = w * 64 + np.int64(trailing_zeros(b))
+                        b &= b - _U1
+                        buf[r] = clogc[hist[v]]
+                        hist[v] = 0
+                        r += 1
+                acc += log2n - _pairwise_sum(buf, n, stack) / n
+                for i in range(r):
+                    buf[i] = 0.0
+            else:  # PSNR
+                a = 0
+                b2 = 0
+                for t in range(n):
+                    v = np.int64(q[k, c, t])
+                    a += v
+                    b2 += v * v
+                fa, fb = float(a), float(b2)
+                v2 = (n * fb - fa * fa) / (n * n)
+                acc += 10.0 * math.log10(PSNR_PEAK2 / max(v2, PSNR_NOISE_FLOOR))
+        r = np.rint(acc / C * ROUND_SCALE)  # np.round(., 9) without the monotone / 1e9
+        keys[k] = -r if descending else r
+    _argsort_stable(keys, perm)
+
+
+@njit(**_JIT, inline="always")
+def _lt(a, b):
+    """a < b with NaN after everything (NumPy's sort order)."""
+    return a < b or (b != b and a == a)
+
+
+@njit(**_JIT)
+def _argsort_stable(keys, out):
+    """out (K,) int64 = np.argsort(keys, kind='stable'): bottom-up merge sort."""
+    K = keys.shape[0]
+    tmp = np.empty(K, np.int64)
+    for i in range(K):
+        out[i] = i
+    width = 1
+    while width < K:
+        for lo in range(0, K, 2 * width):
+            mid, hi = min(lo + width, K), min(lo + 2 * width, K)
+            i, j, o = lo, mid, lo
+            while i < mid and j < hi:
+                if _lt(keys[out[j]], keys[out[i]]):
+                    tmp[o] = out[j]
+                    j += 1
+                else:
+                    tmp[o] = out[i]
+                    i += 1
+                o += 1
+            while i < mid:
+                tmp[o] = out[i]
+                i += 1
+                o += 1
+            while j < hi:
+                tmp[o] = out[j]
+                j += 1
+                o += 1
+        for i in range(K):
+            out[i] = tmp[i]
+        width *= 2
+
+
+# --------------------------------------------------------------------------
+# Drivers
+
+
+@njit(**_JIT)
+def _one(img, code, p, bins, reference, descending, qtab, ltab, clogc, log2n, plp, lt, hist,
+         tab, joint, cntT, out, perm):
+    """One image (S, S, C): its ordering into perm (K,) and reordered copy into out."""
+    S, C = img.shape[0], img.shape[2]
+    G = S // p
+    K, n = G * G, p * p
+    q = np.empty((K, C, n), np.uint8)
+    _split(img, p, qtab, q)
+    if code == ENTROPY or code == PSNR:
+        _standalone(q, code, descending, clogc, log2n, hist, perm)
+    elif code == MI or code == JE:
+        _mi_je(q, code == MI, bins, reference, descending, ltab, clogc, log2n, tab, hist, joint,
+               perm)
+    elif code == KL:
+        _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm)
+    else:
+        _sums(q, code, reference, descending, perm)
+    _gather(img, perm, p, out)
+
+
+@njit(**_JIT, nogil=True)
+def reorder_range(images, lo, hi, code, p, bins, reference, descending, qtab, ltab, clogc,
+                  log2n, plp, lt, hist, tab, joint, cntT, out, perm):
+    """Images lo..hi-1 of (N, S, S, C) on the calling thread, GIL released.
+
+    code: a measure code; qtab (256,) uint8 value -> bin; ltab, clogc, plp, lt
+    (n + 1,): log2 c, c log2 c and KL's P log2 P, log2 P of a count c; hist
+    (256,) int32, tab (1024,) uint64, joint (bins**2 or 1,) int32 and cntT
+    (C * bins * KP or 1,) uint8: zeroed scratch of this thread; out (N, S, S, C)
+    uint8 and perm (N, K) int64 are written.
+    """
+    for i in range(lo, hi):
+        _one(images[i], code, p, bins, reference, descending, qtab, ltab, clogc, log2n, plp, lt,
+             hist, tab, joint, cntT, out[i], perm[i])
