@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .backend import resolve_device
+from .kernels import check_backend
 from .measures import _check_bins, get_measure
 from .output import DiskFull, check_free_space, check_not_inside_source, lock_output
 from .patches import check_patch_size
@@ -250,7 +251,8 @@ def source_identity(source: str) -> dict:
 def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: int = 256,
                 size: int = 32, label: str = "fine", test_fraction: float = 0.1, seed: int = 0,
                 reference: int = 0, descending: Optional[bool] = None, batch_size: int = 256,
-                device: str = "cpu", workers: Optional[int] = None, on_error: str = "fail",
+                device: str = "cpu", backend: str = "compiled", workers: Optional[int] = None,
+                on_error: str = "fail",
                 overwrite: bool = False, resume: bool = False,
                 shard: Optional[tuple[int, int]] = None,
                 progress: Optional[Progress] = None) -> BuildResult:
@@ -280,6 +282,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
     """
     m = get_measure(measure)
     bins = _check_bins(bins)
+    check_backend(backend)
     device = resolve_device(device)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -338,7 +341,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                 t0 = time.perf_counter()
                 imgs, perm = reorder(batch.images, m, patch, bins=bins, device=device,
                                      reference=reference, descending=descending, seed=seed,
-                                     start=pos, workers=workers)
+                                     start=pos, workers=workers, backend=backend)
                 secs["measure"] += time.perf_counter() - t0
                 pos += take
                 behind.submit(append, split, lo, imgs, batch.labels, perm, batch.names,

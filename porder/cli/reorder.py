@@ -46,6 +46,12 @@ from .common import (
               help="Compute on the CPU (NumPy) or a CUDA GPU (CuPy); auto picks CUDA if present. "
                    "cpu by default, unlike train's auto: CuPy is an optional extra, and "
                    "reordering costs little next to training.")
+@click.option("--backend", type=click.Choice(["compiled", "generic"]), default="compiled",
+              show_default=True,
+              help="compiled: the fused kernels (numba on the CPU, CUDA C++ on a GPU); generic: "
+                   "the NumPy/CuPy reference path. Both give identical files. The first "
+                   "compiled run on a machine compiles the CPU kernels (about a minute on 2 "
+                   "cores) and caches them for later runs.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
               help="Images per batch (memory is bounded by a few batches).")
 @click.option("-j", "--workers", type=click.IntRange(min=1), default=None,
@@ -64,7 +70,7 @@ from .common import (
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal; periodic lines otherwise].")
 def reorder(source, out, measure, patch, bins, size, reference, descending, label,
-            test_fraction, device, batch_size, workers, seed, on_error, shard, dask_scheduler,
+            test_fraction, device, backend, batch_size, workers, seed, on_error, shard, dask_scheduler,
             resume, overwrite, progress):
     """Reorder the patches of every image in SOURCE and write OUT (HDF5).
 
@@ -98,7 +104,8 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     t0 = time.perf_counter()
     options = dict(measure=measure, patch=patch, bins=bins, size=size, label=label,
                    test_fraction=test_fraction, seed=seed, reference=reference,
-                   descending=descending, batch_size=batch_size, device=device, workers=workers,
+                   descending=descending, batch_size=batch_size, device=device, backend=backend,
+                   workers=workers,
                    on_error=on_error, overwrite=overwrite, resume=resume)
     try:
         with library_errors():
