@@ -50,7 +50,7 @@ from .common import (
               show_default=True,
               help="compiled: the fused kernels (numba on the CPU, CUDA C++ on a GPU); generic: "
                    "the NumPy/CuPy reference path. Both give identical files. The first "
-                   "compiled run on a machine compiles the CPU kernels (about a minute on 2 "
+                   "compiled run on a machine compiles the CPU kernels (about 30 s on 2 "
                    "cores) and caches them for later runs.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
               help="Images per batch (memory is bounded by a few batches).")
