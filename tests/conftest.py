@@ -59,3 +59,17 @@ def real_images(dogs_vs_cats) -> np.ndarray:
     files = sorted(dogs_vs_cats.glob("*.jpg"))[::83][:12]
     return np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32), Image.BICUBIC))
                      for f in files])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_cpu_kernels():
+    """Compile (or load from numba's on-disk cache) the CPU kernels once, first.
+
+    The first compiled call on a machine compiles for about 30 s; doing it here
+    keeps that cost out of the tests that time an interrupt or a subprocess (those
+    load the kernels from the cache this fills).
+    """
+    import porder
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    porder.reorder(x, "mi", 4, backend="compiled")
