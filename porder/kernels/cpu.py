@@ -69,8 +69,8 @@ CODES = {"mi": _k.MI, "je": _k.JE, "kl": _k.KL, "l1": _k.L1, "l2": _k.L2, "ssim"
          "entropy": _k.ENTROPY, "psnr": _k.PSNR}
 # Measures that quantise intensities into bins; the others read raw values.
 _BINNED = ("mi", "je", "kl", "entropy")
-# Images per task: large enough to hide the ~10 us Python cost of a call,
-# small enough to balance the threads at the end of a batch.
+# Images per task: enough to hide the ~2 us Python cost of a kernel call (an
+# image takes 10-40 us), few enough to balance the threads at a batch's end.
 MAX_CHUNK = 32
 
 
