@@ -346,6 +346,9 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
     m = _drop(idx, pos, reference, K)
     perm[0] = cur = reference
     for step in range(1, K):
+        if m == 1:  # one candidate left: nothing to compare
+            perm[step] = idx[0]
+            break
         mm = (m + LANES - 1) // LANES * LANES
         for s in range(mm):
             prod[s] = rinit[0, s]
@@ -580,6 +583,9 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
             best, bkey = -1, NEG_INF
             for j in range(K):
                 if not used[j]:
+                    if step == K - 1:  # one candidate left: nothing to compare
+                        best = j
+                        break
                     key = _key(_score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j),
                                descending)
                     if _better(key, j, bkey, best):
@@ -608,7 +614,9 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
     m = K
     for step in range(K):
         k = cur
-        if step > 0:
+        if step > 0 and m == 1:  # one candidate left: nothing to compare
+            perm[step] = cur = k = idx[0]
+        elif step > 0:
             mm = (m + LANES - 1) // LANES * LANES
             for s in range(mm):
                 prod[s] = 1.0
@@ -711,6 +719,9 @@ def _sums(q, code, reference, descending, perm):
     m = _drop(idx, pos, reference, K)
     perm[0] = cur = reference
     for step in range(1, K):
+        if m == 1:  # one candidate left: nothing to compare
+            perm[step] = idx[0]
+            break
         mm = (m + LANES - 1) // LANES * LANES
         for s in range(mm):
             tot[s] = 0.0
