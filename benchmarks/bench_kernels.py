@@ -111,21 +111,21 @@ def stages(n: int) -> dict:
             k._split(x[i], p, qtab, q[i])
 
     @njit(cache=True)
-    def masks_all(q, e, nu, nuc, h, rid, ltab, log2n, tab, hist):
+    def masks_all(q, e, nu, nuc, h, ltab, log2n, tab, hist):
         for i in range(q.shape[0]):
             if q.shape[3] <= 64:
                 k._masks(q[i], e[i], nu[i], nuc[i], h[i], ltab, log2n, tab)
             else:
-                k._marginals(q[i], 256, nu[i], nuc[i], h[i], rid[i], ltab, log2n, hist)
+                k._marginals(q[i], nu[i], nuc[i], h[i], ltab, log2n, hist)
 
     @njit(cache=True)
-    def chain_all(q, e, nu, nuc, h, rid, ltab, clogc, log2n, band, rescale, perm, joint):
+    def chain_all(q, e, nu, nuc, h, ltab, clogc, log2n, band, rescale, perm, joint):
         for i in range(q.shape[0]):
             if q.shape[3] <= 64:
                 k._chain_lanes(e[i], nu[i], nuc[i], h[i], ltab, log2n, True, False, band,
                                rescale, 0, True, perm[i])
             else:
-                k._chain_dense(q[i], nu[i], nuc[i], h[i], rid[i], clogc, log2n, True, 0, True,
+                k._chain_dense(q[i], 256, nu[i], nuc[i], h[i], clogc, log2n, True, 0, True,
                                perm[i], joint)
 
     @njit(cache=True)
@@ -142,7 +142,6 @@ def stages(n: int) -> dict:
         q = np.empty((n, kk, c, npx), np.uint8)
         e = np.empty((n, kk, c, npx), np.uint16 if npx <= 16 else np.uint64)
         nu = np.empty((n, kk, c, npx), np.int32)
-        rid = np.empty((n, kk, c, npx), np.int32)
         nuc = np.empty((n, kk, c), np.int32)
         h = np.empty((n, kk, c))
         perm = np.empty((n, kk), np.int64)
@@ -154,9 +153,9 @@ def stages(n: int) -> dict:
         steps = {
             "split": lambda: split_all(x, p, qtab, q),
             "masks" if npx <= 64 else "histograms":
-                lambda: masks_all(q, e, nu, nuc, h, rid, ltab, log2n, tab, hist),
-            "chain": lambda: chain_all(q, e, nu, nuc, h, rid, ltab, clogc, log2n, band, rescale,
-                                       perm, joint),
+                lambda: masks_all(q, e, nu, nuc, h, ltab, log2n, tab, hist),
+            "chain": lambda: chain_all(q, e, nu, nuc, h, ltab, clogc, log2n, band, rescale, perm,
+                                       joint),
             "gather": lambda: gather_all(x, perm, p, out),
         }
         row = {}

@@ -8,6 +8,8 @@ common: constant patches, images quantised to a few levels, saturated pixels.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -195,3 +197,27 @@ def test_cache_dir_falls_back_to_user_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
     monkeypatch.setattr(cpu.os, "access", lambda path, mode: False)
     assert cpu._cache_dir() is None  # the user's choice wins
+
+
+def _reorder_in_child(images, want, queue):
+    perm = porder.reorder(images, "mi", 8, backend="compiled", workers=2)[1]
+    queue.put(bool((perm == want).all()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_its_own_threads():
+    # the thread pool is kept between calls; a forked child (a DataLoader
+    # worker) has none of its threads and must start its own, not hang
+    import multiprocessing
+
+    imgs = image_set("photo", n=64)
+    want = porder.reorder(imgs, "mi", 8, backend="compiled", workers=2)[1]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_reorder_in_child, args=(imgs, want, queue))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.terminate()
+        pytest.fail("reorder hung in a forked child")
+    assert child.exitcode == 0 and queue.get(timeout=5)

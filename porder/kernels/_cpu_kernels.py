@@ -346,6 +346,9 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
     m = _drop(idx, pos, reference, K)
     perm[0] = cur = reference
     for step in range(1, K):
+        if m == 1:  # one candidate left: nothing to compare
+            perm[step] = idx[0]
+            break
         mm = (m + LANES - 1) // LANES * LANES
         for s in range(mm):
             prod[s] = rinit[0, s]
@@ -397,48 +400,37 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
 
 
 @njit(**_JIT)
-def _marginals(q, bins, nu, nucnt, h, rowid, ltab, log2n, hist):
-    """Entropies h (K, C), shared-bin pixel lists nu/nucnt (see _masks) and rows.
+def _marginals(q, nu, nucnt, h, ltab, log2n, hist):
+    """Entropies h (K, C) and shared-bin pixel lists nu/nucnt (see _masks).
 
-    rowid (K, C, n) int32 out: for a shared-bin pixel, bins times the rank of
-    its bin among the patch's shared bins: its row in a compact joint table.
     hist (>= bins,) int32 scratch, zero in and out.
     """
     K, C, n = q.shape
-    rank = np.full(256, -1, np.int32)
     for k in range(K):
         for c in range(C):
             for t in range(n):
                 hist[q[k, c, t]] += 1
             lsum = 0.0
             m = 0
-            d = 0
             for t in range(n):
-                v = q[k, c, t]
-                cnt = hist[v]
+                cnt = hist[q[k, c, t]]
                 lsum += ltab[cnt]
-                if cnt > 1:
-                    if rank[v] < 0:
-                        rank[v] = d
-                        d += 1
-                    rowid[k, c, t] = rank[v] * bins
-                    nu[k, c, m] = t
-                    m += 1
+                nu[k, c, m] = t
+                m += cnt > 1
             nucnt[k, c] = m
             for t in range(n):
                 hist[q[k, c, t]] = 0
-                rank[q[k, c, t]] = -1
             h[k, c] = log2n - lsum / n
 
 
 @njit(**_JIT)
-def _chain_dense(q, nu, nucnt, h, rowid, clogc, log2n, is_mi, reference, descending, perm,
+def _chain_dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, reference, descending, perm,
                  joint):
     """Greedy mi/je chain with joint counts in a dense table (any patch size).
 
-    The joint histogram of a pair fills rows rowid (compact, so it stays in
-    cache) of joint (>= bins**2,) int32, zero in and out; sum_t log2 count(t)
-    is read back as sum over cells of c log2 c, each cell once (then zeroed).
+    The joint histogram of a pair goes to joint (>= bins**2,) int32, zero in
+    and out; sum_t log2 count(t) is read back as the sum over cells of
+    c log2 c, each cell once (then zeroed, so later pixels of it add 0).
     """
     K, C, n = q.shape
     used = np.zeros(K, np.bool_)
@@ -449,17 +441,20 @@ def _chain_dense(q, nu, nucnt, h, rowid, clogc, log2n, is_mi, reference, descend
         for j in range(K):
             if used[j]:
                 continue
+            if step == K - 1:  # one candidate left: nothing to compare
+                best = j
+                break
             acc = 0.0
             for c in range(C):
                 mm = nucnt[cur, c]
                 for ii in range(mm):
                     t = nu[cur, c, ii]
-                    joint[rowid[cur, c, t] + q[j, c, t]] += 1
+                    joint[np.int64(q[cur, c, t]) * bins + q[j, c, t]] += 1
                 lsum = 0.0
                 for ii in range(mm):
                     t = nu[cur, c, ii]
-                    ix = rowid[cur, c, t] + q[j, c, t]
-                    lsum += clogc[joint[ix]]  # clogc[0] = 0 for cells already read
+                    ix = np.int64(q[cur, c, t]) * bins + q[j, c, t]
+                    lsum += clogc[joint[ix]]
                     joint[ix] = 0
                 je = log2n - lsum / n
                 acc += (h[cur, c] + h[j, c] - je) if is_mi else je
@@ -491,9 +486,8 @@ def _mi_je(q, is_mi, bins, reference, descending, ltab, clogc, log2n, tab, hist,
         _chain_lanes(E64, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, reference,
                      descending, perm)
     else:
-        rowid = np.empty((K, C, n), np.int32)
-        _marginals(q, bins, nu, nucnt, h, rowid, ltab, log2n, hist)
-        _chain_dense(q, nu, nucnt, h, rowid, clogc, log2n, is_mi, reference, descending, perm,
+        _marginals(q, nu, nucnt, h, ltab, log2n, hist)
+        _chain_dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, reference, descending, perm,
                      joint)
 
 
@@ -589,6 +583,9 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
             best, bkey = -1, NEG_INF
             for j in range(K):
                 if not used[j]:
+                    if step == K - 1:  # one candidate left: nothing to compare
+                        best = j
+                        break
                     key = _key(_score_kl(bits, pre, cnts, negh, tsum, lt, n, bins, cur, j),
                                descending)
                     if _better(key, j, bkey, best):
@@ -617,7 +614,9 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
     m = K
     for step in range(K):
         k = cur
-        if step > 0:
+        if step > 0 and m == 1:  # one candidate left: nothing to compare
+            perm[step] = cur = k = idx[0]
+        elif step > 0:
             mm = (m + LANES - 1) // LANES * LANES
             for s in range(mm):
                 prod[s] = 1.0
@@ -720,6 +719,9 @@ def _sums(q, code, reference, descending, perm):
     m = _drop(idx, pos, reference, K)
     perm[0] = cur = reference
     for step in range(1, K):
+        if m == 1:  # one candidate left: nothing to compare
+            perm[step] = idx[0]
+            break
         mm = (m + LANES - 1) // LANES * LANES
         for s in range(mm):
             tot[s] = 0.0

@@ -14,14 +14,17 @@ the few candidates near the best get an exact score (details in
 scores rounded to ``porder.ordering.DECIMALS`` decimals, ties to the lowest
 index, NaN last.
 
-Images are split into chunks that a pool of threads (``workers``, default all
-cores) takes one after another; the compiled loop releases the GIL.
+Images are split into chunks that ``workers`` threads (default: all cores; the
+caller's thread and a kept pool) take one after another; the compiled loop
+releases the GIL.
 
 The kernels compile on first use and are cached on disk (numba
 ``cache=True``): next to this file when the package folder is writable,
 otherwise in ``$XDG_CACHE_HOME/porder/numba`` (``~/.cache/porder/numba``)
 unless ``NUMBA_CACHE_DIR`` is set. The first call on a machine compiles for
-about a minute; later processes load the cache in about half a second.
+about 40 seconds (2-core development machine); later processes load the cache
+in about half a second. One compiled signature serves every measure, patch
+size, bin count and channel count.
 """
 from __future__ import annotations
 
@@ -66,8 +69,8 @@ CODES = {"mi": _k.MI, "je": _k.JE, "kl": _k.KL, "l1": _k.L1, "l2": _k.L2, "ssim"
          "entropy": _k.ENTROPY, "psnr": _k.PSNR}
 # Measures that quantise intensities into bins; the others read raw values.
 _BINNED = ("mi", "je", "kl", "entropy")
-# Images per task: large enough to hide the ~10 us Python cost of a call,
-# small enough to balance the threads at the end of a batch.
+# Images per task: enough to hide the ~2 us Python cost of a kernel call (an
+# image takes 10-40 us), few enough to balance the threads at a batch's end.
 MAX_CHUNK = 32
 
 
@@ -185,10 +188,31 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
             _k.reorder_range(x, lo_hi[0], lo_hi[1], *args, hist, tab, joint, cnt_t, out, perm)
 
     nthreads = min(int(workers), len(chunks))
-    if nthreads == 1:
-        work()
-    else:
-        with ThreadPoolExecutor(nthreads, thread_name_prefix="porder-cpu") as pool:
-            for f in [pool.submit(work) for _ in range(nthreads)]:
-                f.result()
+    helpers = [_pool(nthreads - 1).submit(work) for _ in range(nthreads - 1)]
+    work()  # the calling thread works too
+    for f in helpers:
+        f.result()
     return out, perm
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_PID = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(size: int) -> ThreadPoolExecutor | None:
+    """A process-wide pool of at least ``size`` threads (kept: starting one costs ~0.4 ms).
+
+    Recreated after a fork (the child has none of the parent's threads).
+    """
+    global _POOL, _POOL_SIZE, _POOL_PID
+    if size < 1:
+        return None
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE < size or _POOL_PID != os.getpid():
+            if _POOL is not None and _POOL_PID == os.getpid():
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(size, thread_name_prefix="porder-cpu")
+            _POOL_SIZE, _POOL_PID = size, os.getpid()
+        return _POOL
