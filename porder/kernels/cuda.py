@@ -377,7 +377,7 @@ def _cupy():
     cp = find()
     if cp is None:
         raise ValueError("the CUDA kernels need CuPy and a CUDA GPU; use device='cpu' or "
-                         "install CuPy (`pip install porder[gpu]`)")
+                         "install CuPy (`pip install 'patch-order[gpu]'`)")
     return cp
 
 
