@@ -31,13 +31,11 @@ class CacheItem:
         return _label(self.measure, self.patch)
 
 
-@dataclass
-class Arm:
-    """One ordering compared: ``measure`` is a measure name or ``fm:POINT:MEASURE``."""
+class _Ordering:
+    """What an arm and its runs derive from their ``measure`` and ``patch``."""
 
     measure: str
     patch: int
-    cache: Path                 # the cache trained on (``none``'s for feature-map arms)
 
     @property
     def label(self) -> str:
@@ -50,7 +48,16 @@ class Arm:
 
 
 @dataclass
-class RunItem:
+class Arm(_Ordering):
+    """One ordering compared: ``measure`` is a measure name or ``fm:POINT:MEASURE``."""
+
+    measure: str
+    patch: int
+    cache: Path                 # the cache trained on (``none``'s for feature-map arms)
+
+
+@dataclass
+class RunItem(_Ordering):
     arch: str
     measure: str
     patch: int
@@ -61,14 +68,6 @@ class RunItem:
     at_step: int = 0
     reason: str = ""            # why a conflicting run cannot go on
     seconds: Optional[float] = None   # estimated training time left on this device
-
-    @property
-    def label(self) -> str:
-        return _label(self.measure, self.patch)
-
-    @property
-    def fm(self) -> list:
-        return [fm_spec(self.measure, self.patch)] if is_fm(self.measure) else []
 
 
 @dataclass
