@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .plan import Plan, run_config
+from .plan import Plan, step_timing
+from .plan import _evaluations as evaluations_left
 
 REORDER_SAMPLE = 64    # random images reordered to time a cache
 
@@ -45,16 +46,16 @@ def _hms(seconds: float) -> str:
 
 def _evaluations(at_step: int, steps: int, every: int, fresh: bool) -> int:
     """Evaluations still to run: step 0 (fresh runs), each multiple of ``every``, the last."""
-    n = len(range((at_step // every + 1) * every, steps + 1, every))
-    if steps % every:
-        n += 1
-    return n + int(fresh)
+    return evaluations_left(at_step, steps, every) + int(fresh)
 
 
 def dataset_sizes(plan: Plan) -> tuple[int, int, int]:
-    """(train images, test images, classes): from the ``none`` cache when built, else the source."""
+    """(train images, test images, classes): ``plan.counts`` (set by ``make_plan``), else from
+    the ``none`` cache when built, else the source."""
     from ..store import read_meta
 
+    if plan.counts:
+        return plan.counts["train"], plan.counts["test"], plan.counts["classes"]
     c = plan.caches[0]
     if c.state == "ready":
         meta = read_meta(c.path)
@@ -85,26 +86,29 @@ def estimate(plan: Plan, *, threads: Optional[int] = None,
         Totals and the lines ``--dry-run`` prints (each measurement described).
     """
     from .. import reorder
-    from ..train.timing import time_steps
 
     log = log or (lambda line: None)
     st = plan.settings
     n_train, n_test, n_classes = dataset_sizes(plan)
+    if not plan.counts:  # a plan built by hand: step_timing needs the class count
+        plan.counts = {"train": n_train, "test": n_test, "classes": n_classes}
     todo = [r for r in plan.runs if r.state != "done"]
     lines = [f"time estimate ({len(todo)} of {len(plan.runs)} runs to train; "
              f"{n_train} train / {n_test} test images, {n_classes} classes):"]
-    timings = {}
+    keys = []
     train_s = 0.0
     for r in todo:
         key = (r.arch, tuple(r.fm))
-        if key not in timings:
-            cfg = run_config(st, r.arch, 0, r.fm, threads=threads)
-            log(f"timing {r.arch}" + (f" with --fm-reorder {r.fm[0]}" if r.fm else "") + " ...")
-            timings[key] = (cfg, time_steps(cfg, num_classes=n_classes, size=st["size"]))
-        t = timings[key][1]
+        if key not in keys:
+            keys.append(key)
+            if key not in plan.timings:
+                log(f"timing {r.arch}" + (f" with --fm-reorder {r.fm[0]}" if r.fm else "")
+                    + " ...")
+        t = step_timing(plan, r.arch, r.fm, threads=threads)
         n_eval = _evaluations(r.at_step, st["steps"], st["eval_every"], r.state == "new")
         train_s += (st["steps"] - r.at_step) * t.step_s + n_eval * n_test * t.eval_image_s
-    for cfg, t in timings.values():
+    for key in keys:
+        cfg, t = plan.timings[key]
         lines.append(f"  {t.describe(cfg)}")
     if todo:
         per_run = train_s / len(todo)

@@ -80,6 +80,7 @@ class Plan:
     arms: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)   # train / test images and classes
     speeds: dict = field(default_factory=dict)   # arch -> {train, eval img/s, how, device}
+    timings: dict = field(default_factory=dict)  # (arch, fm specs) -> (TrainConfig, StepTiming)
 
     @property
     def conflicts(self) -> list:
@@ -376,7 +377,6 @@ def estimate_times(plan: Plan, *, threads: Optional[int] = None,
     split at every ``eval_every`` steps (and at step 0 of a new run).
     """
     from ..train.device import resolve_device
-    from ..train.timing import time_steps
 
     s, n_test = plan.settings, plan.counts["test"]
     device = resolve_device(s["device"])
@@ -387,8 +387,7 @@ def estimate_times(plan: Plan, *, threads: Optional[int] = None,
             if log:
                 log(f"measuring a few training steps of {arch} (width {s['width']:g}) on "
                     f"{device} for the estimate ...")
-            t = time_steps(run_config(s, arch, 0, threads=threads),
-                           num_classes=plan.counts["classes"], size=s["size"], min_time=0.5)
+            t = step_timing(plan, arch, (), threads=threads)
             speed = {"train": s["batch_size"] / t.step_s, "eval": 1.0 / t.eval_image_s,
                      "how": "measured now"}
         plan.speeds[arch] = speed | {"device": device}
@@ -397,6 +396,23 @@ def estimate_times(plan: Plan, *, threads: Optional[int] = None,
         evals = _evaluations(r.at_step, s["steps"], s["eval_every"]) + (r.state == "new")
         r.seconds = ((s["steps"] - r.at_step) * s["batch_size"] / sp["train"]
                      + evals * n_test / sp["eval"])
+
+
+def step_timing(plan: Plan, arch: str, fm=(), *, threads: Optional[int] = None):
+    """``(TrainConfig, StepTiming)`` of one network of ``plan`` on this device.
+
+    Measured once per (architecture, feature-map layers) with
+    :func:`porder.train.timing.time_steps` and kept in ``plan.timings``, so the
+    per-run estimates and the ``--dry-run`` total share one measurement.
+    """
+    from ..train import timing
+
+    key = (arch, tuple(fm))
+    if key not in plan.timings:
+        cfg = run_config(plan.settings, arch, 0, list(fm), threads=threads)
+        plan.timings[key] = (cfg, timing.time_steps(cfg, num_classes=plan.counts["classes"],
+                                                    size=plan.settings["size"]))
+    return plan.timings[key][1]
 
 
 def _evaluations(start: int, steps: int, every: int) -> int:
