@@ -3,7 +3,7 @@
 Passed to the cluster with ``dask.config.set({"distributed.worker.preload":
 [PRELOAD]})``; every worker process runs :func:`dask_setup` when it starts. When
 the environment holds ``PORDER_TEST_KILL_SHARD="I:MARKER"``, the first attempt of
-shard I kills its worker process mid-way (after its first batch), like an
+shard I kills its worker process mid-way (after a batch is on disk), like an
 OOM-killed worker, and creates the MARKER file; a re-run finds MARKER and goes
 on, so the tests can check that the scheduler re-runs the shard.
 """
@@ -24,8 +24,20 @@ def dask_setup(worker) -> None:
     marker = Path(marker)
 
     import porder.pipeline
+    import porder.store
 
     original = porder.pipeline.build_cache
+    original_append = porder.store.Writer.append
+    armed = []
+
+    # porder appends on a writer thread: the kill lands right after an append has
+    # completed (between batches, as the test means), never inside one.
+    def append(self, *args, **kwargs):
+        result = original_append(self, *args, **kwargs)
+        if armed and not marker.exists():
+            marker.touch()
+            os._exit(1)  # die like an OOM-killed worker, mid-shard
+        return result
 
     def build_cache(source, out, *, shard=None, progress=None, **options):
         report = progress
@@ -33,9 +45,9 @@ def dask_setup(worker) -> None:
             def report(split, done, total):
                 if progress is not None:
                     progress(split, done, total)
-                if 0 < done < total and not marker.exists():
-                    marker.touch()
-                    os._exit(1)  # die like an OOM-killed worker, mid-shard
+                if 0 < done < total:
+                    armed.append(True)  # the next completed append ends the process
         return original(source, out, shard=shard, progress=report, **options)
 
+    porder.store.Writer.append = append
     porder.pipeline.build_cache = build_cache
