@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 from .backend import resolve_device
 from .kernels import check_backend
 from .measures import _check_bins, get_measure
@@ -104,6 +106,20 @@ def _prefetch(iterator, depth: int = 2):
             yield item, waited
     finally:
         stop.set()  # the producer sees it within 0.1 s of its next item
+
+
+def _load_kernels_ahead(m, patch: int, bins: int, size: int) -> None:
+    """Load the compiled CPU kernels on a daemon thread while the source is listed
+    and the first batches decode: importing numba and reading its cache take
+    about 1 s of the first batch otherwise. A failure is left to the real call."""
+    def load():
+        try:
+            reorder(np.zeros((1, size, size, 3), dtype=np.uint8), m, patch, bins=bins,
+                    workers=1, backend="compiled")
+        except Exception:  # raised again, with its message, by the first batch
+            pass
+
+    threading.Thread(target=load, name="porder-kernel-load", daemon=True).start()
 
 
 class _WriteBehind:
@@ -252,7 +268,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                 size: int = 32, label: str = "fine", test_fraction: float = 0.1, seed: int = 0,
                 reference: int = 0, descending: Optional[bool] = None, batch_size: int = 256,
                 device: str = "cpu", backend: str = "compiled", workers: Optional[int] = None,
-                on_error: str = "fail",
+                on_error: str = "fail", decoder: str = "auto",
                 overwrite: bool = False, resume: bool = False,
                 shard: Optional[tuple[int, int]] = None,
                 progress: Optional[Progress] = None) -> BuildResult:
@@ -293,6 +309,8 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
         raise ValueError(f"reference patch {reference} is out of range 0..{g * g - 1} "
                          f"for patch {patch} on {size}x{size} images")
     desc = m.descending if descending is None else bool(descending)
+    if device == "cpu" and backend == "compiled" and m.kind != "control":
+        _load_kernels_ahead(m, patch, bins, size)
     out = Path(out)
     check_output(out, overwrite=True)  # the folder, before locking in it
     lock = lock_output(out)            # before touching anything else
@@ -301,7 +319,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
         check_output(out, overwrite=overwrite)
         resumed = bool(resume and partial_path(out).exists())
         src = open_source(source, size=size, label=label, test_fraction=test_fraction,
-                          seed=seed, on_error=on_error, workers=workers)
+                          seed=seed, on_error=on_error, workers=workers, decoder=decoder)
     except BaseException:
         lock.release()
         raise

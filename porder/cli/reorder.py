@@ -56,6 +56,12 @@ from .common import (
               help="Images per batch (memory is bounded by a few batches).")
 @click.option("-j", "--workers", type=click.IntRange(min=1), default=None,
               help="CPU workers for decoding and scoring [default: all cores].")
+@click.option("--decoder", type=click.Choice(["auto", "threads", "processes"]), default="auto",
+              show_default=True,
+              help="How image files are decoded: threads (instant start; fast on photos), "
+                   "processes (same pixels; several times faster on tiny files such as "
+                   "CIFAR's 32x32 JPEGs, about 0.3 s to start), or auto: processes from "
+                   "4096 files with 2 or more workers.")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the `random` control and of the held-out split.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
@@ -70,8 +76,8 @@ from .common import (
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [default: on a terminal; periodic lines otherwise].")
 def reorder(source, out, measure, patch, bins, size, reference, descending, label,
-            test_fraction, device, backend, batch_size, workers, seed, on_error, shard, dask_scheduler,
-            resume, overwrite, progress):
+            test_fraction, device, backend, batch_size, workers, decoder, seed, on_error, shard,
+            dask_scheduler, resume, overwrite, progress):
     """Reorder the patches of every image in SOURCE and write OUT (HDF5).
 
     \b
@@ -105,7 +111,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     options = dict(measure=measure, patch=patch, bins=bins, size=size, label=label,
                    test_fraction=test_fraction, seed=seed, reference=reference,
                    descending=descending, batch_size=batch_size, device=device, backend=backend,
-                   workers=workers,
+                   workers=workers, decoder=decoder,
                    on_error=on_error, overwrite=overwrite, resume=resume)
     try:
         with library_errors():

@@ -32,12 +32,23 @@ Image conversion (one rule for every file)
   ``on_error="skip"`` it is left out of its batch and listed in
   :attr:`Batch.skipped`.
 
-Decoding files runs on a thread pool of ``workers`` threads (default: the
-CPUs this process may use); Pillow releases the GIL while decoding and resizing, and
-threads start instantly and are safe next to CUDA, so they are preferred to a
-process pool (on the 1000 JPEGs of Dogs vs. Cats, 2 cores, a thread pool was
-as fast as or faster than a process pool, which also pays its start-up). The
-next batch is decoded while the caller works on the current one.
+Decoding files runs on ``workers`` threads or worker processes (default: the
+CPUs this process may use), chosen by ``decoder``:
+
+* ``"threads"``: start at once. Pillow releases the GIL while it decodes and
+  resizes, so threads scale on photos (on the 1000 JPEGs of Dogs vs. Cats, 2
+  cores, as fast as processes); on tiny files (CIFAR's 32x32 JPEGs) most of
+  the time is Pillow's Python code under the GIL, and threads run at about
+  one core.
+* ``"processes"``: :class:`~porder.sources.procs.DecodeProcesses`, the same
+  decoding function in worker processes, so identical pixels on every core; a
+  worker costs about 0.3 s to start, and a decoder crash costs one file, not
+  the run.
+* ``"auto"`` (the default): processes when at least :data:`AUTO_PROCESSES_MIN`
+  files are to be read and ``workers`` > 1, else threads.
+
+With ``workers=1`` files are decoded in the caller's thread. The next batch is
+decoded while the caller works on the current one.
 """
 from __future__ import annotations
 
@@ -49,7 +60,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .base import Batch, Source, SourceError, _one_line, open_regular, printable, stored_name
+from .procs import DecodeProcesses
 
+DECODER_CHOICES = ("auto", "threads", "processes")
+#: ``decoder="auto"`` reads this many files or more with worker processes.
+AUTO_PROCESSES_MIN = 4096
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # The one resampling filter of the module (antialiased when shrinking).
 RESAMPLE = Image.Resampling.BICUBIC
@@ -127,14 +142,17 @@ def _decode_chunk(paths: Sequence[str], size: int) -> list[tuple[np.ndarray | No
 
 
 class _FileSource(Source):
-    """Image files (class folders or Kaggle layout), decoded per batch on worker threads."""
+    """Image files (class folders or Kaggle layout), decoded per batch by worker
+    threads or processes (``decoder``, see the module docstring)."""
 
     def __init__(self, kind, description, classes, size, held_out, files, on_error,
-                 workers, unlisted=None):
+                 workers, unlisted=None, decoder="auto"):
         super().__init__(kind, description, classes, size, held_out, workers)
         # split -> (paths, labels (N,) int64, names)
         self._files = files
         self._on_error = on_error
+        self._decoder = decoder
+        self._procs: DecodeProcesses | None = None
         # split -> [(folder name, reason)]: folders that could not be listed (on_error="skip"),
         # reported with the batch that covers sample 0 of the split
         self._unlisted = {split: list((unlisted or {}).get(split, ())) for split in files}
@@ -142,16 +160,34 @@ class _FileSource(Source):
     def _count(self, split):
         return len(self._files[split][0])
 
-    def _submit(self, split, lo, hi) -> list[Future] | tuple[int, int]:
+    def close(self) -> None:
+        super().close()
+        if self._procs is not None:
+            self._procs.shutdown()
+            self._procs = None
+
+    def _use_processes(self, files: int) -> bool:
+        """Whether reading ``files`` files goes to worker processes (see ``decoder``)."""
+        if self._workers == 1 or self._decoder == "threads":
+            return False
+        return self._decoder == "processes" or files >= AUTO_PROCESSES_MIN
+
+    def _submit(self, split, lo, hi, processes=False) -> list[Future] | tuple[int, int]:
         """Start decoding samples [lo, hi); the work is collected by :meth:`_collect`."""
         if self._workers == 1:
             return (lo, hi)  # decoded serially in _collect
-        pool = self._executor()
         paths = self._files[split][0][lo:hi]
         # A few chunks per worker: low overhead, and the workers stay balanced.
         step = max(1, math.ceil(len(paths) / (4 * self._workers)))
-        return [pool.submit(_decode_chunk, paths[i:i + step], self.image_size)
-                for i in range(0, len(paths), step)]
+        chunks = [paths[i:i + step] for i in range(0, len(paths), step)]
+        if processes:
+            if self._closed:
+                raise SourceError(f"source {self.description!r} is closed")
+            if self._procs is None:
+                self._procs = DecodeProcesses(self._workers)
+            return [self._procs.submit(chunk, self.image_size) for chunk in chunks]
+        pool = self._executor()
+        return [pool.submit(_decode_chunk, chunk, self.image_size) for chunk in chunks]
 
     def _collect(self, split, lo, hi, work) -> Batch:
         paths, labels, names = self._files[split]
@@ -177,20 +213,23 @@ class _FileSource(Source):
         return Batch(images, labels[lo:hi][keep], [names[lo + j] for j in keep], skipped)
 
     def _read(self, split, lo, hi):
-        return self._collect(split, lo, hi, self._submit(split, lo, hi))
+        return self._collect(split, lo, hi,
+                             self._submit(split, lo, hi, self._use_processes(hi - lo)))
 
     def _batches(self, split, batch_size, start, n):
         # Decode batch k + 1 while the caller works on batch k.
         bounds = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
         if start == n == 0 and self._unlisted[split]:  # nothing to read: report them alone
             bounds = [(0, 0)]
+        processes = self._use_processes(n - start)
         pending = []  # (lo, hi, work) submitted, not yet collected; at most 2
         try:
             for k, (lo, hi) in enumerate(bounds):
                 if not pending:
-                    pending.append((lo, hi, self._submit(split, lo, hi)))
+                    pending.append((lo, hi, self._submit(split, lo, hi, processes)))
                 if k + 1 < len(bounds):
-                    pending.append((*bounds[k + 1], self._submit(split, *bounds[k + 1])))
+                    pending.append((*bounds[k + 1],
+                                    self._submit(split, *bounds[k + 1], processes)))
                 batch = self._collect(split, *pending.pop(0))
                 yield batch
         finally:  # abandoned early or failed: drop what was prefetched

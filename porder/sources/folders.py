@@ -121,11 +121,12 @@ def _select(files, idx: np.ndarray):
     return [paths[i] for i in idx], labels[idx], [names[i] for i in idx]
 
 
-def _open_folder(description, folder: Path, size, test_fraction, seed, on_error, workers):
+def _open_folder(description, folder: Path, size, test_fraction, seed, on_error, workers,
+                 decoder):
     dirs, images = _list_dir(folder)
     if "train" in dirs or "test" in dirs:
         return _open_split_folder(description, folder, dirs, size, test_fraction, seed,
-                                  on_error, workers)
+                                  on_error, workers, decoder)
     if images:
         class_dirs = [d for d in dirs if _images_below(folder / d, "skip", [])]
         if class_dirs:
@@ -133,7 +134,7 @@ def _open_folder(description, folder: Path, size, test_fraction, seed, on_error,
             raise SourceError(f"folder '{printable(folder)}' holds both image files and class "
                               f"folders ({shown}); keep one layout")
         return _open_kaggle(description, folder, images, size, test_fraction, seed,
-                            on_error, workers)
+                            on_error, workers, decoder)
     if not dirs:
         raise SourceError(f"folder '{printable(folder)}' holds no images and no class folders")
     unlisted: list = []
@@ -142,11 +143,11 @@ def _open_folder(description, folder: Path, size, test_fraction, seed, on_error,
     return _FileSource("folder", description, [stored_name(d) for d in dirs], size,
                        test_fraction, {"train": _select(files, train),
                                        "test": _select(files, test)},
-                       on_error, workers, unlisted={"train": unlisted})
+                       on_error, workers, decoder=decoder, unlisted={"train": unlisted})
 
 
 def _open_split_folder(description, folder, dirs, size, test_fraction, seed, on_error,
-                       workers):
+                       workers, decoder):
     other = [d for d in dirs if d not in SPLITS]
     if other:
         raise SourceError(f"folder '{printable(folder)}' has train/ or test/ beside other "
@@ -166,7 +167,7 @@ def _open_split_folder(description, folder, dirs, size, test_fraction, seed, on_
         train, test = _holdout(len(train_files[0]), test_fraction, seed)
         files = {"train": _select(train_files, train), "test": _select(train_files, test)}
         return _FileSource("folder", description, classes, size, test_fraction, files,
-                           on_error, workers, unlisted=unlisted)
+                           on_error, workers, decoder=decoder, unlisted=unlisted)
     test_classes, test_images = _list_dir(folder / "test")
     if test_classes != train_classes:
         only_train = sorted(stored_name(c) for c in set(train_classes) - set(test_classes))
@@ -181,10 +182,11 @@ def _open_split_folder(description, folder, dirs, size, test_fraction, seed, on_
              "test": _class_folders(folder / "test", test_classes, "test/", on_error,
                                     unlisted["test"])}
     return _FileSource("folder", description, classes, size, None, files, on_error,
-                       workers, unlisted=unlisted)
+                       workers, decoder=decoder, unlisted=unlisted)
 
 
-def _open_kaggle(description, folder, images, size, test_fraction, seed, on_error, workers):
+def _open_kaggle(description, folder, images, size, test_fraction, seed, on_error, workers,
+                 decoder):
     """Flat folder of '<label>.<id>.<ext>' files (Kaggle Dogs vs. Cats)."""
     prefixes = []
     for name in images:
@@ -202,4 +204,4 @@ def _open_kaggle(description, folder, images, size, test_fraction, seed, on_erro
     train, test = _holdout(len(images), test_fraction, seed)
     return _FileSource("kaggle", description, classes, size, test_fraction,
                        {"train": _select(files, train), "test": _select(files, test)},
-                       on_error, workers)
+                       on_error, workers, decoder=decoder)

@@ -57,19 +57,33 @@ def porder_process(*args, **kw) -> subprocess.Popen:
 # Interrupts
 
 
-@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 1), (signal.SIGTERM, 2)],
-                         ids=["SIGINT-1-thread", "SIGTERM-2-threads"])
-def test_interrupt_ends_a_run_stuck_in_decoding(tmp_path, sig, workers):
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie no init has reaped yet counts)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.mark.parametrize("sig, workers, decoder",
+                         [(signal.SIGINT, 1, "threads"), (signal.SIGTERM, 2, "threads"),
+                          (signal.SIGINT, 2, "processes")],
+                         ids=["SIGINT-1-thread", "SIGTERM-2-threads", "SIGINT-2-processes"])
+def test_interrupt_ends_a_run_stuck_in_decoding(tmp_path, sig, workers, decoder):
     src = images(tmp_path / "d", [f"a/{i}.png" for i in range(6)] + ["b/0.png", "b/hang.png"])
     marker, out = tmp_path / "decoding", tmp_path / "out.h5"
     proc = porder_process("-m", "tests.cli.hang_decode", marker, "reorder", "--no-progress",
-                          "-j", workers, "-b", 2, "--test-fraction", 0, src, out)
+                          "-j", workers, "--decoder", decoder, "-b", 2, "--test-fraction", 0,
+                          src, out)
     try:
         for _ in range(600):  # the run is blocked in decoding hang.png
-            if marker.exists() or proc.poll() is not None:
+            if (marker.exists() and marker.read_text()) or proc.poll() is not None:
                 break
             time.sleep(0.1)
         assert marker.exists(), proc.communicate(timeout=60)
+        decoding_pid = int(marker.read_text())
+        assert (decoding_pid == proc.pid) == (decoder == "threads")
         time.sleep(0.3)
         t0 = time.monotonic()
         proc.send_signal(sig)
@@ -85,6 +99,11 @@ def test_interrupt_ends_a_run_stuck_in_decoding(tmp_path, sig, workers):
     assert "Traceback" not in err
     assert seconds < 3, f"the run took {seconds:.1f} s to end after {sig.name}"
     assert partial_path(out).exists() and not out.exists()
+    for _ in range(50):  # a decoding process is killed, not left decoding
+        if process_gone(decoding_pid):
+            break
+        time.sleep(0.1)
+    assert process_gone(decoding_pid)
 
 
 def test_fifo_named_like_an_image_through_the_cli(tmp_path):
