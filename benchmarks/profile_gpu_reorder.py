@@ -7,8 +7,11 @@ Times, for a uint8 batch (512, 32, 32, 3) already on the GPU:
 
 for the fused CUDA kernel alone (CuPy in, CuPy out), the training loop's
 ``_reorder_tensor`` (torch in and out through DLPack), and the same with CuPy
-running on torch's current stream through ``__cuda_array_interface__``.
-Prints one line per variant. Needs CuPy, torch and a CUDA GPU.
+running on torch's current stream through ``__cuda_array_interface__``; and
+the pieces of the torch path alone (torch -> CuPy, reorder of that CuPy view,
+CuPy results -> torch), because the torch path showed 2.0 ms of stream time per
+call on the H200 against 0.10 ms for the rest (not yet explained; the pieces
+say which step it is). Prints one line per variant. Needs CuPy, torch and a CUDA GPU.
 
     python3 benchmarks/profile_gpu_reorder.py
 """
@@ -41,6 +44,7 @@ def main() -> None:
             out = reorder(cp.asarray(t), m, 8, device="cuda")[0]
         return torch.as_tensor(out, device=t.device)
 
+    out_c, perm_c = reorder(x_c, m, 8)
     variants = {
         "kernel (cupy in/out)": lambda: reorder_batch(x_c, m, 8, bins=256, reference=0,
                                                       descending=True),
@@ -48,6 +52,10 @@ def main() -> None:
         "porder.reorder (torch, dlpack)": lambda: reorder(x_t, m, 8),
         "train _reorder_tensor": lambda: _reorder_tensor(x_t, idx, opts),
         "torch stream + CAI": lambda: on_torch_stream(x_t),
+        "piece: torch -> cupy (dlpack)": lambda: cp.from_dlpack(x_t),
+        "piece: reorder(cupy view of torch)": lambda: reorder(cp.from_dlpack(x_t), m, 8),
+        "piece: cupy out, perm -> torch": lambda: (torch.from_dlpack(out_c),
+                                                    torch.from_dlpack(perm_c)),
     }
     rows = []
     for name, fn in variants.items():
