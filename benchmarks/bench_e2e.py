@@ -137,8 +137,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="10,000 synthetic images instead")
     ap.add_argument("--synthetic", type=int, default=50000)
-    ap.add_argument("--cifar-jpeg", type=Path, default=None,
-                    help="CIFAR-10 JPEG class folders (e.g. cifar10/train); skipped if absent")
+    env = os.environ.get("PORDER_CIFAR_JPEG")
+    ap.add_argument("--cifar-jpeg", type=Path, default=Path(env) if env else None,
+                    help="CIFAR-10 JPEG class folders (e.g. cifar10/train; default "
+                         "$PORDER_CIFAR_JPEG, so that `make bench` finds them); skipped if absent")
     ap.add_argument("--cifar-classes", type=int, default=10,
                     help="class folders to use (10: all of train/, 50,000 files)")
     args = ap.parse_args(argv)
@@ -161,7 +163,7 @@ def main(argv=None) -> dict:
             sub = cifar_subset(args.cifar_jpeg, args.cifar_classes, tmp)
             result["cifar10_jpeg"] = folder_bench(sub, tmp, dogs=False)
         else:
-            result["cifar10_jpeg"] = "skipped: pass --cifar-jpeg DIR"
+            result["cifar10_jpeg"] = "skipped: pass --cifar-jpeg DIR or set PORDER_CIFAR_JPEG"
     result["machine"]["load_after"] = os.getloadavg()
     print(json.dumps(result, indent=2))
     if args.out:

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import Future
 from queue import SimpleQueue
 from typing import Sequence
@@ -185,7 +186,8 @@ class DecodeProcesses:
         return future
 
     def shutdown(self) -> None:
-        """Cancel the chunks not started and kill the workers; waits for nothing."""
+        """Cancel the chunks not started and kill the workers (reaped within 0.5 s);
+        waits for no decoding."""
         self._closed = True
         while not self._tasks.empty():
             task = self._tasks.get_nowait()
@@ -195,9 +197,16 @@ class DecodeProcesses:
             self._tasks.put(None)
         with self._lock:
             workers, self._workers = self._workers, [None] * len(self._workers)
-        for worker in workers:
-            if worker is not None and worker.proc.poll() is None:
-                worker.proc.kill()  # its serving thread reaps it
+        procs = [w.proc for w in workers if w is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        deadline = time.monotonic() + 0.5  # reap them (SIGKILL ends a process at once)
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # pragma: no cover - left to the OS
+                pass
 
     # -- the serving threads --------------------------------------------
 
