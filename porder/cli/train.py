@@ -326,8 +326,8 @@ def _list_option(kind, name, plural, example, check=None):
               help="CPU threads for torch [default: all cores].")
 @click.option("--dry-run", is_flag=True,
               help="Check the source and the runs already in OUT, print the plan (with the "
-              "preset's values) and the estimated time of each run on this device, and stop "
-              "(exit 1 on a conflict).")
+              "preset's values) with the estimated time of each cache to build and each run "
+              "to train on this machine and their total, and stop (exit 1 on a conflict).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars [default: on a terminal; plain lines otherwise].")
 @click.pass_context
@@ -375,8 +375,6 @@ def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, wi
                                                              batch_size=opts["batch_size"]),
             cache_progress=CacheProgress(tty))
         if dry_run:
-            from ..experiment.estimate import estimate
-
             if preset is not None:
                 from ..experiment.preset import describe_preset
 
@@ -385,7 +383,6 @@ def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, wi
             if result.conflicts:
                 raise click.ClickException(f"{len(result.conflicts)} of {len(result.runs)} runs "
                                            f"in {out} conflict with these options (listed above)")
-            click.echo(estimate(result, threads=threads, log=log).describe())
             return
     click.echo((Path(out) / "summary.md").read_text())
 

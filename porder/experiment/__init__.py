@@ -27,7 +27,8 @@ Layout of the output folder::
 Running the same comparison again skips completed runs, resumes a partial run
 from its checkpoint and a partial cache from its ``.part`` file.
 
-Modules: :mod:`.plan` (what to build and train, what is done), :mod:`.run`
+Modules: :mod:`.plan` (what to build and train, what is done), :mod:`.estimate`
+(how long the rest takes here, for ``--dry-run``), :mod:`.run`
 (:func:`compare`), :mod:`.summary` (steps-to, speed-up, AUC, paired verdicts;
 CSV and Markdown tables), :mod:`.stats` (t intervals, pure Python),
 :mod:`.plots` (the paper's Fig. 4 and Fig. 5) and :mod:`.preset` (``--preset

@@ -1,138 +1,158 @@
-"""The time a comparison will take on this machine, from short measurements (``--dry-run``).
+"""How long the rest of a comparison will take on this machine (``compare --dry-run``).
 
-Training: for each distinct network of the plan (architecture and feature-map
-layers), :func:`porder.train.timing.time_steps` times a few training steps and
-an evaluation forward pass on random inputs on the comparison's device; the
-estimate is ``remaining steps x step time + remaining evaluations x test images
-x evaluation time per image`` summed over the runs not done. Caches: ``porder
-.reorder`` on a batch of random images per (measure, patch) still to build, per
-image, times the dataset size; decoding the source's files is not included.
+:func:`estimate_times` gives every cache still to build and every run still to
+train its expected seconds (``CacheItem.seconds``, ``RunItem.seconds``);
+:meth:`porder.experiment.Plan.describe` lists them and :attr:`Plan.seconds_left`
+is their sum, so the dry run prints one set of numbers.
+
+Runs: per network of the plan (architecture and feature-map layers), the
+training and evaluation speeds come from the metrics of that network's runs
+already in the output folder (same width and batch, on this device), else from
+:func:`porder.train.timing.time_steps` (a few training steps and an evaluation
+forward pass on random inputs, measured once per network). A run takes
+``steps left x step time + evaluations left x test images x evaluation time
+per image``. Caches: :func:`porder.reorder` on :data:`REORDER_SAMPLE` random
+images per (measure, patch) still to build, per image, times the dataset size;
+decoding the source's files is not included.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
-from .plan import Plan, step_timing
-from .plan import _evaluations as evaluations_left
+from .plan import Plan, run_config
 
 REORDER_SAMPLE = 64    # random images reordered to time a cache
 
 
-@dataclass
-class Estimate:
-    total_s: float
-    train_s: float
-    cache_s: float
-    runs_left: int
-    lines: list = field(default_factory=list)
-
-    def describe(self) -> str:
-        return "\n".join(self.lines)
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s} s"
-    h, rem = divmod(s, 3600)
-    m = rem // 60
-    return f"{h} h {m:02d} min" if h else f"{m} min {s % 60:02d} s"
-
-
-def _evaluations(at_step: int, steps: int, every: int, fresh: bool) -> int:
-    """Evaluations still to run: step 0 (fresh runs), each multiple of ``every``, the last."""
-    return evaluations_left(at_step, steps, every) + int(fresh)
-
-
-def dataset_sizes(plan: Plan) -> tuple[int, int, int]:
-    """(train images, test images, classes): ``plan.counts`` (set by ``make_plan``), else from
-    the ``none`` cache when built, else the source."""
-    from ..store import read_meta
-
-    if plan.counts:
-        return plan.counts["train"], plan.counts["test"], plan.counts["classes"]
-    c = plan.caches[0]
-    if c.state == "ready":
-        meta = read_meta(c.path)
-        return int(meta["splits"]["train"]), int(meta["splits"]["test"]), len(meta["classes"])
-    from ..sources import open_source
-
-    st = plan.settings
-    with open_source(plan.source, size=st["size"], test_fraction=st["test_fraction"]) as src:
-        return src.count("train"), src.count("test"), len(src.classes)
-
-
-def estimate(plan: Plan, *, threads: Optional[int] = None,
-             log: Optional[Callable[[str], None]] = None) -> Estimate:
-    """Estimate the wall time of the rest of ``plan`` by timing a few steps here.
+def estimate_times(plan: Plan, *, threads: Optional[int] = None,
+                   log: Optional[Callable[[str], None]] = None) -> Plan:
+    """Give each cache to build and each run to train of ``plan`` its expected seconds.
 
     Parameters
     ----------
     plan : Plan
-        From :func:`porder.experiment.make_plan`.
+        From :func:`porder.experiment.make_plan` (its ``counts`` set).
     threads : int, optional
         CPU threads for torch, as the comparison will use.
     log : callable(str), optional
-        Told what is being measured (it takes a few seconds per network).
+        Told what is being measured (a few seconds per network).
 
     Returns
     -------
-    Estimate
-        Totals and the lines ``--dry-run`` prints (each measurement described).
+    Plan
+        ``plan``, with ``seconds`` set on the caches that are not ready and the
+        runs that are new or resumed, ``speeds`` (per network: training and
+        evaluation images per second and how they were found) and
+        ``measured`` (device, load average, how the caches were timed).
     """
-    from .. import reorder
+    from ..train.device import resolve_device
 
     log = log or (lambda line: None)
-    st = plan.settings
-    n_train, n_test, n_classes = dataset_sizes(plan)
-    if not plan.counts:  # a plan built by hand: step_timing needs the class count
-        plan.counts = {"train": n_train, "test": n_test, "classes": n_classes}
-    todo = [r for r in plan.runs if r.state != "done"]
-    lines = [f"time estimate ({len(todo)} of {len(plan.runs)} runs to train; "
-             f"{n_train} train / {n_test} test images, {n_classes} classes):"]
-    keys = []
-    train_s = 0.0
+    s, n_test = plan.settings, plan.counts["test"]
+    device = resolve_device(s["device"])
+    todo = [r for r in plan.runs if r.state in ("new", "resume")]
+    for key in dict.fromkeys((r.arch, tuple(r.fm)) for r in todo):
+        speed = _history_speed(plan, *key, device=device, n_test=n_test)
+        if speed is None:
+            log(f"timing a few training steps of {network_name(*key)} (width {s['width']:g}) "
+                f"on {device} for the estimate ...")
+            t = step_timing(plan, *key, threads=threads)
+            speed = {"train": s["batch_size"] / t.step_s, "eval": 1.0 / t.eval_image_s,
+                     "how": t.describe(plan.timings[key][0])}
+        plan.speeds[key] = speed
     for r in todo:
-        key = (r.arch, tuple(r.fm))
-        if key not in keys:
-            keys.append(key)
-            if key not in plan.timings:
-                log(f"timing {r.arch}" + (f" with --fm-reorder {r.fm[0]}" if r.fm else "")
-                    + " ...")
-        t = step_timing(plan, r.arch, r.fm, threads=threads)
-        n_eval = _evaluations(r.at_step, st["steps"], st["eval_every"], r.state == "new")
-        train_s += (st["steps"] - r.at_step) * t.step_s + n_eval * n_test * t.eval_image_s
-    for key in keys:
-        cfg, t = plan.timings[key]
-        lines.append(f"  {t.describe(cfg)}")
-    if todo:
-        per_run = train_s / len(todo)
-        lines.append(f"  training: {len(todo)} runs x ~{_hms(per_run)} = ~{_hms(train_s)} "
-                     f"(steps left x step time + evaluations left x {n_test} test images x "
-                     "time per image)")
-    cache_s = 0.0
+        sp = plan.speeds[(r.arch, tuple(r.fm))]
+        evals = evaluations_left(r.at_step, s["steps"], s["eval_every"], fresh=r.state == "new")
+        r.seconds = ((s["steps"] - r.at_step) * s["batch_size"] / sp["train"]
+                     + evals * n_test / sp["eval"])
     build = [c for c in plan.caches if c.state != "ready"]
     if build:
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (REORDER_SAMPLE, st["size"], st["size"], 3), dtype=np.uint8)
-        for c in build:
-            t0 = time.perf_counter()
-            reorder(images, c.measure, c.patch, bins=st["bins"])
-            cache_s += (time.perf_counter() - t0) / REORDER_SAMPLE * (n_train + n_test)
-        lines.append(f"  caches: {len(build)} to build, ~{_hms(cache_s)} (porder.reorder of "
-                     f"{REORDER_SAMPLE} random images per measure and patch, scaled to "
-                     f"{n_train + n_test} images; decoding the source not included)")
-    total = train_s + cache_s
-    load = ""
-    if hasattr(os, "getloadavg"):
-        load = (f"; measured at a load average of {os.getloadavg()[0]:.1f} on "
-                f"{os.cpu_count()} CPUs: other work slows it down")
-    lines.append(f"  total: ~{_hms(total)} on this machine"
-                 + ("" if todo or build else " (everything is done)") + load)
-    return Estimate(total_s=total, train_s=train_s, cache_s=cache_s, runs_left=len(todo),
-                    lines=lines)
+        log(f"timing porder.reorder on {REORDER_SAMPLE} random images for {len(build)} "
+            f"cache{'s' if len(build) > 1 else ''} ...")
+    n_images = plan.counts["train"] + n_test
+    for c in build:        # a partial cache is counted whole
+        c.seconds = reorder_seconds(c.measure, c.patch, size=s["size"], bins=s["bins"]) * n_images
+    plan.measured = {
+        "device": device,
+        "load": (os.getloadavg()[0], os.cpu_count()) if hasattr(os, "getloadavg") else None,
+        "caches": (f"porder.reorder of {REORDER_SAMPLE} random images per measure and patch, "
+                   f"scaled to {n_images} images; decoding the source not included"),
+    }
+    return plan
+
+
+def step_timing(plan: Plan, arch: str, fm=(), *, threads: Optional[int] = None):
+    """``StepTiming`` of one network of ``plan`` on this device, measured once.
+
+    Measured with :func:`porder.train.timing.time_steps` per (architecture,
+    feature-map layers) and kept in ``plan.timings`` with its ``TrainConfig``.
+    """
+    from ..train import timing
+
+    key = (arch, tuple(fm))
+    if key not in plan.timings:
+        cfg = run_config(plan.settings, arch, 0, list(fm), threads=threads)
+        plan.timings[key] = (cfg, timing.time_steps(cfg, num_classes=plan.counts["classes"],
+                                                    size=plan.settings["size"]))
+    return plan.timings[key][1]
+
+
+def reorder_seconds(measure: str, patch: int, *, size: int, bins: int) -> float:
+    """Seconds :func:`porder.reorder` takes per image, timed on :data:`REORDER_SAMPLE`
+    random ``size`` x ``size`` RGB images (the same images for every call)."""
+    from .. import reorder
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (REORDER_SAMPLE, size, size, 3), dtype=np.uint8)  # (n, S, S, 3)
+    t0 = time.perf_counter()
+    reorder(images, measure, patch, bins=bins)
+    return (time.perf_counter() - t0) / REORDER_SAMPLE
+
+
+def evaluations_left(at_step: int, steps: int, every: int, *, fresh: bool) -> int:
+    """Evaluations a run still makes after ``at_step``: every ``every`` steps, at the last
+    step, and at step 0 when ``fresh`` (a new run)."""
+    return steps // every - at_step // every + (1 if steps % every else 0) + int(fresh)
+
+
+def network_name(arch: str, fm=()) -> str:
+    """'vgg', or 'vgg --fm-reorder stem:mi:4' for a network with feature-map layers."""
+    return arch + (f" --fm-reorder {','.join(fm)}" if fm else "")
+
+
+def _history_speed(plan: Plan, arch: str, fm=(), *, device: str,
+                   n_test: int) -> Optional[dict]:
+    """Mean training and evaluation img/s of this plan's runs of the network
+    (``arch``, ``fm``) already on disk, when they trained with the same width and
+    batch on ``device``."""
+    from ..train.metrics import CONFIG, read_metrics
+
+    s = plan.settings
+    train, evals = [], []
+    for r in plan.runs:
+        if r.arch != arch or tuple(r.fm) != tuple(fm):
+            continue
+        try:
+            rec = json.loads((r.dir / CONFIG).read_text())
+        except (OSError, ValueError):
+            continue
+        c = rec.get("config", {})
+        if rec.get("device") != device or c.get("width") != s["width"] \
+                or c.get("batch_size") != s["batch_size"] or rec.get("world_size", 1) != 1:
+            continue
+        for row in read_metrics(r.dir):
+            if row.get("images_per_s"):
+                train.append(row["images_per_s"])
+            if row.get("eval_s"):
+                evals.append(n_test / row["eval_s"])
+    if not train or not evals:
+        return None
+    train_s, eval_s = sum(train) / len(train), sum(evals) / len(evals)
+    return {"train": train_s, "eval": eval_s,
+            "how": f"{network_name(arch, fm)}: {train_s:,.0f} img/s training, {eval_s:,.0f} "
+                   f"img/s evaluating (from the metrics of the runs in {plan.out})"}

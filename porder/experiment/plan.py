@@ -1,6 +1,7 @@
 """Planning a comparison: the caches to build and the runs to train, which of them are
 already done (a comparison run again resumes where it stopped), which runs on disk
-conflict with the options, and how long the rest will take on this device.
+conflict with the options; :meth:`Plan.describe` lists it all, with the times that
+:mod:`.estimate` gives what is left.
 
 A comparison has *arms*: an input ordering (a measure, at each patch size, on its own
 cache) or a feature-map ordering (``fm:POINT:MEASURE:PATCH``: the ``none`` cache, with a
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..measures import get_measure
 from ..patches import check_patch_size
@@ -25,6 +26,7 @@ class CacheItem:
     patch: int
     path: Path
     state: str = "build"        # ready | resume | build
+    seconds: Optional[float] = None   # estimated time to build it on this machine
 
     @property
     def label(self) -> str:
@@ -79,18 +81,36 @@ class Plan:
     settings: dict = field(default_factory=dict)
     arms: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)   # train / test images and classes
-    speeds: dict = field(default_factory=dict)   # arch -> {train, eval img/s, how, device}
+    # Set by porder.experiment.estimate.estimate_times (with each item's ``seconds``):
+    speeds: dict = field(default_factory=dict)   # (arch, fm specs) -> {train, eval img/s, how}
     timings: dict = field(default_factory=dict)  # (arch, fm specs) -> (TrainConfig, StepTiming)
+    measured: dict = field(default_factory=dict)  # device, load (average, CPUs), caches (how)
 
     @property
     def conflicts(self) -> list:
         """The runs on disk that these options cannot continue."""
         return [r for r in self.runs if r.state == "conflict"]
 
+    @property
+    def todo(self) -> list:
+        """The caches still to build and the runs still to train, in the order listed."""
+        return ([c for c in self.caches if c.state != "ready"]
+                + [r for r in self.runs if r.state in ("new", "resume")])
+
+    @property
+    def seconds_left(self) -> Optional[float]:
+        """The estimated time of the rest of the comparison: the sum of the ``seconds`` of
+        :attr:`todo` (None before :func:`porder.experiment.estimate.estimate_times`)."""
+        if not self.measured:
+            return None
+        return sum(item.seconds for item in self.todo)
+
     def describe(self) -> str:
-        """The plan as text (``--dry-run``): what is done, what will fail and why, and
-        the estimated time of each run."""
+        """The plan as text (``--dry-run``): what is done, what will fail and why, and,
+        once estimated, the expected time of each cache to build and each run to train,
+        how those times were found, and their total."""
         s = self.settings
+        eta = lambda item: "" if item.seconds is None else f"  ~{duration(item.seconds)}"
         lines = [f"compare {self.source} -> {self.out}",
                  f"  {len(self.runs)} runs: arch {', '.join(s['archs'])}; "
                  f"measures {', '.join(s['measures'])}; patch {', '.join(map(str, s['patches']))};"
@@ -100,28 +120,46 @@ class Plan:
                  f"images, device {s['device']}",
                  "caches:"]
         for c in self.caches:
-            lines.append(f"  {c.state:<7} {c.path}")
+            lines.append(f"  {c.state:<7} {c.path}{eta(c)}")
         lines.append("runs:")
         for r in self.runs:
             st = f"resume (step {r.at_step})" if r.state == "resume" else r.state
-            eta = f"  ~{duration(r.seconds)}" if r.seconds else ""
-            lines.append(f"  {st:<7} {r.arch:<9} {r.label:<12} seed {r.seed}  {r.dir}{eta}")
+            lines.append(f"  {st:<7} {r.arch:<9} {r.label:<12} seed {r.seed}  {r.dir}{eta(r)}")
             if r.state == "conflict":
                 lines.append(f"          will fail: {r.reason}")
-        if not any(r.state in ("new", "resume") for r in self.runs):
-            lines.append("nothing left to train")
-        elif self.speeds:
-            left = sum(r.seconds or 0.0 for r in self.runs)
-            how = "; ".join(f"{a}: {v['train']:,.0f} img/s training, {v['eval']:,.0f} img/s "
-                            f"evaluating ({v['how']})" for a, v in self.speeds.items())
-            todo = sum(c.state != "ready" for c in self.caches)
-            lines.append(f"estimated training time on {next(iter(self.speeds.values()))['device']}"
-                         f": {duration(left)} ({how})"
-                         + (f"; plus building {todo} cache{'s' if todo > 1 else ''}" if todo else ""))
         if self.conflicts:
             lines.append(f"{len(self.conflicts)} run(s) conflict with the options: use another "
                          "-o, delete their folders, or give the options they were made with")
+        elif not self.todo:
+            lines.append("nothing left to train")
+        elif self.measured:
+            lines += self._describe_estimate()
         return "\n".join(lines)
+
+    def _describe_estimate(self) -> list:
+        """How the times listed were found, and their total (one line)."""
+        m, n = self.measured, self.counts
+        builds = [c for c in self.caches if c.state != "ready"]
+        trains = [r for r in self.runs if r.state in ("new", "resume")]
+        lines = [f"how the times were found ({n['train']} train / {n['test']} test images, "
+                 f"{n['classes']} classes; training on {m['device']}):"]
+        lines += [f"  {sp['how']}" for sp in self.speeds.values()]
+        if trains:
+            lines.append(f"  a run: steps left x step time + evaluations left x {n['test']} test "
+                         "images x time per image")
+        if builds:
+            lines.append(f"  a cache: {m['caches']}")
+        parts = [f"{len(items)} {noun}{'' if len(items) == 1 else 's'} {verb} "
+                 f"(~{duration(sum(i.seconds for i in items))})"
+                 for items, noun, verb in ((builds, "cache", "to build"), (trains, "run", "to train"))
+                 if items]
+        load = ""
+        if m.get("load"):
+            load = (f"; measured at a load average of {m['load'][0]:.1f} on {m['load'][1]} "
+                    "CPUs: other work slows it down")
+        lines.append(f"total: ~{duration(self.seconds_left)} = {' + '.join(parts)} on this "
+                     f"machine{load}")
+        return lines
 
 
 FM_PREFIX = "fm:"
@@ -364,89 +402,6 @@ def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) 
         item.state, item.at_step = "done", steps
     elif has_ckpt:
         item.state, item.at_step = "resume", at
-
-
-def estimate_times(plan: Plan, *, threads: Optional[int] = None,
-                   log: Optional[Callable[[str], None]] = None) -> None:
-    """Fill ``plan.speeds`` and each run's ``seconds``: its training time left on this device.
-
-    Speeds come from the runs of the same network, width and batch on this device
-    that are already in the output folder (the ``images_per_s`` and ``eval_s`` of
-    their metrics), else from a few training steps measured now
-    (:func:`porder.train.timing.time_steps`). Evaluations count the whole test
-    split at every ``eval_every`` steps (and at step 0 of a new run).
-    """
-    from ..train.device import resolve_device
-
-    s, n_test = plan.settings, plan.counts["test"]
-    device = resolve_device(s["device"])
-    todo = [r for r in plan.runs if r.state in ("new", "resume")]
-    for arch in dict.fromkeys(r.arch for r in todo):
-        speed = _history_speed(plan, arch, device, n_test)
-        if speed is None:
-            if log:
-                log(f"measuring a few training steps of {arch} (width {s['width']:g}) on "
-                    f"{device} for the estimate ...")
-            t = step_timing(plan, arch, (), threads=threads)
-            speed = {"train": s["batch_size"] / t.step_s, "eval": 1.0 / t.eval_image_s,
-                     "how": "measured now"}
-        plan.speeds[arch] = speed | {"device": device}
-    for r in todo:
-        sp = plan.speeds[r.arch]
-        evals = _evaluations(r.at_step, s["steps"], s["eval_every"]) + (r.state == "new")
-        r.seconds = ((s["steps"] - r.at_step) * s["batch_size"] / sp["train"]
-                     + evals * n_test / sp["eval"])
-
-
-def step_timing(plan: Plan, arch: str, fm=(), *, threads: Optional[int] = None):
-    """``(TrainConfig, StepTiming)`` of one network of ``plan`` on this device.
-
-    Measured once per (architecture, feature-map layers) with
-    :func:`porder.train.timing.time_steps` and kept in ``plan.timings``, so the
-    per-run estimates and the ``--dry-run`` total share one measurement.
-    """
-    from ..train import timing
-
-    key = (arch, tuple(fm))
-    if key not in plan.timings:
-        cfg = run_config(plan.settings, arch, 0, list(fm), threads=threads)
-        plan.timings[key] = (cfg, timing.time_steps(cfg, num_classes=plan.counts["classes"],
-                                                    size=plan.settings["size"]))
-    return plan.timings[key][1]
-
-
-def _evaluations(start: int, steps: int, every: int) -> int:
-    """Evaluations a run makes after step ``start``: every ``every`` steps and at the end."""
-    return steps // every - start // every + (1 if steps % every else 0)
-
-
-def _history_speed(plan: Plan, arch: str, device: str, n_test: int) -> Optional[dict]:
-    """Mean training and evaluation img/s of this plan's runs of ``arch`` already on disk,
-    when they trained with the same width and batch on ``device``."""
-    from ..train.metrics import CONFIG, read_metrics
-
-    s = plan.settings
-    train, evals = [], []
-    for r in plan.runs:
-        if r.arch != arch:
-            continue
-        try:
-            rec = json.loads((r.dir / CONFIG).read_text())
-        except (OSError, ValueError):
-            continue
-        c = rec.get("config", {})
-        if rec.get("device") != device or c.get("width") != s["width"] \
-                or c.get("batch_size") != s["batch_size"] or rec.get("world_size", 1) != 1:
-            continue
-        for row in read_metrics(r.dir):
-            if row.get("images_per_s"):
-                train.append(row["images_per_s"])
-            if row.get("eval_s"):
-                evals.append(n_test / row["eval_s"])
-    if not train or not evals:
-        return None
-    return {"train": sum(train) / len(train), "eval": sum(evals) / len(evals),
-            "how": f"from the metrics of the runs in {plan.out}"}
 
 
 def _check_cache(path: Path, *, source, measure, patch, size, bins, test_fraction):

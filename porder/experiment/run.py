@@ -7,7 +7,8 @@ from typing import Callable, Optional, Sequence
 
 from ..output import lock_folder
 from ..store import read_meta
-from .plan import Plan, estimate_times, make_plan, run_config
+from .estimate import estimate_times
+from .plan import Plan, make_plan, run_config
 from .plots import write_figures
 from .summary import (
     paired_comparisons,
@@ -61,8 +62,10 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     threads : int, optional
         CPU threads for torch (default: all cores).
     dry_run : bool
-        Only plan: return the :class:`Plan`, with each run's estimated time on
-        this device, without building or training.
+        Only plan: return the :class:`Plan` without building or training, with
+        the estimated time of each cache to build and each run to train on this
+        machine (:func:`porder.experiment.estimate.estimate_times`; not when runs
+        on disk conflict with the options).
     log : callable(str), optional
         Receives one line per stage.
     progress_for : callable(description) -> Progress, optional
@@ -88,7 +91,8 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
                    bins=bins, test_fraction=test_fraction, device=device)
     if dry_run:
         plan = make_plan(source, out, **options)
-        estimate_times(plan, threads=threads, log=log)
+        if not plan.conflicts:      # a plan that cannot go on is not worth timing
+            estimate_times(plan, threads=threads, log=log)
         return plan
     _refuse_conflicts(make_plan(source, out, **options))  # bad options fail before the folder is made
     # One comparison per folder at a time: the second fails at once (each cache

@@ -190,13 +190,17 @@ def test_dry_run_checks_the_source_and_the_runs_on_disk(tmp_path):
 
     r = run("--dry-run")
     assert r.exit_code == 0, r.output
-    assert r.output.count(" new ") == 2 and "estimated training time on cpu: " in r.output
-    assert "(measured now)" in r.output and r.output.count("  ~") == 2
+    assert r.output.count(" new ") == 2 and "training on cpu):" in r.output
+    assert r.output.count("ms per training step: median of") == 1   # one network, timed once
+    # each cache and run has its time, and one total line sums them (tests/experiment/test_estimate.py)
+    assert r.output.count("  ~") == 2 + 2 and r.output.count("total: ~") == 1
+    assert "= 2 caches to build (~" in r.output and "+ 2 runs to train (~" in r.output
 
     assert run().exit_code == 0
     settings = (out / "compare.json").read_bytes()
     r = run("--dry-run")
     assert r.exit_code == 0 and r.output.count(" done ") == 2 and "nothing left to train" in r.output
+    assert "~" not in r.output and "total:" not in r.output
 
     r = run("--lr", "0.01", "--dry-run")             # other options: train would refuse them
     assert r.exit_code == 1 and r.output.count("  conflict vgg") == 2
@@ -205,7 +209,9 @@ def test_dry_run_checks_the_source_and_the_runs_on_disk(tmp_path):
     assert r.exit_code == 1 and "will fail: it is at step 4, beyond --steps 2" in r.output
     r = run("--steps", "6", "--dry-run")             # more steps: they resume
     assert r.exit_code == 0 and r.output.count("resume (step 4)") == 2
-    assert f"(from the metrics of the runs in {out})" in r.output
+    assert "vgg: " in r.output and f"(from the metrics of the runs in {out})" in r.output
+    assert "ms per training step" not in r.output                 # nothing timed now
+    assert r.output.count("total: ~") == 1 and "= 2 runs to train (~" in r.output
 
     r = run("--lr", "0.01")                          # fails before writing anything
     assert r.exit_code == 1 and "cannot go on: options differ (lr: 0.001 -> 0.01)" in r.output

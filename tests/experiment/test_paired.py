@@ -118,7 +118,9 @@ def test_compare_with_feature_map_arms_and_verdict(stand_in, tmp_path):
     assert r.exit_code == 0, r.output
     assert "measures none, mi, random, fm:stem:mi:4, fm:stage1:random" in r.output
     assert r.output.count(" new ") == 10 and "fm-stem-mi-p4" in r.output
-    assert "time estimate (10 of 10 runs" in r.output and "ms per training step" in r.output
+    assert "+ 10 runs to train (~" in r.output and r.output.count("total: ~") == 1
+    # one timing per network: resnet, and resnet with each feature-map layer
+    assert r.output.count("ms per training step") == 3
     assert not out.exists()
 
     r = CliRunner().invoke(compare_cmd, args)

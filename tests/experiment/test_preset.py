@@ -1,4 +1,4 @@
-"""`porder compare --preset paper` and the --dry-run time estimate."""
+"""`porder compare --preset paper`, and its --dry-run (one plan, one time estimate)."""
 from __future__ import annotations
 
 import re
@@ -8,12 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from porder.cli.train import compare as compare_cmd
-from porder.experiment import estimate as estimate_mod
-from porder.experiment import make_plan
-from porder.experiment.estimate import _evaluations, estimate
 from porder.experiment.preset import PAPER, PAPER_FIXED, Setting, describe_preset, preset_values
 from porder.measures import MEASURES
-from porder.train.timing import StepTiming
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_MD = [REPO.parent / "shared" / "paper.md", REPO.parents[1] / "shared" / "paper.md"]
@@ -79,8 +75,8 @@ def test_cli_preset_with_overrides_dry_run(tmp_path):
     assert "archs = vgg   (given; the preset's inception: paper)" in r.output
     assert "batch_size = 1\n      paper: \"We trained the networks using online training" \
         in r.output
-    assert "time estimate (6 of 6 runs" in r.output and "median of" in r.output
-    assert "total: ~" in r.output and not out.exists()
+    assert "6 runs to train" in r.output and "median of" in r.output
+    assert r.output.count("total: ~") == 1 and not out.exists()
 
 
 def test_cli_preset_alone_is_the_papers_plan(tmp_path):
@@ -92,37 +88,7 @@ def test_cli_preset_alone_is_the_papers_plan(tmp_path):
     assert "84 runs: arch inception; measures none, entropy, psnr, mi, je, kl, l1, l2, ssim, " \
            "random; patch 4, 8, 16; seeds 0, 1, 2" in r.output
     assert "each: 10000 steps, batch 1, Adam lr 0.0001, width 0.0625, eval every 200" in r.output
-    assert "caches: 28 to build" in r.output
-
-
-def test_evaluations_left():
-    assert _evaluations(0, 10, 5, True) == 3          # steps 0, 5, 10
-    assert _evaluations(0, 11, 5, True) == 4          # 0, 5, 10, 11
-    assert _evaluations(5, 11, 5, False) == 2         # 10, 11
-    assert _evaluations(10, 10, 5, False) == 0
-
-
-def test_estimate_is_steps_times_measured_step(tmp_path, monkeypatch):
-    fake = StepTiming(step_s=0.5, eval_image_s=0.01, steps_timed=3, warmup=2, eval_images=32,
-                      device="cpu", threads=1)
-    seen = []
-
-    def time_steps(cfg, **kw):
-        seen.append((cfg.arch, tuple(cfg.fm_reorder), kw["num_classes"], kw["size"]))
-        return fake
-
-    import porder.train.timing as timing
-
-    monkeypatch.setattr(timing, "time_steps", time_steps)
-    plan = make_plan("synthetic:50:3", tmp_path, measures=["mi"], patches=[8], archs=["vgg"],
-                     seeds=2, steps=10, eval_every=5, size=16, test_fraction=0.2)
-    plan.runs[0].state, plan.runs[0].at_step = "resume", 5      # none, seed 0: half done
-    plan.runs[1].state = "done"                                  # mi, seed 0
-    est = estimate(plan)
-    assert seen == [("vgg", (), 3, 16)]                          # one network, timed once
-    n_test = 10                                                  # 20% of 50
-    want = (5 * 0.5 + 1 * n_test * 0.01) + 2 * (10 * 0.5 + 3 * n_test * 0.01)
-    assert est.train_s == pytest.approx(want)
-    assert est.runs_left == 3 and "3 of 4 runs" in est.describe()
-    assert est.cache_s > 0 and est.total_s == pytest.approx(est.train_s + est.cache_s)
-    assert estimate_mod.REORDER_SAMPLE == 64
+    assert r.output.count("  build   ") == 28 and r.output.count("  new     ") == 84
+    # one estimate: every cache and run listed with its time, then one total of them
+    assert r.output.count("~") == 28 + 84 + 3 and r.output.count("total: ~") == 1
+    assert "= 28 caches to build (~" in r.output and " + 84 runs to train (~" in r.output
