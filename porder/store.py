@@ -12,12 +12,19 @@ Layout (format_version 1)::
                       output patch j is source patch perm[:, j]
     /<split>/names    variable-length strings: where each sample came from
     /<split>/skipped  variable-length strings "name: reason" (``--on-error skip``)
-    /<split> attrs    consumed (source samples read so far), rows (rows written)
+    /<split> attrs    consumed (source samples read so far), rows (rows written),
+                      and, in a .part only, committed: int64 [rows, consumed,
+                      skipped] of the last batch known to be wholly on disk
 
 A file is written under ``<out>.part`` and renamed to ``<out>`` only when
 complete, so a killed run never leaves a file that looks finished. A ``.part``
-file can be resumed: rows beyond the last completed batch are dropped and the
-source is read again from the recorded position.
+file can be resumed, whatever point a kill (even SIGKILL) cut an append at:
+each batch's rows are written and flushed to disk before its ``committed``
+attribute (one attribute write) is, and a resume trusts only ``committed``
+(``rows`` in a ``.part`` made before it existed): every dataset is cut back
+to it, what its chunks hold beyond it is cleared, and the source is read
+again from the committed position. A ``.part`` too damaged to open or cut back
+is refused with one line (start afresh without ``--resume``).
 
 Safety (see :mod:`porder.output` and :mod:`porder.validate`): a writer holds
 the exclusive lock ``<out>.lock`` from before it touches anything until the
@@ -53,13 +60,17 @@ from .reader import (
     to_json,
 )
 from .validate import (
+    COMMITTED,
+    DATASETS,
     FORMAT,
     FORMAT_VERSION,
     SPLITS,
     StoreError,
     check_file,
+    committed_counts,
     open_hdf5,
     perm_dtype,
+    reading,
 )
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "IDENTITY_KEYS", "RESUME_KEYS", "SPLITS", "StoreError",
@@ -195,6 +206,7 @@ class Writer:
             g = self.f.create_group(split)
             g.attrs["consumed"] = 0
             g.attrs["rows"] = 0
+            g.attrs[COMMITTED] = np.zeros(3, np.int64)
             g.create_dataset("images", (0, size, size, 3), np.uint8,
                              maxshape=(None, size, size, 3),
                              chunks=(_chunk_rows(min(c, 512), size * size * 3), size, size, 3))
@@ -219,10 +231,26 @@ class Writer:
         self._check_resumable(meta, classes)
         self.perm_dtype = self.f["train/perm"].dtype
         self._space = SpaceReserver(self.tmp, f"'{self.tmp}'")
-        for split in SPLITS:  # drop rows of a batch that was cut off mid-write
-            g = self.f[split]
-            for name in ("images", "labels", "perm", "names"):
-                g[name].resize(int(g.attrs["rows"]), axis=0)
+        try:
+            with reading(self.tmp):
+                for split in SPLITS:
+                    self._roll_back(split)
+                self.f.flush()
+        except StoreError as e:
+            raise StoreError(f"cannot resume: {e}; run without --resume to start afresh") \
+                from None
+
+    def _roll_back(self, split: str) -> None:
+        """Cut a split back to its last committed batch: whatever a kill cut off is dropped."""
+        g = self.f[split]
+        if COMMITTED in g.attrs:
+            rows, consumed, skipped = committed_counts(self.tmp, split, g.attrs[COMMITTED])
+            g.attrs["rows"], g.attrs["consumed"] = rows, consumed
+            _cut(g["skipped"], skipped)
+        else:  # made by a porder without it: rows and consumed are all there is
+            rows = int(g.attrs["rows"])
+        for name in DATASETS:
+            _cut(g[name], rows)
 
     def _check_resumable(self, meta, classes):
         old = self.f.attrs
@@ -277,6 +305,7 @@ class Writer:
         self._space.reserve(images.nbytes + b * (16 + 16 + self.k * self.perm_dtype.itemsize)
                             + names_bytes + self._chunk_bytes() + META_BYTES)
         r = int(g.attrs["rows"])
+        s = int(g["skipped"].shape[0]) if "skipped" in g else 0
         try:
             if b:
                 for name, data in (("images", images), ("labels", labels),
@@ -287,11 +316,13 @@ class Writer:
                     ds[r : r + b] = data
             if skipped:
                 ds = g["skipped"]
-                s = ds.shape[0]
                 ds.resize(s + len(skipped), axis=0)
                 ds[s:] = np.array([f"{n}: {why}" for n, why in skipped], dtype=object)
-            # Counters last: a batch cut off before here is dropped on resume.
-            g.attrs["rows"] = r + b
+            # The batch is wholly on disk before it is committed, in one attribute write:
+            # a kill before the second flush leaves the previous commit, which resume trusts.
+            self.f.flush()
+            g.attrs[COMMITTED] = np.array([r + b, int(consumed), s + len(skipped)], np.int64)
+            g.attrs["rows"] = r + b            # what readers use; resume rewrites them
             g.attrs["consumed"] = int(consumed)
             self.f.flush()
         except (OSError, RuntimeError) as e:
@@ -307,10 +338,16 @@ class Writer:
                    for ds in g.values() if isinstance(ds, h5py.Dataset) and ds.chunks)
 
     def finish(self, **extra) -> Path:
-        """Mark complete, close and rename to the final name; returns that path."""
+        """Mark complete, close and rename to the final name; returns that path.
+
+        The ``committed`` attributes go: a complete file is read by its ``rows``.
+        """
         try:
             for key, val in extra.items():
                 self.f.attrs[key] = val
+            for split in SPLITS:
+                if COMMITTED in self.f[split].attrs:
+                    del self.f[split].attrs[COMMITTED]
             self.f.attrs["complete"] = True
             self.f.close()
         except (OSError, RuntimeError) as e:
@@ -349,6 +386,20 @@ class Writer:
             self.tmp.unlink(missing_ok=True)
         finally:
             self._lock.release()
+
+
+def _cut(ds: h5py.Dataset, rows: int) -> None:
+    """Resize ``ds`` to ``rows`` rows, clearing what its last chunk holds beyond them.
+
+    A killed append can leave rows past the extent in a chunk (HDF5 writes a
+    dataset's chunks when it closes, its metadata only when flushed); for
+    strings those are references into a heap that may not hold them, which
+    HDF5 would follow (and fail, or crash) when the rows are written again.
+    Shrinking the extent refills the part of a chunk beyond it.
+    """
+    if ds.shape[0] <= rows:  # fewer is refused by check_file
+        ds.resize(rows + 1, axis=0)
+    ds.resize(rows, axis=0)
 
 
 def _reason(e: BaseException) -> str:

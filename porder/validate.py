@@ -34,6 +34,10 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 DATASETS = ("images", "labels", "perm", "names")   # required in every split
 OPTIONAL = ("skipped",)
+# Split attribute of a .part: [rows, consumed, skipped] of the last batch whose rows are
+# all on disk (porder.store.Writer); a resume trusts it. Complete files and a .part made
+# before it lack it.
+COMMITTED = "committed"
 MAX_SHARDS = 100_000
 MAX_CLASSES = 1_000_000
 MAX_ATTRS = 256
@@ -219,8 +223,9 @@ def check_file(f: h5py.File, path, *, require_complete: bool = True, partial: bo
         Refuse a file whose ``complete`` attribute is not True.
     partial : bool
         The file is an unfinished ``.part`` being resumed: datasets may hold
-        rows beyond the ``rows`` attribute (a batch cut off mid-write), which
-        are not checked.
+        rows beyond the committed count (the ``committed`` attribute of a
+        split, else its ``rows``: a batch cut off mid-write), which are not
+        checked.
     contents : bool
         Also read every label and ``perm`` row (in bounded chunks) and check
         that labels index the classes and each row is a permutation.
@@ -310,6 +315,17 @@ def _check_split(f, path, split: str, layout: Layout, partial: bool, shards: set
         rows = _int(path, f"rows of /{split}", gattrs["rows"], lo=0)
     else:
         rows = n
+    if COMMITTED in gattrs:
+        done, _, skipped = committed_counts(path, split, gattrs[COMMITTED])
+        if partial:  # what a resume keeps: `rows` may be ahead of it
+            rows = done
+            have = int(ds["skipped"].shape[0]) if "skipped" in ds else 0
+            if have < skipped:
+                raise StoreError(f"{where} has {have} skipped names but {skipped} recorded: "
+                                 f"the file is damaged")
+        elif done != rows:
+            raise StoreError(f"{where} records {rows} rows but {done} committed: the file is "
+                             f"damaged")
     for key in ("consumed", "first_sample", "last_sample"):
         if key in gattrs:
             _int(path, f"{key} of /{split}", gattrs[key], lo=0)
@@ -323,6 +339,15 @@ def _check_split(f, path, split: str, layout: Layout, partial: bool, shards: set
                              f"{'rows recorded' if name == 'labels' else 'labels'}: the file "
                              f"is damaged")
     return rows
+
+
+def committed_counts(path, split: str, value) -> tuple[int, int, int]:
+    """A split's ``committed`` attribute as (rows, consumed, skipped), each >= 0."""
+    v = np.asarray(value)
+    if v.shape != (3,) or v.dtype.kind not in "iu" or (v < 0).any():
+        raise StoreError(f"'{path}': attribute {COMMITTED} of /{split} is {_text(value)!r}; "
+                         f"expected 3 counts (the file was edited or damaged)")
+    return int(v[0]), int(v[1]), int(v[2])
 
 
 def _check_shard_files(path: Path, shards: set, depth: int) -> None:

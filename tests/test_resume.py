@@ -4,12 +4,18 @@ A run is cut off after its first batch (``Writer.append`` patched from outside
 to raise KeyboardInterrupt, as Ctrl-C does); then the source or the options
 change, and the resume must be refused with one line naming what changed,
 leaving the ``.part`` as it was. Put back, the resume gives the file of an
-uninterrupted run. Also: empty shards are valid shards and merge.
+uninterrupted run. Also: empty shards are valid shards and merge; and a real
+``porder reorder`` killed (SIGKILL) before any HDF5 operation of an append
+resumes to the file of an uninterrupted run (tests.cli.kill_inside_append).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +25,7 @@ from porder.cli import main
 from porder.pipeline import build_cache, source_identity
 from porder.scale import merge
 from porder.store import SPLITS, StoreError, Writer, partial_path, read_meta, read_split
+from tests.conftest import REPO
 from tests.scale.shards import assert_same_file
 from tests.sources.test_sources import make_cifar10, make_class_folder, make_tar
 
@@ -165,3 +172,99 @@ def test_a_dask_interrupt_names_the_shard_folder(tmp_path):
     partial_path(out).touch()
     assert f"partial output kept in {partial_path(out)}; run the same command with --resume" \
         in _kept(out, None)
+
+
+# ------------------------------------------------------- a kill inside an append
+
+
+KILL_ARGS = ["--measure", "entropy", "-b", "3", "--on-error", "skip", "--test-fraction", "0",
+             "--backend", "generic", "--workers", "1"]
+KILLED_CALL = 2  # the append of the batch holding the unreadable file
+
+
+def _kill_inside_append(spec, log, *args):
+    """``porder reorder ARGS`` through tests.cli.kill_inside_append (see there)."""
+    return subprocess.run([sys.executable, "-m", "tests.cli.kill_inside_append", spec, str(log),
+                           "reorder", *KILL_ARGS, *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def _resume(src, out):
+    res = CliRunner().invoke(main, ["reorder", *KILL_ARGS, "--resume", str(src), str(out)])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.fixture
+def killable(tmp_path):
+    """A folder of 10 images and one unreadable file that batch 2 skips, and the file of
+    its uninterrupted run with the HDF5 operations of that batch's append (in order)."""
+    src = tmp_path / "src"
+    make_class_folder(src, {"ant": 5, "bee": 5})
+    (src / "ant" / "img3b.png").write_bytes(b"not a png")
+    whole, log = tmp_path / "whole.h5", tmp_path / "ops.json"
+    res = _kill_inside_append(f"{KILLED_CALL}:0", log, src, whole)
+    assert res.returncode == 0, res.stderr
+    ops = json.loads(log.read_text())
+    assert "write /train/skipped" in ops  # the batch that skips is the one cut
+    return src, whole, ops
+
+
+def test_a_kill_anywhere_inside_an_append_resumes_to_the_uninterrupted_file(tmp_path, killable):
+    """SIGKILL right before each HDF5 operation of an append (after a resize before its
+    write, between two datasets, after the writes before the counters, between counters),
+    with all done so far on disk: the resume writes the file of the uninterrupted run."""
+    src, whole, ops = killable
+    # Among the points: a resize done and its write not, one dataset written and the next
+    # not, every row written and no counter, one counter written and the next not.
+    assert ops[:3] == ["resize /train/images", "write /train/images", "resize /train/labels"]
+    first = next(i for i, op in enumerate(ops) if op.startswith("attr "))
+    assert {"write /train/names", "write /train/skipped"} <= set(ops[:first])
+    assert ops[first + 1].startswith("attr ")
+    wrong = []
+    for n in range(1, len(ops) + 1):
+        out = tmp_path / f"cut{n}.h5"
+        res = _kill_inside_append(f"{KILLED_CALL}:{n}:flush", tmp_path / "unused", src, out)
+        assert res.returncode == -signal.SIGKILL, (n, ops[n - 1], res.stderr)
+        assert partial_path(out).exists() and not out.exists()
+        _resume(src, out)
+        try:
+            assert_same_file(whole, out)
+        except AssertionError as e:
+            wrong.append(f"killed before {ops[n - 1]!r} (operation {n}): {e}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("point", ["write /train/images", "resize /train/labels", "flush"])
+def test_a_kill_inside_an_append_without_a_flush_resumes_too(tmp_path, killable, point):
+    """The same kill where HDF5 wrote only what it chose to: the resume is as exact."""
+    src, whole, ops = killable
+    out = tmp_path / "cut.h5"
+    res = _kill_inside_append(f"{KILLED_CALL}:{ops.index(point) + 1}", tmp_path / "unused",
+                              src, out)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    _resume(src, out)
+    assert_same_file(whole, out)
+
+
+def test_an_unreadable_part_is_refused_with_one_line(tmp_path, killable):
+    """A .part HDF5 cannot open (cut short, or its superblock overwritten) is refused
+    with one line naming it; starting afresh without --resume gives the right file."""
+    src, whole, ops = killable
+    out = tmp_path / "cut.h5"
+    res = _kill_inside_append(f"{KILLED_CALL}:{ops.index('resize /train/labels') + 1}:flush",
+                              tmp_path / "unused", src, out)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    part = partial_path(out)
+    data = part.read_bytes()
+    for damaged in (data[: len(data) // 2], b"\0" * 64 + data[64:]):
+        part.write_bytes(damaged)
+        res = CliRunner().invoke(main, ["reorder", *KILL_ARGS, "--resume", str(src), str(out)])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert lines[-1].startswith(f"Error: cannot resume: cannot read '{part}' as HDF5: ")
+        assert lines[-1].endswith("run without --resume to start afresh"), lines[-1]
+        assert part.read_bytes() == damaged and not out.exists()
+    res = CliRunner().invoke(main, ["reorder", *KILL_ARGS, str(src), str(out)])
+    assert res.exit_code == 0, res.output
+    assert_same_file(whole, out)

@@ -87,6 +87,77 @@ def test_resume_drops_a_cut_off_batch(tmp_path):
     assert read_meta(out)["splits"]["train"] == 8
 
 
+def _ahead(g, extra: int, *, counters: bool) -> None:
+    """What a kill inside an append can leave on disk: ``extra`` more rows in every
+    dataset and a skipped name, and (``counters``) rows and consumed moved on."""
+    for name in ("images", "labels", "perm", "names", "skipped"):
+        ds = g[name]
+        ds.resize(ds.shape[0] + extra, axis=0)
+        ds[-extra:] = np.ones((extra, *ds.shape[1:]), ds.dtype) if ds.dtype.kind != "O" \
+            else np.array(["stale"] * extra, dtype=object)
+    if counters:
+        g.attrs["rows"] += extra
+        g.attrs["consumed"] += extra + 2
+
+
+def test_resume_trusts_only_the_committed_count(tmp_path):
+    out = tmp_path / "a.h5"
+    w = write(out)
+    empty = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64),
+             np.zeros((0, 16), np.uint8), [])
+    w.append("train", *empty, consumed=10, skipped=[("bad.png", "unreadable")])
+    assert list(w.f["train"].attrs["committed"]) == [8, 10, 1]
+    _ahead(w.f["train"], 3, counters=True)   # counters written, commit not
+    _ahead(w.f["test"], 2, counters=False)   # rows written, nothing counted
+    w.close()
+    w = Writer(out, meta=META, classes=["a", "b", "c"], resume=True)
+    for split, (rows, consumed, skipped) in {"train": (8, 10, 1), "test": (4, 4, 0)}.items():
+        g = w.f[split]
+        assert (w.rows(split), w.consumed(split)) == (rows, consumed)
+        assert [g[n].shape[0] for n in ("images", "labels", "perm", "names")] == [rows] * 4
+        assert g["skipped"].shape[0] == skipped
+    imgs, labels, perm, names = batch(2, seed=7)
+    w.append("train", imgs, labels, perm, names, consumed=12, skipped=[("c.png", "empty")])
+    w.finish()
+    data = read_split(out, "train")
+    assert data["names"] == [f"img{s}-{i}" for s in (0, 1) for i in range(4)] + names
+    assert np.array_equal(data["images"][8:], imgs)
+    with h5py.File(out) as f:
+        assert [x.decode() for x in f["train/skipped"][()]] == ["bad.png: unreadable",
+                                                                "c.png: empty"]
+        assert "committed" not in f["train"].attrs  # a complete file is read by its rows
+        assert int(f["train"].attrs["consumed"]) == 12
+
+
+def test_a_part_without_a_committed_count_resumes_from_its_rows(tmp_path):
+    """A .part of an older porder: rows and consumed are all there is (as before)."""
+    out = tmp_path / "a.h5"
+    w = write(out)
+    for split in ("train", "test"):
+        del w.f[split].attrs["committed"]
+    _ahead(w.f["train"], 3, counters=False)
+    w.close()
+    w = Writer(out, meta=META, classes=["a", "b", "c"], resume=True)
+    assert (w.rows("train"), w.consumed("train"), w.rows("test")) == (8, 8, 4)
+    assert w.f["train/names"].shape[0] == 8 and w.f["train/skipped"].shape[0] == 3
+    w.finish()
+    assert read_meta(out)["splits"] == {"train": 8, "test": 4}
+
+
+def test_resume_refuses_a_part_with_fewer_rows_than_committed(tmp_path):
+    out = tmp_path / "a.h5"
+    w = write(out)
+    w.f["train/perm"].resize(5, axis=0)
+    w.close()
+    with pytest.raises(StoreError) as info:
+        Writer(out, meta=META, classes=["a", "b", "c"], resume=True)
+    msg = str(info.value)
+    assert "\n" not in msg and f"'{partial_path(out)}'" in msg
+    assert "has 5 rows of perm but 8 labels" in msg and "run without --resume" in msg
+    w = Writer(out, meta=META, classes=["a", "b", "c"])    # starting afresh works
+    w.finish()
+
+
 def test_resume_refuses_other_options(tmp_path):
     out = tmp_path / "a.h5"
     write(out).close()

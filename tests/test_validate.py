@@ -120,6 +120,12 @@ CASES = {
     "future format": (lambda f, d, b: f.attrs.__setitem__("format_version", 99),
                       "has format_version 99; this porder reads up to 1"),
     "no train split": (lambda f, d, b: f.__delitem__("train"), "has no /train"),
+    "committed not 3 counts": (lambda f, d, b: f["train"].attrs.__setitem__("committed",
+                                                                           [1, 2]),
+                               "attribute committed of /train is .*expected 3 counts"),
+    "committed behind rows": (lambda f, d, b: f["train"].attrs.__setitem__(
+                                  "committed", np.array([5, 5, 0])),
+                              "/train records 22 rows but 5 committed"),
     # hostile: bytes from outside the file
     "external raw storage": (lambda f, d, b: _secret_storage(f, d),
                              "/train/images keeps its data in external file"),
