@@ -202,11 +202,7 @@ class _FileSource(Source):
     @property
     def _read_chunk(self):
         """What the threads run on a chunk of paths: Pillow's decode, or nvjpeg's file reads."""
-        if self._gpu is not None:
-            from .gpu_decode import read_chunk
-
-            return read_chunk
-        return _decode_chunk
+        return _decode_chunk if self._gpu is None else self._gpu.read_chunk
 
     def _collect(self, split, lo, hi, work) -> Batch:
         paths, labels, names = self._files[split]

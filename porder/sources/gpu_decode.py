@@ -55,6 +55,11 @@ What differs from Pillow (the pixels are not identical):
 * nvJPEG's IDCT and chroma upsampling, where Pillow uses libjpeg-turbo's
   integer IDCT and "fancy" (triangular) upsampling.
 
+nvJPEG parses the files in this process, in native code: a hostile file
+that gets past the header checks could crash it (nvJPEG has had such bugs,
+e.g. a crash on malformed EXIF fixed in CUDA 12.2u2), where
+``decoder='processes'`` would cost one file. Use that decoder for untrusted data.
+
 The first two were measured on the CPU with Pillow decoding on both sides
 (the stand-in decoder of tests/sources/test_gpu_decode.py; 300 Dogs vs. Cats
 photos, about 500x375, to 32x32): torch's resize of the full decode against Pillow's without draft, max
@@ -371,6 +376,10 @@ class NvjpegDecoder:
     def __init__(self):
         self.counts = {"nvjpeg": 0, "pillow": 0, "refused": 0}
 
+    def read_chunk(self, paths: Sequence[str], size: int) -> list:
+        """:func:`read_chunk`, on a host thread."""
+        return read_chunk(paths, size)
+
     def _decode(self, tensors: list) -> list:
         """nvJPEG on a list of byte tensors: a (C, H, W) tensor per file, None where refused."""
         torch, decode_jpeg, mode = _torchvision()
@@ -408,14 +417,14 @@ class NvjpegDecoder:
         for wave in waves:
             decoded = self._decode([torch.frombuffer(results[j].data, dtype=torch.uint8)
                                     for j in wave])
-            stored: dict = {}  # (h, w) as stored -> [(j, (3, h, w) tensor)]
+            stored: dict = {}  # (C, h, w) as stored -> [(j, (C, h, w) tensor)]
             for j, t in zip(wave, decoded):
                 if t is None or t.ndim != 3 or t.shape[0] not in (1, 3):
                     self.counts["refused"] += 1
                     out[j] = _decode_chunk([paths[j]], size)[0]  # Pillow's pixels or reason
                     continue
                 self.counts["nvjpeg"] += 1
-                stored.setdefault(tuple(t.shape[1:]), []).append((j, t))
+                stored.setdefault(tuple(t.shape), []).append((j, t))
             oriented: dict = {}  # (h, w) after the EXIF orientation -> [(j, (3, h, w) tensor)]
             for members in stored.values():
                 x = _draft(torch.stack([t for _, t in members]), size)  # (n, 1 or 3, h', w')

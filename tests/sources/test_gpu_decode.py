@@ -207,6 +207,27 @@ def test_waves_bound_the_pixels_of_one_call(tmp_path, nvjpeg_cpu, monkeypatch):
     np.testing.assert_array_equal(got[0], ref[0])
 
 
+def test_one_channel_output_is_made_rgb(tmp_path, nvjpeg_cpu, monkeypatch):
+    """A decoder that returns grey JPEGs as (1, H, W) despite mode RGB: grey and colour
+    images of one size in one batch still give Pillow's RGB pixels."""
+    rng = np.random.default_rng(19)
+    for i in range(6):
+        a = photo(rng, 32, 32)
+        save_jpeg(tmp_path / "d" / "k" / f"x{i}.jpg", a[..., 0] if i % 2 else a)
+
+    def keep_grey(input, mode=None, device="cpu", apply_exif_orientation=False):
+        return fake.decode_jpeg(input, fake.ImageReadMode.UNCHANGED, device,
+                                apply_exif_orientation)
+
+    monkeypatch.setattr(sys.modules["torchvision.io"], "decode_jpeg", keep_grey)
+    got = {}
+    for decoder in ("nvjpeg", "threads"):
+        with open_source(str(tmp_path / "d"), test_fraction=0, workers=1,
+                         decoder=decoder) as src:
+            got[decoder] = read(src, 6)[0]
+    np.testing.assert_array_equal(got["nvjpeg"], got["threads"])
+
+
 # --------------------------------------------------------------------------
 # EXIF, draft and resizing
 
@@ -385,6 +406,61 @@ def test_files_over_pillows_pixel_limit_go_to_pillow(monkeypatch):
     data = jpeg_bytes(photo(np.random.default_rng(12), 32, 32))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert gd._jpeg_plan(data) is None
+
+
+class DeviceArray:
+    """An array on a device, as far as the pipeline can tell: shape, dtype, ``get()``,
+    and no implicit conversion to NumPy (CuPy raises TypeError there too)."""
+
+    def __init__(self, a: np.ndarray):
+        self._a = a
+        self.shape, self.dtype, self.ndim = a.shape, a.dtype, a.ndim
+
+    def __len__(self):
+        return len(self._a)
+
+    def get(self) -> np.ndarray:
+        return self._a
+
+    def __array__(self, *args, **kw):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed")
+
+
+def test_build_cache_brings_device_batches_back_for_the_writer(tmp_path, nvjpeg_cpu,
+                                                               monkeypatch):
+    """build_cache with decoder='nvjpeg' and device 'cuda' played by the CPU: batches are
+    device arrays (:class:`DeviceArray`, which refuses implicit conversion to NumPy as
+    CuPy does), reorder returns that type, and the file written equals the one of the
+    Pillow path."""
+    import porder.pipeline as pipeline
+    from porder.reader import read_split
+
+    root = plain_folder(tmp_path / "d", 24, np.random.default_rng(22))
+    monkeypatch.setattr(gd, "_to_array", lambda x: DeviceArray(x.numpy()))
+    seen = []
+    real = pipeline.reorder
+
+    def reorder_on_cpu(images, *args, device, **kw):
+        seen.append(type(images).__name__)
+        if not isinstance(images, DeviceArray):  # the Pillow path's NumPy batches
+            return real(images, *args, device="cpu", **kw)
+        out, perm = real(images.get(), *args, device="cpu", **kw)
+        return DeviceArray(out), DeviceArray(perm)
+
+    monkeypatch.setattr(pipeline, "reorder", reorder_on_cpu)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: "cuda")
+    pipeline.build_cache(str(root), tmp_path / "nv.h5", decoder="nvjpeg", device="cuda",
+                         batch_size=8, workers=2, test_fraction=0.25)
+    assert set(seen) == {"DeviceArray"}
+    seen.clear()
+    pipeline.build_cache(str(root), tmp_path / "pil.h5", decoder="threads", device="cuda",
+                         batch_size=8, workers=2, test_fraction=0.25)
+    assert set(seen) == {"ndarray"}
+    for split in ("train", "test"):
+        a, b = read_split(tmp_path / "nv.h5", split), read_split(tmp_path / "pil.h5", split)
+        assert a["names"] == b["names"] and len(a["names"]) == (18 if split == "train" else 6)
+        for key in ("images", "labels", "perm"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 # --------------------------------------------------------------------------
