@@ -15,10 +15,10 @@ the kernels, with no host round trip in between:
    is alone.
 3. The EXIF orientation is applied on the GPU (flips and transposes, as
    Pillow's ``ImageOps.exif_transpose``). torchvision ignores
-   ``apply_exif_orientation`` on CUDA (0.19 to 0.28: "only implemented for
-   JPEG format on CPU"), so porder reads the tag itself and passes ``False``,
-   which keeps the orientation from being applied twice should a later
-   torchvision apply it on CUDA too.
+   ``apply_exif_orientation`` on CUDA (read in the sources of 0.26 and 0.28:
+   "only implemented for JPEG format on CPU"), so porder reads the tag itself
+   and passes ``False``, which keeps the orientation from being applied twice
+   should a later torchvision apply it on CUDA too.
 4. Pillow's JPEG ``draft`` is emulated: an image at least twice ``size`` on
    each side is reduced by the factor libjpeg's DCT scaling would use (8, 4
    or 2) to the means of its blocks (:func:`_draft`). Then images of one shape
