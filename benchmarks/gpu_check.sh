@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One prepared check of porder's CUDA kernels on an accelerator machine (issue 13).
 #
-# From a bare start (CuPy, torch, numba, h5py, click, pytest there; nothing to
-# download): install porder, compile every kernel, run the GPU tests, time the
-# kernels against the generic CuPy and host paths, run compute-sanitizer, and
-# keep logs and JSON under $OUT (default ./gpu-check-out; 8 files). Each stage
-# runs under `timeout`, even when an earlier one failed, within
-# GPU_CHECK_BUDGET seconds in all (default 360: 6 minutes); a failed
-# stage prints the end of its log at once. One summary is printed last.
+# From a bare start (CuPy, torch, torchvision, numba, h5py, click, pytest there;
+# nothing to download): install porder, compile every kernel, run the GPU tests,
+# time the kernels against the generic CuPy and host paths, time and compare
+# JPEG decoding on the GPU (--decoder nvjpeg) with Pillow's, run
+# compute-sanitizer, and keep logs and JSON under $OUT (default
+# ./gpu-check-out; 8 files). Each stage runs under `timeout`, even when an
+# earlier one failed, within GPU_CHECK_BUDGET seconds in all (default 400:
+# 6 minutes 40 s); a failed stage prints the end of its log at once. One
+# summary is printed last. GPU_CHECK_SKIP=name,name skips stages by name.
 #
 #   bash benchmarks/gpu_check.sh          # or: make gpu-check
 set -u
@@ -46,7 +48,7 @@ fi
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-360}
+BUDGET=${GPU_CHECK_BUDGET:-400}
 T0=$(date +%s)
 export PY
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # this checkout, installed or not
@@ -117,6 +119,12 @@ stage bench $(( BENCH_BUDGET + 25 )) "$OUT/bench.log" \
 stage train 120 "$OUT/train.log" "$PY" benchmarks/bench_train.py --gpu-only
 stage profile 60 "$OUT/train.log" "$PY" benchmarks/profile_gpu_reorder.py
 
+# 5c. JPEG decoding on the GPU (decoder='nvjpeg'): its gpu tests against Pillow, then
+# img/s end to end (threads, processes, nvjpeg) and the pixel differences (JSON in train.log)
+stage nvjpeg-tests 40 "$OUT/train.log" \
+    "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu -s tests/sources/test_gpu_decode.py
+stage nvjpeg-bench 55 "$OUT/train.log" "$PY" benchmarks/bench_gpu_decode.py --budget 40
+
 # 6. compute-sanitizer: out-of-bounds accesses and shared-memory races in the kernels
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
       /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2> /dev/null | head -n 1)
@@ -133,7 +141,7 @@ fi
 # 7. every other gpu-marked test (the generic CuPy path), then this file's CPU tests
 stage pytest-gpu-all 120 "$OUT/pytest_gpu_all.log" \
     "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu tests \
-    --ignore=tests/test_kernels_cuda.py
+    --ignore=tests/test_kernels_cuda.py --ignore=tests/sources/test_gpu_decode.py
 stage pytest-harness 90 "$OUT/pytest_kernels.log" \
     "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not gpu" tests/test_kernels_cuda.py
 
@@ -160,6 +168,9 @@ stage pytest-harness 90 "$OUT/pytest_kernels.log" \
         "$OUT/sanitizer.log" | head -n 10
     echo "-- training:"
     grep -E "^train resnet|ms/call" "$OUT/train.log" | tail -n 8
+    echo "-- nvjpeg decoding (tests; img/s; pixel differences, nvjpeg vs Pillow):"
+    grep -E "^(FAILED|ERROR) tests/sources/test_gpu_decode|deselected in [0-9.]+s|^nvjpeg vs Pillow|^counts |^decode " \
+        "$OUT/train.log" | head -n 24
     echo "-- benchmark (full numbers in bench_gpu.json):"
     awk '/^$/{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$OUT/bench.log" | tail -n 40
 } | tee "$OUT/summary.txt"

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .backend import resolve_device
+from .backend import resolve_device, to_numpy
 from .kernels import check_backend
 from .measures import _check_bins, get_measure
 from .output import DiskFull, check_free_space, check_not_inside_source, lock_output
@@ -274,7 +274,8 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                 progress: Optional[Progress] = None) -> BuildResult:
     """Read ``source``, reorder every image, and write the porder HDF5 file ``out``.
 
-    Parameters mirror ``porder reorder``. ``resume`` continues ``<out>.part``
+    Parameters mirror ``porder reorder``; ``decoder='nvjpeg'`` needs
+    ``device='cuda'`` (the batches stay on the GPU up to the writer). ``resume`` continues ``<out>.part``
     when it exists (and starts afresh otherwise) if it was made with the same
     options, slice and source files (:func:`source_identity`). ``shard=(i, n)``
     processes the i-th of n equal, contiguous slices of every split; a slice
@@ -300,6 +301,10 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
     bins = _check_bins(bins)
     check_backend(backend)
     device = resolve_device(device)
+    if decoder == "nvjpeg" and device != "cuda":
+        raise ValueError(f"decoder='nvjpeg' decodes on the GPU and needs device='cuda' "
+                         f"(--decoder nvjpeg needs --device cuda), got device={device!r}; "
+                         f"on the CPU use decoder='threads' (--decoder threads)")
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if size < 1:
@@ -360,6 +365,8 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                 imgs, perm = reorder(batch.images, m, patch, bins=bins, device=device,
                                      reference=reference, descending=descending, seed=seed,
                                      start=pos, workers=workers, backend=backend)
+                if not isinstance(imgs, np.ndarray):  # CuPy, from decoder='nvjpeg'
+                    imgs, perm = to_numpy(imgs), to_numpy(perm)  # the writer needs NumPy
                 secs["measure"] += time.perf_counter() - t0
                 pos += take
                 behind.submit(append, split, lo, imgs, batch.labels, perm, batch.names,

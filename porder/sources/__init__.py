@@ -134,12 +134,15 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
         Threads decoding image files or generating ``synthetic`` images (>= 1;
         1 works in the caller's thread); default: the CPUs this process may use (``os.cpu_count()``
         narrowed to the CPU affinity where the OS has one).
-    decoder : {'auto', 'threads', 'processes'}, optional
+    decoder : {'auto', 'threads', 'processes', 'nvjpeg'}, optional
         How image files are decoded with ``workers`` > 1: worker threads
         (instant start; Pillow releases the GIL on photos), worker processes
         (identical pixels; faster on small files such as 32x32 JPEGs, whose
         decoding is mostly Python code under the GIL; about 0.3 s to start),
-        or ``'auto'``: processes from 4096 files to read. Other sources ignore it.
+        or ``'auto'``: processes from 4096 files to read. ``'nvjpeg'`` decodes
+        JPEGs on a CUDA GPU with torchvision (>= 0.19) and yields batches whose
+        images are CuPy arrays on the GPU; the pixels differ slightly from
+        Pillow's (see :mod:`porder.sources.gpu_decode`). Other sources ignore it.
 
     Returns
     -------
@@ -149,7 +152,8 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
     Raises
     ------
     SourceError
-        A missing path, an unknown form, a wrong layout or a bad option; the
+        A missing path, an unknown form, a wrong layout or a bad option
+        (``decoder='nvjpeg'`` without torchvision, CuPy or a GPU); the
         message is one line naming the file or option.
     """
     spec_text = str(spec)
@@ -167,6 +171,10 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
     workers = _default_workers() if workers is None else _check_int("workers", workers, 1)
     if decoder not in DECODER_CHOICES:
         raise SourceError(f"decoder must be one of {list(DECODER_CHOICES)}, got {decoder!r}")
+    if decoder == "nvjpeg":
+        from .gpu_decode import check_available
+
+        check_available()
 
     if spec_text.startswith("synthetic:") or spec_text == "digits":
         if label != "fine":

@@ -32,7 +32,8 @@ class Batch:
     Attributes
     ----------
     images : numpy.ndarray
-        uint8 array of shape (B, S, S, 3).
+        uint8 array of shape (B, S, S, 3); a CuPy array on the GPU when the
+        source decodes with ``decoder='nvjpeg'``.
     labels : numpy.ndarray
         int64 array of shape (B,); index into :attr:`Source.classes`.
     names : list of str

@@ -46,6 +46,11 @@ CPUs this process may use), chosen by ``decoder``:
   the run.
 * ``"auto"`` (the default): processes when at least :data:`AUTO_PROCESSES_MIN`
   files are to be read and ``workers`` > 1, else threads.
+* ``"nvjpeg"``: threads read the files' bytes, and JPEGs are decoded and
+  resized on a CUDA GPU with torchvision's nvJPEG decoder; the batches are CuPy
+  arrays on the GPU. Other files, and JPEGs nvJPEG is not trusted with, are
+  decoded by Pillow as above. The pixels differ slightly from Pillow's; see
+  :mod:`porder.sources.gpu_decode`.
 
 With ``workers=1`` files are decoded in the caller's thread. The next batch is
 decoded while the caller works on the current one.
@@ -62,7 +67,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .base import Batch, Source, SourceError, _one_line, open_regular, printable, stored_name
 from .procs import DecodeProcesses
 
-DECODER_CHOICES = ("auto", "threads", "processes")
+DECODER_CHOICES = ("auto", "threads", "processes", "nvjpeg")
 #: ``decoder="auto"`` reads this many files or more with worker processes.
 AUTO_PROCESSES_MIN = 4096
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -153,6 +158,11 @@ class _FileSource(Source):
         self._on_error = on_error
         self._decoder = decoder
         self._procs: DecodeProcesses | None = None
+        self._gpu = None  # gpu_decode.NvjpegDecoder with decoder="nvjpeg"
+        if decoder == "nvjpeg":
+            from .gpu_decode import NvjpegDecoder
+
+            self._gpu = NvjpegDecoder()
         # split -> [(folder name, reason)]: folders that could not be listed (on_error="skip"),
         # reported with the batch that covers sample 0 of the split
         self._unlisted = {split: list((unlisted or {}).get(split, ())) for split in files}
@@ -168,7 +178,7 @@ class _FileSource(Source):
 
     def _use_processes(self, files: int) -> bool:
         """Whether reading ``files`` files goes to worker processes (see ``decoder``)."""
-        if self._workers == 1 or self._decoder == "threads":
+        if self._workers == 1 or self._decoder in ("threads", "nvjpeg"):
             return False
         return self._decoder == "processes" or files >= AUTO_PROCESSES_MIN
 
@@ -187,14 +197,21 @@ class _FileSource(Source):
                 self._procs = DecodeProcesses(self._workers)
             return [self._procs.submit(chunk, self.image_size) for chunk in chunks]
         pool = self._executor()
-        return [pool.submit(_decode_chunk, chunk, self.image_size) for chunk in chunks]
+        return [pool.submit(self._read_chunk, chunk, self.image_size) for chunk in chunks]
+
+    @property
+    def _read_chunk(self):
+        """What the threads run on a chunk of paths: Pillow's decode, or nvjpeg's file reads."""
+        return _decode_chunk if self._gpu is None else self._gpu.read_chunk
 
     def _collect(self, split, lo, hi, work) -> Batch:
         paths, labels, names = self._files[split]
         if isinstance(work, tuple):
-            results = _decode_chunk(paths[lo:hi], self.image_size)
+            results = self._read_chunk(paths[lo:hi], self.image_size)
         else:
             results = [r for future in work for r in future.result()]
+        if self._gpu is not None:  # the JPEGs read, decoded on the GPU now
+            results = self._gpu.finish(results, paths[lo:hi], self.image_size)
         keep, skipped = [], []
         for j, (image, reason) in enumerate(results):
             if image is not None:
@@ -208,8 +225,11 @@ class _FileSource(Source):
         if lo == 0:
             skipped = self._unlisted[split] + skipped
         s = self.image_size
-        images = (np.stack([results[j][0] for j in keep]) if keep
-                  else np.empty((0, s, s, 3), dtype=np.uint8))  # (B, S, S, 3)
+        if self._gpu is not None:  # a CuPy array on the GPU
+            images = self._gpu.stack([results[j][0] for j in keep], s)
+        else:
+            images = (np.stack([results[j][0] for j in keep]) if keep
+                      else np.empty((0, s, s, 3), dtype=np.uint8))  # (B, S, S, 3)
         return Batch(images, labels[lo:hi][keep], [names[lo + j] for j in keep], skipped)
 
     def _read(self, split, lo, hi):
