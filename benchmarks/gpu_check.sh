@@ -55,7 +55,7 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # this checkout, installed o
 export PYTHONUNBUFFERED=1
 ROWS=()
 FAILED=0
-for f in env.txt compile.log pytest_kernels.log bench.log sanitizer.log pytest_gpu_all.log train.log; do
+for f in env.txt pytest_kernels.log bench.log sanitizer.log pytest_gpu_all.log train.log; do
     : > "$OUT/$f"
 done
 
@@ -102,7 +102,7 @@ grep -E "^(numpy|cupy|torch|Python) |^NVIDIA" "$OUT/env.txt" | head -n 6
 stage install 90 "$OUT/env.txt" "$PY" -m pip install --no-deps --no-build-isolation -e .
 
 # 3. compile every kernel the paper's cases use (NVRTC log on failure; registers, spills)
-stage compile 150 "$OUT/compile.log" "$PY" benchmarks/bench_gpu.py --compile
+stage compile 150 "$OUT/env.txt" "$PY" benchmarks/bench_gpu.py --compile
 
 # 4. the kernels' GPU tests
 stage pytest-kernels 170 "$OUT/pytest_kernels.log" \
@@ -157,7 +157,7 @@ stage pytest-harness 90 "$OUT/pytest_kernels.log" \
         printf "%-16s %-28s %6s\n" "$n" "$s" "$d"
     done
     echo "-- kernels (registers per thread; local bytes = spills):"
-    grep -E " regs |COMPILE ERROR" "$OUT/compile.log" | head -n 20
+    grep -E " regs |COMPILE ERROR" "$OUT/env.txt" | head -n 20
     echo "-- tests:"
     for f in pytest_kernels.log pytest_gpu_all.log; do
         grep -E " in [0-9.]+s( \([0-9:]+\))?( =+)?$" "$OUT/$f" | sed "s/^/$f: /"
