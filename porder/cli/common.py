@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from typing import NoReturn
 
 import click
 
@@ -113,6 +114,23 @@ def _sigterm_to_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def exit_interrupted() -> NoReturn:
+    """Exit with status 130 once a Ctrl-C or SIGTERM has been handled.
+
+    CPython marks an interrupt as unhandled when its KeyboardInterrupt leaves
+    code run by ``exec``/``eval`` of a source string, even if a caller catches
+    it later; under ``python -m`` the interpreter then ends, after its cleanup,
+    by sending itself SIGINT (status -2 from ``subprocess``) instead of exiting
+    130. Such code runs at any time in imports: scipy execs ``from numpy
+    import *`` while numba loads the cached kernels of a run's first batch.
+    Every string ``exec`` first clears the mark, so an empty one forgets the
+    interrupt that was handled. An interrupt that no code handles still ends
+    the process through SIGINT.
+    """
+    exec("")  # clears CPython's unhandled-KeyboardInterrupt mark (see above)
+    sys.exit(130)
+
+
 @contextmanager
 def interruptible(message: str, *, quiet: bool = False):
     """SIGTERM acts like Ctrl-C; both print ``message`` (unless ``quiet``) and exit 130."""
@@ -122,6 +140,6 @@ def interruptible(message: str, *, quiet: bool = False):
     except KeyboardInterrupt:
         if not quiet:
             click.echo(f"\nInterrupted: {message}", err=True)
-        sys.exit(130)
+        exit_interrupted()
     finally:
         signal.signal(signal.SIGTERM, old)

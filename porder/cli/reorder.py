@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .common import (
     FiniteFloat,
     ProgressReporter,
     _sigterm_to_interrupt,
+    exit_interrupted,
     library_errors,
     parse_shard_option,
     printable,
@@ -122,7 +122,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     except KeyboardInterrupt:
         reporter.close()
         click.echo(f"Interrupted: {_kept(out, dask_scheduler)}", err=True)
-        sys.exit(130)
+        exit_interrupted()
     finally:
         reporter.close()
         signal.signal(signal.SIGTERM, old)
