@@ -2,7 +2,6 @@
 (registered on the group in :mod:`porder.cli`)."""
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -15,11 +14,12 @@ from .common import (
     SEED,
     FiniteFloat,
     ProgressReporter,
-    _sigterm_to_interrupt,
     exit_interrupted,
+    interrupt_handlers,
     library_errors,
     parse_shard_option,
     printable,
+    restore_handlers,
 )
 
 
@@ -100,7 +100,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     from ..pipeline import BuildResult, build_cache
 
     reporter = ProgressReporter(progress)
-    old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    old = interrupt_handlers()
     t0 = time.perf_counter()
     options = dict(measure=measure, patch=patch, bins=bins, size=size, label=label,
                    test_fraction=test_fraction, seed=seed, reference=reference,
@@ -125,7 +125,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
         exit_interrupted()
     finally:
         reporter.close()
-        signal.signal(signal.SIGTERM, old)
+        restore_handlers(old)
     dt = time.perf_counter() - t0
     rows = sum(result.rows.values())
     skipped = sum(result.skipped.values())

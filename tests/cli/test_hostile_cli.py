@@ -78,7 +78,7 @@ def test_interrupt_ends_a_run_stuck_in_decoding(tmp_path, sig, workers):
     finally:
         proc.kill()
     # 130, never an end through the signal (test_cli.py's
-    # test_a_ctrl_c_inside_execd_source_still_exits_130 pins the case that used to give -2)
+    # test_a_ctrl_c_where_python_mishandles_it_still_exits_130 pins the cases)
     assert proc.returncode == 130, err
     assert [line for line in err.splitlines() if "Interrupted" in line] == [
         f"Interrupted: partial output kept in {partial_path(out)}; run the same command with "
