@@ -1,12 +1,16 @@
 """Helpers shared by porder's click commands: error mapping, interruption, progress."""
 from __future__ import annotations
 
+import _thread
 import math
+import os
 import re
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
+from typing import NoReturn
 
 import click
 
@@ -109,19 +113,76 @@ class ProgressReporter:
             self.bar = None
 
 
-def _sigterm_to_interrupt(signum, frame):
+# ctypes prints and drops an exception raised in a Python callback from C.
+# llvmlite's are the ones porder runs: LLVM calls them to store and fetch the
+# objects of numba's compiled-kernel cache, while a run's first batch loads the
+# kernels. A KeyboardInterrupt raised there is lost (the run goes on as if no
+# Ctrl-C came) or leaves LLVM without the object it asked for (a crash).
+_CALLBACK_CODE = os.sep + os.path.join("llvmlite", "binding") + os.sep
+_REDELIVER_S = 0.02  # how soon an interrupt held back from a callback comes again
+
+
+def _interrupt(signum, frame):
+    """Handler of SIGINT and SIGTERM: raise KeyboardInterrupt, but not in llvmlite's code.
+
+    While the main thread runs llvmlite's ctypes layer (its callbacks, and what
+    they call), the signal is delivered again ``_REDELIVER_S`` later instead.
+    """
+    while frame is not None:
+        if _CALLBACK_CODE in frame.f_code.co_filename:
+            timer = threading.Timer(_REDELIVER_S, _thread.interrupt_main, (signum,))
+            timer.daemon = True
+            timer.start()
+            return
+        frame = frame.f_back
     raise KeyboardInterrupt
+
+
+def interrupt_handlers() -> dict:
+    """Install :func:`_interrupt` for SIGTERM, and for SIGINT unless Ctrl-C is not Python's.
+
+    SIGINT keeps its handler when it is not ``signal.default_int_handler``
+    (ignored, as in a background job, or a caller's own). Returns the old
+    handlers, for :func:`restore_handlers`.
+    """
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
+    return old
+
+
+def restore_handlers(old: dict) -> None:
+    """Put back the handlers :func:`interrupt_handlers` replaced."""
+    for signum, handler in old.items():
+        signal.signal(signum, handler)
+
+
+def exit_interrupted() -> NoReturn:
+    """Exit with status 130 once a Ctrl-C or SIGTERM has been handled.
+
+    CPython marks an interrupt as unhandled when its KeyboardInterrupt leaves
+    code run by ``exec``/``eval`` of a source string, even if a caller catches
+    it later; under ``python -m`` the interpreter then ends, after its cleanup,
+    by sending itself SIGINT (status -2 from ``subprocess``) instead of exiting
+    130. Such code runs at any time in imports: scipy execs ``from numpy
+    import *`` while numba loads the cached kernels of a run's first batch.
+    Every string ``exec`` first clears the mark, so an empty one forgets the
+    interrupt that was handled. An interrupt that no code handles still ends
+    the process through SIGINT.
+    """
+    exec("")  # clears CPython's unhandled-KeyboardInterrupt mark (see above)
+    sys.exit(130)
 
 
 @contextmanager
 def interruptible(message: str, *, quiet: bool = False):
     """SIGTERM acts like Ctrl-C; both print ``message`` (unless ``quiet``) and exit 130."""
-    old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    old = interrupt_handlers()
     try:
         yield
     except KeyboardInterrupt:
         if not quiet:
             click.echo(f"\nInterrupted: {message}", err=True)
-        sys.exit(130)
+        exit_interrupted()
     finally:
-        signal.signal(signal.SIGTERM, old)
+        restore_handlers(old)

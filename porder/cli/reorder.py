@@ -2,8 +2,6 @@
 (registered on the group in :mod:`porder.cli`)."""
 from __future__ import annotations
 
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +14,12 @@ from .common import (
     SEED,
     FiniteFloat,
     ProgressReporter,
-    _sigterm_to_interrupt,
+    exit_interrupted,
+    interrupt_handlers,
     library_errors,
     parse_shard_option,
     printable,
+    restore_handlers,
 )
 
 
@@ -111,7 +111,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
         raise click.UsageError(f"--decoder nvjpeg decodes on the GPU and needs --device cuda "
                                f"(got --device {device}); on the CPU use --decoder threads")
     reporter = ProgressReporter(progress)
-    old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    old = interrupt_handlers()
     t0 = time.perf_counter()
     options = dict(measure=measure, patch=patch, bins=bins, size=size, label=label,
                    test_fraction=test_fraction, seed=seed, reference=reference,
@@ -133,10 +133,10 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     except KeyboardInterrupt:
         reporter.close()
         click.echo(f"Interrupted: {_kept(out, dask_scheduler)}", err=True)
-        sys.exit(130)
+        exit_interrupted()
     finally:
         reporter.close()
-        signal.signal(signal.SIGTERM, old)
+        restore_handlers(old)
     dt = time.perf_counter() - t0
     rows = sum(result.rows.values())
     skipped = sum(result.skipped.values())

@@ -323,6 +323,25 @@ def test_resume_after_a_killed_run_is_identical(tmp_path, sig):
         assert ma[key] == mb[key]
 
 
+@pytest.mark.parametrize("where", ["exec", "callback"])
+def test_a_ctrl_c_where_python_mishandles_it_still_exits_130(tmp_path, where):
+    # SIGINT sent, as the 3rd batch is scored, from code where a real Ctrl-C lands while
+    # numba loads its cached kernels (tests/cli/interrupt_inside.py): exec'd source, after
+    # which `python -m` used to end through SIGINT (-2) after porder's exit(130), and a
+    # ctypes callback from LLVM, which used to drop the interrupt (the run went on, exit 0).
+    out = tmp_path / "cut.h5"
+    res = subprocess.run([sys.executable, "-m", "tests.cli.interrupt_inside", where, "3",
+                          "reorder", "--no-progress", "--measure", "mi", "-j", "1", "-b", "64",
+                          "synthetic:600", out], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert res.returncode == 130, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("Interrupted")]
+    assert lines == [f"Interrupted: partial output kept in {partial_path(out)}; run the same "
+                     f"command with --resume to continue."], res.stderr
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr
+    assert partial_path(out).exists() and not out.exists()
+
+
 # ---------------------------------------------------------------------------
 # bad input: one line naming the file or option, non-zero exit, nothing left
 
