@@ -162,6 +162,8 @@ class Writer:
         self.f = None
         self._space = None
         self._broken = False
+        self._datasets: dict = {}       # (split, name) -> h5py.Dataset, looked up once
+        self._chunk_total: int | None = None
         if lock is None:
             check_output(self.path, overwrite=True)  # the folder, before locking in it
             lock = lock_output(self.path)            # before touching anything else
@@ -295,6 +297,7 @@ class Writer:
         g = self.f[split]
         b = len(labels)
         perm = np.asarray(perm)
+        ds_of = self._dataset
         if images.shape[1:] != (self.size, self.size, 3) or perm.shape != (b, self.k):
             raise StoreError(f"batch shapes {images.shape}, {perm.shape} do not fit the file")
         if b and (perm.min() < 0 or perm.max() >= self.k):
@@ -305,17 +308,17 @@ class Writer:
         self._space.reserve(images.nbytes + b * (16 + 16 + self.k * self.perm_dtype.itemsize)
                             + names_bytes + self._chunk_bytes() + META_BYTES)
         r = int(g.attrs["rows"])
-        s = int(g["skipped"].shape[0]) if "skipped" in g else 0
+        s = int(ds_of(split, "skipped").shape[0]) if "skipped" in g else 0
         try:
             if b:
                 for name, data in (("images", images), ("labels", labels),
                                    ("perm", perm.astype(self.perm_dtype, copy=False)),
                                    ("names", np.array(names, dtype=object))):
-                    ds = g[name]
+                    ds = ds_of(split, name)
                     ds.resize(r + b, axis=0)
                     ds[r : r + b] = data
             if skipped:
-                ds = g["skipped"]
+                ds = ds_of(split, "skipped")
                 ds.resize(s + len(skipped), axis=0)
                 ds[s:] = np.array([f"{n}: {why}" for n, why in skipped], dtype=object)
             # The batch is wholly on disk before it is committed, in one attribute write:
@@ -331,11 +334,21 @@ class Writer:
             self._broken = True
             raise DiskFull(f"disk full writing '{self.tmp}': {_reason(e)}") from None
 
+    def _dataset(self, split: str, name: str):
+        """The open dataset ``split/name`` (h5py's lookup costs more than a small write)."""
+        ds = self._datasets.get((split, name))
+        if ds is None:
+            ds = self._datasets[split, name] = self.f[split][name]
+        return ds
+
     def _chunk_bytes(self) -> int:
         """A new HDF5 chunk of every dataset: the most one batch can allocate beyond its rows."""
-        g = self.f["train"]
-        return sum(int(np.prod(ds.chunks)) * (16 if ds.dtype.kind == "O" else ds.dtype.itemsize)
-                   for ds in g.values() if isinstance(ds, h5py.Dataset) and ds.chunks)
+        if self._chunk_total is None:
+            g = self.f["train"]
+            self._chunk_total = sum(
+                int(np.prod(ds.chunks)) * (16 if ds.dtype.kind == "O" else ds.dtype.itemsize)
+                for ds in g.values() if isinstance(ds, h5py.Dataset) and ds.chunks)
+        return self._chunk_total
 
     def finish(self, **extra) -> Path:
         """Mark complete, close and rename to the final name; returns that path.
@@ -361,6 +374,7 @@ class Writer:
         return self.path
 
     def _close_file(self) -> None:
+        self._datasets.clear()
         if self.f is not None and self.f.id.valid:
             try:
                 self.f.close()

@@ -60,7 +60,9 @@ def _images_below(folder: Path, on_error: str, unlisted: list) -> list[str]:
     ``(relative path + "/", reason)`` instead.
     """
     found = []
-    todo = [(folder, Path("."), frozenset())]  # (folder, path relative to `folder`, ancestors)
+    # (folder, its path relative to `folder` as "" or "a/b/", real paths above it);
+    # plain strings: Path objects per file cost more than the listing itself
+    todo = [(str(folder), "", frozenset())]
     while todo:
         path, rel, above = todo.pop()
         real = os.path.realpath(path)
@@ -73,15 +75,15 @@ def _images_below(folder: Path, on_error: str, unlisted: list) -> list[str]:
             if on_error != "skip":
                 raise SourceError(f"cannot list folder '{printable(path)}': {_one_line(exc)} "
                                   f"(use on_error='skip' to leave it out and list it)") from None
-            name = "" if rel == Path(".") else rel.as_posix() + "/"
-            unlisted.append((name, f"cannot list folder: {_one_line(exc)}"))
+            unlisted.append((rel, f"cannot list folder: {_one_line(exc)}"))
             continue
         for entry in entries:
+            name = entry.name
             if _is_dir(entry):
-                if _is_visible(entry.name):
-                    todo.append((path / entry.name, rel / entry.name, above | {real}))
-            elif _is_image_name(entry.name):
-                found.append((rel / entry.name).as_posix())
+                if _is_visible(name):
+                    todo.append((os.path.join(path, name), f"{rel}{name}/", above | {real}))
+            elif _is_image_name(name):
+                found.append(rel + name)
     return sorted(found, key=_natural_key)
 
 
@@ -110,7 +112,8 @@ def _class_folders(folder: Path, classes: list[str], prefix: str, on_error: str,
                                   f"'{printable(folder)}'")
             raise SourceError(f"class folder '{printable(folder / cls)}' holds no images "
                               f"({' '.join(IMAGE_EXTENSIONS)}); remove it or add images")
-        paths.extend(str(folder / cls / f) for f in files)
+        base = os.path.join(str(folder), cls)
+        paths.extend(os.path.join(base, f) for f in files)
         names.extend(stored_name(f"{prefix}{cls}/{f}") for f in files)
         labels.extend([label] * len(files))
     return paths, np.asarray(labels, dtype=np.int64), names
