@@ -57,6 +57,7 @@ decoded while the caller works on the current one.
 """
 from __future__ import annotations
 
+import io
 import math
 from concurrent.futures import Future
 from typing import Sequence
@@ -64,6 +65,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import fastjpeg
 from .base import Batch, Source, SourceError, _one_line, open_regular, printable, stored_name
 from .procs import DecodeProcesses
 
@@ -123,7 +125,23 @@ def _decode_file(path: str, size: int) -> np.ndarray:
     Only a regular file is opened (:func:`~porder.sources.base.open_regular`): a
     FIFO, device or dangling link named like an image is a bad image, never waited on.
     """
-    with open_regular(path) as handle, _open_image(handle) as img:
+    with open_regular(path) as handle:
+        head = handle.read(3)
+        if head == b"\xff\xd8\xff":  # a JPEG: the common ones skip Pillow's Python parsing
+            data = head + handle.read()
+            image = fastjpeg.decode(data, size, RESAMPLE)
+            if image is not None:
+                return image
+            source = io.BytesIO(data)
+        else:
+            handle.seek(0)
+            source = handle
+        return _decode_pillow(source, size)
+
+
+def _decode_pillow(source, size: int) -> np.ndarray:
+    """:func:`_decode_file`'s regular path, from an open binary file."""
+    with _open_image(source) as img:
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
         img.load()  # decode fully now: truncated files fail here
