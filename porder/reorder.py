@@ -163,7 +163,8 @@ def _reorder(images, xp, in_xp, measure, patch, *, bins, reference, descending, 
         return merge(apply_perm(pt, perm)), perm
 
     starts = range(0, n, chunk)
-    nthreads = 1 if xp is not np else (workers or os.cpu_count() or 1)
+    # none/random only gather: a thread pool (and its BLAS limits) would cost more than the work
+    nthreads = 1 if xp is not np or kind == "control" else (workers or os.cpu_count() or 1)
     if nthreads > 1 and len(starts) > 1:
         # One BLAS thread per worker: nested BLAS threads oversubscribe the cores.
         with threadpool_limits(1, user_api="blas"), \
