@@ -122,6 +122,19 @@ _CALLBACK_CODE = os.sep + os.path.join("llvmlite", "binding") + os.sep
 _REDELIVER_S = 0.02  # how soon an interrupt held back from a callback comes again
 
 
+def _redeliver(signum: int) -> None:
+    """Send ``signum`` again, to the main thread itself.
+
+    A real signal, not ``_thread.interrupt_main``: that only marks the handler
+    as pending, which a main thread blocked in a lock or queue wait (the next
+    batch that never comes, from a stuck decode) would never run.
+    """
+    try:
+        signal.pthread_kill(threading.main_thread().ident, signum)
+    except (AttributeError, OSError, ValueError):  # no pthread_kill on this platform
+        _thread.interrupt_main(signum)
+
+
 def _interrupt(signum, frame):
     """Handler of SIGINT and SIGTERM: raise KeyboardInterrupt, but not in llvmlite's code.
 
@@ -130,7 +143,7 @@ def _interrupt(signum, frame):
     """
     while frame is not None:
         if _CALLBACK_CODE in frame.f_code.co_filename:
-            timer = threading.Timer(_REDELIVER_S, _thread.interrupt_main, (signum,))
+            timer = threading.Timer(_REDELIVER_S, _redeliver, (signum,))
             timer.daemon = True
             timer.start()
             return
