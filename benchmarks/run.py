@@ -18,6 +18,9 @@ BENCHES = ["bench_core", "bench_kernels", "bench_reorder", "bench_e2e", "bench_t
 def load(name):
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    # Registered under its name, so that process pools can pickle its functions
+    # (bench_e2e's plain loop) as the same objects.
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
