@@ -13,25 +13,19 @@ import time
 from pathlib import Path
 
 from porder.cli import main
-from porder.store import Writer
+
+from .cli.signal_after import after_append
 
 
 def pause_after(count: int, ready: Path, go: Path) -> None:
-    """Patch Writer.append to pause after ``count`` calls until ``go`` exists."""
-    original = Writer.append
-    calls = [0]
+    """Pause after ``count`` appends until ``go`` exists (at most 60 s)."""
+    def pause():
+        ready.touch()
+        deadline = time.monotonic() + 60
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
-    def append(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        calls[0] += 1
-        if calls[0] == count:
-            ready.touch()
-            deadline = time.monotonic() + 60
-            while not go.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-        return result
-
-    Writer.append = append
+    after_append(count, pause)
 
 
 if __name__ == "__main__":

@@ -242,23 +242,24 @@ def _csv_value(v):
     return repr(v) if isinstance(v, float) else v
 
 
-def write_csv(path, rows: Sequence[dict]) -> None:
+def _write_rows(path, fields: Sequence[str], rows: Sequence[dict]) -> None:
+    """``rows`` as CSV with the columns ``fields`` (a missing value is empty)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: _csv_value(r.get(k)) for k in SUMMARY_FIELDS})
+        w.writerow({k: _csv_value(r.get(k)) for k in fields})
     Path(path).write_text(buf.getvalue())
+
+
+def write_csv(path, rows: Sequence[dict]) -> None:
+    """The runs and their means and standard deviations as CSV (:data:`SUMMARY_FIELDS`)."""
+    _write_rows(path, SUMMARY_FIELDS, rows)
 
 
 def write_paired_csv(path, comparisons: Sequence[dict]) -> None:
     """The :func:`paired_comparisons` as CSV (:data:`PAIRED_FIELDS`; fractions, not %)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=PAIRED_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in comparisons:
-        w.writerow({k: _csv_value(r.get(k)) for k in PAIRED_FIELDS})
-    Path(path).write_text(buf.getvalue())
+    _write_rows(path, PAIRED_FIELDS, comparisons)
 
 
 def _pct(v):

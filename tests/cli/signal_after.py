@@ -17,8 +17,8 @@ from porder.cli import main
 from porder.store import Writer
 
 
-def signal_after(count: int, sig: signal.Signals) -> None:
-    """Patch Writer.append to send ``sig`` to this process after ``count`` calls."""
+def after_append(count: int, action) -> None:
+    """Patch Writer.append to call ``action()`` right after its ``count``-th return."""
     original = Writer.append
     calls = [0]
 
@@ -26,11 +26,19 @@ def signal_after(count: int, sig: signal.Signals) -> None:
         result = original(self, *args, **kwargs)
         calls[0] += 1
         if calls[0] == count:
-            os.kill(os.getpid(), sig)
-            time.sleep(5)  # let the signal arrive
+            action()
         return result
 
     Writer.append = append
+
+
+def signal_after(count: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to this process after ``count`` appends."""
+    def send():
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # let the signal arrive
+
+    after_append(count, send)
 
 
 if __name__ == "__main__":
