@@ -34,26 +34,42 @@ _JPEG = b"\xff\xd8\xff"
 _NOT_FRAMES = (0xC4, 0xC8, 0xCC)  # DHT, JPG, DAC share the SOF range
 
 
-def frame_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) if ``data`` is a JPEG this module decodes, else None."""
+def header_segments(data) -> list[tuple[int, bytes]] | None:
+    """The marker segments of a JPEG up to its first scan, as ``(marker, payload)``
+    pairs with the start of scan last; None if ``data`` is not a JPEG whose header
+    is plainly formed (a marker without a segment, a segment past the end, no scan).
+
+    Fill bytes (``FF FF``) are skipped. Shared with :mod:`porder.sources.gpu_decode`,
+    which reads the same header for nvJPEG.
+    """
     if not data.startswith(_JPEG):
         return None
-    n, i, size = len(data), 2, None
-    while i + 4 <= n:
-        if data[i] != 0xFF:
+    n, pos, out = len(data), 2, []
+    while True:
+        if pos + 4 > n or data[pos] != 0xFF:
             return None
-        marker = data[i + 1]
+        marker = data[pos + 1]
         if marker == 0xFF:  # a fill byte
-            i += 1
+            pos += 1
             continue
-        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):
-            return None  # unusual before the scan: Pillow's parser decides
-        length = (data[i + 2] << 8) | data[i + 3]
-        segment = data[i + 4 : i + 2 + length]
-        if length < 2 or len(segment) != length - 2:
+        if marker in (0x00, 0x01, 0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:
+            return None  # no segment expected here: Pillow's parser decides
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 2 or pos + 2 + length > n:
             return None
+        out.append((marker, data[pos + 4 : pos + 2 + length]))
         if marker == 0xDA:  # start of scan
-            return size
+            return out
+        pos += 2 + length
+
+
+def frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) if ``data`` is a JPEG this module decodes, else None."""
+    segments = header_segments(data)
+    if segments is None:
+        return None
+    size = None
+    for marker, segment in segments:
         if marker == 0xE1 or (marker == 0xE2 and segment.startswith(b"MPF")):
             return None
         if 0xC0 <= marker <= 0xCF and marker not in _NOT_FRAMES:
@@ -63,8 +79,7 @@ def frame_size(data: bytes) -> tuple[int, int] | None:
             if not width or not height:
                 return None
             size = (width, height)
-        i += 2 + length
-    return None
+    return size
 
 
 def decode(data: bytes, size: int, resample) -> np.ndarray | None:

@@ -79,6 +79,7 @@ import numpy as np
 
 from .base import SourceError, _one_line, open_regular
 from .decode import _decode_chunk
+from .fastjpeg import header_segments
 
 #: torch device the images are decoded to; tests set ``"cpu"`` with a stand-in torchvision.
 _DEVICE = "cuda"
@@ -222,25 +223,13 @@ def _jpeg_plan(data) -> tuple[int, int] | None:
     None sends the file to Pillow (the module docstring lists why). Only the
     markers before the first scan are read, and the file must end with EOI.
     """
-    n = len(data)
-    if n < 8 or data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
+    if len(data) < 8 or data[-2:] != b"\xff\xd9":
         return None
-    pos, sof, exif, xmp, jfif, adobe = 2, None, None, False, False, None
-    while True:
-        if pos + 4 > n or data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0x00, 0x01, 0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:
-            return None  # no segment expected here
-        length = _u16(data, pos + 2)
-        if length < 2 or pos + 2 + length > n:
-            return None
-        seg = data[pos + 4:pos + 2 + length]
-        if marker == 0xDA:  # SOS: the entropy-coded data starts
-            break
+    segments = header_segments(data)
+    if segments is None:
+        return None
+    sof, exif, xmp, jfif, adobe = None, None, False, False, None
+    for marker, seg in segments:
         if marker in _SOF_ANY:
             if sof is not None or marker not in _SOF_NVJPEG:
                 return None
@@ -259,7 +248,6 @@ def _jpeg_plan(data) -> tuple[int, int] | None:
             if len(seg) < 12:
                 return None
             adobe = seg[11]
-        pos += 2 + length
     if sof is None or len(sof) < 6:
         return None
     precision, height, width, comps = sof[0], _u16(sof, 1), _u16(sof, 3), sof[5]
