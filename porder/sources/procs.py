@@ -163,7 +163,8 @@ class DecodeProcesses:
 
     The future's result is what :func:`~porder.sources.decode._decode_chunk`
     returns for the paths: a list of ``(image (S, S, 3) uint8, "")`` or
-    ``(None, reason)``. Processes start on first use, all at once.
+    ``(None, reason)``. Each worker starts when its serving thread takes its
+    first chunk.
     """
 
     def __init__(self, workers: int, name: str = "porder-decode") -> None:
@@ -207,6 +208,7 @@ class DecodeProcesses:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:  # pragma: no cover - left to the OS
                 pass
+        self._log.close()  # the workers' stderr: nothing reads it once they are gone
 
     # -- the serving threads --------------------------------------------
 
@@ -282,10 +284,6 @@ class DecodeProcesses:
         try:
             self._log.seek(0)
             lines = self._log.read()[-4096:].decode("utf-8", "replace").strip().splitlines()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: closed by shutdown meanwhile
             return "no message"
         return lines[-1] if lines else "no message"
-
-
-if __name__ == "__main__":  # pragma: no cover - the workers start through -c
-    worker_main()
