@@ -22,6 +22,8 @@ CHUNK_BYTES = 64 * 2**20
 
 def _bytes_per_image(kind: str, k: int, n: int, c: int, bins: int) -> int:
     """Rough peak working memory of scoring one image (float64 temporaries)."""
+    if kind == "control":  # none/random score nothing: the patches, gathered once
+        return 2 * k * n * c
     if kind == "standalone":
         return 64 * k * n * c
     gram = c * n * k * n * 8 * 2 if n <= 16 else c * k * k * n * 8 * 3
@@ -163,8 +165,7 @@ def _reorder(images, xp, in_xp, measure, patch, *, bins, reference, descending, 
         return merge(apply_perm(pt, perm)), perm
 
     starts = range(0, n, chunk)
-    # none/random only gather: a thread pool (and its BLAS limits) would cost more than the work
-    nthreads = 1 if xp is not np or kind == "control" else (workers or os.cpu_count() or 1)
+    nthreads = 1 if xp is not np else (workers or os.cpu_count() or 1)
     if nthreads > 1 and len(starts) > 1:
         # One BLAS thread per worker: nested BLAS threads oversubscribe the cores.
         with threadpool_limits(1, user_api="blas"), \
