@@ -108,14 +108,16 @@ def _prefetch(iterator, depth: int = 2):
         stop.set()  # the producer sees it within 0.1 s of its next item
 
 
-def _load_kernels_ahead(m, patch: int, bins: int, size: int) -> None:
+def _load_kernels_ahead() -> None:
     """Load the compiled CPU kernels on a daemon thread while the source is listed
     and the first batches decode: importing numba and reading its cache take
-    about 1 s of the first batch otherwise. A failure is left to the real call."""
+    about 1 s of the first batch otherwise. The thread only compiles (it may
+    outlive a call that fails early); a failure is left to the real call."""
     def load():
         try:
-            reorder(np.zeros((1, size, size, 3), dtype=np.uint8), m, patch, bins=bins,
-                    workers=1, backend="compiled")
+            from .kernels import cpu
+
+            cpu.load()
         except Exception:  # raised again, with its message, by the first batch
             pass
 
@@ -315,7 +317,7 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
                          f"for patch {patch} on {size}x{size} images")
     desc = m.descending if descending is None else bool(descending)
     if device == "cpu" and backend == "compiled" and m.kind != "control":
-        _load_kernels_ahead(m, patch, bins, size)
+        _load_kernels_ahead()
     out = Path(out)
     check_output(out, overwrite=True)  # the folder, before locking in it
     lock = lock_output(out)            # before touching anything else

@@ -9,6 +9,8 @@ common: constant patches, images quantised to a few levels, saturated pixels.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,6 +162,23 @@ def test_workers_and_unusual_arrays_share_one_compiled_kernel():
     # every call above (and in this file) reuses one compiled signature: no
     # second minute-long compile for strided or read-only inputs
     assert len(_cpu_kernels.reorder_range.signatures) == 1
+
+
+def test_load_prepares_the_signature_a_real_call_uses():
+    # cpu.load() (the pipeline's kernel-load thread) only compiles; a fresh process
+    # must then run every call on that one signature, with no second compile.
+    code = ("import numpy as np, porder\n"
+            "from porder.kernels import cpu, _cpu_kernels as k\n"
+            "cpu.load()\n"
+            "assert len(k.reorder_range.signatures) == 1\n"
+            "x = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)\n"
+            "for m in ('mi', 'kl', 'ssim', 'entropy'):\n"
+            "    porder.reorder(x, m, 4, backend='compiled', workers=2)\n"
+            "print(len(k.reorder_range.signatures))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "1"
 
 
 def test_controls_use_the_shared_path():

@@ -92,6 +92,26 @@ def _tables(name: str, n: int, bins: int):
     return qtab, ltab, clogc, prob * lt, lt
 
 
+def load() -> None:
+    """Load the kernels from numba's disk cache, or compile them on a machine's first use,
+    without running them.
+
+    Only compiles (with the GIL held, apart from LLVM's own work), so it is safe on
+    a background thread that outlives its caller: running a kernel there would
+    allocate with the GIL released, which races ``tracemalloc.stop()`` in another
+    thread on CPython 3.11 (python/cpython#128679, a segfault).
+    """
+    from numba import typeof
+
+    x = np.zeros((1, 1, 1, 1), dtype=np.uint8)
+    qtab, ltab, clogc, plp, lt = _tables("mi", 1, 1)
+    # the argument types of reorder_batch's call: one signature for everything
+    args = (x, 0, 1, _k.MI, 1, 1, 0, False, qtab, ltab, clogc, 0.0, plp, lt,
+            np.zeros(1, np.int32), np.zeros(1, np.uint64), np.zeros(1, np.int32),
+            np.zeros(1, np.uint8), np.empty_like(x), np.empty((1, 1), dtype=np.int64))
+    _k.reorder_range.compile(tuple(typeof(a) for a in args))
+
+
 def _cores() -> int:
     """Cores this process may run on."""
     try:
