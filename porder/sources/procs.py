@@ -26,6 +26,11 @@ How the processes behave
   (signal SIGSEGV)", and is skipped or raised like any bad image (``on_error``).
 * A worker that cannot start (a broken environment) is a :class:`SourceError`
   naming the reason and ``--decoder threads``.
+* Pillow's settings that change what decodes (``Image.MAX_IMAGE_PIXELS``,
+  ``ImageFile.LOAD_TRUNCATED_IMAGES``) go with each chunk, so a change made in
+  porder's process holds in the workers too; the warnings a chunk raised
+  (Pillow's ``DecompressionBombWarning``, for one) come back with it and are
+  issued again in porder's process, as the threads would issue them.
 """
 from __future__ import annotations
 
@@ -38,11 +43,13 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from queue import SimpleQueue
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageFile
 
 from .base import SourceError, printable
 
@@ -88,6 +95,20 @@ def _unpack(images: np.ndarray, reasons: list) -> list[tuple[np.ndarray | None, 
     return out
 
 
+def _settings() -> tuple:
+    """Pillow's settings that change what decodes, as this process has them."""
+    return Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+def _portable(category: type) -> type:
+    """``category`` when the parent can unpickle it, else UserWarning."""
+    try:
+        pickle.dumps(category)
+    except Exception:
+        return UserWarning
+    return category
+
+
 def worker_main() -> None:
     """The worker process: decode the chunks read from stdin until end of file."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -103,13 +124,17 @@ def worker_main() -> None:
         message = _receive(requests)
         if message is None:
             return
-        paths, size = pickle.loads(message)
-        try:
-            packed = _pack(decode._decode_chunk(paths, size), size)
-        except BaseException as exc:  # unexpected: every file of the chunk gets the reason
-            packed = _pack([(None, f"decoding failed in the worker: {exc!r}")] * len(paths),
-                           size)
-        _send(channel, pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL))
+        paths, size, settings = pickle.loads(message)
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = settings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # the parent's filters decide what shows
+            try:
+                packed = _pack(decode._decode_chunk(paths, size), size)
+            except BaseException as exc:  # unexpected: every file of the chunk gets the reason
+                packed = _pack([(None, f"decoding failed in the worker: {exc!r}")] * len(paths),
+                               size)
+        raised = [(str(w.message), _portable(w.category), w.filename, w.lineno) for w in caught]
+        _send(channel, pickle.dumps((*packed, raised), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class _Died(Exception):
@@ -175,6 +200,7 @@ class DecodeProcesses:
         self._closed = False
         self._lock = threading.Lock()
         self._log = tempfile.TemporaryFile()  # the workers' stderr
+        self._warned: dict = {}  # the registry of the warnings issued again here
         self._workers: list[_Worker | None] = [None] * workers
         self._threads = [threading.Thread(target=self._serve, args=(i,), name=f"{name}_{i}",
                                           daemon=True) for i in range(workers)]
@@ -243,13 +269,16 @@ class DecodeProcesses:
     def _call(self, i: int, paths: list[str], size: int) -> list:
         worker = self._worker(i)
         try:
-            images, reasons = pickle.loads(worker.call(pickle.dumps((paths, size))))
+            images, reasons, raised = pickle.loads(
+                worker.call(pickle.dumps((paths, size, _settings()))))
         except _Died:
             with self._lock:
                 if self._workers[i] is worker:
                     self._workers[i] = None
             self._check_open()
             raise
+        for message, category, filename, lineno in raised:  # once per place, like a thread's
+            warnings.warn_explicit(message, category, filename, lineno, registry=self._warned)
         return _unpack(images, reasons)
 
     def _check_open(self) -> None:

@@ -5,10 +5,11 @@ that end with the source."""
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 import porder.sources.decode as decode
 import porder.sources.procs as procs
@@ -64,6 +65,37 @@ def test_processes_give_what_threads_and_one_thread_give(tmp_path, batch_size):
         np.testing.assert_array_equal(images, ref[0], err_msg=str(key))
         np.testing.assert_array_equal(labels, ref[1], err_msg=str(key))
         assert names == ref[2] and skipped == ref[3], key
+
+
+def test_pillow_settings_and_warnings_are_those_of_porders_process(tmp_path, monkeypatch):
+    # Settings changed in porder's process hold in the workers, and the workers'
+    # warnings are issued here, as with threads. Over a limit of 3000 pixels the
+    # truncated 64x64 JPEG warns (and loads), an 80x80 image (over twice the limit)
+    # is a bomb, a 50x50 one is fine.
+    root = tmp_path / "d" / "c"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for side in (50, 80):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+            root / f"s{side}.png")
+    truncated_jpeg(root / "cut.jpg", rng)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    got = {}
+    for decoder in ("threads", "processes"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with open_source(str(tmp_path / "d"), test_fraction=0, on_error="skip", workers=2,
+                             decoder=decoder) as src:
+                images, _, names, skipped = read(src)
+        bombs = [str(w.message) for w in caught
+                 if issubclass(w.category, Image.DecompressionBombWarning)]
+        assert len(bombs) == 1 and "4096 pixels" in bombs[0], (decoder, bombs)
+        assert names == ["c/cut.jpg", "c/s50.png"], decoder
+        assert [n for n, _ in skipped] == ["c/s80.png"], decoder
+        assert "decompression bomb" in skipped[0][1], decoder
+        got[decoder] = images
+    np.testing.assert_array_equal(got["processes"], got["threads"])
 
 
 def test_a_bad_file_fails_the_run_naming_it(tmp_path):
