@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from porder.pipeline import source_identity  # noqa: E402
+from porder.sources.identity import source_identity  # noqa: E402
 from porder.store import Writer, describe, read_split  # noqa: E402
 from porder.validate import check_rows  # noqa: E402
 

@@ -22,8 +22,9 @@ import pytest
 from click.testing import CliRunner
 
 from porder.cli import main
-from porder.pipeline import build_cache, source_identity
+from porder.pipeline import build_cache
 from porder.scale import merge
+from porder.sources.identity import source_identity
 from porder.store import SPLITS, StoreError, Writer, partial_path, read_meta, read_split
 from tests.conftest import REPO
 from tests.scale.shards import assert_same_file
