@@ -20,6 +20,10 @@ A full disk is caught before HDF5 writes: :class:`SpaceReserver` reserves the
 blocks of each batch ahead of writing it (``fallocate`` with ``KEEP_SIZE`` on
 Linux, a free-space check elsewhere), so running out of space raises
 :class:`DiskFull` with what was needed, while the partial file is intact.
+
+A finished file takes its name with :func:`durable_replace`: its bytes are
+synced to the disk before the rename and the folder's entry after it, so even
+a power cut never leaves the final name on a file whose blocks were not written.
 This module imports neither h5py nor NumPy.
 """
 from __future__ import annotations
@@ -248,6 +252,33 @@ def check_not_inside_source(out, source) -> None:
 
 # --------------------------------------------------------------------------
 # Free space
+
+
+def durable_replace(tmp, path) -> None:
+    """Rename the finished file ``tmp`` to ``path``, durably.
+
+    ``os.replace`` alone is atomic for processes but not across a crash of the
+    machine: the new name may reach the disk before the file's blocks do. So
+    ``tmp`` is synced first (an I/O error raises, and ``path`` is untouched),
+    then renamed, then its folder is synced (best effort: some systems cannot
+    sync a folder).
+    """
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:
+        fd = os.open(Path(path).parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows cannot open a folder: the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def free_bytes(folder) -> int | None:

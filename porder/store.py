@@ -19,7 +19,7 @@ Layout (format_version 1)::
 A file is written under ``<out>.part`` and renamed to ``<out>`` only when
 complete, so a killed run never leaves a file that looks finished. A ``.part``
 file can be resumed, whatever point a kill (even SIGKILL) cut an append at:
-each batch's rows are written and flushed to disk before its ``committed``
+each batch's rows are written, flushed and synced (fsync) to the disk before its ``committed``
 attribute (one attribute write) is, and a resume trusts only ``committed``
 (``rows`` in a ``.part`` made before it existed): every dataset is cut back
 to it, what its chunks hold beyond it is cleared, and the source is read
@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .output import DiskFull, SpaceReserver, is_disk_full, lock_output
+from .output import DiskFull, SpaceReserver, durable_replace, is_disk_full, lock_output
 from .reader import (
     Split,
     _jsonable,
@@ -323,7 +323,9 @@ class Writer:
                 ds[s:] = np.array([f"{n}: {why}" for n, why in skipped], dtype=object)
             # The batch is wholly on disk before it is committed, in one attribute write:
             # a kill before the second flush leaves the previous commit, which resume trusts.
+            # fsync: on the disk itself, so that holds across a power cut too.
             self.f.flush()
+            os.fsync(self.f.id.get_vfd_handle())
             g.attrs[COMMITTED] = np.array([r + b, int(consumed), s + len(skipped)], np.int64)
             g.attrs["rows"] = r + b            # what readers use; resume rewrites them
             g.attrs["consumed"] = int(consumed)
@@ -369,7 +371,7 @@ class Writer:
             self._broken = True
             raise DiskFull(f"disk full finishing '{self.tmp}': {_reason(e)}") from None
         self._close_file()
-        os.replace(self.tmp, self.path)
+        durable_replace(self.tmp, self.path)
         self._lock.release()
         return self.path
 

@@ -348,3 +348,32 @@ def test_store_error_is_not_output_error():
     """Both are ValueErrors (one line at the CLI), but distinct families."""
     assert issubclass(Busy, ValueError) and issubclass(StoreError, ValueError)
     assert not issubclass(Busy, StoreError)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
+def test_finished_files_reach_the_disk_before_their_name(tmp_path, monkeypatch):
+    # A power cut must never leave OUT naming a file whose blocks were not written:
+    # each finished file is synced, renamed, then its folder synced (cache and merge).
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = build_cache("synthetic:40", tmp_path / "o.h5", measure="entropy", batch_size=16,
+                      workers=1).path
+    (tmp_path / "m").mkdir()
+    merged = merge([out], tmp_path / "m" / "all.h5", copy=True)
+    renames = [i for i, e in enumerate(events) if e[0] == "replace"]
+    assert [events[i][2] for i in renames] == [str(out), str(merged)]
+    for i in renames:
+        _, src, dst = events[i]
+        assert events[i - 1] == ("fsync", src), events
+        assert events[i + 1] == ("fsync", str(Path(dst).parent)), events

@@ -1,4 +1,6 @@
 """The HDF5 cache: layout, atomic finish, resume, refusals."""
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -127,6 +129,26 @@ def test_resume_trusts_only_the_committed_count(tmp_path):
                                                                 "c.png: empty"]
         assert "committed" not in f["train"].attrs  # a complete file is read by its rows
         assert int(f["train"].attrs["consumed"]) == 12
+
+
+def test_each_batch_is_on_the_disk_before_it_is_committed(tmp_path, monkeypatch):
+    # fsync between the batch's rows and its commit: a power cut cannot leave a
+    # commit whose rows never reached the disk.
+    w = write(tmp_path / "a.h5")
+    seen = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        g = w.f["train"]
+        seen.append((g["images"].shape[0], int(g.attrs["committed"][0])))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    imgs, labels, perm, names = batch(2, seed=7)
+    w.append("train", imgs, labels, perm, names, consumed=10)
+    assert seen == [(10, 8)]  # 10 rows written, 8 still committed
+    assert int(w.f["train"].attrs["committed"][0]) == 10
+    w.close()
 
 
 def test_a_part_without_a_committed_count_resumes_from_its_rows(tmp_path):

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import h5py
 import numpy as np
 
-from ..output import DiskFull, SpaceReserver, check_free_space, is_disk_full, lock_output
+from ..output import DiskFull, SpaceReserver, check_free_space, durable_replace, is_disk_full, lock_output
 from ..reader import open_checked
 from ..store import (
     IDENTITY_KEYS,
@@ -292,7 +292,7 @@ def _merge(shards: Sequence, out: Path, *, copy: bool, overwrite: bool,
                 _write_split(f, split, ordered, out.parent, copy=copy, progress=progress,
                              done=done, total=total, space=space)
             f.attrs["complete"] = True  # last: a cut-off merge never looks finished
-        os.replace(tmp, out)
+        durable_replace(tmp, out)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, DiskFull):
