@@ -269,3 +269,37 @@ def test_an_unreadable_part_is_refused_with_one_line(tmp_path, killable):
     res = CliRunner().invoke(main, ["reorder", *KILL_ARGS, str(src), str(out)])
     assert res.exit_code == 0, res.output
     assert_same_file(whole, out)
+
+
+def test_a_kill_inside_the_resume_cut_back_resumes_again(tmp_path, killable):
+    """SIGKILL inside --resume's own cut-back: before it, after the counters are reset,
+    with some datasets cut and others not, a dataset between its two resizes, before the
+    last flush. Resuming again still gives the file of the uninterrupted run."""
+    src, whole, ops = killable
+    # the .part of a run killed with the batch's rows written and nothing committed
+    first_attr = next(i for i, op in enumerate(ops) if op.startswith("attr "))
+    cut = tmp_path / "cut.h5"
+    res = _kill_inside_append(f"{KILLED_CALL}:{first_attr + 1}:flush", tmp_path / "unused",
+                              src, cut)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    part = partial_path(cut).read_bytes()
+    log = tmp_path / "resume-ops.json"
+    out = tmp_path / "watched.h5"
+    partial_path(out).write_bytes(part)
+    res = _kill_inside_append("resume:0", log, "--resume", src, out)
+    assert res.returncode == 0, res.stderr
+    assert_same_file(whole, out)
+    resume_ops = json.loads(log.read_text())
+    assert resume_ops[:2] == ["attr /train rows", "attr /train consumed"], resume_ops
+    assert resume_ops[-1] == "flush", resume_ops
+    test_images = resume_ops.index("resize /test/images")  # grown by one, then cut
+    points = [0, 2, resume_ops.index("resize /train/names"), test_images, test_images + 1,
+              len(resume_ops) - 1]
+    for n in points:
+        out = tmp_path / f"cut{n}.h5"
+        partial_path(out).write_bytes(part)
+        res = _kill_inside_append(f"resume:{n + 1}:flush", tmp_path / "unused", "--resume", src,
+                                  out)
+        assert res.returncode == -signal.SIGKILL, (resume_ops[n], res.stderr)
+        _resume(src, out)
+        assert_same_file(whole, out)

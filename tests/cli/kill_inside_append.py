@@ -3,7 +3,8 @@
 ``python -m tests.cli.kill_inside_append K:N[:flush] LOG ARGS...`` (from the
 repository root) runs ``porder ARGS...`` and watches the HDF5 operations
 (dataset resizes and writes, attribute writes, file flushes) that the K-th
-call of :meth:`porder.store.Writer.append` makes on the writer thread:
+call of :meth:`porder.store.Writer.append` makes on the writer thread (with
+``K`` = ``resume``: those that ``--resume`` makes to cut the ``.part`` back):
 
 * ``N`` = 0: nothing is killed; the operations of that append are written to
   LOG as a JSON list of strings such as ``"resize /train/images"``, ``"write
@@ -32,8 +33,9 @@ from porder.cli import main
 from porder.store import Writer
 
 
-def kill_inside_append(call: int, op: int, flush: bool, log: Path) -> None:
-    """Patch Writer.append and h5py so that the ``call``-th append dies before operation ``op``."""
+def kill_inside_append(call: int | str, op: int, flush: bool, log: Path) -> None:
+    """Patch Writer.append and h5py so that the ``call``-th append (``"resume"``: the
+    resume's cut-back) dies before operation ``op``."""
     state = {"calls": 0, "writer": None, "thread": None, "ops": []}
 
     def step(what: str) -> None:
@@ -45,7 +47,8 @@ def kill_inside_append(call: int, op: int, flush: bool, log: Path) -> None:
                 original_flush(state["writer"].f)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    original_append = Writer.append
+    method = "_resume" if call == "resume" else "append"
+    original_append = getattr(Writer, method)
     original_resize = h5py.Dataset.resize
     original_setitem = h5py.Dataset.__setitem__
     original_attr = h5py.AttributeManager.__setitem__
@@ -53,7 +56,7 @@ def kill_inside_append(call: int, op: int, flush: bool, log: Path) -> None:
 
     def append(self, *args, **kwargs):
         state["calls"] += 1
-        if state["calls"] != call:
+        if call != "resume" and state["calls"] != call:
             return original_append(self, *args, **kwargs)
         state["writer"], state["thread"] = self, threading.get_ident()
         try:
@@ -79,7 +82,7 @@ def kill_inside_append(call: int, op: int, flush: bool, log: Path) -> None:
         step("flush")
         return original_flush(self)
 
-    Writer.append = append
+    setattr(Writer, method, append)
     h5py.Dataset.resize = resize
     h5py.Dataset.__setitem__ = setitem
     h5py.AttributeManager.__setitem__ = attr
@@ -88,5 +91,6 @@ def kill_inside_append(call: int, op: int, flush: bool, log: Path) -> None:
 
 if __name__ == "__main__":
     spec = sys.argv[1].split(":")
-    kill_inside_append(int(spec[0]), int(spec[1]), spec[2:] == ["flush"], Path(sys.argv[2]))
+    kill_inside_append(spec[0] if spec[0] == "resume" else int(spec[0]), int(spec[1]),
+                       spec[2:] == ["flush"], Path(sys.argv[2]))
     main(args=sys.argv[3:], prog_name="porder")
