@@ -24,6 +24,7 @@ Linux, a free-space check elsewhere), so running out of space raises
 A finished file takes its name with :func:`durable_replace`: its bytes are
 synced to the disk before the rename and the folder's entry after it, so even
 a power cut never leaves the final name on a file whose blocks were not written.
+
 This module imports neither h5py nor NumPy.
 """
 from __future__ import annotations
