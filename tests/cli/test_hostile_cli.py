@@ -98,7 +98,9 @@ def test_interrupt_ends_a_run_stuck_in_decoding(tmp_path, sig, workers, decoder)
         f"Interrupted: partial output kept in {partial_path(out)}; run the same command with "
         f"--resume to continue."], err
     assert "Traceback" not in err
-    assert seconds < 3, f"the run took {seconds:.1f} s to end after {sig.name}"
+    # it must not wait for the stuck decode (that would be the 60 s timeout); 10 s leaves
+    # room for a loaded CI machine (0.4 to 0.7 s here)
+    assert seconds < 10, f"the run took {seconds:.1f} s to end after {sig.name}"
     assert partial_path(out).exists() and not out.exists()
     for _ in range(50):  # a decoding process is killed, not left decoding
         if process_gone(decoding_pid):
