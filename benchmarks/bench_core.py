@@ -13,7 +13,6 @@ Targets (issue 2, 2-core CPU): mi >= 3,000 img/s at patch 16, >= 1,000 at 8,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import porder  # noqa: E402
+from benchmarks._report import report  # noqa: E402
 
 TARGETS = {"mi": {4: 500, 8: 1000, 16: 3000}}
 NAIVE_RATIO_TARGET = 300
@@ -112,11 +112,7 @@ def main(argv=None) -> dict:
                                    "met": ratio >= NAIVE_RATIO_TARGET},
         },
     }
-    print(json.dumps(out, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "core.json").write_text(json.dumps(out, indent=2))
-    return out
+    return report(out, args.out, "core.json")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Prints JSON; ``--out DIR`` also writes ``DIR/e2e.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # pool workers import this module by name
+from benchmarks._report import report  # noqa: E402
+
 DOGS = ROOT.parent / "shared" / "data" / "dogs-vs-cats-1k"
 EXTS = (".jpg", ".jpeg", ".png")
 
@@ -165,11 +166,7 @@ def main(argv=None) -> dict:
         else:
             result["cifar10_jpeg"] = "skipped: pass --cifar-jpeg DIR or set PORDER_CIFAR_JPEG"
     result["machine"]["load_after"] = os.getloadavg()
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "e2e.json").write_text(json.dumps(result, indent=2))
-    return result
+    return report(result, args.out, "e2e.json")
 
 
 if __name__ == "__main__":

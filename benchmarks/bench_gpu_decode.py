@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._report import save  # noqa: E402
 
 DECODERS = ("threads", "processes", "nvjpeg")
 
@@ -277,9 +278,7 @@ def main(argv=None) -> dict:
         print(f"decode pixels photos full-resolution nvJPEG vs Pillow: max {q['max_abs']} "
               f"mean {q['mean_abs']}")
     print(json.dumps(report))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_gpu_decode.json").write_text(json.dumps(report, indent=2) + "\n")
+    save(report, args.out, "bench_gpu_decode.json")
     return report
 
 

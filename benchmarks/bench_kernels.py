@@ -26,7 +26,6 @@ Prints JSON; ``--out DIR`` also writes ``DIR/kernels.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -40,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import porder  # noqa: E402
+from benchmarks._report import report  # noqa: E402
 
 MEASURES = ["mi", "je", "kl", "l1", "l2", "ssim", "entropy", "psnr"]
 PATCHES = (4, 8, 16)
@@ -220,11 +220,7 @@ def main(argv=None) -> dict:
         "targets": {"mi": TARGETS["mi"], "mi_vs_generic": RATIO_TARGET,
                     "others": OTHER_TARGET, "met": met, "all_met": all(met.values())},
     }
-    print(json.dumps(out, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "kernels.json").write_text(json.dumps(out, indent=2))
-    return out
+    return report(out, args.out, "kernels.json")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks._report import report  # noqa: E402
+
 # The 1,000 Dogs-vs-Cats photographs: $PORDER_PHOTOS, else ../shared/data beside the repo.
 DOGS = Path(os.environ.get("PORDER_PHOTOS") or ROOT.parent / "shared" / "data" / "dogs-vs-cats-1k")
 
@@ -106,11 +108,7 @@ def main(argv=None) -> dict:
             "growth_ratio": round(big["peak_rss_mib"] / small["peak_rss_mib"], 3),
             f"img_per_s_{n_big}": big["img_per_s"],
         }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "reorder.json").write_text(json.dumps(result, indent=2))
-    return result
+    return report(result, args.out, "reorder.json")
 
 
 if __name__ == "__main__":

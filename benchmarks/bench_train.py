@@ -30,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks._report import report as write_report  # noqa: E402
+from benchmarks._report import save  # noqa: E402
 
 
 def make_file(path: Path, n: int = 2048, size: int = 32, classes: int = 10) -> Path:
@@ -101,9 +103,7 @@ def gpu_cases(args) -> dict:
           f"data wait {results[0]['data_wait']:.2%}); with --reorder mi: {mi:,.0f} img/s "
           f"(runs {', '.join(f'{v:,.0f}' for v in rate['mi'])}; "
           f"+{report['reorder_mi_step_overhead']:.1%} step time)")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "train_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    save(report, args.out, "train_gpu.json")
     return report
 
 
@@ -152,11 +152,7 @@ def main(argv=None) -> dict:
                     "load_average_1min": round(os.getloadavg()[0], 2)},
         "results": results,
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "train.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(report, args.out, "train.json")
 
 
 if __name__ == "__main__":
