@@ -92,6 +92,24 @@ def _tables(name: str, n: int, bins: int):
     return qtab, ltab, clogc, prob * lt, lt
 
 
+def _arguments(name: str, p: int, bins: int, reference: int, descending: bool) -> tuple:
+    """The arguments of ``reorder_range`` between the image range and the scratch."""
+    n = p * p
+    qtab, ltab, clogc, plp, lt = _tables(name, n, bins)
+    return (CODES[name], p, bins, int(reference), bool(descending), qtab, ltab, clogc,
+            math.log2(n), plp, lt)
+
+
+def _scratch(code: int, n: int, bins: int, c: int, k: int) -> tuple:
+    """One thread's zeroed scratch for ``reorder_range`` (the kernels leave it zeroed):
+    hist, tab, and joint (dense mi/je) and cnt_t (kl in lanes) where the measure needs them."""
+    dense = code in (_k.MI, _k.JE) and n > 64
+    lanes = code == _k.KL and n <= 64
+    return (np.zeros(256, dtype=np.int32), np.zeros(1024, dtype=np.uint64),
+            np.zeros(bins * bins if dense else 1, dtype=np.int32),
+            np.zeros(c * bins * (-(-k // _k.LANES) * _k.LANES) if lanes else 1, dtype=np.uint8))
+
+
 def load() -> None:
     """Load the kernels from numba's disk cache, or compile them on a machine's first use,
     without running them.
@@ -104,11 +122,9 @@ def load() -> None:
     from numba import typeof
 
     x = np.zeros((1, 1, 1, 1), dtype=np.uint8)
-    qtab, ltab, clogc, plp, lt = _tables("mi", 1, 1)
-    # the argument types of reorder_batch's call: one signature for everything
-    args = (x, 0, 1, _k.MI, 1, 1, 0, False, qtab, ltab, clogc, 0.0, plp, lt,
-            np.zeros(1, np.int32), np.zeros(1, np.uint64), np.zeros(1, np.int32),
-            np.zeros(1, np.uint8), np.empty_like(x), np.empty((1, 1), dtype=np.int64))
+    # reorder_batch's call on one 1x1 image: its argument types, one signature for all
+    args = (x, 0, 1, *_arguments("mi", 1, 1, 0, False), *_scratch(_k.MI, 1, 1, 1, 1),
+            np.empty_like(x), np.empty((1, 1), dtype=np.int64))
     _k.reorder_range.compile(tuple(typeof(a) for a in args))
 
 
@@ -183,29 +199,19 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
     perm = np.empty((n_img, k), dtype=np.int64)
     if n_img == 0:
         return out, perm
-    qtab, ltab, clogc, plp, lt = _tables(name, n, bins)
-    code = CODES[name]
-    args = (code, p, bins, int(reference), bool(descending), qtab, ltab, clogc, math.log2(n),
-            plp, lt)
-    dense = code in (_k.MI, _k.JE) and n > 64
-    lanes = code == _k.KL and n <= 64
+    args = _arguments(name, p, bins, reference, descending)
     chunks = _chunks(n_img, int(workers))
     todo = iter(chunks)
     lock = threading.Lock()
 
     def work():
-        # this thread's scratch; the kernels leave it zeroed
-        hist = np.zeros(256, dtype=np.int32)
-        tab = np.zeros(1024, dtype=np.uint64)
-        joint = np.zeros(bins * bins if dense else 1, dtype=np.int32)
-        cnt_t = np.zeros(c * bins * (-(-k // _k.LANES) * _k.LANES) if lanes else 1,
-                         dtype=np.uint8)
+        scratch = _scratch(CODES[name], n, bins, c, k)  # this thread's
         while True:
             with lock:
                 lo_hi = next(todo, None)
             if lo_hi is None:
                 return
-            _k.reorder_range(x, lo_hi[0], lo_hi[1], *args, hist, tab, joint, cnt_t, out, perm)
+            _k.reorder_range(x, lo_hi[0], lo_hi[1], *args, *scratch, out, perm)
 
     nthreads = min(int(workers), len(chunks))
     helpers = [_pool(nthreads - 1).submit(work) for _ in range(nthreads - 1)]
