@@ -48,19 +48,19 @@ def kill_inside_append(call: int | str, op: int, flush: bool, log: Path) -> None
             os.kill(os.getpid(), signal.SIGKILL)
 
     method = "_resume" if call == "resume" else "append"
-    original_append = getattr(Writer, method)
+    original_method = getattr(Writer, method)
     original_resize = h5py.Dataset.resize
     original_setitem = h5py.Dataset.__setitem__
     original_attr = h5py.AttributeManager.__setitem__
     original_flush = h5py.File.flush
 
-    def append(self, *args, **kwargs):
+    def watched(self, *args, **kwargs):  # Writer.append or Writer._resume
         state["calls"] += 1
         if call != "resume" and state["calls"] != call:
-            return original_append(self, *args, **kwargs)
+            return original_method(self, *args, **kwargs)
         state["writer"], state["thread"] = self, threading.get_ident()
         try:
-            return original_append(self, *args, **kwargs)
+            return original_method(self, *args, **kwargs)
         finally:
             state["writer"] = None
             if op == 0:
@@ -82,7 +82,7 @@ def kill_inside_append(call: int | str, op: int, flush: bool, log: Path) -> None
         step("flush")
         return original_flush(self)
 
-    setattr(Writer, method, append)
+    setattr(Writer, method, watched)
     h5py.Dataset.resize = resize
     h5py.Dataset.__setitem__ = setitem
     h5py.AttributeManager.__setitem__ = attr
