@@ -3,8 +3,8 @@
 Each shard is ``build_cache(spec)`` of the run's :class:`porder.pipeline.CacheSpec`
 with ``shard=(i, n)``, in a task that resumes its own ``.part`` file when a
 worker died; the shards are then merged with :func:`porder.scale.merge.merge`
-(``copy=True``). ``distributed`` is imported
-only inside the functions that need it (``pip install "patch-order[scale]"``).
+(``copy=True``). ``distributed`` is imported only inside the functions that
+need it (``pip install "patch-order[scale]"``).
 """
 from __future__ import annotations
 
