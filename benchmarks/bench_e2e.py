@@ -74,10 +74,10 @@ def plain_loop(files: list[str], fn=plain_decode, processes: int = 2) -> float:
 
 
 def porder_run(source: str, out: Path, measure: str, **kw) -> dict:
-    from porder.pipeline import build_cache
+    from porder.pipeline import CacheSpec, build_cache
 
     t0 = time.perf_counter()
-    r = build_cache(source, out, measure=measure, patch=8, overwrite=True, **kw)
+    r = build_cache(CacheSpec(source, out, measure=measure, patch=8, overwrite=True, **kw))
     dt = time.perf_counter() - t0
     rows = sum(r.rows.values())
     return {"images": rows, "img_per_s": round(rows / dt, 1),

@@ -11,8 +11,8 @@ Pillow (quality 90) into a temporary folder:
 
 For each folder:
 
-* end to end, ``build_cache(folder, device='cuda', measure='mi', patch=8,
-  batch_size=512)`` (listing, identity hashing, decoding, the CUDA kernels and
+* end to end, ``build_cache(CacheSpec(folder, out, device='cuda', measure='mi',
+  patch=8, batch_size=512))`` (listing, identity hashing, decoding, the CUDA kernels and
   HDF5 writes) with ``decoder`` threads, processes and nvjpeg: img/s and where
   the seconds went (``decode`` is the main thread waiting for batches), after
   one warm-up run of each on a few files (kernels compiled, nvJPEG started);
@@ -131,11 +131,12 @@ def subset(folder: Path, dst: Path, k: int) -> Path:
 
 
 def end_to_end(folder: Path, out: Path, decoder: str, workers) -> dict:
-    from porder.pipeline import build_cache
+    from porder.pipeline import CacheSpec, build_cache
 
     t0 = time.perf_counter()
-    r = build_cache(str(folder), out, measure="mi", patch=8, batch_size=512, device="cuda",
-                    decoder=decoder, test_fraction=0, overwrite=True, workers=workers)
+    r = build_cache(CacheSpec(str(folder), out, measure="mi", patch=8, batch_size=512,
+                              device="cuda", decoder=decoder, test_fraction=0, overwrite=True,
+                              workers=workers))
     dt = time.perf_counter() - t0
     rows = sum(r.rows.values())
     return {"images": rows, "img_per_s": round(rows / dt, 1),

@@ -31,10 +31,10 @@ DOGS = Path(os.environ.get("PORDER_PHOTOS") or ROOT.parent / "shared" / "data" /
 
 CHILD = r"""
 import json, resource, sys, time
-from porder.pipeline import build_cache
+from porder.pipeline import CacheSpec, build_cache
 src, out, measure = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter()
-r = build_cache(src, out, measure=measure, patch=8, batch_size=512, overwrite=True)
+r = build_cache(CacheSpec(src, out, measure=measure, patch=8, batch_size=512, overwrite=True))
 dt = time.perf_counter() - t0
 rows = sum(r.rows.values())
 print(json.dumps({"images": rows, "seconds": round(dt, 3), "img_per_s": round(rows / dt, 1),

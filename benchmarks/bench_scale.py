@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from porder.pipeline import build_cache  # noqa: E402
+from porder.pipeline import CacheSpec, build_cache  # noqa: E402
 from porder.scale import merge, run_dask  # noqa: E402
 from porder.store import SPLITS, read_meta, read_split  # noqa: E402
 
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
         base = {}
         for label, workers in (("all_cores", None), ("one_thread", 1)):
             t0 = time.perf_counter()
-            build_cache(source, tmp / f"base-{label}.h5", workers=workers, **opts)
+            build_cache(CacheSpec(source, tmp / f"base-{label}.h5", workers=workers, **opts))
             dt = time.perf_counter() - t0
             base[label] = {"seconds": round(dt, 3), "img_per_s": round(n / dt, 1)}
         res["single_process"] = base
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
 
             out = tmp / f"dask-{w}.h5"
             t0 = time.perf_counter()
-            run_dask(f"local:{w}", source, out, progress=progress, **opts)
+            run_dask(f"local:{w}", CacheSpec(source, out, **opts), progress=progress)
             dt = time.perf_counter() - t0
             shard_phase = marks.get("merge", t0 + dt) - t0
             start = marks.get("images", t0) - t0  # cluster up, source counted, tasks sent
@@ -113,8 +113,8 @@ def main(argv=None) -> dict:
 
         k = args.merge_shards
         t0 = time.perf_counter()
-        shards = [build_cache(source, tmp / f"part-{i}.h5", shard=(i, k), workers=None,
-                              **opts).path for i in range(k)]
+        shards = [build_cache(CacheSpec(source, tmp / f"part-{i}.h5", shard=(i, k),
+                                        workers=None, **opts)).path for i in range(k)]
         build_s = time.perf_counter() - t0
         merged = {"shards": k, "build_seconds": round(build_s, 3)}
         for mode, copy in (("virtual", False), ("copy", True)):

@@ -4,13 +4,18 @@ Three stages run at once: batches are decoded on a background thread (the
 source itself decodes with all cores), the main thread scores batch k, and a
 writer thread appends batch k-1 to the HDF5 file, so decode, measure and write
 overlap. Memory is bounded by a few batches whatever the dataset size.
+
+A build's options are one :class:`CacheSpec`, checked once when it is made and
+shared by the CLI, :mod:`porder.scale.dask` and :mod:`porder.experiment`; the
+file is written only through :class:`porder.store.Writer`'s methods.
 """
 from __future__ import annotations
 
+import operator
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -43,23 +48,130 @@ class BuildResult:
     resumed: bool = False
 
 
+@dataclass(frozen=True)
+class CacheSpec:
+    """Every option of one cache build (``porder reorder``), checked when it is made.
+
+    Made once where the options enter (the CLI, :mod:`porder.experiment`, a
+    script) and handed to :func:`build_cache` or :func:`porder.scale.run_dask`
+    as it is: a made spec is a valid one (:func:`check_cache_spec`). Frozen and
+    picklable (it travels to Dask workers); :meth:`to_dict` gives it as JSON-able
+    values and ``CacheSpec(**spec.to_dict())`` makes it again.
+
+    Raises
+    ------
+    ValueError
+        An unknown measure, backend or device; ``bins`` outside 1..256; a patch
+        size that does not divide ``size``; a ``reference`` outside the patch
+        grid; ``batch_size`` or ``size`` below 1; ``decoder='nvjpeg'`` off CUDA;
+        a bad ``shard``. CUDA asked for but missing is refused here too.
+        Options of the source (``label``, ``test_fraction``, ``on_error``,
+        ``workers``, ``decoder``'s name) are checked when it is opened.
+    """
+
+    source: str                      # any SOURCE of `porder reorder`
+    out: Path                        # the file to write (a str is made a Path)
+    measure: str = "mi"              # a name in porder.MEASURES (or a porder.Measure)
+    patch: int = 8                   # patch side, px; divides size
+    bins: int = 256                  # intensity bins of histogram measures, 1..256
+    size: int = 32                   # images are resized to size x size RGB, px
+    label: str = "fine"              # CIFAR-100 labels: 'fine' or 'coarse'
+    test_fraction: float = 0.1       # held-out share, for sources without a test split
+    seed: int = 0                    # of the `random` control and of the held-out split
+    reference: int = 0               # row-major index of the patch the chain starts from
+    descending: Optional[bool] = None  # None: the measure's own direction
+    batch_size: int = 256            # images per batch (memory is a few batches)
+    device: str = "cpu"              # 'cpu', 'cuda' or 'auto' (resolved where it runs)
+    backend: str = "compiled"        # 'compiled' kernels or the 'generic' reference path
+    workers: Optional[int] = None    # CPU workers for decoding and scoring; None: all cores
+    on_error: str = "fail"           # a corrupt image: 'fail' or 'skip' (listed in the file)
+    decoder: str = "auto"            # 'auto', 'threads', 'processes' or 'nvjpeg'
+    overwrite: bool = False          # replace an existing out
+    resume: bool = False             # continue <out>.part when it exists
+    shard: Optional[tuple[int, int]] = None  # (i, n): slice i of n of every split
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        check_cache_spec(self)
+        if self.shard is not None:
+            object.__setattr__(self, "shard", (int(self.shard[0]), int(self.shard[1])))
+
+    def stored_options(self) -> dict:
+        """The options the file records as root attributes, as HDF5 stores them.
+
+        What ``--resume`` and ``porder merge`` compare (``porder.store.RESUME_KEYS``
+        and ``IDENTITY_KEYS``, with the source's files, which the build adds).
+        """
+        m = get_measure(self.measure)
+        desc = m.descending if self.descending is None else bool(self.descending)
+        index, count = self.shard or (0, 1)
+        return dict(measure=m.name, patch=self.patch, bins=int(self.bins),
+                    reference=self.reference, direction="descending" if desc else "ascending",
+                    image_size=self.size, seed=self.seed, label=self.label,
+                    test_fraction=self.test_fraction, on_error=self.on_error,
+                    source=stored_name(self.source), shard_index=index, shard_count=count)
+
+    def to_dict(self) -> dict:
+        """Every option as JSON-able values (``out`` a str, ``shard`` a list or None)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["out"] = str(self.out)
+        d["measure"] = get_measure(self.measure).name
+        d["shard"] = list(self.shard) if self.shard is not None else None
+        return d
+
+
+def check_cache_spec(spec: CacheSpec) -> None:
+    """Every check of a cache build's options (ValueError naming the value and the fix).
+
+    Run once, when a :class:`CacheSpec` is made; the source's own options are
+    checked when it is opened.
+    """
+    _check_reorder_options(spec.measure, spec.patch, bins=spec.bins, size=spec.size,
+                           reference=spec.reference)
+    check_backend(spec.backend)
+    device = resolve_device(spec.device)
+    if spec.decoder == "nvjpeg" and device != "cuda":
+        raise ValueError(f"decoder='nvjpeg' decodes on the GPU and needs device='cuda' "
+                         f"(--decoder nvjpeg needs --device cuda), got device={device!r}; "
+                         f"on the CPU use decoder='threads' (--decoder threads)")
+    if spec.batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {spec.batch_size}")
+    _check_shard(spec.shard)
+
+
+# The measure/patch/bins/reference checks that porder.reorder makes too: to be one
+# shared function of porder.reorder.
+def _check_reorder_options(measure, patch: int, *, bins: int, size: int,
+                           reference: int) -> None:
+    """Check the ordering options for ``size`` x ``size`` images."""
+    get_measure(measure)
+    _check_bins(bins)
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    g = check_patch_size(size, patch)
+    if not 0 <= reference < g * g:
+        raise ValueError(f"reference patch {reference} is out of range 0..{g * g - 1} "
+                         f"for patch {patch} on {size}x{size} images")
+
+
+def _check_shard(shard) -> None:
+    if shard is None:
+        return
+    try:
+        index, count = (operator.index(x) for x in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be a pair (I, N) of integers, e.g. (0, 4), "
+                         f"got {shard!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count} needs 0 <= I < N")
+
+
 def shard_range(count: int, shard: Optional[tuple[int, int]]) -> tuple[int, int]:
     """Sample range [lo, hi) of shard (i, n) of a split of ``count`` samples."""
     if shard is None:
         return 0, count
     i, n = shard
     return i * count // n, (i + 1) * count // n
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N; ValueError otherwise."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except (ValueError, AttributeError):
-        raise ValueError(f"shard must look like I/N (e.g. 0/4), got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {text!r} needs 0 <= I < N")
-    return i, n
 
 
 def _prefetch(iterator, depth: int = 2):
@@ -123,7 +235,7 @@ def _load_kernels_ahead() -> None:
     threading.Thread(target=load, name="porder-kernel-load", daemon=True).start()
 
 
-class _WriteBehind:
+class WriteBehind:
     """Run writer calls in order on one background thread, at most ``depth`` waiting.
 
     :meth:`submit` queues a call and returns at once (it blocks only while
@@ -191,22 +303,16 @@ class _WriteBehind:
         self._thread.join()
 
 
-def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: int = 256,
-                size: int = 32, label: str = "fine", test_fraction: float = 0.1, seed: int = 0,
-                reference: int = 0, descending: Optional[bool] = None, batch_size: int = 256,
-                device: str = "cpu", backend: str = "compiled", workers: Optional[int] = None,
-                on_error: str = "fail", decoder: str = "auto",
-                overwrite: bool = False, resume: bool = False,
-                shard: Optional[tuple[int, int]] = None,
-                progress: Optional[Progress] = None) -> BuildResult:
-    """Read ``source``, reorder every image, and write the porder HDF5 file ``out``.
+def build_cache(spec: CacheSpec, *, progress: Optional[Progress] = None) -> BuildResult:
+    """Read ``spec.source``, reorder every image, and write the porder HDF5 file ``spec.out``.
 
-    Parameters mirror ``porder reorder``; ``decoder='nvjpeg'`` needs
-    ``device='cuda'`` (the batches stay on the GPU up to the writer). ``resume`` continues ``<out>.part``
-    when it exists (and starts afresh otherwise) if it was made with the same
-    options, slice and source files (:func:`source_identity`). ``shard=(i, n)``
-    processes the i-th of n equal, contiguous slices of every split; a slice
-    that receives no sample is written with 0 rows.
+    ``spec`` (:class:`CacheSpec`, checked when it was made) holds every option,
+    as ``porder reorder`` takes them; ``decoder='nvjpeg'`` needs ``device='cuda'``
+    (the batches stay on the GPU up to the writer). ``resume`` continues
+    ``<out>.part`` when it exists (and starts afresh otherwise) if it was made
+    with the same options, slice and source files (:func:`source_identity`).
+    ``shard=(i, n)`` processes the i-th of n equal, contiguous slices of every
+    split; a slice that receives no sample is written with 0 rows.
 
     ``out`` is locked (``<out>.lock``) before anything is read or written, and
     the free space of its folder is checked before the ``.part`` is made.
@@ -218,116 +324,42 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
 
     Raises
     ------
-    ValueError (SourceError, StoreError) for bad options, input or output: an
-    ``out`` that is or lies inside the source, a ``.part`` that does not match
-    (naming what changed); porder.output.Busy when another process writes
-    ``out``; porder.output.DiskFull when the file does not fit (the ``.part``
-    is kept for ``resume`` when the disk fills up mid-run).
+    ValueError (SourceError, StoreError) for bad input or output: an ``out``
+    that is or lies inside the source, a ``.part`` that does not match (naming
+    what changed); porder.output.Busy when another process writes ``out``;
+    porder.output.DiskFull when the file does not fit (the ``.part`` is kept for
+    ``resume`` when the disk fills up mid-run).
     """
-    m = get_measure(measure)
-    bins = _check_bins(bins)
-    check_backend(backend)
-    device = resolve_device(device)
-    if decoder == "nvjpeg" and device != "cuda":
-        raise ValueError(f"decoder='nvjpeg' decodes on the GPU and needs device='cuda' "
-                         f"(--decoder nvjpeg needs --device cuda), got device={device!r}; "
-                         f"on the CPU use decoder='threads' (--decoder threads)")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if size < 1:
-        raise ValueError(f"size must be at least 1, got {size}")
-    g = check_patch_size(size, patch)
-    if not 0 <= reference < g * g:
-        raise ValueError(f"reference patch {reference} is out of range 0..{g * g - 1} "
-                         f"for patch {patch} on {size}x{size} images")
-    desc = m.descending if descending is None else bool(descending)
-    if device == "cpu" and backend == "compiled" and m.kind != "control":
+    device = resolve_device(spec.device)
+    m = get_measure(spec.measure)
+    if device == "cpu" and spec.backend == "compiled" and m.kind != "control":
         _load_kernels_ahead()
-    out = Path(out)
-    check_output(out, overwrite=True)  # the folder, before locking in it
-    lock = lock_output(out)            # before touching anything else
-    try:
-        check_not_inside_source(out, source)
-        check_output(out, overwrite=overwrite)
-        resumed = bool(resume and partial_path(out).exists())
-        src = open_source(source, size=size, label=label, test_fraction=test_fraction,
-                          seed=seed, on_error=on_error, workers=workers, decoder=decoder)
-    except BaseException:
-        lock.release()
-        raise
-    try:
-        writer = _open_writer(src, source, out, lock, shard, resumed, overwrite, batch_size,
-                              dict(measure=m.name, patch=patch, bins=bins, reference=reference,
-                                   direction="descending" if desc else "ascending",
-                                   image_size=size, seed=seed, label=label,
-                                   test_fraction=test_fraction, on_error=on_error))
-    except BaseException:
-        lock.release()
-        src.close()
-        raise
-    result = BuildResult(path=out, resumed=resumed)
-    secs = dict(decode=0.0, measure=0.0)
+    src, writer, resumed = _open(spec)
+    result = BuildResult(path=spec.out, resumed=resumed)
+    run = _Run(spec, m, device, src, writer, resumed, progress)
     t_start = time.perf_counter()
-    behind = _WriteBehind()  # appends batch k-1 while batch k is scored
-    written = {split: 0 for split in SPLITS}  # samples done, as the writer confirms them
-
-    def append(split, lo, *args, consumed, skipped):
-        writer.append(split, *args, consumed=consumed, skipped=skipped)
-        written[split] = consumed - lo
-
     try:
         for split in SPLITS:
-            lo, hi = shard_range(src.count(split), shard)
-            writer.f[split].attrs["first_sample"] = lo
-            writer.f[split].attrs["last_sample"] = hi
-            pos = max(lo, writer.consumed(split)) if resumed else lo
-            written[split] = pos - lo
-            if progress:
-                progress(split, pos - lo, hi - lo)
-            batches = src.iter_batches(split, batch_size, start=pos, stop=hi)
-            for batch, waited in _prefetch(batches):
-                secs["decode"] += waited
-                take = min(batch_size, hi - pos)  # samples this batch covers
-                t0 = time.perf_counter()
-                imgs, perm = reorder(batch.images, m, patch, bins=bins, device=device,
-                                     reference=reference, descending=descending, seed=seed,
-                                     start=pos, workers=workers, backend=backend)
-                if not isinstance(imgs, np.ndarray):  # CuPy, from decoder='nvjpeg'
-                    imgs, perm = to_numpy(imgs), to_numpy(perm)  # the writer needs NumPy
-                secs["measure"] += time.perf_counter() - t0
-                pos += take
-                behind.submit(append, split, lo, imgs, batch.labels, perm, batch.names,
-                              consumed=pos, skipped=batch.skipped)
-                if progress:
-                    progress(split, written[split], hi - lo)
-            behind.drain()  # the split is complete on disk before its counts are read
-            if progress:
-                progress(split, hi - lo, hi - lo)
+            run.write_split(split)
             result.rows[split] = writer.rows(split)
-            result.skipped[split] = int(writer.f[split]["skipped"].shape[0])
-        behind.stop()
+            result.skipped[split] = writer.skipped(split)
+        run.behind.stop()
         # An empty shard is a valid shard (more shards than samples); a whole run is not.
-        if sum(result.rows.values()) == 0 and (shard is None or shard[1] == 1):
-            raise StoreError(f"source '{source}' gave no images to write")
-        secs["write"] = behind.busy          # on the writer thread, overlapped
-        secs["write_wait"] = behind.waited   # the main thread held up by the writer
-        secs["total"] = time.perf_counter() - t_start
-        # the main thread's own work: splitting batches, progress, hand-offs
-        secs["other"] = max(0.0, secs["total"] - secs["decode"] - secs["measure"]
-                            - secs["write_wait"])
-        result.seconds = secs
+        if sum(result.rows.values()) == 0 and (spec.shard is None or spec.shard[1] == 1):
+            raise StoreError(f"source '{spec.source}' gave no images to write")
+        result.seconds = run.seconds(time.perf_counter() - t_start)
         writer.finish()
     except DiskFull as e:
-        behind.stop(drop=True)
+        run.behind.stop(drop=True)
         writer.close()  # what was written stays: resume once there is space
         raise DiskFull(f"{e}; the partial output '{writer.tmp}' is kept: free some space and "
                        f"run the same command with --resume") from None
     except KeyboardInterrupt:
-        behind.stop(drop=True)  # the batch being appended completes; queued ones are dropped
+        run.behind.stop(drop=True)  # the batch being appended completes; queued ones are dropped
         writer.close()  # keep the .part file: it can be resumed
         raise
     except BaseException:
-        behind.stop(drop=True)
+        run.behind.stop(drop=True)
         writer.discard()
         raise
     finally:
@@ -335,18 +367,96 @@ def build_cache(source: str, out, *, measure: str = "mi", patch: int = 8, bins: 
     return result
 
 
-def _open_writer(src, source, out, lock, shard, resumed, overwrite, batch_size, options):
-    """The Writer of ``out`` (owning ``lock``), after the free-space check."""
-    identity = source_identity(source)
-    meta = {
-        **options, "source": stored_name(source), "source_kind": src.kind, **identity,
-        "shard_index": shard[0] if shard else 0, "shard_count": shard[1] if shard else 1,
-    }
-    rows = sum(hi - lo for lo, hi in (shard_range(src.count(sp), shard) for sp in SPLITS))
-    need = estimate_bytes(rows, options["image_size"],
-                          (options["image_size"] // options["patch"]) ** 2)
+class _Run:
+    """One :func:`build_cache` run: its open source and writer, and where the time goes."""
+
+    def __init__(self, spec: CacheSpec, measure, device: str, src, writer: Writer,
+                 resumed: bool, progress: Optional[Progress]):
+        self.spec, self.measure, self.device = spec, measure, device
+        self.src, self.writer, self.resumed, self.progress = src, writer, resumed, progress
+        self.behind = WriteBehind()  # appends batch k-1 while batch k is scored
+        self.secs = dict(decode=0.0, measure=0.0)
+
+    def write_split(self, split: str) -> None:
+        """Score every batch of ``split``'s slice; returns once all of it is on disk."""
+        spec, writer, progress = self.spec, self.writer, self.progress
+        lo, hi = shard_range(self.src.count(split), spec.shard)
+        writer.set_sample_range(split, lo, hi)
+        pos = max(lo, writer.consumed(split)) if self.resumed else lo
+        written = [pos - lo]  # samples done, as the writer confirms them
+
+        def append(*args, consumed, skipped):
+            writer.append(split, *args, consumed=consumed, skipped=skipped)
+            written[0] = consumed - lo
+
+        if progress:
+            progress(split, pos - lo, hi - lo)
+        batches = self.src.iter_batches(split, spec.batch_size, start=pos, stop=hi)
+        for batch, waited in _prefetch(batches):
+            self.secs["decode"] += waited
+            take = min(spec.batch_size, hi - pos)  # samples this batch covers
+            t0 = time.perf_counter()
+            imgs, perm = reorder(batch.images, self.measure, spec.patch, bins=spec.bins,
+                                 device=self.device, reference=spec.reference,
+                                 descending=spec.descending, seed=spec.seed, start=pos,
+                                 workers=spec.workers, backend=spec.backend)
+            if not isinstance(imgs, np.ndarray):  # CuPy, from decoder='nvjpeg'
+                imgs, perm = to_numpy(imgs), to_numpy(perm)  # the writer needs NumPy
+            self.secs["measure"] += time.perf_counter() - t0
+            pos += take
+            self.behind.submit(append, imgs, batch.labels, perm, batch.names,
+                               consumed=pos, skipped=batch.skipped)
+            if progress:
+                progress(split, written[0], hi - lo)
+        self.behind.drain()  # the split is complete on disk before its counts are read
+        if progress:
+            progress(split, hi - lo, hi - lo)
+
+    def seconds(self, total: float) -> dict:
+        """:attr:`BuildResult.seconds` of a run that took ``total`` seconds."""
+        secs = dict(self.secs)
+        secs["write"] = self.behind.busy          # on the writer thread, overlapped
+        secs["write_wait"] = self.behind.waited   # the main thread held up by the writer
+        secs["total"] = total
+        # the main thread's own work: splitting batches, progress, hand-offs
+        secs["other"] = max(0.0, total - secs["decode"] - secs["measure"] - secs["write_wait"])
+        return secs
+
+
+def _open(spec: CacheSpec) -> tuple:
+    """Lock and check ``spec.out``, open the source and the Writer: (source, writer, resumed).
+
+    The writer owns the lock; when this fails, nothing stays open or locked.
+    """
+    out = spec.out
+    check_output(out, overwrite=True)  # the folder, before locking in it
+    lock = lock_output(out)            # before touching anything else
+    try:
+        check_not_inside_source(out, spec.source)
+        check_output(out, overwrite=spec.overwrite)
+        resumed = bool(spec.resume and partial_path(out).exists())
+        src = open_source(spec.source, size=spec.size, label=spec.label,
+                          test_fraction=spec.test_fraction, seed=spec.seed,
+                          on_error=spec.on_error, workers=spec.workers, decoder=spec.decoder)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        return src, _open_writer(spec, src, lock, resumed), resumed
+    except BaseException:
+        lock.release()
+        src.close()
+        raise
+
+
+def _open_writer(spec: CacheSpec, src, lock, resumed: bool) -> Writer:
+    """The Writer of ``spec.out`` (owning ``lock``), after the free-space check."""
+    identity = source_identity(spec.source)
+    meta = {**spec.stored_options(), "source_kind": src.kind, **identity}
+    rows = sum(hi - lo for lo, hi in (shard_range(src.count(sp), spec.shard) for sp in SPLITS))
+    need = estimate_bytes(rows, spec.size, (spec.size // spec.patch) ** 2)
     if resumed:
-        need -= partial_path(out).stat().st_size
-    check_free_space(out.absolute().parent, need, what=f"'{out}' ({rows} images)")
-    return Writer(out, meta=meta, classes=src.classes, overwrite=overwrite, resume=resumed,
-                  chunk=batch_size, lock=lock)
+        need -= partial_path(spec.out).stat().st_size
+    check_free_space(spec.out.absolute().parent, need, what=f"'{spec.out}' ({rows} images)")
+    return Writer(spec.out, meta=meta, classes=src.classes, overwrite=spec.overwrite,
+                  resume=resumed, chunk=spec.batch_size, lock=lock)

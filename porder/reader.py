@@ -24,7 +24,8 @@ def partial_path(path) -> Path:
     return path.with_name(path.name + ".part")
 
 
-def _jsonable(v):
+def jsonable(v):
+    """An HDF5 attribute or string value as plain Python (str, int, float, list)."""
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.generic):
@@ -89,8 +90,8 @@ def read_meta(path) -> dict:
     """Root attributes, classes and per-split counts of a porder file."""
     f, layout = open_checked(path)
     with f, reading(path):
-        meta = {k: _jsonable(v) for k, v in f.attrs.items()}
-        meta["classes"] = [_jsonable(c) for c in f["classes"][()]]
+        meta = {k: jsonable(v) for k, v in f.attrs.items()}
+        meta["classes"] = [jsonable(c) for c in f["classes"][()]]
         meta["splits"] = dict(layout.rows)
         meta["skipped"] = {s: int(f[s]["skipped"].shape[0]) for s in SPLITS
                            if "skipped" in f[s]}
@@ -119,7 +120,7 @@ def read_split(path, split: str = "train", *, start: int = 0, stop: int | None =
             "images": g["images"][sl],
             "labels": g["labels"][sl].astype(np.int64),
             "perm": g["perm"][sl].astype(np.int64),
-            "names": [_jsonable(n) for n in g["names"][sl]],
+            "names": [jsonable(n) for n in g["names"][sl]],
         }
     check_rows(path, split, lo, out["labels"], out["perm"], classes=layout.classes, k=layout.k)
     return out
@@ -150,7 +151,7 @@ def iter_split(path, split: str = "train", *, rows: int = 4096, start: int = 0,
                          "labels": g["labels"][lo:hi].astype(np.int64)}      # (m,)
                 p = g["perm"][lo:hi].astype(np.int64)                         # (m, K)
                 if names:
-                    chunk["names"] = [_jsonable(x) for x in g["names"][lo:hi]]
+                    chunk["names"] = [jsonable(x) for x in g["names"][lo:hi]]
             check_rows(path, split, lo, chunk["labels"], p, classes=layout.classes, k=layout.k)
             if perm:
                 chunk["perm"] = p
@@ -280,11 +281,11 @@ def describe(path) -> dict:
     meta["bytes"] = Path(path).stat().st_size
     f, layout = open_checked(path, contents=True)
     with f, reading(path):
-        meta["skipped_names"] = {s: [_jsonable(n) for n in f[s]["skipped"][:SKIPPED_SHOWN]]
+        meta["skipped_names"] = {s: [jsonable(n) for n in f[s]["skipped"][:SKIPPED_SHOWN]]
                                  for s in SPLITS if "skipped" in f[s]}
         meta["virtual_sources"] = list(layout.virtual_sources)
     return _encodable(meta)
 
 
 def to_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
+    return json.dumps(obj, indent=2, sort_keys=True, default=jsonable)

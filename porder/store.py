@@ -13,6 +13,8 @@ Layout (format_version 1)::
     /<split>/names    variable-length strings: where each sample came from
     /<split>/skipped  variable-length strings "name: reason" (``--on-error skip``)
     /<split> attrs    consumed (source samples read so far), rows (rows written),
+                      first_sample, last_sample (the slice [first, last) of the
+                      source's split it holds: all of it, or a shard's),
                       and, in a .part only, committed: int64 [rows, consumed,
                       skipped] of the last batch known to be wholly on disk
 
@@ -47,9 +49,9 @@ from . import __version__
 from .output import DiskFull, SpaceReserver, durable_replace, is_disk_full, lock_output
 from .reader import (
     Split,
-    _jsonable,
     describe,
     iter_split,
+    jsonable,
     load,
     missing_virtual_sources,
     open_file,
@@ -257,11 +259,11 @@ class Writer:
     def _check_resumable(self, meta, classes):
         old = self.f.attrs
         diff = [k for k in RESUME_KEYS
-                if k in meta and _jsonable(old.get(k)) != _jsonable(meta[k])]
+                if k in meta and jsonable(old.get(k)) != jsonable(meta[k])]
         if diff:
-            opts = [_change(k, _jsonable(old.get(k)), meta, old) for k in diff
+            opts = [_change(k, jsonable(old.get(k)), meta, old) for k in diff
                     if k not in SOURCE_KEYS + ("source_state", "shard_index", "shard_count")]
-            src = [_change(k, _jsonable(old.get(k)), meta, old) for k in diff
+            src = [_change(k, jsonable(old.get(k)), meta, old) for k in diff
                    if k in SOURCE_KEYS + ("source_state",)]
             parts = ([f"options differ ({'; '.join(opts)})"] if opts else []) + (
                 [f"the source changed ({src[0]})"] if src else []) + (
@@ -269,7 +271,7 @@ class Writer:
                 if {"shard_index", "shard_count"} & set(diff) else [])
             raise StoreError(f"cannot resume '{self.tmp}': {'; '.join(parts)}; run without "
                              f"--resume to start afresh")
-        have = [_jsonable(c) for c in self.f["classes"][()]]
+        have = [jsonable(c) for c in self.f["classes"][()]]
         if have != list(classes):
             raise StoreError(f"cannot resume '{self.tmp}': the source's classes changed "
                              f"({len(have)} then, {len(classes)} now)")
@@ -281,6 +283,18 @@ class Writer:
     def rows(self, split: str) -> int:
         """Rows of ``split`` written so far."""
         return int(self.f[split].attrs["rows"])
+
+    def skipped(self, split: str) -> int:
+        """Samples of ``split`` skipped so far (``--on-error skip``)."""
+        return int(self.f[split]["skipped"].shape[0])
+
+    def set_sample_range(self, split: str, first: int, last: int) -> None:
+        """Record that ``split`` holds source samples ``first`` up to (not including) ``last``
+        (a shard's slice; the whole split otherwise), as its ``first_sample`` and
+        ``last_sample`` attributes."""
+        g = self.f[split]
+        g.attrs["first_sample"] = first
+        g.attrs["last_sample"] = last
 
     def append(self, split: str, images, labels, perm, names, *, consumed: int, skipped=()):
         """Append one batch and record that ``consumed`` source samples are done.
@@ -427,11 +441,11 @@ def _reason(e: BaseException) -> str:
 
 def _change(key: str, old, meta: dict, attrs) -> str:
     """One phrase saying how option or source ``key`` differs between a .part and now."""
-    new = _jsonable(meta[key])
+    new = jsonable(meta[key])
     if key in ("shard_index", "shard_count"):
         def shard(i, n):
             return "none" if int(n) == 1 else f"{i}/{n}"
-        then = shard(_jsonable(attrs.get("shard_index", 0)), _jsonable(attrs.get("shard_count", 1)))
+        then = shard(jsonable(attrs.get("shard_index", 0)), jsonable(attrs.get("shard_count", 1)))
         now = shard(meta.get("shard_index", 0), meta.get("shard_count", 1))
         return f"--shard is {now} now, {then} in the .part"
     if old is None:

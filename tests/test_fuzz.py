@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from porder.pipeline import build_cache
+from porder.pipeline import CacheSpec, build_cache
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = 32            # 4 of each kind of corruption
@@ -28,8 +28,8 @@ PROGRESS = re.compile(r"^\w+: \d+/\d+ images \(")  # merge --copy's periodic lin
 
 @pytest.mark.parametrize("seed", [0])
 def test_corrupted_files_fail_in_one_line(tmp_path, seed):
-    base = build_cache("synthetic:24", tmp_path / "base.h5", measure="entropy", size=16,
-                       patch=4, workers=1).path
+    base = build_cache(CacheSpec("synthetic:24", tmp_path / "base.h5", measure="entropy",
+                                 size=16, patch=4, workers=1)).path
     work = tmp_path / "work"
     work.mkdir()
     proc = subprocess.run([sys.executable, "-m", "tests.fuzz_files", str(base), str(work),

@@ -29,7 +29,7 @@ from porder.output import (
     lock_output,
     lock_path,
 )
-from porder.pipeline import build_cache
+from porder.pipeline import CacheSpec, build_cache
 from porder.scale import merge
 from porder.store import StoreError, Writer, describe, partial_path, read_split
 
@@ -127,7 +127,7 @@ def test_a_stale_lock_file_does_not_block(tmp_path):
     """A killed run leaves OUT.lock behind; the kernel dropped its lock, so it is free."""
     out = tmp_path / "o.h5"
     lock_path(out).write_text("pid 1 on elsewhere\n")
-    build_cache("synthetic:12", out, measure="entropy", workers=1)
+    build_cache(CacheSpec("synthetic:12", out, measure="entropy", workers=1))
     assert out.exists() and not lock_path(out).exists()
 
 
@@ -144,8 +144,8 @@ def test_train_holds_its_run_folder_while_it_runs(tmp_path):
     callback); once it returns, the lock is gone."""
     from porder.train import TrainConfig, train
 
-    data = build_cache("synthetic:40", tmp_path / "d.h5", measure="none", size=8, patch=4,
-                       workers=1).path
+    data = build_cache(CacheSpec("synthetic:40", tmp_path / "d.h5", measure="none", size=8, patch=4,
+                                 workers=1)).path
     run = tmp_path / "run"
     seen = []
 
@@ -164,8 +164,8 @@ def test_train_holds_its_run_folder_while_it_runs(tmp_path):
 def test_second_train_into_a_busy_run_folder_fails_cleanly(tmp_path):
     """Another process holds the run folder (as a running `train` does): `porder train`
     into it, with or without --resume, fails at once with one line and writes nothing."""
-    data = build_cache("synthetic:40", tmp_path / "d.h5", measure="none", size=8, patch=4,
-                       workers=1).path
+    data = build_cache(CacheSpec("synthetic:40", tmp_path / "d.h5", measure="none", size=8, patch=4,
+                                 workers=1)).path
     run = tmp_path / "run"
     holder = hold_lock(run, folder=True)
     try:
@@ -247,7 +247,7 @@ def test_not_enough_space_is_refused_up_front(tmp_path, monkeypatch):
     monkeypatch.setattr(porder.output, "free_bytes", lambda folder: 10_000)
     out = tmp_path / "o.h5"
     with pytest.raises(DiskFull, match=r"needs about 1\.\d MiB, 9\.8 KiB free") as info:
-        build_cache("synthetic:100", out, measure="entropy", workers=1)
+        build_cache(CacheSpec("synthetic:100", out, measure="entropy", workers=1))
     assert str(tmp_path) in str(info.value) and "100 images" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # no .part, no lock
 
@@ -339,8 +339,8 @@ def test_space_reserver_reserves_before_writing(tiny_disk):
 
 
 def test_a_finished_file_holds_no_reserved_blocks(tmp_path):
-    out = build_cache("synthetic:300", tmp_path / "o.h5", measure="entropy", batch_size=32,
-                      workers=1).path
+    out = build_cache(CacheSpec("synthetic:300", tmp_path / "o.h5", measure="entropy",
+                                batch_size=32, workers=1)).path
     assert out.stat().st_blocks * 512 < out.stat().st_size + 2**16
 
 
@@ -367,8 +367,8 @@ def test_finished_files_reach_the_disk_before_their_name(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    out = build_cache("synthetic:40", tmp_path / "o.h5", measure="entropy", batch_size=16,
-                      workers=1).path
+    out = build_cache(CacheSpec("synthetic:40", tmp_path / "o.h5", measure="entropy", batch_size=16,
+                                workers=1)).path
     (tmp_path / "m").mkdir()
     merged = merge([out], tmp_path / "m" / "all.h5", copy=True)
     renames = [i for i, e in enumerate(events) if e[0] == "replace"]

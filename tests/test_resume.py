@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from porder.cli import main
-from porder.pipeline import build_cache
+from porder.pipeline import CacheSpec, build_cache
 from porder.scale import merge
 from porder.sources.identity import source_identity
 from porder.store import SPLITS, StoreError, Writer, partial_path, read_meta, read_split
@@ -43,7 +43,7 @@ def cut_after_one_batch(source, out, monkeypatch, **kw):
 
     monkeypatch.setattr(Writer, "append", append)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(str(source), out, **{**OPTS, **kw})
+        build_cache(CacheSpec(str(source), out, **{**OPTS, **kw}))
     monkeypatch.setattr(Writer, "append", original)
     assert partial_path(out).exists() and not out.exists()
     return partial_path(out).read_bytes()
@@ -52,7 +52,7 @@ def cut_after_one_batch(source, out, monkeypatch, **kw):
 def refused(source, out, pattern, **kw):
     part = partial_path(out).read_bytes()
     with pytest.raises(StoreError, match=pattern) as info:
-        build_cache(str(source), out, resume=True, **{**OPTS, **kw})
+        build_cache(CacheSpec(str(source), out, resume=True, **{**OPTS, **kw}))
     assert "\n" not in str(info.value) and f"cannot resume '{partial_path(out)}'" in str(
         info.value)
     assert partial_path(out).read_bytes() == part  # untouched, still resumable
@@ -68,7 +68,7 @@ def same_rows(a, b):
 def test_resume_refuses_a_changed_folder(tmp_path, monkeypatch):
     src = tmp_path / "src"
     make_class_folder(src, {"ant": 6, "bee": 6})
-    whole = build_cache(str(src), tmp_path / "whole.h5", **OPTS).path
+    whole = build_cache(CacheSpec(str(src), tmp_path / "whole.h5", **OPTS)).path
     out = tmp_path / "o.h5"
     cut_after_one_batch(src, out, monkeypatch)
 
@@ -90,14 +90,14 @@ def test_resume_refuses_a_changed_folder(tmp_path, monkeypatch):
     refused(src, out, r"options differ \(measure: the .part has 'entropy', now 'psnr';",
             measure="psnr")
     refused(src, out, r"--shard is 0/2 now, none in the .part", shard=(0, 2))
-    assert build_cache(str(src), out, resume=True, **OPTS).resumed
+    assert build_cache(CacheSpec(str(src), out, resume=True, **OPTS)).resumed
     same_rows(whole, out)
 
 
 def test_resume_refuses_a_changed_archive_and_a_changed_shard(tmp_path, monkeypatch):
     folder, *_ = make_cifar10(tmp_path / "a", per_batch=4)
     archive = make_tar(folder, tmp_path / "c10.tar.gz")
-    whole = build_cache(str(archive), tmp_path / "w.h5", shard=(1, 2), **OPTS).path
+    whole = build_cache(CacheSpec(str(archive), tmp_path / "w.h5", shard=(1, 2), **OPTS)).path
     out = tmp_path / "o.h5"
     cut_after_one_batch(archive, out, monkeypatch, shard=(1, 2))
     refused(archive, out, r"--shard is none now, 1/2 in the .part")
@@ -114,7 +114,7 @@ def test_resume_refuses_a_changed_archive_and_a_changed_shard(tmp_path, monkeypa
             shard=(1, 2))
     archive.write_bytes(data)                                   # the same bytes again...
     os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))     # ...and times: resumable
-    assert build_cache(str(archive), out, resume=True, shard=(1, 2), **OPTS).resumed
+    assert build_cache(CacheSpec(str(archive), out, resume=True, shard=(1, 2), **OPTS)).resumed
     same_rows(whole, out)
 
 
@@ -131,9 +131,9 @@ def test_more_shards_than_images_merge_to_the_unsharded_file(tmp_path, copy):
     """Shards that receive no sample are written (0 rows) and merge like any other."""
     src = tmp_path / "src"
     make_class_folder(src, {"ant": 2, "bee": 1})   # 3 images: 3 train, 0 test
-    whole = build_cache(str(src), tmp_path / "whole.h5", **OPTS).path
+    whole = build_cache(CacheSpec(str(src), tmp_path / "whole.h5", **OPTS)).path
     n = 5
-    parts = [build_cache(str(src), tmp_path / f"s{i}.h5", shard=(i, n), **OPTS).path
+    parts = [build_cache(CacheSpec(str(src), tmp_path / f"s{i}.h5", shard=(i, n), **OPTS)).path
              for i in range(n)]
     rows = [read_meta(p)["splits"]["train"] for p in parts]
     assert sum(rows) == 3 and rows.count(0) >= 2
@@ -144,7 +144,7 @@ def test_an_unsharded_run_with_no_images_is_still_an_error(tmp_path):
     (tmp_path / "src" / "a").mkdir(parents=True)
     (tmp_path / "src" / "a" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError):
-        build_cache(str(tmp_path / "src"), tmp_path / "o.h5", on_error="skip", **OPTS)
+        build_cache(CacheSpec(str(tmp_path / "src"), tmp_path / "o.h5", on_error="skip", **OPTS))
     assert not (tmp_path / "o.h5").exists() and not partial_path(tmp_path / "o.h5").exists()
 
 
@@ -154,25 +154,25 @@ def test_dask_on_a_small_folder_with_empty_shards(tmp_path):
 
     src = tmp_path / "src"
     make_class_folder(src, {"ant": 2, "bee": 1})
-    whole = build_cache(str(src), tmp_path / "whole.h5", **OPTS).path
-    out = run_dask("local:1", str(src), tmp_path / "d.h5", shards=5, measure="entropy",
-                   batch_size=4)
+    whole = build_cache(CacheSpec(str(src), tmp_path / "whole.h5", **OPTS)).path
+    out = run_dask("local:1", CacheSpec(str(src), tmp_path / "d.h5", measure="entropy",
+                                        batch_size=4), shards=5)
     assert_same_file(whole, out)
     assert not (tmp_path / "d.h5.shards").exists()
 
 
 def test_a_dask_interrupt_names_the_shard_folder(tmp_path):
-    from porder.cli.reorder import _kept
+    from porder.cli.reorder import left_behind
 
     out = tmp_path / "big.h5"
-    assert "no shard was written yet" in _kept(out, "local:2")
+    assert "no shard was written yet" in left_behind(out, "local:2")
     (tmp_path / "big.h5.shards").mkdir()
-    assert f"shards kept in {tmp_path / 'big.h5.shards'}/" in _kept(out, "local:2")
-    assert ".part" not in _kept(out, "local:2")
-    assert "nothing was written yet" in _kept(out, None)
+    assert f"shards kept in {tmp_path / 'big.h5.shards'}/" in left_behind(out, "local:2")
+    assert ".part" not in left_behind(out, "local:2")
+    assert "nothing was written yet" in left_behind(out, None)
     partial_path(out).touch()
     assert f"partial output kept in {partial_path(out)}; run the same command with --resume" \
-        in _kept(out, None)
+        in left_behind(out, None)
 
 
 # ------------------------------------------------------- a kill inside an append

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from porder.cli import main
 from porder.patches import restore_images
-from porder.pipeline import build_cache
+from porder.pipeline import CacheSpec, build_cache
 from porder.sources import open_source
 from porder.store import StoreError, Writer, describe, partial_path, perm_dtype, read_split
 from porder.validate import MAX_SHARDS
@@ -31,8 +31,8 @@ SECRET = b"SECRET-BYTES-" * 1400  # more than the images it stands for
 def base(tmp_path_factory) -> Path:
     """A valid 24-image file: 16x16 images, patch 4 (K = 16), 10 classes."""
     d = tmp_path_factory.mktemp("base")
-    return build_cache("synthetic:24", d / "base.h5", measure="entropy", size=16, patch=4,
-                       workers=1).path
+    return build_cache(CacheSpec("synthetic:24", d / "base.h5", measure="entropy", size=16, patch=4,
+                                 workers=1)).path
 
 
 def _replace(f, name, data, **kw):
@@ -230,8 +230,8 @@ def test_perm_dtype_follows_the_patch_count():
 
 def test_more_than_65536_patches_round_trip(tmp_path):
     """--size 257 --patch 1: K = 66049 patches need uint32; restoring gives the originals."""
-    out = build_cache("synthetic:3", tmp_path / "big.h5", measure="random", size=257, patch=1,
-                      test_fraction=0.34, workers=1).path
+    out = build_cache(CacheSpec("synthetic:3", tmp_path / "big.h5", measure="random", size=257,
+                                patch=1, test_fraction=0.34, workers=1)).path
     with h5py.File(out, "r") as f:
         assert f["train/perm"].dtype == np.uint32 and f["train/perm"].shape == (2, 66049)
     data = read_split(out, "train")
@@ -243,8 +243,8 @@ def test_more_than_65536_patches_round_trip(tmp_path):
 
 def test_a_perm_too_narrow_for_its_patches_is_refused(tmp_path):
     """A file whose perm wrapped around (uint8 for K = 1024, as uint16 did above 65,536)."""
-    out = build_cache("synthetic:4", tmp_path / "p1.h5", measure="random", size=32, patch=1,
-                      test_fraction=0.25, workers=1).path
+    out = build_cache(CacheSpec("synthetic:4", tmp_path / "p1.h5", measure="random", size=32,
+                                patch=1, test_fraction=0.25, workers=1)).path
     with h5py.File(out, "r+") as f:
         _replace(f, "train/perm", f["train/perm"][()].astype(np.uint8))
     with pytest.raises(StoreError, match=r"/train/perm is uint8, too small for 1024 patches"):

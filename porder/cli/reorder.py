@@ -105,7 +105,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
       porder reorder --shard 0/4 cifar-100-python/ c100.0.h5   # then `porder merge`
       porder reorder --dask local:2 synthetic:100000 big.h5
     """
-    from ..pipeline import BuildResult, build_cache
+    from ..pipeline import BuildResult, CacheSpec, build_cache
 
     if decoder == "nvjpeg" and device != "cuda":
         raise click.UsageError(f"--decoder nvjpeg decodes on the GPU and needs --device cuda "
@@ -113,26 +113,25 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     reporter = ProgressReporter(progress)
     old = interrupt_handlers()
     t0 = time.perf_counter()
-    options = dict(measure=measure, patch=patch, bins=bins, size=size, label=label,
-                   test_fraction=test_fraction, seed=seed, reference=reference,
-                   descending=descending, batch_size=batch_size, device=device, backend=backend,
-                   workers=workers, decoder=decoder,
-                   on_error=on_error, overwrite=overwrite, resume=resume)
     try:
         with library_errors():
-            options["shard"] = shard
+            spec = CacheSpec(source, out, measure=measure, patch=patch, bins=bins, size=size,
+                             label=label, test_fraction=test_fraction, seed=seed,
+                             reference=reference, descending=descending, batch_size=batch_size,
+                             device=device, backend=backend, workers=workers, decoder=decoder,
+                             on_error=on_error, overwrite=overwrite, resume=resume, shard=shard)
             if dask_scheduler:
                 from ..store import read_meta
                 from .scale import dask_reorder
 
-                path = dask_reorder(dask_scheduler, source, out, options, progress=reporter)
+                path = dask_reorder(dask_scheduler, spec, progress=reporter)
                 meta = read_meta(path)
                 result = BuildResult(path, rows=meta["splits"], skipped=meta["skipped"])
             else:
-                result = build_cache(source, out, progress=reporter, **options)
+                result = build_cache(spec, progress=reporter)
     except KeyboardInterrupt:
         reporter.close()
-        click.echo(f"Interrupted: {_kept(out, dask_scheduler)}", err=True)
+        click.echo(f"Interrupted: {left_behind(out, dask_scheduler)}", err=True)
         exit_interrupted()
     finally:
         reporter.close()
@@ -151,7 +150,7 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
                err=True)
 
 
-def _kept(out, dask_scheduler) -> str:
+def left_behind(out, dask_scheduler) -> str:
     """What an interrupted `porder reorder` left behind, and how to go on."""
     from pathlib import Path
 

@@ -57,22 +57,19 @@ def merge(paths, copy, overwrite, progress):
     click.echo(f"Wrote {path}: {counts} images from {len(shards)} shards ({how})", err=True)
 
 
-def dask_reorder(scheduler: str, source: str, out, build_options: dict, progress=None) -> Path:
+def dask_reorder(scheduler: str, spec, progress=None) -> Path:
     """Run ``porder reorder`` on a Dask cluster (``--dask SCHEDULER``); returns OUT.
 
-    ``build_options`` are ``build_cache``'s keyword options as the CLI parsed
-    them. ``shard`` must be unset (a Dask run makes its own shards); ``resume``
-    and ``workers`` are dropped: every shard resumes its own unfinished file
-    and uses one CPU thread per task. Library errors become one-line
-    ``click.ClickException``; a missing Dask says ``pip install "patch-order[scale]"``.
+    ``spec`` is the :class:`porder.pipeline.CacheSpec` the CLI made. Its ``shard``
+    must be unset (a Dask run makes its own shards); ``resume`` and ``workers``
+    are not used: every shard resumes its own unfinished file and uses one CPU
+    thread per task. Library errors become one-line ``click.ClickException``; a
+    missing Dask says ``pip install "patch-order[scale]"``.
     """
     from ..scale import run_dask
     from .common import library_errors
 
-    options = {k: v for k, v in build_options.items()
-               if k not in ("resume", "workers", "progress", "out", "source")}
-    if options.pop("shard", None) is not None:
+    if spec.shard is not None:
         raise click.UsageError("--dask makes its own shards; leave out --shard")
-    shards = options.pop("shards", None)
     with library_errors():
-        return run_dask(scheduler, source, out, shards=shards, progress=progress, **options)
+        return run_dask(scheduler, spec, progress=progress)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..measures import get_measure
 from ..patches import check_patch_size
-from ..sources.base import stored_name
 from ..store import partial_path, read_meta
+
+if TYPE_CHECKING:
+    from ..pipeline import CacheSpec
 
 
 @dataclass
@@ -27,10 +29,11 @@ class CacheItem:
     path: Path
     state: str = "build"        # ready | resume | build
     seconds: Optional[float] = None   # estimated time to build it on this machine
+    spec: Optional[CacheSpec] = None  # how to build it (resuming its .part)
 
     @property
     def label(self) -> str:
-        return _label(self.measure, self.patch)
+        return arm_label(self.measure, self.patch)
 
 
 class _Ordering:
@@ -41,7 +44,7 @@ class _Ordering:
 
     @property
     def label(self) -> str:
-        return _label(self.measure, self.patch)
+        return arm_label(self.measure, self.patch)
 
     @property
     def fm(self) -> list:
@@ -188,7 +191,7 @@ def duration(seconds: Optional[float]) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _label(measure: str, patch: int) -> str:
+def arm_label(measure: str, patch: int) -> str:
     """File-name-safe label of an arm: ``none``, ``mi-p8``, ``fm-stem-mi-p4``."""
     if measure == "none":
         return "none"
@@ -240,6 +243,7 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     baseline when missing; it does not depend on the patch size, so it is
     cached and trained once per arch x seed.
     """
+    from ..pipeline import CacheSpec
     from ..train.config import TrainConfig
     from ..train.fm import check_fm_reorder
     from ..train.models import MODELS
@@ -287,16 +291,18 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
 
     inputs = [m for m, p in pairs if not is_fm(m) and m != "none"]
     combos = [("none", patches[0])] + [(m, p) for m in dict.fromkeys(inputs) for p in patches]
+    cache_device = "auto" if device in ("auto", "cuda") else "cpu"
     for m, p in combos:
-        path = out / "data" / f"{_label(m, p)}.h5"
+        path = out / "data" / f"{arm_label(m, p)}.h5"
+        spec = CacheSpec(source, path, measure=m, patch=p, bins=bins, size=size,
+                         test_fraction=test_fraction, seed=0, device=cache_device, resume=True)
         state = "build"
         if path.exists():
-            _check_cache(path, source=source, measure=m, patch=p, size=size, bins=bins,
-                         test_fraction=test_fraction)
+            _check_cache(spec)
             state = "ready"
         elif partial_path(path).exists():
             state = "resume"
-        plan.caches.append(CacheItem(m, p, path, state))
+        plan.caches.append(CacheItem(m, p, path, state, spec=spec))
     plan.arms = [Arm(c.measure, c.patch, c.path) for c in plan.caches]
     for m, p in dict.fromkeys((m, p) for m, p in pairs if is_fm(m)):
         plan.arms.append(Arm(m, p, plan.caches[0].path))       # the `none` cache
@@ -404,12 +410,11 @@ def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) 
         item.state, item.at_step = "resume", at
 
 
-def _check_cache(path: Path, *, source, measure, patch, size, bins, test_fraction):
-    meta = read_meta(path)
-    want = {"measure": measure, "image_size": size, "source": stored_name(source), "bins": bins,
-            "test_fraction": test_fraction}
-    if measure != "none":
-        want["patch"] = patch
+def _check_cache(spec: CacheSpec) -> None:
+    """ValueError when the cache ``spec.out`` on disk was made with options other than ``spec``'s."""
+    path, meta, stored = spec.out, read_meta(spec.out), spec.stored_options()
+    keys = ("measure", "image_size", "source", "bins", "test_fraction")
+    want = {k: stored[k] for k in keys + (("patch",) if stored["measure"] != "none" else ())}
     diff = [f"{k}: file has {meta.get(k)!r}, now {v!r}" for k, v in want.items()
             if meta.get(k) != v]
     if diff:

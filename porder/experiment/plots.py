@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .plan import Plan, _label, is_fm
+from .plan import Plan, arm_label, is_fm
 
 
 def _band(ax, steps, curves, label, color=None):
@@ -88,7 +88,7 @@ def write_figures(plan: Plan, rows_of: dict) -> list[Path]:
                 if a.measure == m != "none":
                     p = a.patch
                     patches.append(p)
-                    steps, curves, w = _loss_curves([rows_of[(arch, _label(m, p), s)]
+                    steps, curves, w = _loss_curves([rows_of[(arch, arm_label(m, p), s)]
                                                      for s in seeds])
                     _band(ax, steps, curves, f"{m} {p}x{p}")
             ax.set(xlabel="step", ylabel="training loss (cross-entropy)"

@@ -101,10 +101,8 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     try:
         plan = make_plan(source, out, **options)
         _refuse_conflicts(plan)
-        return _compare(plan, source, log, progress_for, cache_progress, device=device,
-                        width=width, lr=lr, batch_size=batch_size, steps=steps,
-                        eval_every=eval_every, size=size, bins=bins,
-                        test_fraction=test_fraction, threads=threads)
+        return _compare(plan, log, progress_for, cache_progress, device=device,
+                        threads=threads)
     finally:
         lock.release(remove_folder=True)
 
@@ -119,8 +117,7 @@ def _refuse_conflicts(plan: Plan) -> None:
                          "lists them)")
 
 
-def _compare(plan: Plan, source, log, progress_for, cache_progress, *, device, width, lr,
-             batch_size, steps, eval_every, size, bins, test_fraction, threads):
+def _compare(plan: Plan, log, progress_for, cache_progress, *, device, threads):
     from ..pipeline import build_cache
     from ..train import read_metrics, resolve_device, train
 
@@ -128,15 +125,12 @@ def _compare(plan: Plan, source, log, progress_for, cache_progress, *, device, w
     (plan.out / "data").mkdir(exist_ok=True)
     (plan.out / "compare.json").write_text(json.dumps(plan.settings, indent=2) + "\n")
 
-    cache_device = "auto" if device in ("auto", "cuda") else "cpu"
     for c in plan.caches:
         if c.state == "ready":
             log(f"cache {c.path}: reusing")
             continue
         log(f"cache {c.path}: {'resuming' if c.state == 'resume' else 'building'}")
-        build_cache(source, c.path, measure=c.measure, patch=c.patch, bins=bins, size=size,
-                    test_fraction=test_fraction, seed=0, device=cache_device, resume=True,
-                    progress=cache_progress)
+        build_cache(c.spec, progress=cache_progress)
         c.state = "ready"
     if cache_progress is not None and hasattr(cache_progress, "close"):
         cache_progress.close()

@@ -1,9 +1,10 @@
 """Running the shards of ``porder reorder`` as tasks on a Dask ``distributed`` cluster.
 
-Each shard is ``build_cache(..., shard=(i, n))`` in a task that resumes its own
-``.part`` file when a worker died; the shards are then merged with
-:func:`porder.scale.merge.merge` (``copy=True``). ``distributed`` is imported
-only inside the functions that need it (``pip install "patch-order[scale]"``).
+Each shard is ``build_cache(spec)`` of the run's :class:`porder.pipeline.CacheSpec`
+with ``shard=(i, n)``, in a task that resumes its own ``.part`` file when a
+worker died; the shards are then merged with :func:`porder.scale.merge.merge`
+(``copy=True``). ``distributed`` is imported only inside the functions that
+need it (``pip install "patch-order[scale]"``).
 """
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..output import check_not_inside_source, lock_output, lock_path
 from ..sources.base import stored_name
 from ..store import SPLITS, StoreError, check_output, partial_path
-from .merge import Progress, _merge
+from .merge import Progress, merge_locked
 
-# Build options a Dask run sets itself, per shard.
-_DASK_OWNED = ("shard", "resume", "workers", "out", "overwrite", "progress")
+if TYPE_CHECKING:
+    from ..pipeline import CacheSpec
 
 
 class ScaleError(ValueError):
@@ -60,9 +62,8 @@ def _shard_path(folder: Path, out: Path, i: int, n: int) -> Path:
     return folder / f"{out.stem}.shard-{i}-of-{n}.h5"
 
 
-def _build_shard(source: str, path: str, index: int, count: int, options: dict,
-                 topic: str) -> dict:
-    """The Dask task: build shard ``index`` of ``count``, resuming its .part file.
+def _build_shard(spec: CacheSpec, topic: str) -> dict:
+    """The Dask task: build the shard ``spec`` describes, resuming its .part file.
 
     Runs on a worker. Progress goes back to the client as worker events on
     ``topic``: {"shard", "split", "done", "total"}.
@@ -75,38 +76,34 @@ def _build_shard(source: str, path: str, index: int, count: int, options: dict,
         worker = get_worker()
     except (ImportError, ValueError):
         worker = None
-    path = Path(path)
+    index = spec.shard[0]
 
     def report(split, done, total):
         if worker is not None:
             worker.log_event(topic, {"shard": index, "split": split, "done": int(done),
                                      "total": int(total)})
 
-    def build(resume: bool):
-        return build_cache(source, path, shard=(index, count), resume=resume, overwrite=True,
-                           workers=1, progress=report, **options)
-
-    part = partial_path(path)
+    part = partial_path(spec.out)
     had_part = part.exists()
     try:
-        result = build(True)
+        result = build_cache(spec, progress=report)
     except StoreError:
         # A .part that cannot be resumed (options changed, or cut off mid-write
         # beyond repair) is still there: start this shard afresh, once.
         if not (had_part and part.exists()):
             raise
         part.unlink()
-        result = build(False)
+        result = build_cache(replace(spec, resume=False), progress=report)
     return {"path": str(result.path), "rows": dict(result.rows),
             "seconds": dict(result.seconds)}
 
 
-def _count_samples(source: str, options: dict) -> dict:
+def _count_samples(spec: CacheSpec) -> dict:
     """Samples per split, opening the source here (also validates it early)."""
     from ..sources import open_source
 
-    keys = ("size", "label", "test_fraction", "seed", "on_error")
-    src = open_source(source, **{k: options[k] for k in keys if k in options})
+    src = open_source(spec.source, size=spec.size, label=spec.label,
+                      test_fraction=spec.test_fraction, seed=spec.seed, on_error=spec.on_error)
     try:
         return {split: int(src.count(split)) for split in SPLITS}
     finally:
@@ -150,10 +147,9 @@ def _environ_kept():
         os.environ.update(saved)
 
 
-def run_dask(scheduler: str, source: str, out, *, shards: Optional[int] = None,
-             overwrite: bool = False, progress: Optional[Progress] = None,
-             **build_options) -> Path:
-    """Reorder ``source`` into ``out`` as shards on a Dask distributed cluster.
+def run_dask(scheduler: str, spec: CacheSpec, *, shards: Optional[int] = None,
+             progress: Optional[Progress] = None) -> Path:
+    """Reorder ``spec.source`` into ``spec.out`` as shards on a Dask distributed cluster.
 
     Parameters
     ----------
@@ -165,21 +161,17 @@ def run_dask(scheduler: str, source: str, out, *, shards: Optional[int] = None,
         workers must have porder installed (``pip install patch-order``; the
         name ``porder`` on the package index is another project) and see
         ``source`` and ``out``'s folder at the same paths (a shared file system).
-    source : str
-        As for ``porder reorder``; a local path is passed to workers absolute.
-    out : path-like
-        The merged, standalone output file.
+    spec : porder.pipeline.CacheSpec
+        The options of the build, as for a single-process ``build_cache``:
+        ``out`` is the merged, standalone output file (``overwrite`` replaces
+        it); a local ``source`` path is passed to workers absolute. ``shard``
+        must be None; ``resume`` and ``workers`` are not used: every shard
+        resumes its own unfinished file, with one CPU thread.
     shards : int, optional
         How many shards (default: twice the cluster's worker threads).
-    overwrite : bool
-        Replace an existing ``out``.
     progress : callable, optional
         ``progress("images", done, total)`` over all splits while shards run,
         then ``progress("merge", done, total)`` while they are copied.
-    **build_options
-        The other options of :func:`porder.pipeline.build_cache` (measure,
-        patch, bins, size, label, test_fraction, seed, reference, descending,
-        batch_size, device, on_error). Each shard uses one CPU thread.
 
     Returns
     -------
@@ -203,26 +195,28 @@ def run_dask(scheduler: str, source: str, out, *, shards: Optional[int] = None,
     """
     distributed = _import_distributed()
     address, n_local = parse_scheduler(scheduler)
-    bad = sorted(set(build_options) & set(_DASK_OWNED))
-    if bad:
-        raise ValueError(f"run_dask sets {', '.join(bad)} itself, per shard; do not pass it")
+    if spec.shard is not None:
+        raise ValueError("run_dask sets shard itself, per shard; do not pass it")
     if shards is not None and int(shards) < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
-    out = Path(out).absolute()
+    out = spec.out.absolute()
     check_output(out, overwrite=True)  # the folder, before locking in it
     # OUT's lock covers OUT.shards/ too; held until the merged file is in place.
     with lock_output(out):
-        check_not_inside_source(out, source)
-        check_output(out, overwrite=overwrite)
-        return _run_dask_locked(distributed, address, n_local, source, out, shards=shards,
-                                overwrite=overwrite, progress=progress, **build_options)
+        check_not_inside_source(out, spec.source)
+        check_output(out, overwrite=spec.overwrite)
+        return _run_dask_locked(distributed, address, n_local, spec, out, shards=shards,
+                                progress=progress)
 
 
-def _run_dask_locked(distributed, address, n_local, source, out, *, shards, overwrite, progress,
-                     **build_options) -> Path:
+def _run_dask_locked(distributed, address, n_local, spec: CacheSpec, out: Path, *, shards,
+                     progress) -> Path:
+    source = spec.source
     named = source == "digits" or str(source).startswith("synthetic:")  # win over paths
     task_source = source if named or not Path(source).exists() else str(Path(source).resolve())
-    counts = _count_samples(task_source, build_options)
+    # Every shard resumes its own .part, one CPU thread per task.
+    task_spec = replace(spec, source=task_source, overwrite=True, resume=True, workers=1)
+    counts = _count_samples(task_spec)
     total = sum(counts.values())
 
     # A local cluster's nannies set OMP_NUM_THREADS=1 etc. in os.environ: undo it after.
@@ -230,7 +224,7 @@ def _run_dask_locked(distributed, address, n_local, source, out, *, shards, over
         cluster = client = None
         try:
             if address == "local":
-                cluster = _local_cluster(n_local, build_options.get("device", "cpu"))
+                cluster = _local_cluster(n_local, spec.device)
                 client = distributed.Client(cluster)
             else:
                 try:
@@ -243,9 +237,9 @@ def _run_dask_locked(distributed, address, n_local, source, out, *, shards, over
             folder = out.with_name(out.name + ".shards")
             folder.mkdir(exist_ok=True)
             paths = [_shard_path(folder, out, i, n) for i in range(n)]
+            specs = [replace(task_spec, out=p, shard=(i, n)) for i, p in enumerate(paths)]
             try:
-                _run_shards(distributed, client, task_source, paths, build_options, counts, total,
-                            progress)
+                _run_shards(distributed, client, specs, counts, total, progress)
             except BaseException:
                 _remove_if_empty(folder)  # unfinished shards stay, to be resumed
                 raise
@@ -254,8 +248,8 @@ def _run_dask_locked(distributed, address, n_local, source, out, *, shards, over
                 client.close()
             if cluster is not None:
                 cluster.close()
-    _merge(paths, out, copy=True, overwrite=overwrite, progress=progress,
-           _attrs={"source": stored_name(source)})
+    merge_locked(paths, out, copy=True, overwrite=spec.overwrite, progress=progress,
+                 extra_attrs={"source": stored_name(source)})
     for p in paths:  # only what this run made; keep anything else a user put there
         for q in (p, partial_path(p), lock_path(p)):  # a lock file a killed worker left
             q.unlink(missing_ok=True)
@@ -270,9 +264,9 @@ def _remove_if_empty(folder: Path) -> None:
         pass
 
 
-def _run_shards(distributed, client, source, paths, options, counts, total, progress):
-    """Submit one task per shard, relay progress, and wait for all of them."""
-    n = len(paths)
+def _run_shards(distributed, client, specs, counts, total, progress):
+    """Submit one task per shard (``specs``), relay progress, and wait for all of them."""
+    n = len(specs)
     topic = f"porder-progress-{uuid.uuid4().hex}"
     latest: dict = {}  # (shard, split) -> (time, done)
     lock = threading.Lock()
@@ -285,9 +279,9 @@ def _run_shards(distributed, client, source, paths, options, counts, total, prog
                 latest[key] = (stamp, msg["done"])
 
     client.subscribe_topic(topic, on_event)
-    futures = [client.submit(_build_shard, source, str(p), i, n, options, topic,
+    futures = [client.submit(_build_shard, spec, topic,
                              key=f"porder-shard-{i}-of-{n}-{topic[-8:]}", retries=2, pure=False)
-               for i, p in enumerate(paths)]
+               for i, spec in enumerate(specs)]
     shown = -1
     try:
         while True:

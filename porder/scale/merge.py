@@ -15,12 +15,11 @@ import h5py
 import numpy as np
 
 from ..output import DiskFull, SpaceReserver, check_free_space, durable_replace, is_disk_full, lock_output
-from ..reader import open_checked
+from ..reader import jsonable, open_checked
 from ..store import (
     IDENTITY_KEYS,
     SPLITS,
     StoreError,
-    _jsonable,
     check_output,
     missing_virtual_sources,
     open_file,
@@ -55,8 +54,8 @@ def _read_shard(path: Path) -> _Shard:
                          f"same `porder reorder --shard I/N` command with --resume")
     f, _ = open_checked(path, contents=True)  # every label and perm row, in bounded chunks
     with f, reading(path):
-        attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
-        classes = [_jsonable(c) for c in f["classes"][()]]
+        attrs = {k: jsonable(v) for k, v in f.attrs.items()}
+        classes = [jsonable(c) for c in f["classes"][()]]
         splits = {}
         for split in SPLITS:
             if split not in f:
@@ -198,7 +197,7 @@ def _write_split(f: h5py.File, split: str, shards: list[_Shard], out_dir: Path, 
 
 
 def merge(shards: Sequence, out, *, copy: bool = False, overwrite: bool = False,
-          progress: Optional[Progress] = None, _attrs: Optional[dict] = None) -> Path:
+          progress: Optional[Progress] = None) -> Path:
     """Stitch the shard files of one sharded run into a single porder file.
 
     Parameters
@@ -239,13 +238,13 @@ def merge(shards: Sequence, out, *, copy: bool = False, overwrite: bool = False,
     out = Path(out)
     check_output(out, overwrite=True)  # the folder, before locking in it
     with lock_output(out):             # before touching anything else
-        return _merge(shards, out, copy=copy, overwrite=overwrite, progress=progress,
-                      _attrs=_attrs)
+        return merge_locked(shards, out, copy=copy, overwrite=overwrite, progress=progress)
 
 
-def _merge(shards: Sequence, out: Path, *, copy: bool, overwrite: bool,
-           progress: Optional[Progress], _attrs: Optional[dict]) -> Path:
-    """:func:`merge`, for a caller that holds the lock of ``out``."""
+def merge_locked(shards: Sequence, out: Path, *, copy: bool, overwrite: bool,
+                 progress: Optional[Progress], extra_attrs: Optional[dict] = None) -> Path:
+    """:func:`merge`, for a caller that holds the lock of ``out``
+    (:func:`porder.output.lock_output`); ``extra_attrs`` replace root attributes of the shards."""
     paths = [Path(p) for p in shards]
     if not paths:
         raise StoreError("no shards to merge: give the files written by `porder reorder --shard`")
@@ -260,7 +259,7 @@ def _merge(shards: Sequence, out: Path, *, copy: bool, overwrite: bool,
     check_output(out, overwrite=overwrite)
     ordered = _check_shards([_read_shard(p) for p in paths])
     ref = ordered[0]
-    attrs = dict(ref.attrs, shard_index=0, shard_count=1, complete=False, **(_attrs or {}))
+    attrs = dict(ref.attrs, shard_index=0, shard_count=1, complete=False, **(extra_attrs or {}))
     created = sorted(str(s.attrs["created"]) for s in ordered if "created" in s.attrs)
     if created:
         attrs["created"] = created[0]

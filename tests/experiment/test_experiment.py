@@ -170,9 +170,10 @@ def test_compare_rejects_bad_options(tmp_path):
     # A cache made from another source is not silently reused.
     kw = dict(measures=["none"], patches=[8], seeds=1, size=16)
     (tmp_path / "data").mkdir()
-    from porder.pipeline import build_cache
+    from porder.pipeline import CacheSpec, build_cache
 
-    build_cache("synthetic:20:2", tmp_path / "data" / "none.h5", measure="none", patch=8, size=16)
+    build_cache(CacheSpec("synthetic:20:2", tmp_path / "data" / "none.h5", measure="none",
+                          patch=8, size=16))
     with pytest.raises(ValueError, match="other options"):
         make_plan(SOURCE, tmp_path, **kw)
 

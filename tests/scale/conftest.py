@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import pytest
 
-from .shards import N, _build
+from .shards import N, build
 
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     """The unsharded reference run."""
-    return _build(tmp_path_factory.mktemp("full") / "full.h5", batch_size=8)
+    return build(tmp_path_factory.mktemp("full") / "full.h5", batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Slices 0..3 of 4, in a folder of their own."""
     d = tmp_path_factory.mktemp("shards")
-    return [_build(d / f"part-{i}.h5", shard=(i, N)) for i in range(N)]
+    return [build(d / f"part-{i}.h5", shard=(i, N)) for i in range(N)]

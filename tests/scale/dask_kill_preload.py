@@ -39,15 +39,15 @@ def dask_setup(worker) -> None:
             os._exit(1)  # die like an OOM-killed worker, mid-shard
         return result
 
-    def build_cache(source, out, *, shard=None, progress=None, **options):
+    def build_cache(spec, *, progress=None):
         report = progress
-        if shard is not None and str(shard[0]) == index:
+        if spec.shard is not None and str(spec.shard[0]) == index:
             def report(split, done, total):
                 if progress is not None:
                     progress(split, done, total)
                 if 0 < done < total:
                     armed.append(True)  # the next completed append ends the process
-        return original(source, out, shard=shard, progress=report, **options)
+        return original(spec, progress=report)
 
     porder.store.Writer.append = append
     porder.pipeline.build_cache = build_cache

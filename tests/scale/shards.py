@@ -4,7 +4,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from porder.pipeline import build_cache
+from porder.pipeline import CacheSpec, build_cache
 from porder.store import SPLITS, read_meta, read_split
 
 SOURCE = "synthetic:103"
@@ -13,8 +13,9 @@ OPTS = dict(measure="mi", patch=8, seed=3, workers=1)
 RUN_KEYS = {"created"}  # root attributes that may differ between equal runs
 
 
-def _build(out, *, shard=None, batch_size=7, **kw):
-    return build_cache(SOURCE, out, shard=shard, batch_size=batch_size, **{**OPTS, **kw}).path
+def build(out, *, shard=None, batch_size=7, **kw):
+    return build_cache(CacheSpec(SOURCE, out, shard=shard, batch_size=batch_size,
+                                 **{**OPTS, **kw})).path
 
 
 def _attrs(obj) -> dict:

@@ -19,7 +19,7 @@ from porder.cli.scale import merge as merge_cmd
 from porder.scale import merge, missing_sources
 from porder.store import StoreError, read_meta, read_split
 
-from .shards import N, _build, assert_same_file
+from .shards import N, assert_same_file, build
 
 # ------------------------------------------------------------------------- merge
 
@@ -70,8 +70,8 @@ def test_virtual_merge_moves_with_its_folder_and_reports_missing_shards(full, sh
 
 def test_merge_of_random_control_matches(tmp_path):
     """`random` is keyed by the sample index, so shards agree with one run."""
-    ref = _build(tmp_path / "ref.h5", measure="random", batch_size=16)
-    parts = [_build(tmp_path / f"r{i}.h5", shard=(i, 3), measure="random") for i in range(3)]
+    ref = build(tmp_path / "ref.h5", measure="random", batch_size=16)
+    parts = [build(tmp_path / f"r{i}.h5", shard=(i, 3), measure="random") for i in range(3)]
     assert_same_file(ref, merge(parts, tmp_path / "m.h5"))
 
 
@@ -120,14 +120,14 @@ def test_merge_refusals(shards, tmp_path):
     refused([s0, s1, s0, s2, s3], f"shard '{s0}' is given twice")
     refused([s0, s1, s2, s3], "is one of the shards", out=s3)
     # different options, classes or shard counts
-    other = _build(tmp_path / "entropy-1.h5", shard=(1, N), measure="entropy")
+    other = build(tmp_path / "entropy-1.h5", shard=(1, N), measure="entropy")
     msg = refused([s0, str(other), s2, s3], "made with different options")
     assert "entropy-1.h5" in msg and "measure: 'entropy' vs 'mi'" in msg
-    seeded = _build(tmp_path / "seed-1.h5", shard=(1, N), seed=4)
+    seeded = build(tmp_path / "seed-1.h5", shard=(1, N), seed=4)
     assert "seed: 4 vs 3" in refused([s0, str(seeded), s2, s3], "seed-1.h5")
     classes = _copy_with(s1, tmp_path / "classes-1.h5", _set_classes)
     refused([s0, str(classes), s2, s3], "classes-1.h5' has different classes")
-    thirds = _build(tmp_path / "third-1.h5", shard=(1, 3))
+    thirds = build(tmp_path / "third-1.h5", shard=(1, 3))
     refused([s0, str(thirds), s2], r"third-1.h5' is slice 1/3 but .* is slice 0/4")
     # overlapping, missing and misaligned slices
     twin = shutil.copy(s1, tmp_path / "twin-1.h5")

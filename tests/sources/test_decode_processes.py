@@ -202,14 +202,14 @@ def test_pack_unpack_round_trip():
 def test_reorder_files_are_identical_with_processes_and_threads(tmp_path):
     import h5py
 
-    from porder.pipeline import build_cache
+    from porder.pipeline import CacheSpec, build_cache
 
     root = mixed_folder(tmp_path / "d", n=30)
     outs = {}
     for decoder in ("threads", "processes"):
         outs[decoder] = tmp_path / f"{decoder}.h5"
-        build_cache(str(root), outs[decoder], measure="mi", patch=8, batch_size=7,
-                    workers=2, decoder=decoder, on_error="skip")
+        build_cache(CacheSpec(str(root), outs[decoder], measure="mi", patch=8, batch_size=7,
+                              workers=2, decoder=decoder, on_error="skip"))
     with h5py.File(outs["threads"]) as a, h5py.File(outs["processes"]) as b:
         for split in ("train", "test"):
             for name in a[split]:

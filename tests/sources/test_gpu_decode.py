@@ -449,12 +449,14 @@ def test_build_cache_brings_device_batches_back_for_the_writer(tmp_path, nvjpeg_
 
     monkeypatch.setattr(pipeline, "reorder", reorder_on_cpu)
     monkeypatch.setattr(pipeline, "resolve_device", lambda d: "cuda")
-    pipeline.build_cache(str(root), tmp_path / "nv.h5", decoder="nvjpeg", device="cuda",
-                         batch_size=8, workers=2, test_fraction=0.25)
+    pipeline.build_cache(pipeline.CacheSpec(str(root), tmp_path / "nv.h5", decoder="nvjpeg",
+                                            device="cuda", batch_size=8, workers=2,
+                                            test_fraction=0.25))
     assert set(seen) == {"DeviceArray"}
     seen.clear()
-    pipeline.build_cache(str(root), tmp_path / "pil.h5", decoder="threads", device="cuda",
-                         batch_size=8, workers=2, test_fraction=0.25)
+    pipeline.build_cache(pipeline.CacheSpec(str(root), tmp_path / "pil.h5", decoder="threads",
+                                            device="cuda", batch_size=8, workers=2,
+                                            test_fraction=0.25))
     assert set(seen) == {"ndarray"}
     for split in ("train", "test"):
         a, b = read_split(tmp_path / "nv.h5", split), read_split(tmp_path / "pil.h5", split)
@@ -468,11 +470,11 @@ def test_build_cache_brings_device_batches_back_for_the_writer(tmp_path, nvjpeg_
 
 
 def test_nvjpeg_needs_device_cuda(tmp_path):
-    from porder.pipeline import build_cache
+    from porder.pipeline import CacheSpec, build_cache
 
     root = plain_folder(tmp_path / "d", 2, np.random.default_rng(13))
     with pytest.raises(ValueError) as e:
-        build_cache(str(root), tmp_path / "o.h5", device="cpu", decoder="nvjpeg")
+        build_cache(CacheSpec(str(root), tmp_path / "o.h5", device="cpu", decoder="nvjpeg"))
     msg = str(e.value)
     assert "decoder='nvjpeg'" in msg and "device='cuda'" in msg and "--device cuda" in msg
     assert "--decoder threads" in msg and "\n" not in msg
