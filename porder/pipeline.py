@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .backend import resolve_device, to_numpy
+from .backend import DEVICES, resolve_device, to_numpy
 from .kernels import check_backend
 from .measures import _check_bins, get_measure
 from .output import DiskFull, check_free_space, check_not_inside_source, lock_output
@@ -129,14 +129,22 @@ def check_cache_spec(spec: CacheSpec) -> None:
     _check_reorder_options(spec.measure, spec.patch, bins=spec.bins, size=spec.size,
                            reference=spec.reference)
     check_backend(spec.backend)
-    device = resolve_device(spec.device)
-    if spec.decoder == "nvjpeg" and device != "cuda":
-        raise ValueError(f"decoder='nvjpeg' decodes on the GPU and needs device='cuda' "
-                         f"(--decoder nvjpeg needs --device cuda), got device={device!r}; "
-                         f"on the CPU use decoder='threads' (--decoder threads)")
+    # The device's name only: whether a GPU is there is decided where the build runs
+    # (a Dask client without a GPU may send --device cuda work to workers with one).
+    if spec.device not in DEVICES:
+        raise ValueError(f"device={spec.device!r} is not one of {', '.join(DEVICES)}")
+    if spec.device == "cpu":
+        _check_decoder_device(spec.decoder, spec.device)
     if spec.batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {spec.batch_size}")
     _check_shard(spec.shard)
+
+
+def _check_decoder_device(decoder: str, device: str) -> None:
+    if decoder == "nvjpeg" and device != "cuda":
+        raise ValueError(f"decoder='nvjpeg' decodes on the GPU and needs device='cuda' "
+                         f"(--decoder nvjpeg needs --device cuda), got device={device!r}; "
+                         f"on the CPU use decoder='threads' (--decoder threads)")
 
 
 # The measure/patch/bins/reference checks that porder.reorder makes too: to be one
@@ -331,6 +339,7 @@ def build_cache(spec: CacheSpec, *, progress: Optional[Progress] = None) -> Buil
     ``resume`` when the disk fills up mid-run).
     """
     device = resolve_device(spec.device)
+    _check_decoder_device(spec.decoder, device)
     m = get_measure(spec.measure)
     if device == "cpu" and spec.backend == "compiled" and m.kind != "control":
         _load_kernels_ahead()
