@@ -113,11 +113,11 @@ def folder_bench(folder: Path, tmp: Path, dogs: bool) -> dict:
         res[f"ratio_{m}_to_plain"] = round(res[f"porder_{m}"]["img_per_s"] / plain, 3)
     res["target_mi_ge_0.8x_plain"] = res["ratio_mi_to_plain"] >= 0.8
     if dogs:
-        from porder.sources.decode import _decode_file
+        from porder.sources.pillow import decode_file
 
         res["plain_2proc_draft_img_per_s"] = round(plain_loop(files, plain_draft), 1)
         diff = np.concatenate([
-            np.abs(_decode_file(f, 32).astype(np.int16) - plain_decode(f)).ravel()
+            np.abs(decode_file(f, 32).astype(np.int16) - plain_decode(f)).ravel()
             for f in files])
         res["porder_decode_vs_full_decode"] = {"max_abs": int(diff.max()),
                                                "mean_abs": round(float(diff.mean()), 3)}

@@ -5,8 +5,7 @@ Theory-Based Patch Ordering Algorithm". See ``porder --help`` and README.md.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .measures import MEASURES, Measure, get_measure, measure, score_matrix
 from .patches import apply_perm, invert_perm, merge, restore_images, split
 from .reorder import permutations, reorder

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
+from .._version import __version__
 from . import export as _export
 from . import reorder as _reorder
 from . import scale as _scale

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import click
 
-from ..sources.base import printable
+from ..messages import one_line, printable
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # Seeds are stored as int64 (in HDF5 attributes and checkpoints).
@@ -59,8 +59,7 @@ def library_errors(prefix: str = ""):
     except click.ClickException:
         raise
     except (ValueError, OSError) as e:
-        line = str(e).splitlines()[0] if str(e) else repr(e)
-        raise click.ClickException(printable(prefix + line)) from None
+        raise click.ClickException(printable(prefix + one_line(e, first=True))) from None
 
 
 class ProgressReporter:

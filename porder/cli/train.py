@@ -13,26 +13,42 @@ from pathlib import Path
 
 import click
 
-from ..experiment.plan import duration
 from ..measures import MEASURES
+from ..trainspec import ARCHS, DEVICES, FM_POINTS_HELP, MAX_WIDTH
 from .common import CONTEXT, SEED, FiniteFloat, interruptible, library_errors
 
-ARCHS = ("vgg", "resnet", "inception")  # == porder.train.models.MODELS (checked by the tests)
-# The feature-map points of porder.train.fm.fm_points(arch, 32) with their map sides
-# (checked by the tests), for --help without importing torch.
-FM_POINTS_HELP = """\
-Feature-map points for --fm-reorder POINT:MEASURE:PATCH (map side at 32x32 in brackets):
-  vgg        stem (32), stage1 (32), stage2 (16), stage3 (8), stage4 (4)
-  resnet     stem (32), stage1 (32), stage2 (16), stage3 (8)
-  inception  stem (32), stage1 (32), stage2 (16)
-stem = after the first conv (vgg), the stem conv (resnet), the 5-conv stem (inception);
-stageK = after the K-th of 5 conv blocks (vgg), of 4 stages of 2 basic blocks (resnet),
-after the Inception-A blocks (inception stage1) or the reduction and Inception-C blocks
-(stage2). The last stage is no point: global average pooling ignores patch order.
-PATCH must cut the map into 2x2 or more patches."""
+# The options that `porder train` and `porder compare` share, declared once: destination
+# -> (flags, attributes). Each command applies one with `shared_option(name, ...)` at its
+# place in its --help, giving the default or help text where the two commands differ.
+SHARED_OPTIONS = {
+    "width": (("--width",), dict(type=FiniteFloat(min=0, min_open=True, max=MAX_WIDTH),
+                                 show_default=True)),
+    "lr": (("--lr",), dict(type=FiniteFloat(min=0, min_open=True), default=1e-3,
+                           show_default=True, help="Adam learning rate.")),
+    "batch_size": (("-b", "--batch-size"), dict(type=click.IntRange(min=1), default=32,
+                                                show_default=True)),
+    "steps": (("--steps",), dict(type=click.IntRange(min=1), default=1000, show_default=True)),
+    "eval_every": (("--eval-every",), dict(type=click.IntRange(min=1), show_default=True)),
+    "bins": (("--bins",), dict(type=click.IntRange(1, 256), default=256, show_default=True)),
+    "device": (("--device",), dict(type=click.Choice(DEVICES), default="auto",
+                                   show_default=True)),
+    "threads": (("-j", "--threads"), dict(type=click.IntRange(min=1), default=None,
+                                          help="CPU threads for torch [default: all cores].")),
+    "progress": (("--progress/--no-progress",), dict(default=None)),
+}
 
-MAX_WIDTH = 16.0  # == porder.train.config.MAX_WIDTH (checked by the tests)
-DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
+
+def shared_option(name: str, **attrs):
+    """The click option ``name`` of :data:`SHARED_OPTIONS`, with ``attrs`` (default, help) added."""
+    flags, shared = SHARED_OPTIONS[name]
+    return click.option(*flags, **{**shared, **attrs})
+
+
+def _duration(seconds) -> str:
+    # porder.experiment imports h5py (porder.store): only when a run reports its time.
+    from ..experiment.plan import duration
+
+    return duration(seconds)
 
 
 def _fmt_row(row: dict) -> str:
@@ -108,7 +124,7 @@ class TrainProgress:
             whole = now - self.start[1] + left
             rate = f", {self.batch_size / per_step:,.0f} img/s" if self.batch_size else ""
             self._say(f"{self.desc}: {1 / per_step:.2f} steps/s{rate}: the {total} steps will "
-                      f"take about {duration(whole)} in all, {duration(left)} from now"
+                      f"take about {_duration(whole)} in all, {_duration(left)} from now"
                       + (self.slow_hint if whole > 600 else ""))
         self._update(step, total, stats, now)
 
@@ -131,7 +147,7 @@ class TrainProgress:
             self.bar.update(step - self.bar.n)
             return
         eta = self.eta(step, total, now)
-        left = f"  ETA {duration(eta[0])}" if eta and step < total else ""
+        left = f"  ETA {_duration(eta[0])}" if eta and step < total else ""
         if stats is not None and "test_acc" in stats:
             self.last_line = now
             click.echo(f"{self.desc}: step {step}/{total}  {_fmt_row(stats)}{left}", err=True)
@@ -150,22 +166,16 @@ class TrainProgress:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("-a", "--arch", type=click.Choice(ARCHS), default="vgg", show_default=True,
               help="VGG-16-BN, ResNet-18 or Inception-v3 (CIFAR-sized).")
-@click.option("--width", type=FiniteFloat(min=0, min_open=True, max=MAX_WIDTH), default=1.0,
-              show_default=True, help="Channel multiplier: 1.0 = the published networks, as "
-              "in the paper; 0.125-0.25 trains many times faster on a CPU (compare defaults "
-              "to 0.25: it trains many runs).")
-@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3,
-              show_default=True, help="Adam learning rate.")
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Images per step; 1 = online training, as in the paper.")
-@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Optimizer steps.")
-@click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Steps between test evaluations and checkpoints.")
+@shared_option("width", default=1.0, help="Channel multiplier: 1.0 = the published networks, "
+               "as in the paper; 0.125-0.25 trains many times faster on a CPU (compare "
+               "defaults to 0.25: it trains many runs).")
+@shared_option("lr")
+@shared_option("batch_size", help="Images per step; 1 = online training, as in the paper.")
+@shared_option("steps", help="Optimizer steps.")
+@shared_option("eval_every", default=100, help="Steps between test evaluations and checkpoints.")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the weights, the batch order and dropout.")
-@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
-              help="auto picks CUDA when torch sees a GPU.")
+@shared_option("device", help="auto picks CUDA when torch sees a GPU.")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), default=None,
               help="Run folder [default: runs/FILE-ARCH-seedSEED].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
@@ -174,16 +184,14 @@ class TrainProgress:
               "(FILE must be unmodified, i.e. made with --measure none).")
 @click.option("-p", "--patch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Patch side for --reorder.")
-@click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
-              help="Histogram bins for --reorder and --fm-reorder.")
+@shared_option("bins", help="Histogram bins for --reorder and --fm-reorder.")
 @click.option("--fm-reorder", "fm_reorder", multiple=True, metavar="POINT:MEASURE:PATCH",
               help="Reorder the patches of the feature maps at POINT of the network "
               "(porder.nn.PatchReorder); repeatable or comma-separated, one per point. "
               "Points per architecture: see below.")
-@click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch [default: all cores].")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bar [default: on a terminal; a line per evaluation otherwise].")
+@shared_option("threads")
+@shared_option("progress",
+               help="Progress bar [default: on a terminal; a line per evaluation otherwise].")
 def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, out, resume,
           reorder, patch, bins, fm_reorder, threads, progress):
     """Train a CNN with Adam and cross-entropy on a porder HDF5 FILE.
@@ -299,37 +307,28 @@ def _list_option(kind, name, plural, example, check=None):
               help=f"Comma-separated architectures from {', '.join(ARCHS)}.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds per configuration (0..N-1).")
-@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Optimizer steps per run.")
-@click.option("--width", type=FiniteFloat(min=0, min_open=True, max=MAX_WIDTH), default=0.25,
-              show_default=True, help="Channel multiplier of every network; 0.25, not train's "
-              "1.0 (the published size), because a comparison trains measures x patches x "
-              "seeds runs.")
-@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3,
-              show_default=True, help="Adam learning rate.")
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Images per step (1 = online training).")
-@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Steps between test evaluations; 50, not train's 100, because steps-to-"
-              "target figures are only as fine as this.")
+@shared_option("steps", help="Optimizer steps per run.")
+@shared_option("width", default=0.25, help="Channel multiplier of every network; 0.25, not "
+               "train's 1.0 (the published size), because a comparison trains measures x "
+               "patches x seeds runs.")
+@shared_option("lr")
+@shared_option("batch_size", help="Images per step (1 = online training).")
+@shared_option("eval_every", default=50, help="Steps between test evaluations; 50, not train's "
+               "100, because steps-to-target figures are only as fine as this.")
 @click.option("--size", type=click.IntRange(min=8), default=32, show_default=True,
               help="Images are resized to SIZE x SIZE.")
-@click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
-              help="Histogram bins of the measures.")
+@shared_option("bins", help="Histogram bins of the measures.")
 @click.option("--test-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True),
               default=0.1, show_default=True,
               help="Held-out share for sources without a test split.")
-@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True,
-              help="Where the networks train (auto: CUDA when torch sees a GPU); the caches "
-              "are made on the GPU too when CuPy sees one.")
-@click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch [default: all cores].")
+@shared_option("device", help="Where the networks train (auto: CUDA when torch sees a GPU); "
+               "the caches are made on the GPU too when CuPy sees one.")
+@shared_option("threads")
 @click.option("--dry-run", is_flag=True,
               help="Check the source and the runs already in OUT, print the plan (with the "
               "preset's values) with the estimated time of each cache to build and each run "
               "to train on this machine and their total, and stop (exit 1 on a conflict).")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bars [default: on a terminal; plain lines otherwise].")
+@shared_option("progress", help="Progress bars [default: on a terminal; plain lines otherwise].")
 @click.pass_context
 def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, width, lr,
             batch_size, eval_every, size, bins, test_fraction, device, threads, dry_run,

@@ -37,19 +37,21 @@ order. Samples are read in a fixed order (natural order of file names, e.g.
 exactly the batches an uninterrupted run would have given.
 
 How image files become RGB arrays (modes, EXIF, resizing, bad files, files
-that are not regular files) is stated once, in :mod:`porder.sources.decode`.
+that are not regular files) is stated once, in :mod:`porder.sources.pillow`.
 
 Names
 -----
 Class names and sample names are kept exactly as the file system or the CIFAR
 meta file gives them, except for what an HDF5 string cannot hold: bytes that
 are not UTF-8 and NUL are written ``\\xNN`` (see
-:func:`porder.sources.base.stored_name`). Messages show names with control
-characters escaped (:func:`porder.sources.base.printable`).
+:func:`porder.messages.stored_name`). Messages show names with control
+characters escaped (:func:`porder.messages.printable`).
 
-Layout: :mod:`.base` (Source, Batch, the held-out split, names, opening
-regular files), :mod:`.decode` (Pillow decoding and resizing, the thread-pool
-file source), one module per source kind (:mod:`.cifar` with its pickle
+Layout: :mod:`.base` (Source, Batch, the held-out split, opening regular
+files), :mod:`.pillow` (decoding one file with Pillow, resizing: the leaf that
+threads, processes and the nvJPEG fallback share), :mod:`.decode` (the file
+source, decoding on threads or in the processes of :mod:`.procs`, or with
+:mod:`.gpu_decode`), one module per source kind (:mod:`.cifar` with its pickle
 reader :mod:`.pickles`, :mod:`.folders`, :mod:`.synthetic` with ``digits``),
 and :func:`open_source` here, which picks the kind.
 """
@@ -58,11 +60,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import Batch, Source, SourceError, _check_int, _one_line, printable
-from .cifar import _cifar_kind, _open_cifar_archive, _open_cifar_folder, is_archive
-from .decode import DECODER_CHOICES, IMAGE_EXTENSIONS, RESAMPLE
-from .folders import _open_folder
-from .synthetic import _DigitsSource, _parse_synthetic, _SyntheticSource
+from ..messages import one_line
+from .base import Batch, Source, SourceError, check_int, printable
+from .cifar import cifar_kind, is_archive, open_cifar_archive, open_cifar_folder
+from .decode import DECODER_CHOICES
+from .folders import open_folder
+from .pillow import IMAGE_EXTENSIONS, RESAMPLE
+from .synthetic import DigitsSource, SyntheticSource, parse_synthetic
 
 __all__ = [
     "SOURCE_HELP",
@@ -157,8 +161,8 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
         message is one line naming the file or option.
     """
     spec_text = str(spec)
-    size = _check_int("size", size, 1)
-    seed = _check_int("seed", seed, 0, MAX_SEED)
+    size = check_int("size", size, 1)
+    seed = check_int("seed", seed, 0, MAX_SEED)
     if label not in LABEL_CHOICES:
         raise SourceError(f"label must be one of {list(LABEL_CHOICES)}, got {label!r}")
     if on_error not in ON_ERROR_CHOICES:
@@ -168,7 +172,7 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
         raise SourceError(f"test_fraction must be a number with 0 <= f < 1, "
                           f"got {test_fraction!r}")
     test_fraction = float(test_fraction)
-    workers = _default_workers() if workers is None else _check_int("workers", workers, 1)
+    workers = _default_workers() if workers is None else check_int("workers", workers, 1)
     if decoder not in DECODER_CHOICES:
         raise SourceError(f"decoder must be one of {list(DECODER_CHOICES)}, got {decoder!r}")
     if decoder == "nvjpeg":
@@ -181,9 +185,9 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
             raise SourceError(f"label='coarse' needs CIFAR-100, not {spec_text!r}; "
                               f"use label='fine'")
         if spec_text == "digits":
-            return _DigitsSource(spec_text, size, test_fraction, seed)
-        n, num_classes = _parse_synthetic(spec_text)
-        return _SyntheticSource(spec_text, n, num_classes, size, test_fraction, seed,
+            return DigitsSource(spec_text, size, test_fraction, seed)
+        n, num_classes = parse_synthetic(spec_text)
+        return SyntheticSource(spec_text, n, num_classes, size, test_fraction, seed,
                                 workers)
 
     path = Path(spec_text).expanduser()
@@ -196,14 +200,14 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
             if not is_archive(path):
                 raise SourceError(f"source '{shown}' is a file but not a CIFAR .tar.gz "
                                   f"archive; give a folder of images or a CIFAR archive")
-            return _open_cifar_archive(spec_text, path, label, size)
-        kind = _cifar_kind({p.name for p in path.iterdir() if p.is_file()})
+            return open_cifar_archive(spec_text, path, label, size)
+        kind = cifar_kind({p.name for p in path.iterdir() if p.is_file()})
         if kind is not None:
-            return _open_cifar_folder(kind, spec_text, path, label, size)
+            return open_cifar_folder(kind, spec_text, path, label, size)
         if label != "fine":
             raise SourceError(f"label='coarse' needs CIFAR-100, but '{spec_text}' is an "
                               f"image folder; use label='fine'")
-        return _open_folder(spec_text, path, size, test_fraction, seed, on_error, workers,
+        return open_folder(spec_text, path, size, test_fraction, seed, on_error, workers,
                             decoder)
     except OSError as exc:  # unreadable folder or file, or not a regular file
-        raise SourceError(f"cannot read source '{shown}': {_one_line(exc)}") from None
+        raise SourceError(f"cannot read source '{shown}': {one_line(exc)}") from None

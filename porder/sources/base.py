@@ -18,6 +18,13 @@ from typing import Iterator
 
 import numpy as np
 
+from ..messages import printable, stored_name
+
+__all__ = [
+    "SPLITS", "Batch", "NotRegularFile", "Source", "SourceError", "check_int", "holdout",
+    "natural_key", "open_regular", "printable", "stored_name",
+]
+
 SPLITS = ("train", "test")
 
 
@@ -57,56 +64,13 @@ class Batch:
 # Small shared helpers
 
 
-def _one_line(exc: BaseException) -> str:
-    """A one-line reason for an exception: its message, else its type name."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int when it is an integer in [minimum, maximum], else SourceError naming ``name``."""
     if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
             or (maximum is not None and value > maximum)):
         upper = "" if maximum is None else f" and <= {maximum}"
         raise SourceError(f"{name} must be an integer >= {minimum}{upper}, got {value!r}")
     return int(value)
-
-
-# What HDF5 strings cannot hold: lone surrogates (bytes that are not UTF-8) and NUL.
-_UNSTORABLE = re.compile("[\ud800-\udfff\x00]")
-_UNPRINTABLE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
-
-
-def _escape_unstorable(m: re.Match) -> str:
-    o = ord(m.group())
-    return f"\\x{o & 0xFF:02x}" if o == 0 or 0xDC80 <= o <= 0xDCFF else f"\\u{o:04x}"
-
-
-def stored_name(name) -> str:
-    """A file, folder or class name as porder stores it: valid UTF-8 text without NUL.
-
-    Names are kept exactly, except for bytes that are not UTF-8 (on Linux,
-    ``os.fsdecode`` gives them as the surrogate escapes U+DC80..U+DCFF) and NUL
-    characters (from a CIFAR meta file): each such byte is written ``\\xNN``
-    (``café`` in Latin-1 is stored ``caf\\xe9``), so the stored name shows the
-    original bytes. ``bytes`` names are decoded the same way.
-    """
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "surrogateescape")
-    name = str(name)
-    return _UNSTORABLE.sub(_escape_unstorable, name) if not name.isprintable() else name
-
-
-def printable(text) -> str:
-    """``text`` safe for a terminal: control and format characters (ESC, newlines,
-    bidirectional overrides, ...) written as Python escapes (``\\x1b``, ``\\n``,
-    ``\\u202e``), and bytes that are not UTF-8 as ``\\xNN``."""
-    text = stored_name(text)
-    if text.isprintable():
-        return text
-    import unicodedata
-
-    return "".join(repr(ch)[1:-1] if ch != " " and unicodedata.category(ch)
-                   in _UNPRINTABLE_CATEGORIES else ch for ch in text)
 
 
 _FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -145,13 +109,13 @@ def open_regular(path):
         raise
 
 
-def _natural_key(text: str) -> tuple:
+def natural_key(text: str) -> tuple:
     """Sort key putting 'cat.2.jpg' before 'cat.10.jpg'; ties broken by the text itself."""
     parts = re.split(r"(\d+)", text)
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), text
 
 
-def _holdout(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(n)`` into (train, test) indices, both increasing.
 
     The test split is the samples whose rank in
@@ -299,13 +263,13 @@ class Source:
         split = self._check_split(split)
         if self._closed:
             raise SourceError(f"source {self.description!r} is closed")
-        batch_size = _check_int("batch_size", batch_size, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
         n = self._count(split)
-        start = _check_int("start", start, 0)
+        start = check_int("start", start, 0)
         if start > n:
             raise SourceError(f"start {start} is past the end of split {split!r} ({n} samples)")
         if stop is not None:
-            stop = _check_int("stop", stop, start)
+            stop = check_int("stop", stop, start)
             if stop > n:
                 raise SourceError(f"stop {stop} is past the end of split {split!r} ({n} samples)")
             n = stop

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Batch, Source, SourceError, _one_line, open_regular, printable, stored_name
-from .decode import _resize_images
+from ..messages import one_line
+from .base import Batch, Source, SourceError, open_regular, printable, stored_name
 from .pickles import PickleError, load_cifar_pickle
+from .pillow import resize_images
 
 # One CIFAR pickle: CIFAR-100's `train`, the largest, is 150 MiB (50,000 x 3,072 bytes
 # plus labels and file names).
@@ -53,7 +54,7 @@ class _CifarSource(Source):
         files, firsts = self._parts[split]
         part = np.searchsorted(firsts, np.arange(lo, hi), side="right") - 1  # (B,)
         names = [f"{files[p]}#{i - firsts[p]}" for i, p in zip(range(lo, hi), part, strict=True)]
-        return Batch(_resize_images(images, self.image_size),
+        return Batch(resize_images(images, self.image_size),
                      self._labels[split][lo:hi].copy(), names)
 
 
@@ -66,7 +67,7 @@ def _cifar_pickle(raw: bytes, where: str) -> dict:
     try:
         obj = load_cifar_pickle(raw)
     except PickleError as exc:
-        raise SourceError(f"cannot read CIFAR pickle '{where}': {_one_line(exc)}") from None
+        raise SourceError(f"cannot read CIFAR pickle '{where}': {one_line(exc)}") from None
     if not isinstance(obj, dict):
         raise SourceError(f"CIFAR pickle '{where}' holds a {type(obj).__name__}, not a dict")
     return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
@@ -131,7 +132,7 @@ _CIFAR_LAYOUT = {
 }
 
 
-def _cifar_kind(names: set[str]) -> str | None:
+def cifar_kind(names: set[str]) -> str | None:
     """Which CIFAR layout a set of file names looks like, if any."""
     if "batches.meta" in names or any(n.startswith("data_batch_") for n in names):
         return "cifar10"
@@ -188,7 +189,7 @@ def _read_capped(handle, size: int, where: str) -> bytes:
     return raw
 
 
-def _open_cifar_folder(kind, description, folder: Path, label, size):
+def open_cifar_folder(kind, description, folder: Path, label, size):
     meta_file, train_files, test_files = _CIFAR_LAYOUT[kind]
     where = printable(folder)
     files = {}
@@ -201,7 +202,7 @@ def _open_cifar_folder(kind, description, folder: Path, label, size):
             with open_regular(path) as handle:
                 raw = _read_capped(handle, path.stat().st_size, file_where)
         except OSError as exc:
-            raise SourceError(f"cannot read CIFAR file '{file_where}': {_one_line(exc)}") from None
+            raise SourceError(f"cannot read CIFAR file '{file_where}': {one_line(exc)}") from None
         files[name] = _cifar_pickle(raw, file_where)
     return _open_cifar(kind, description, where, stored_name(folder.name), files, label, size)
 
@@ -243,7 +244,7 @@ def is_archive(path: Path) -> bool:
             or head[257:262] == b"ustar")
 
 
-def _open_cifar_archive(description, path: Path, label, size):
+def open_cifar_archive(description, path: Path, label, size):
     """Read a CIFAR .tar(.gz, .bz2, .xz) in one pass, keeping the members of one folder level.
 
     The decompressed stream is capped at :data:`MAX_ARCHIVE_BYTES`, each
@@ -282,11 +283,11 @@ def _open_cifar_archive(description, path: Path, label, size):
     except (tarfile.TarError, OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as exc:
         if isinstance(exc, SourceError):
             raise
-        reason = _one_line(exc)
+        reason = one_line(exc)
         if isinstance(exc, EOFError):
             reason = f"it ends early, truncated? ({reason})"
         raise SourceError(f"cannot read archive '{where}': {reason}") from None
-    kind = _cifar_kind(set(files))
+    kind = cifar_kind(set(files))
     if kind is None:
         raise SourceError(f"archive '{where}' is not a CIFAR-10/100 python archive: "
                           f"no batches.meta or meta member found")

@@ -16,7 +16,7 @@ with the arguments Pillow would give it, so the pixels are identical:
 
 ``draft`` is applied as :meth:`PIL.JpegImagePlugin.JpegImageFile.draft` does
 (libjpeg's DCT scaling by 8, 4 or 2 while staying at least ``size`` per side),
-then the bicubic resize of :mod:`porder.sources.decode`. Anything else, and any
+then the bicubic resize of :mod:`porder.sources.pillow`. Anything else, and any
 file the decoder does not finish cleanly (truncated, corrupt), goes to the
 regular path, which gives Pillow's own error. The tests compare both paths on
 every kind of JPEG they make and check that the fast path is taken.

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import SPLITS, SourceError, _holdout, _natural_key, _one_line, printable, stored_name
-from .cifar import _cifar_kind
-from .decode import IMAGE_EXTENSIONS, _FileSource
+from ..messages import one_line
+from .base import SPLITS, SourceError, holdout, natural_key, printable, stored_name
+from .cifar import cifar_kind
+from .decode import FileSource
+from .pillow import IMAGE_EXTENSIONS
 
 # --------------------------------------------------------------------------
 # Image folders
@@ -34,14 +36,14 @@ def _list_dir(folder: Path) -> tuple[list[str], list[str]]:
         with os.scandir(folder) as it:
             entries = list(it)
     except OSError as exc:
-        raise SourceError(f"cannot list folder '{printable(folder)}': {_one_line(exc)}") from None
+        raise SourceError(f"cannot list folder '{printable(folder)}': {one_line(exc)}") from None
     for entry in entries:
         if _is_dir(entry):
             if _is_visible(entry.name):
                 dirs.append(entry.name)
         elif _is_image_name(entry.name):
             images.append(entry.name)
-    return sorted(dirs), sorted(images, key=_natural_key)
+    return sorted(dirs), sorted(images, key=natural_key)
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -73,9 +75,9 @@ def _images_below(folder: Path, on_error: str, unlisted: list) -> list[str]:
                 entries = list(it)
         except OSError as exc:
             if on_error != "skip":
-                raise SourceError(f"cannot list folder '{printable(path)}': {_one_line(exc)} "
+                raise SourceError(f"cannot list folder '{printable(path)}': {one_line(exc)} "
                                   f"(use on_error='skip' to leave it out and list it)") from None
-            unlisted.append((rel, f"cannot list folder: {_one_line(exc)}"))
+            unlisted.append((rel, f"cannot list folder: {one_line(exc)}"))
             continue
         for entry in entries:
             name = entry.name
@@ -84,7 +86,7 @@ def _images_below(folder: Path, on_error: str, unlisted: list) -> list[str]:
                     todo.append((os.path.join(path, name), f"{rel}{name}/", above | {real}))
             elif _is_image_name(name):
                 found.append(rel + name)
-    return sorted(found, key=_natural_key)
+    return sorted(found, key=natural_key)
 
 
 def _class_folders(folder: Path, classes: list[str], prefix: str, on_error: str,
@@ -103,7 +105,7 @@ def _class_folders(folder: Path, classes: list[str], prefix: str, on_error: str,
                         for rel, reason in below)
         if not files and not below:
             try:
-                looks_like_cifar = _cifar_kind({p.name for p in (folder / cls).iterdir()})
+                looks_like_cifar = cifar_kind({p.name for p in (folder / cls).iterdir()})
             except OSError:
                 looks_like_cifar = None
             if looks_like_cifar:
@@ -124,7 +126,7 @@ def _select(files, idx: np.ndarray):
     return [paths[i] for i in idx], labels[idx], [names[i] for i in idx]
 
 
-def _open_folder(description, folder: Path, size, test_fraction, seed, on_error, workers,
+def open_folder(description, folder: Path, size, test_fraction, seed, on_error, workers,
                  decoder):
     dirs, images = _list_dir(folder)
     if "train" in dirs or "test" in dirs:
@@ -142,8 +144,8 @@ def _open_folder(description, folder: Path, size, test_fraction, seed, on_error,
         raise SourceError(f"folder '{printable(folder)}' holds no images and no class folders")
     unlisted: list = []
     files = _class_folders(folder, dirs, "", on_error, unlisted)
-    train, test = _holdout(len(files[0]), test_fraction, seed)
-    return _FileSource("folder", description, [stored_name(d) for d in dirs], size,
+    train, test = holdout(len(files[0]), test_fraction, seed)
+    return FileSource("folder", description, [stored_name(d) for d in dirs], size,
                        test_fraction, {"train": _select(files, train),
                                        "test": _select(files, test)},
                        on_error, workers, decoder=decoder, unlisted={"train": unlisted})
@@ -167,9 +169,9 @@ def _open_split_folder(description, folder, dirs, size, test_fraction, seed, on_
     train_files = _class_folders(folder / "train", train_classes, "train/", on_error,
                                  unlisted["train"])
     if "test" not in dirs:  # no test/: hold out part of train/
-        train, test = _holdout(len(train_files[0]), test_fraction, seed)
+        train, test = holdout(len(train_files[0]), test_fraction, seed)
         files = {"train": _select(train_files, train), "test": _select(train_files, test)}
-        return _FileSource("folder", description, classes, size, test_fraction, files,
+        return FileSource("folder", description, classes, size, test_fraction, files,
                            on_error, workers, decoder=decoder, unlisted=unlisted)
     test_classes, test_images = _list_dir(folder / "test")
     if test_classes != train_classes:
@@ -184,7 +186,7 @@ def _open_split_folder(description, folder, dirs, size, test_fraction, seed, on_
     files = {"train": train_files,
              "test": _class_folders(folder / "test", test_classes, "test/", on_error,
                                     unlisted["test"])}
-    return _FileSource("folder", description, classes, size, None, files, on_error,
+    return FileSource("folder", description, classes, size, None, files, on_error,
                        workers, decoder=decoder, unlisted=unlisted)
 
 
@@ -204,7 +206,7 @@ def _open_kaggle(description, folder, images, size, test_fraction, seed, on_erro
     files = ([str(folder / n) for n in images],
              np.asarray([index[p] for p in prefixes], dtype=np.int64),
              [stored_name(n) for n in images])
-    train, test = _holdout(len(images), test_fraction, seed)
-    return _FileSource("kaggle", description, classes, size, test_fraction,
+    train, test = holdout(len(images), test_fraction, seed)
+    return FileSource("kaggle", description, classes, size, test_fraction,
                        {"train": _select(files, train), "test": _select(files, test)},
                        on_error, workers, decoder=decoder)

@@ -1,6 +1,6 @@
 """Decoding JPEG files on a CUDA GPU with nvJPEG (``decoder='nvjpeg'``).
 
-The file source (:class:`~porder.sources.decode._FileSource`) hands this module
+The file source (:class:`~porder.sources.decode.FileSource`) hands this module
 its files batch by batch; batches come out as CuPy arrays on the GPU, ready for
 the kernels, with no host round trip in between:
 
@@ -31,7 +31,7 @@ the kernels, with no host round trip in between:
    carries.
 
 Pillow stays the reference, and every file nvJPEG is not trusted with goes to
-Pillow's own :func:`~porder.sources.decode._decode_file`, whose pixels, skips
+Pillow's own :func:`~porder.sources.pillow.decode_file`, whose pixels, skips
 and error messages are then exactly those of ``decoder='threads'``:
 
 * files that are not JPEGs (magic bytes ``FF D8 FF``): PNG, GIF, ...;
@@ -77,9 +77,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import SourceError, _one_line, open_regular
-from .decode import _decode_chunk
+from ..messages import one_line
+from .base import SourceError, open_regular
 from .fastjpeg import header_segments
+from .pillow import decode_chunk
 
 #: torch device the images are decoded to; tests set ``"cpu"`` with a stand-in torchvision.
 _DEVICE = "cuda"
@@ -129,7 +130,7 @@ def _torchvision():
         from torchvision.io import ImageReadMode, decode_jpeg
     except Exception as exc:  # ImportError, or a torchvision built for another torch
         raise SourceError(f"decoder='nvjpeg' needs torchvision, which does not import "
-                          f"({_one_line(exc)}); {_FIX}") from None
+                          f"({one_line(exc)}); {_FIX}") from None
     found = getattr(torchvision, "__version__", "0")
     if _version(found) < MIN_TORCHVISION:
         need = ".".join(map(str, MIN_TORCHVISION))
@@ -176,7 +177,7 @@ def check_available() -> None:
                     mode=mode.RGB, device=_DEVICE, apply_exif_orientation=False)
     except Exception as exc:
         raise SourceError(f"decoder='nvjpeg': torchvision cannot decode a JPEG on "
-                          f"{_DEVICE!r} ({_one_line(exc)}); {_FIX}") from None
+                          f"{_DEVICE!r} ({one_line(exc)}); {_FIX}") from None
 
 
 # --------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def read_chunk(paths: Sequence[str], size: int) -> list:
     """Read files on a host thread: a :class:`_Jpeg` for nvJPEG, else Pillow's result.
 
     Each entry is a :class:`_Jpeg`, or ``(image, "")`` / ``(None, reason)`` from
-    :func:`~porder.sources.decode._decode_chunk` for a file Pillow decodes (one
+    :func:`~porder.sources.pillow.decode_chunk` for a file Pillow decodes (one
     that is not a JPEG nvJPEG is trusted with, or cannot be read).
     """
     out: list = []
@@ -283,7 +284,7 @@ def read_chunk(paths: Sequence[str], size: int) -> list:
             data = None
         plan = _jpeg_plan(data) if data is not None else None
         if plan is None:
-            out.extend(_decode_chunk([path], size))
+            out.extend(decode_chunk([path], size))
         else:
             out.append(_Jpeg(data, *plan))
     return out
@@ -409,7 +410,7 @@ class NvjpegDecoder:
             for j, t in zip(wave, decoded):
                 if t is None or t.ndim != 3 or t.shape[0] not in (1, 3):
                     self.counts["refused"] += 1
-                    out[j] = _decode_chunk([paths[j]], size)[0]  # Pillow's pixels or reason
+                    out[j] = decode_chunk([paths[j]], size)[0]  # Pillow's pixels or reason
                     continue
                 self.counts["nvjpeg"] += 1
                 stored.setdefault(tuple(t.shape), []).append((j, t))

@@ -61,7 +61,8 @@ _NAMES[("_codecs", "encode")] = "encode"
 _NAMES[("__builtin__", "bytes")] = _NAMES[("builtins", "bytes")] = "bytes"  # bytes() = b""
 
 
-def _name(module, name) -> _Name:
+def find_global(module, name) -> _Name:
+    """GLOBAL / STACK_GLOBAL: one of our builders for an allowed name; PickleError for any other."""
     if not isinstance(module, str) or not isinstance(name, str):
         raise PickleError("a global name that is not text")
     role = _NAMES.get((module, name))
@@ -100,7 +101,7 @@ def _array_from(raw, dtype: np.dtype, shape, fortran: bool) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
-def _reduce(func, args):
+def reduce(func, args):
     """Apply one of our builders (REDUCE)."""
     if not isinstance(func, _Name) or not isinstance(args, tuple):
         raise PickleError("REDUCE of something that is not an allowed NumPy builder")
@@ -142,7 +143,7 @@ def _reduce(func, args):
     raise PickleError(f"{role} cannot be called")
 
 
-def _build(obj, state) -> None:
+def build(obj, state) -> None:
     """BUILD: set the state of a dtype (byte order) or of a reconstructed array."""
     if isinstance(obj, _Dtype):
         # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
@@ -168,7 +169,7 @@ def _build(obj, state) -> None:
     raise PickleError("BUILD of something other than a NumPy array or dtype")
 
 
-def _finish(obj):
+def finish(obj):
     """Replace our builders by what they built (arrays), checking none is left unfinished."""
     if isinstance(obj, _Array):
         if obj.array is None:

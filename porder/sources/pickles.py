@@ -26,7 +26,7 @@ from __future__ import annotations
 import codecs
 import struct
 
-from .pickle_numpy import PickleError, _build, _finish, _name, _reduce
+from .pickle_numpy import PickleError, build, find_global, finish, reduce
 
 __all__ = ["PickleError", "load_cifar_pickle"]
 
@@ -170,7 +170,7 @@ class _Machine:
         self.push(_utf8(self.take(self.uint(width))))
 
     def op_list(self):
-        self.push([_finish(x) for x in self.pop_mark()])
+        self.push([finish(x) for x in self.pop_mark()])
 
     def _tuple(self, n: int):
         stack = self.stack
@@ -184,10 +184,10 @@ class _Machine:
         items = self.pop_mark()
         if len(items) % 2:
             raise PickleError("a dict with a key but no value")
-        self.push({_hashable(items[i]): _finish(items[i + 1]) for i in range(0, len(items), 2)})
+        self.push({_hashable(items[i]): finish(items[i + 1]) for i in range(0, len(items), 2)})
 
     def op_append(self):
-        value = _finish(self.pop())
+        value = finish(self.pop())
         target = self.top()
         if not isinstance(target, list):
             raise PickleError("APPEND to something that is not a list")
@@ -198,10 +198,10 @@ class _Machine:
         target = self.top()
         if not isinstance(target, list):
             raise PickleError("APPENDS to something that is not a list")
-        target.extend(_finish(x) for x in items)
+        target.extend(finish(x) for x in items)
 
     def op_setitem(self):
-        value, key = _finish(self.pop()), self.pop()
+        value, key = finish(self.pop()), self.pop()
         target = self.top()
         if not isinstance(target, dict):
             raise PickleError("SETITEM on something that is not a dict")
@@ -213,23 +213,23 @@ class _Machine:
         if not isinstance(target, dict) or len(items) % 2:
             raise PickleError("SETITEMS on something that is not a dict")
         for i in range(0, len(items), 2):
-            target[_hashable(items[i])] = _finish(items[i + 1])
+            target[_hashable(items[i])] = finish(items[i + 1])
 
     def op_global(self):  # 'module\nname\n'
         module = self.line().decode("ascii", "replace")
-        self.push(_name(module, self.line().decode("ascii", "replace")))
+        self.push(find_global(module, self.line().decode("ascii", "replace")))
 
     def op_stack_global(self):
         name = self.pop()
-        self.push(_name(self.pop(), name))
+        self.push(find_global(self.pop(), name))
 
     def op_reduce(self):
         args = self.pop()
-        self.push(_reduce(self.pop(), args))
+        self.push(reduce(self.pop(), args))
 
     def op_build(self):
         state = self.pop()
-        _build(self.top(), state)
+        build(self.top(), state)
 
     def run(self):
         ops = _OPCODES
@@ -240,7 +240,7 @@ class _Machine:
             op = buf[self.pos]
             self.pos += 1
             if op == 0x2E:  # STOP
-                return _finish(self.pop())
+                return finish(self.pop())
             handler = ops.get(op)
             if handler is None:
                 raise PickleError(f"unsupported pickle opcode {bytes([op])!r} at offset "

@@ -3,7 +3,7 @@
 For small files (CIFAR's 32x32 JPEGs, thumbnails) most of a decode is Pillow's
 Python code (parsing markers, building the image object), which holds the GIL:
 a thread pool then runs at about one core whatever its size. These worker
-processes run the very same function (:func:`~porder.sources.decode._decode_chunk`),
+processes run the very same function (:func:`~porder.sources.pillow.decode_chunk`),
 so the pixels are identical, and the work spreads over every core.
 
 How the processes behave
@@ -51,6 +51,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile
 
+from . import pillow  # pillow.decode_chunk is looked up per chunk: a test may patch it
 from .base import SourceError, printable
 
 #: The module whose ``worker_main`` each worker process runs (tests point it at a
@@ -117,7 +118,6 @@ def worker_main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     requests = sys.stdin.buffer
-    from . import decode  # looked up per chunk, so a test may patch it
 
     _send(channel, _READY)
     while True:
@@ -129,7 +129,7 @@ def worker_main() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # the parent's filters decide what shows
             try:
-                packed = _pack(decode._decode_chunk(paths, size), size)
+                packed = _pack(pillow.decode_chunk(paths, size), size)
             except BaseException as exc:  # unexpected: every file of the chunk gets the reason
                 packed = _pack([(None, f"decoding failed in the worker: {exc!r}")] * len(paths),
                                size)
@@ -186,7 +186,7 @@ class _Worker:
 class DecodeProcesses:
     """``workers`` decoding processes behind a ``submit(paths, size) -> Future`` interface.
 
-    The future's result is what :func:`~porder.sources.decode._decode_chunk`
+    The future's result is what :func:`~porder.sources.pillow.decode_chunk`
     returns for the paths: a list of ``(image (S, S, 3) uint8, "")`` or
     ``(None, reason)``. Each worker starts when its serving thread takes its
     first chunk.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Batch, Source, SourceError, _holdout
-from .decode import _resize_images
+from .base import Batch, Source, SourceError, holdout
+from .pillow import resize_images
 
 SYNTHETIC_SIZE = 32  # native size of synthetic images
 DEFAULT_SYNTHETIC_CLASSES = 10
@@ -29,7 +29,7 @@ def _hue_rgb(h: np.ndarray) -> np.ndarray:
     return 0.5 + 0.5 * np.cos(2 * np.pi * (h[:, None] - np.array([0.0, 1 / 3, 2 / 3])))
 
 
-class _SyntheticSource(Source):
+class SyntheticSource(Source):
     """Seeded synthetic images, generated per batch from (seed, sample index).
 
     Sample ``i`` is drawn from the 64-bit words ``[i * W, (i + 1) * W)`` of one
@@ -57,7 +57,7 @@ class _SyntheticSource(Source):
                          workers)
         self._num_classes = num_classes
         self._state = np.random.PCG64(seed).state  # each call starts its own copy
-        train, test = _holdout(n, test_fraction, seed)
+        train, test = holdout(n, test_fraction, seed)
         self._index = {"train": train, "test": test}
 
     def _count(self, split):
@@ -132,7 +132,7 @@ class _SyntheticSource(Source):
 
     def _render(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images, labels = self.generate(idx)
-        return _resize_images(images, self.image_size), labels
+        return resize_images(images, self.image_size), labels
 
     def _read(self, split, lo, hi):
         idx = self._index[split][lo:hi]  # (B,)
@@ -148,7 +148,7 @@ class _SyntheticSource(Source):
         return Batch(images, labels, [f"synthetic#{i}" for i in idx])
 
 
-class _DigitsSource(Source):
+class DigitsSource(Source):
     """scikit-learn's 8x8 digits, grey 0..16 scaled to 0..255, held-out test split."""
 
     def __init__(self, description, size, test_fraction, seed):
@@ -160,7 +160,7 @@ class _DigitsSource(Source):
         grey = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
         self._grey = grey[..., None]  # (1797, 8, 8, 1)
         self._labels = digits.target.astype(np.int64)  # (1797,)
-        train, test = _holdout(len(grey), test_fraction, seed)
+        train, test = holdout(len(grey), test_fraction, seed)
         self._index = {"train": train, "test": test}
 
     def _count(self, split):
@@ -168,12 +168,12 @@ class _DigitsSource(Source):
 
     def _read(self, split, lo, hi):
         idx = self._index[split][lo:hi]  # (B,)
-        grey = _resize_images(self._grey[idx], self.image_size)  # (B, S, S, 1)
+        grey = resize_images(self._grey[idx], self.image_size)  # (B, S, S, 1)
         images = np.ascontiguousarray(np.repeat(grey, 3, axis=3))
         return Batch(images, self._labels[idx], [f"digits#{i}" for i in idx])
 
 
-def _parse_synthetic(spec: str) -> tuple[int, int]:
+def parse_synthetic(spec: str) -> tuple[int, int]:
     parts = spec.split(":")
     try:
         if len(parts) not in (2, 3):

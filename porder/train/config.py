@@ -1,4 +1,8 @@
-"""What defines a training run (:class:`TrainConfig`) and what it returns (:class:`TrainResult`)."""
+"""What defines a training run (:class:`TrainConfig`) and what it returns (:class:`TrainResult`).
+
+This module imports no torch (its limits and names come from :mod:`porder.trainspec`),
+though the :mod:`porder.train` package that holds it does.
+"""
 from __future__ import annotations
 
 import math
@@ -6,14 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .fm import FM_POINTS, parse_fm_spec
-from .models import MODELS
+from ..trainspec import ARCHS, DEVICES, FM_POINTS, MAX_SEED, MAX_WIDTH, parse_fm_spec
 
-DEVICES = ("cpu", "cuda", "auto")
-# Largest --width: 16 x the published channel counts (VGG's last layers: 8,192 channels).
-MAX_WIDTH = 16.0
-# Seeds are stored as int64 (config.json, checkpoints).
-MAX_SEED = 2**63 - 1
 # Metrics fields that measure time, not learning: they differ between runs.
 TIMING_FIELDS = ("images_per_s", "wall_s", "data_wait", "eval_s")
 # Config fields that must match to resume a run (the rest may change: steps, device, ...).
@@ -31,7 +29,7 @@ Progress = Callable[[int, int, Optional[dict]], None]
 class TrainConfig:
     """Everything that defines a training run (units in comments)."""
 
-    arch: str = "vgg"               # one of models.MODELS: vgg | resnet | inception
+    arch: str = "vgg"               # one of ARCHS (models.MODELS): vgg | resnet | inception
     width: float = 1.0              # channel multiplier (1.0 = the published widths)
     lr: float = 1e-3                # Adam learning rate (betas 0.9/0.999, no weight decay)
     batch_size: int = 32            # images per step; 1 = online training, as in the paper
@@ -47,15 +45,15 @@ class TrainConfig:
     amp: bool = True                # mixed precision on CUDA (bfloat16, or float16 + scaling)
     deterministic: bool = True      # deterministic kernels (same seed -> same metrics)
     threads: Optional[int] = None   # CPU threads for torch (None: all cores)
-    # feature-map reordering layers, "POINT:MEASURE:PATCH" (fm.FM_POINTS); they use
+    # feature-map reordering layers, "POINT:MEASURE:PATCH" (trainspec.FM_POINTS); they use
     # `bins` and the `order_seed` of the random control
     fm_reorder: list = field(default_factory=list)
 
     def validate(self) -> "TrainConfig":
         """Check every field; ValueError naming the option and what it must be."""
-        if self.arch not in MODELS:
+        if self.arch not in ARCHS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of "
-                             f"{', '.join(MODELS)}")
+                             f"{', '.join(ARCHS)}")
         for name in ("batch_size", "steps", "eval_every", "eval_batch", "patch", "bins"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

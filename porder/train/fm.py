@@ -5,7 +5,8 @@ learning pipeline". :func:`insert_fm_reorder` puts a
 :class:`porder.nn.PatchReorder` after a named point of a network built by
 :func:`porder.train.models.build_model` (:data:`FM_POINTS`: ``stem`` and
 ``stage1``..``stageK`` in all three, the last stage excepted: global average
-pooling after it ignores the order of the patches). A forward hook on the
+pooling after it ignores the order of the patches; the table lives in the
+torch-free :mod:`porder.trainspec`, for the CLI). A forward hook on the
 point's submodule passes its output through the layer, so the network's own
 parameters, their names and their initial values are unchanged: a run with the
 layer and one without start from the same weights for one seed.
@@ -15,72 +16,19 @@ the point's S x S map into 2 x 2 patches or more (:func:`check_fm_reorder`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..measures import get_measure
+from ..trainspec import FM_POINTS, FmSpec, parse_fm_spec
 from .models import MODELS
 
-# Where `porder train --fm-reorder POINT:MEASURE:PATCH` may insert a PatchReorder layer:
-# the output of the named part of each network (its map side at 32x32 inputs in brackets;
-# every model records its own points and sides for any input size in `fm_points`).
-# The last stage of each network is not a point: global average pooling follows it, and an
-# average does not depend on the order of the patches, so a layer there would change nothing.
-FM_POINTS = {
-    "vgg": {"stem": "after the first conv (32)",
-            **{f"stage{b}": f"after conv block {b} of 5 ({s})"
-               for b, s in zip(range(1, 5), (32, 16, 8, 4))}},
-    "resnet": {"stem": "after the 3x3 stem conv (32)",
-               **{f"stage{i}": f"after stage {i} of 4, 2 basic blocks each ({s})"
-                  for i, s in zip(range(1, 4), (32, 16, 8))}},
-    "inception": {"stem": "after the 5-conv stem (32)",
-                  "stage1": "after the 3 Inception-A blocks (32)",
-                  "stage2": "after the reduction and the 4 Inception-C blocks (16)"},
-}
-
-
-@dataclass(frozen=True)
-class FmSpec:
-    """One feature-map reordering layer: where, with which measure, which patch side."""
-
-    point: str
-    measure: str
-    patch: int
-
-    def __str__(self) -> str:
-        return f"{self.point}:{self.measure}:{self.patch}"
-
-
-def parse_fm_spec(text) -> FmSpec:
-    """``"POINT:MEASURE:PATCH"`` -> :class:`FmSpec` (an FmSpec is returned unchanged).
-
-    Checks the form, the measure (:data:`porder.measures.MEASURES`) and that
-    PATCH is a positive integer; the point and the patch against a network are
-    checked by :func:`check_fm_reorder`.
-    """
-    if isinstance(text, FmSpec):
-        return text
-    parts = str(text).strip().split(":")
-    if len(parts) != 3 or not all(p.strip() for p in parts):
-        raise ValueError(f"feature-map reordering {text!r} is not POINT:MEASURE:PATCH, "
-                         "e.g. stem:mi:4")
-    point, name, patch = (p.strip() for p in parts)
-    try:
-        name = get_measure(name).name
-    except ValueError as e:
-        raise ValueError(f"feature-map reordering {text!r}: {e}") from None
-    try:
-        size = int(patch)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise ValueError(f"feature-map reordering {text!r}: patch {patch!r} is not a positive "
-                         "integer, e.g. stem:mi:4")
-    return FmSpec(point, name, size)
+# FM_POINTS, FmSpec and parse_fm_spec live in porder.trainspec (torch-free, for the CLI);
+# they are part of this module's API too.
+__all__ = ["FM_POINTS", "FmSpec", "check_fm_reorder", "fm_points", "insert_fm_reorder",
+           "parse_fm_spec"]
 
 
 def fm_points(arch: str, in_size: int = 32) -> dict[str, tuple[str, int]]:

@@ -79,7 +79,7 @@ class VGG(nn.Module):
                 cin = _ch(c, width)
                 if not points:
                     points["stem"] = ("features.0", s)
-            if b + 1 < len(VGG16):                       # see fm.FM_POINTS: not the last
+            if b + 1 < len(VGG16):                       # see trainspec.FM_POINTS: not the last
                 points[f"stage{b + 1}"] = (f"features.{len(layers) - 1}", s)
         self.fm_points = points
         self.features = nn.Sequential(*layers)
@@ -117,7 +117,7 @@ class ResNet(nn.Module):
         c0 = _ch(64, width)
         self.stem = conv_bn(3, c0)
         blocks, cin, s = [], c0, in_size
-        self.fm_points = {"stem": ("stem", s)}         # see fm.FM_POINTS: not the last stage
+        self.fm_points = {"stem": ("stem", s)}         # see trainspec.FM_POINTS: not the last stage
         for i, c in enumerate((64, 128, 256, 512)):
             stride = 2 if i and s >= 4 else 1
             s //= stride
@@ -254,7 +254,7 @@ class Inception(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         half = lambda n: (n - 1) // 2 + 1              # the padded stride-2 reductions
         self.fm_points = {"stem": ("stem", in_size), "stage1": ("blocks.2", in_size),
-                          "stage2": ("blocks.7", half(in_size))}   # see fm.FM_POINTS
+                          "stage2": ("blocks.7", half(in_size))}   # see trainspec.FM_POINTS
         self.drop = nn.Dropout(0.5)
         self.fc = nn.Linear(cin, num_classes)
         _init(self)
@@ -264,6 +264,7 @@ class Inception(nn.Module):
         return self.fc(self.drop(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
 
 
+# In the order of porder.trainspec.ARCHS, the names the CLI offers without importing torch.
 MODELS = {"vgg": VGG, "resnet": ResNet, "inception": Inception}
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import porder.sources.decode as decode
+import porder.sources.pillow as pillow
 import porder.sources.procs as procs
 
 _MARKER = "PORDER_TEST_HANG_MARKER"
@@ -24,7 +24,7 @@ _MARKER = "PORDER_TEST_HANG_MARKER"
 
 def hang_on(marker: Path) -> None:
     """Patch the decoding of one file so that it blocks after writing ``marker``."""
-    original = decode._decode_file
+    original = pillow.decode_file
 
     def decode_file(path, size):
         if os.path.basename(path) == "hang.png":
@@ -32,7 +32,7 @@ def hang_on(marker: Path) -> None:
             time.sleep(600)
         return original(path, size)
 
-    decode._decode_file = decode_file
+    pillow.decode_file = decode_file
 
 
 def worker_main() -> None:

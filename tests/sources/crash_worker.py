@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import signal
 
-import porder.sources.decode as decode
+import porder.sources.pillow as pillow
 import porder.sources.procs as procs
 
 
 def worker_main() -> None:
-    original = decode._decode_file
+    original = pillow.decode_file
 
     def decode_file(path, size):
         name = os.path.basename(path)
@@ -24,5 +24,5 @@ def worker_main() -> None:
             os._exit(3)
         return original(path, size)
 
-    decode._decode_file = decode_file
+    pillow.decode_file = decode_file
     procs.worker_main()

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from porder.sources import fastjpeg
-from porder.sources.decode import RESAMPLE, _decode_file, _decode_pillow
+from porder.sources.pillow import RESAMPLE, decode_file, decode_pillow
 
 
 def photo(w, h, seed=0):
@@ -30,7 +30,7 @@ def jpeg(a, **kw) -> bytes:
 def regular(data: bytes, size: int):
     """Pillow's regular path: the image, or the error as (type, message)."""
     try:
-        return _decode_pillow(io.BytesIO(data), size)
+        return decode_pillow(io.BytesIO(data), size)
     except Exception as exc:  # noqa: BLE001 - compared, not handled
         return type(exc), str(exc)
 
@@ -39,7 +39,7 @@ def via_file(tmp_path, data: bytes, size: int):
     path = tmp_path / "x.jpg"
     path.write_bytes(data)
     try:
-        return _decode_file(str(path), size)
+        return decode_file(str(path), size)
     except Exception as exc:  # noqa: BLE001
         return type(exc), str(exc)
 
