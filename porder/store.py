@@ -45,7 +45,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__
+from ._version import __version__
+from .messages import one_line
 from .output import DiskFull, SpaceReserver, durable_replace, is_disk_full, lock_output
 from .reader import (
     Split,
@@ -436,7 +437,7 @@ def _reason(e: BaseException) -> str:
     text = str(e)
     if "No space left" in text or "errno = 28" in text:
         return "no space left on the device"
-    return text.splitlines()[0] if text else type(e).__name__
+    return one_line(e, first=True)
 
 
 def _change(key: str, old, meta: dict, attrs) -> str:

@@ -29,6 +29,8 @@ from pathlib import Path, PurePosixPath
 import h5py
 import numpy as np
 
+from .messages import one_line
+
 FORMAT = "porder"
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -74,9 +76,8 @@ class Layout:
     virtual_sources: list = field(default_factory=list)  # relative shard file names
 
 
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split("\n")[0].split())
-    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
+def _why(exc: BaseException) -> str:
+    return one_line(exc, first=True, limit=200)
 
 
 @contextmanager
@@ -88,7 +89,7 @@ def reading(path):
         raise
     except (OSError, RuntimeError, KeyError, TypeError, ValueError, IndexError,
             AttributeError, OverflowError) as e:
-        raise StoreError(f"cannot read '{path}': {_first_line(e)} (the file is damaged or "
+        raise StoreError(f"cannot read '{path}': {_why(e)} (the file is damaged or "
                          f"not a porder file)") from None
 
 
@@ -105,7 +106,7 @@ def open_hdf5(path, mode: str = "r") -> h5py.File:
     try:
         return h5py.File(path, mode)
     except (OSError, RuntimeError, ValueError) as e:
-        raise StoreError(f"cannot read '{path}' as HDF5: {_first_line(e)}") from None
+        raise StoreError(f"cannot read '{path}' as HDF5: {_why(e)}") from None
 
 
 # Attributes
@@ -158,7 +159,7 @@ def _child(path, group, name: str, kind: type, where: str):
     try:
         link = group.get(name, getlink=True)
     except (KeyError, RuntimeError, OSError) as e:
-        raise StoreError(f"'{path}': cannot read {where} ({_first_line(e)})") from None
+        raise StoreError(f"'{path}': cannot read {where} ({_why(e)})") from None
     if link is None:
         raise StoreError(f"'{path}' has no {where}; it is not a complete porder file")
     if isinstance(link, h5py.SoftLink):

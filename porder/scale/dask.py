@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from ..messages import one_line
 from ..output import check_not_inside_source, lock_output, lock_path
 from ..sources.base import stored_name
 from ..store import SPLITS, StoreError, check_output, partial_path
@@ -231,7 +232,7 @@ def _run_dask_locked(distributed, address, n_local, spec: CacheSpec, out: Path, 
                     client = distributed.Client(address, timeout="20s")
                     client.wait_for_workers(1, timeout=60)
                 except (OSError, TimeoutError, ValueError) as e:
-                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    msg = one_line(e, first=True)
                     raise ScaleError(f"cannot use the Dask scheduler at {address}: {msg}") from None
             n = int(shards) if shards else max(1, 2 * sum(client.nthreads().values()))
             folder = out.with_name(out.name + ".shards")
@@ -325,7 +326,7 @@ def _raise_shard_error(distributed, future, i: int, n: int):
     try:
         future.result()
     except distributed.KilledWorker as e:
-        why = str(e).splitlines()[0] if str(e) else "KilledWorker"
+        why = one_line(e, first=True)
         raise ScaleError(f"shard {i}/{n}: its workers died too often, giving up ({why})") from None
     except distributed.client.FutureCancelledError:
         raise ScaleError(f"shard {i}/{n} was cancelled (the cluster shut down?)") from None

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import h5py
 import numpy as np
 
+from ..messages import one_line
 from ..output import DiskFull, SpaceReserver, check_free_space, durable_replace, is_disk_full, lock_output
 from ..reader import jsonable, open_checked
 from ..store import (
@@ -284,7 +285,7 @@ def merge_locked(shards: Sequence, out: Path, *, copy: bool, overwrite: bool,
                     f.attrs[key] = val
                 except (TypeError, ValueError) as e:  # e.g. text that is not valid UTF-8
                     raise StoreError(f"cannot copy attribute {key!r} of '{ref.path}' into "
-                                     f"'{tmp}': {str(e).splitlines()[0]}") from None
+                                     f"'{tmp}': {one_line(e, first=True)}") from None
             f.create_dataset("classes", data=np.array(ref.classes, dtype=object),
                              dtype=h5py.string_dtype())
             for split in SPLITS:
