@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +223,300 @@ def test_progress_is_reported_per_split(cache, tmp_path):
     export(path, tmp_path / "exp", format="npz", progress=lambda *a: events.append(a))
     assert events[0] == ("train", 0, 40) and ("train", 40, 40) in events
     assert events[-1] == ("test", 12, 12)
+
+
+# ---------------------------------------------------------------------------
+# --overwrite removes only what porder wrote (issue 20, class 1)
+
+def snapshot(root):
+    """Every entry under ``root`` (links not followed): kind and content."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                state[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                state[rel] = ("dir",)
+            elif p.is_file():
+                state[rel] = ("file", p.read_bytes())
+            else:
+                state[rel] = ("other", stat.S_IFMT(p.lstat().st_mode))
+    return state
+
+
+def refused(match, path, out, **kw):
+    """export() refuses (ExportError matching ``match``) and changes nothing beside ``out``."""
+    before = snapshot(out.parent)
+    with pytest.raises(ExportError, match=match) as e:
+        export(path, out, **kw)
+    assert snapshot(out.parent) == before
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_the_issue_case_is_refused(cache, tmp_path):
+    """`{}` is not an export record: thesis.tex is kept, and the refusal names it."""
+    path, _ = cache
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / MANIFEST).write_text("{}\n")
+    (d / "thesis.tex").write_text("x\n")
+    msg = refused("not a porder export", path, d, overwrite=True)
+    assert "'thesis.tex'" in msg and "no \"record\": \"porder-export\"" in msg
+
+
+def _genuine(path, tmp_path, **kw):
+    return export(path, tmp_path / "exp", **kw)
+
+
+def _forge(out, rec):
+    (out / MANIFEST).write_text(json.dumps(rec))
+
+
+@pytest.mark.parametrize("forge", [
+    "not-json", "not-utf8", "list", "deep", "no-record", "newer", "lists-thesis", "dotdot",
+    "absolute", "npz-lists-thesis", "folder-escapes", "counts", "dir-named-record",
+    "link-to-record", "fifo-record", "huge", "no-files"])
+def test_overwrite_refuses_a_forged_or_damaged_record(cache, tmp_path, monkeypatch, forge):
+    """Only a valid record that lists what an export writes lets --overwrite remove
+    anything; a user's thesis.tex beside it is never touched."""
+    import porder.export as ex
+
+    path, _ = cache
+    fmt = "npz" if forge.startswith("npz") else "imagefolder"
+    out = _genuine(path, tmp_path, format=fmt, split="test")
+    rec = read_manifest(out)
+    (out / "thesis.tex").write_text("x\n")
+    m = out / MANIFEST
+    if forge == "not-json":
+        m.write_text("{\"record\": \"porder-export\",")
+    elif forge == "not-utf8":
+        m.write_bytes(b"\xff\xfe{}")
+    elif forge == "list":
+        _forge(out, [rec])
+    elif forge == "deep":
+        m.write_text("[" * 100_000 + "]" * 100_000)
+    elif forge == "no-record":
+        del rec["record"]
+        _forge(out, rec)
+    elif forge == "newer":
+        _forge(out, {**rec, "record_version": 2})
+    elif forge in ("lists-thesis", "npz-lists-thesis"):
+        rec["files"]["thesis.tex"] = 2
+        _forge(out, rec)
+    elif forge == "dotdot":
+        rec["files"]["test/../../thesis.tex"] = 2
+        _forge(out, rec)
+    elif forge == "absolute":
+        rec["files"][str(out / "thesis.tex")] = 2
+        _forge(out, rec)
+    elif forge == "folder-escapes":
+        rec["folders"][0] = ".."
+        _forge(out, rec)
+    elif forge == "counts":
+        _forge(out, {**rec, "splits": {"test": 99}})
+    elif forge == "no-files":      # a record of an export from before records listed files
+        del rec["files"], rec["dirs"]
+        _forge(out, rec)
+    elif forge == "huge":
+        monkeypatch.setattr(ex, "MAX_RECORD_BYTES", 100)
+    else:
+        m.unlink()
+        target = tmp_path / "real.json"
+        target.write_text(json.dumps(rec))
+        if forge == "dir-named-record":
+            m.mkdir()
+        elif forge == "link-to-record":
+            m.symlink_to(target)
+        else:
+            os.mkfifo(m)
+    msg = refused("not a porder export", path, out, overwrite=True)
+    assert "'thesis.tex'" in msg
+
+
+@pytest.mark.parametrize("where", ["top", "class", "split", "new-folder", "link", "changed",
+                                   "fifo"])
+def test_overwrite_refuses_a_users_file_inside_an_earlier_export(cache, tmp_path, where):
+    """A file the earlier export did not write (or a PNG the user changed) is named,
+    and nothing is removed."""
+    path, _ = cache
+    out = _genuine(path, tmp_path)
+    folder = read_manifest(out)["folders"][0]
+    name = {"top": "notes.txt", "class": f"train/{folder}/notes.txt", "split": "test/notes.txt",
+            "new-folder": "mine/", "link": f"train/{folder}/link.png", "fifo": "test/pipe",
+            "changed": None}[where]
+    if where == "new-folder":
+        (out / "mine").mkdir()
+        (out / "mine" / "a.txt").write_text("keep")
+    elif where == "link":
+        outside = tmp_path / "outside.txt"
+        outside.write_text("keep")
+        (out / name).symlink_to(outside)
+    elif where == "fifo":
+        os.mkfifo(out / name)
+    elif where == "changed":
+        png = sorted((out / "train" / folder).iterdir())[0]
+        png.write_bytes(png.read_bytes() + b"edited")
+        name = f"{png.relative_to(out)} (changed since it was exported)"
+    else:
+        (out / name).write_text("keep")
+    msg = refused("that the earlier export did not write", path, out, overwrite=True)
+    assert f"('{name}')" in msg and "1 entry" in msg
+
+
+def test_a_refusal_lists_a_few_names_and_a_count(cache, tmp_path):
+    path, _ = cache
+    out = _genuine(path, tmp_path, format="npz")
+    for i in range(7):
+        (out / f"mine{i}.txt").write_text("keep")
+    msg = refused("7 entries", path, out, overwrite=True)
+    assert "('mine0.txt', 'mine1.txt', 'mine2.txt' and 4 more)" in msg
+
+
+def test_a_refusal_prints_control_characters_escaped(cache, tmp_path):
+    path, _ = cache
+    out = _genuine(path, tmp_path, format="npz")
+    (out / "a\nb\x1b[31m").write_text("keep")
+    msg = refused("earlier export did not write", path, out, overwrite=True)
+    assert "'a\\nb\\x1b[31m'" in msg
+
+
+def test_the_record_lists_what_was_written(cache, tmp_path):
+    path, _ = cache
+    out = _genuine(path, tmp_path)
+    rec = read_manifest(out)
+    assert rec["record"] == "porder-export" and rec["record_version"] == 1
+    files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*")
+             if p.is_file() and p.name != MANIFEST}
+    dirs = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_dir())
+    assert rec["files"] == files and len(files) == 52 and rec["dirs"] == dirs
+    data = Path(path).read_bytes()
+    assert rec["cache"] == {"path": str(Path(path).absolute()), "bytes": len(data),
+                            "digest": hashlib.sha256(data).hexdigest()}
+
+
+def test_overwrite_after_the_user_deleted_some_files(cache, tmp_path):
+    """Files of the record that are gone are fine: what is left is all porder's."""
+    path, _ = cache
+    out = _genuine(path, tmp_path)
+    shutil.rmtree(out / "test")
+    next((out / "train").rglob("*.png")).unlink()
+    export(path, out, overwrite=True, format="npz")
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "test.npz", "train.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+@pytest.mark.parametrize("earlier", [True, False])
+def test_overwrite_through_a_symlink(cache, tmp_path, earlier):
+    """OUT a link to a folder: the export is written where it points; the link stays
+    and nothing is left beside either."""
+    path, _ = cache
+    real = tmp_path / "disk" / "real"
+    real.parent.mkdir()
+    if earlier:
+        export(path, real, format="npz")
+    else:
+        real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert export(path, link, overwrite=True, split="test") == link
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert sorted(p.name for p in real.iterdir()) == [MANIFEST, "test"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real"]
+
+
+def test_a_symlink_to_a_users_folder_is_refused(cache, tmp_path):
+    path, _ = cache
+    real = tmp_path / "mine"
+    real.mkdir()
+    (real / "a.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(real)
+    refused("holds no porder-export.json", path, tmp_path / "link", overwrite=True)
+
+
+def _during_the_export(monkeypatch, action):
+    """Run ``action()`` once, after the first chunk of images has been written."""
+    import porder.export as ex
+
+    rows = ex._rows
+
+    def hooked(*a, **k):
+        for i, item in enumerate(rows(*a, **k)):
+            yield item
+            if i == 0:
+                action()
+
+    monkeypatch.setattr(ex, "_rows", hooked)
+
+
+@pytest.mark.parametrize("earlier", [True, False])
+def test_a_file_added_during_the_export_is_kept(cache, tmp_path, monkeypatch, earlier):
+    """OUT is checked again just before it is replaced: a file added meanwhile stops
+    the export, and OUT is left as it then was."""
+    path, _ = cache
+    out = tmp_path / "exp"
+    if earlier:
+        export(path, out, format="npz")
+    _during_the_export(monkeypatch, lambda: (out.mkdir(exist_ok=True),
+                                             (out / "late.txt").write_text("keep")))
+    with pytest.raises(ExportError, match="late.txt" if earlier else "exists and is not empty"):
+        export(path, out, overwrite=earlier)
+    assert (out / "late.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    if earlier:
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [MANIFEST, "late.txt", "test.npz", "train.npz"])
+
+
+def test_an_interrupt_while_writing_leaves_nothing(cache, tmp_path, monkeypatch):
+    path, _ = cache
+    out = export(path, tmp_path / "exp", format="npz")
+    before = snapshot(tmp_path)
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    _during_the_export(monkeypatch, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export(path, out, overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("at", [1, 2, 3])
+def test_an_interrupt_while_replacing_keeps_one_whole_export(cache, tmp_path, monkeypatch, at):
+    """Ctrl-C at the rename that moves the earlier export aside (1), at the one that
+    moves the new export in (2), or while the earlier one is removed (3): OUT holds
+    one whole export (the earlier, or the new), and nothing else is left."""
+    import porder.export as ex
+
+    path, _ = cache
+    out = export(path, tmp_path / "exp", format="npz")
+    earlier = snapshot(out)
+    calls = {"rename": 0, "unlink": 0}
+    rename, unlink = os.rename, os.unlink
+
+    def renaming(a, b):
+        calls["rename"] += 1     # 1: tmp onto OUT (refused: not empty), 2: OUT aside, 3: tmp in
+        if calls["rename"] == at + 1 and at < 3:
+            raise KeyboardInterrupt
+        rename(a, b)
+
+    def unlinking(*a, **k):
+        calls["unlink"] += 1
+        if calls["unlink"] == 1 and at == 3:
+            raise KeyboardInterrupt
+        unlink(*a, **k)
+
+    monkeypatch.setattr(ex.os, "rename", renaming)
+    monkeypatch.setattr(ex.os, "unlink", unlinking)
+    with pytest.raises(KeyboardInterrupt):
+        export(path, out, overwrite=True, split="test")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    if at < 3:
+        assert snapshot(out) == earlier
+    else:
+        assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "test"]

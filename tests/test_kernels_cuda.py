@@ -9,12 +9,15 @@ before a device ever runs the kernels:
    NumPy path: permutations, images and score values;
 3. nvcc compiles every .cu for sm_90 and sm_80 with warnings as errors;
 4. on a GPU (mark ``gpu``): the kernels against the generic CuPy path and the
-   NumPy path, with poisoned outputs and fresh random inputs.
+   NumPy path, with poisoned outputs and fresh random inputs. Each such test
+   draws its inputs from a new seed (the ``seed`` fixture), printed with the
+   command that replays it; ``PORDER_TEST_SEED=S`` fixes the seed of every test.
 """
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import re
 import secrets
 import shutil
@@ -496,6 +499,60 @@ def test_every_cu_compiles_with_nvcc(tmp_path):
 # 4. On a GPU
 
 
+SEED_ENV = "PORDER_TEST_SEED"   # set it to replay a failed GPU test with the same inputs
+
+
+def draw_seed(env=None) -> int:
+    """The seed of a GPU test's random inputs: ``$PORDER_TEST_SEED`` when set (to
+    replay a failure), else a fresh one (new inputs every run)."""
+    value = (os.environ if env is None else env).get(SEED_ENV, "").strip()
+    if not value:
+        return secrets.randbits(32)
+    try:
+        seed = int(value, 0)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{SEED_ENV}={value!r}: give a whole number 0 <= seed < 2**32")
+    return seed
+
+
+def announce_seed(node) -> int:
+    """Draw a test's seed and print it with the command that replays it: pytest
+    shows it under "Captured stdout setup" when the test fails; it is also a
+    ``user_properties`` entry of the test (in a --junitxml report)."""
+    s = draw_seed()
+    print(f"random inputs from seed {s}; replay: {SEED_ENV}={s} python -m pytest "
+          f"'{node.nodeid}'")
+    node.user_properties.append(("seed", s))
+    return s
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """The seed of a GPU test's random inputs (:func:`announce_seed`)."""
+    return announce_seed(request.node)
+
+
+def test_seeds_are_fresh_unless_fixed_by_the_environment():
+    assert draw_seed({SEED_ENV: "12345"}) == 12345 == draw_seed({SEED_ENV: " 0x3039 "})
+    assert draw_seed({SEED_ENV: "0"}) == 0
+    drawn = {draw_seed({}) for _ in range(8)} | {draw_seed({SEED_ENV: ""})}
+    assert len(drawn) > 1 and all(0 <= s < 2**32 for s in drawn)
+    for bad in ("-1", "2**32", "4294967296", "seven"):
+        with pytest.raises(ValueError, match=SEED_ENV):
+            draw_seed({SEED_ENV: bad})
+
+
+def test_the_seed_fixture_replays_and_reports(request, monkeypatch, capsys):
+    monkeypatch.setenv(SEED_ENV, "77")
+    assert announce_seed(request.node) == 77
+    assert f"seed 77; replay: {SEED_ENV}=77 python -m pytest" in capsys.readouterr().out
+    assert ("seed", 77) in request.node.user_properties
+    x, y = _fresh_images(24, 77), _fresh_images(24, 77)
+    assert np.array_equal(x, y)     # one seed, the same inputs
+
+
 @pytest.fixture
 def cp():
     if not cuda_available():
@@ -537,8 +594,7 @@ def _gpu_check(cp, x, measure, patch, *, bins=256, reference=0, descending=None,
 @pytest.mark.gpu
 @pytest.mark.parametrize("patch", PATCHES)
 @pytest.mark.parametrize("measure", MEASURES)
-def test_gpu_kernels_match_generic_and_numpy(cp, measure, patch):
-    seed = secrets.randbits(32)  # fresh inputs every run; the seed is in any failure message
+def test_gpu_kernels_match_generic_and_numpy(cp, measure, patch, seed):
     x = _fresh_images(60, seed)
     for bins in ((256, 16) if measure in HIST else (256,)):
         _gpu_check(cp, x, measure, patch, bins=bins, seed=seed)
@@ -546,8 +602,7 @@ def test_gpu_kernels_match_generic_and_numpy(cp, measure, patch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("measure", MEASURES)
-def test_gpu_reference_and_direction(cp, measure):
-    seed = secrets.randbits(32)
+def test_gpu_reference_and_direction(cp, measure, seed):
     x = _fresh_images(24, seed)
     default = porder.get_measure(measure).descending
     _gpu_check(cp, x, measure, 8, reference=5, descending=not default, seed=seed)
@@ -558,8 +613,7 @@ def test_gpu_reference_and_direction(cp, measure):
 @pytest.mark.parametrize("size,channels,patch", [
     (12, 1, 3), (20, 2, 5), (30, 4, 6), (27, 3, 9), (24, 3, 12), (16, 3, 16), (8, 3, 1)])
 @pytest.mark.parametrize("measure", ["mi", "kl", "entropy", "ssim"])
-def test_gpu_other_shapes(cp, measure, size, channels, patch):
-    seed = secrets.randbits(32)
+def test_gpu_other_shapes(cp, measure, size, channels, patch, seed):
     rng = np.random.default_rng(seed)
     x = (rng.integers(0, 5, (7, size, size, channels)) * 60).astype(np.uint8)
     x[3:] = rng.integers(0, 256, x[3:].shape)
@@ -567,9 +621,8 @@ def test_gpu_other_shapes(cp, measure, size, channels, patch):
 
 
 @pytest.mark.gpu
-def test_gpu_many_images_grid_stride_and_chunks(cp):
+def test_gpu_many_images_grid_stride_and_chunks(cp, seed):
     """More images than resident blocks (grid-stride loop), several launches, strided input."""
-    seed = secrets.randbits(32)
     x = _fresh_images(1200, seed)
     lim = kc.device_limits()
     g = kc.launch_geometry("mi", 32, 3, 16, limits=lim, chunk_bytes=500 * 3072)
@@ -579,12 +632,12 @@ def test_gpu_many_images_grid_stride_and_chunks(cp):
     perm = cp.full((len(x), g.patches), -7, dtype=cp.int64)
     kc.launch(xg, g, out, perm, check=True)
     _, nperm = porder.reorder(x, "mi", 16, backend="generic")
-    assert np.array_equal(cp.asnumpy(perm), nperm), first_mismatch(cp.asnumpy(perm), nperm)
+    assert np.array_equal(cp.asnumpy(perm), nperm), \
+        f"seed {seed}: {first_mismatch(cp.asnumpy(perm), nperm)}"
 
 
 @pytest.mark.gpu
-def test_gpu_dispatch_and_fallback(cp):
-    seed = secrets.randbits(32)
+def test_gpu_dispatch_and_fallback(cp, seed):
     x = _fresh_images(12, seed)
     out, perm = porder.reorder(cp.asarray(x), "je", 8, device="cuda", backend="compiled")
     nout, nperm = porder.reorder(x, "je", 8, backend="generic")

@@ -7,12 +7,13 @@ from __future__ import annotations
 import click
 
 from ..export import FORMATS
+from ..sources.base import printable
 from ..store import SPLITS
-from .common import CONTEXT, ProgressReporter, library_errors
+from .common import CONTEXT, ProgressReporter, interruptible, library_errors
 
 
 @click.command("export", context_settings=CONTEXT)
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path())  # checked by the library: one `Error:` line
 @click.argument("out", type=click.Path(file_okay=True))
 @click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="imagefolder",
               show_default=True,
@@ -21,7 +22,9 @@ from .common import CONTEXT, ProgressReporter, library_errors
               help="Export one split [default: every split of FILE].")
 @click.option("--restore", is_flag=True,
               help="Export the original images (recovered through perm), not the reordered ones.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds an earlier porder export.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it holds an earlier porder export, and only what that "
+                   "export wrote.")
 @click.option("-j", "--workers", type=click.IntRange(min=1), default=None,
               help="Threads encoding PNGs [default: all cores].")
 @click.option("--progress/--no-progress", default=None,
@@ -37,8 +40,10 @@ def export(file, out, fmt, split, restore, overwrite, workers, progress):
                  (numpy.load, no pickle).
 
     OUT is built under a temporary name beside it and renamed when complete;
-    OUT/porder-export.json records what was exported and how FILE was made.
-    Class folders are the class names made safe for any file system.
+    OUT/porder-export.json records what was exported, how FILE was made and
+    every file written. Class folders are the class names made safe for any
+    file system. --overwrite removes only the files an earlier export's record
+    lists: anything else in OUT makes it refuse. Ctrl-C leaves OUT as it was.
 
     \b
     Examples:
@@ -50,13 +55,17 @@ def export(file, out, fmt, split, restore, overwrite, workers, progress):
     from ..export import read_manifest
 
     reporter = ProgressReporter(progress)
-    with library_errors():
+    # An interrupt at the very end (while the earlier export is removed) comes
+    # after OUT was replaced: the message says both.
+    kept = (f"no partial export is left; '{printable(out)}' is as it was (or complete, if "
+            f"the export had just finished)")
+    with interruptible(kept), library_errors():
         try:
             path = run_export(file, out, format=fmt, split=split, restore=restore,
                               overwrite=overwrite, workers=workers, progress=reporter)
         finally:
             reporter.close()
-    done = read_manifest(path)["splits"]
+        done = read_manifest(path)["splits"]
     counts = ", ".join(f"{s} {done[s]}" for s in SPLITS if s in done)
     what = "original" if restore else "stored"
-    click.echo(f"Wrote {path}/ ({fmt}, {what} images): {counts} images")
+    click.echo(f"Wrote {printable(path)}/ ({fmt}, {what} images): {counts} images")

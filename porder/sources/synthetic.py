@@ -22,6 +22,12 @@ _SYN_NOISE_WORDS = SYNTHETIC_SIZE * SYNTHETIC_SIZE * 3 // 8
 _SYN_WORDS = _SYN_PARAM_WORDS + _SYN_NOISE_WORDS
 _SYN_CHUNK = 256  # fewest samples worth sending to a worker thread
 _SYN_CLEAN_SCALE = 192.0  # clean image in 0..192, plus noise in 0..63: never clips
+# Bounds of synthetic:N:C, checked before anything is allocated. _holdout draws the
+# split of all N at once: a permutation (int64), a mask (bool) and the train indices
+# (int64), 17 bytes an image.
+_HOLDOUT_BYTES = 17
+MAX_SYNTHETIC_IMAGES = 100_000_000      # 1.7 GB of split indices
+MAX_SYNTHETIC_CLASSES = 1_000_000
 
 
 def _hue_rgb(h: np.ndarray) -> np.ndarray:
@@ -186,4 +192,13 @@ def parse_synthetic(spec: str) -> tuple[int, int]:
     if n < 1 or classes < 2:
         raise SourceError(f"bad synthetic source {spec!r}: needs N >= 1 images and C >= 2 "
                           f"classes")
+    if n > MAX_SYNTHETIC_IMAGES:
+        raise SourceError(f"bad synthetic source {spec!r}: N is at most "
+                          f"{MAX_SYNTHETIC_IMAGES:,} images, as the train/test split of all N "
+                          f"is drawn in memory at the start ({_HOLDOUT_BYTES} bytes an image, "
+                          f"{MAX_SYNTHETIC_IMAGES * _HOLDOUT_BYTES / 1e9:.1f} GB at the limit)")
+    if classes > MAX_SYNTHETIC_CLASSES:
+        raise SourceError(f"bad synthetic source {spec!r}: C is at most "
+                          f"{MAX_SYNTHETIC_CLASSES:,} classes, as every class name is held in "
+                          f"memory and stored in the file")
     return n, classes

@@ -1,0 +1,49 @@
+"""A short seeded fuzz of `porder export` (issue 20): over corrupted caches and hostile
+output folders, every case ends in a correct export or in one ``Error:`` line, and
+nothing is deleted or left that the user did not ask for.
+
+tests/fuzz_export.py (in a subprocess, so that even a crash of HDF5 is caught and
+named) builds the cases and checks each outcome; this test reads its report.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from porder.pipeline import build_cache
+
+from .conftest import REPO
+
+CASES = 48            # half corrupted caches (6 of each corruption), half hostile folders
+SECONDS = 20.0        # per export: generous bounded time on a loaded machine
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_export_over_corrupted_caches_and_hostile_folders(tmp_path, seed):
+    base = build_cache("synthetic:24", tmp_path / "base.h5", measure="entropy", size=16,
+                       patch=4, workers=1).path
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "tests.fuzz_export", str(base), str(work),
+                           str(seed), str(CASES)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    started = [r for r in rows if "start" in r]
+    assert proc.returncode == 0 and rows and rows[-1].get("done"), (
+        f"the fuzz worker died (exit {proc.returncode}) in case "
+        f"{started[-1] if started else '?'}: {proc.stderr[-2000:]}")
+    results = [r for r in rows if "code" in r]
+    assert len(results) == CASES
+    failures = [f"case {r['case']} ({r['what']}): exit {r['code']}: {'; '.join(r['problems'])}"
+                f": {r['output'][-300:]!r}" for r in results if r["problems"]]
+    failures += [f"case {r['case']} ({r['what']}): took {r['seconds']:.1f} s"
+                 for r in results if r["seconds"] > SECONDS]
+    assert not failures, "\n".join(failures)
+    # the fuzz reaches both ends: exports written (onto earlier ones too) and refusals
+    codes = Counter((r["case"] % 2, r["code"]) for r in results)
+    assert codes[(0, 0)] >= 3 and codes[(0, 1)] >= 6, codes      # corrupted caches
+    assert codes[(1, 0)] >= 3 and codes[(1, 1)] >= 10, codes     # hostile folders
