@@ -40,11 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .patches import restore_images
-from .sources.base import printable
+from .sources.base import SPLITS, printable
 from .sources.identity import source_identity
-from .store import SPLITS, iter_split, read_meta, to_json
+
+# porder.store (h5py) is imported where a cache is read, so that `porder --help`
+# and `porder export --help` load neither h5py nor the cache reader.
 
 FORMATS = ("imagefolder", "npz")
 MANIFEST = "porder-export.json"
@@ -381,6 +383,8 @@ def _publish(tmp: Path, target: Path, out, overwrite: bool) -> None:
 
 def _rows(cache, split: str, restore: bool, patch: int):
     """(lo, images, labels, perm, names) chunks of a split; images restored when asked."""
+    from .store import iter_split
+
     for lo, c in iter_split(cache, split, rows=CHUNK_ROWS, names=True):
         imgs = restore_images(c["images"], c["perm"], patch) if restore else c["images"]
         yield lo, imgs, c["labels"], c["perm"], c["names"]
@@ -492,6 +496,8 @@ def export(cache_path, out_dir, *, format: str = "imagefolder", split: str | Non
     OSError
         The output cannot be written (disk full, permissions).
     """
+    from .store import read_meta, to_json
+
     if format not in FORMATS:
         raise ExportError(f"format={format!r} is not one of {', '.join(FORMATS)}")
     if split is not None and split not in SPLITS:

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from porder.pipeline import build_cache
+from porder.pipeline import CacheSpec, build_cache
 
 from .conftest import REPO
 
@@ -24,8 +24,8 @@ SECONDS = 20.0        # per export: generous bounded time on a loaded machine
 
 @pytest.mark.parametrize("seed", [0])
 def test_export_over_corrupted_caches_and_hostile_folders(tmp_path, seed):
-    base = build_cache("synthetic:24", tmp_path / "base.h5", measure="entropy", size=16,
-                       patch=4, workers=1).path
+    base = build_cache(CacheSpec("synthetic:24", tmp_path / "base.h5", measure="entropy",
+                                 size=16, patch=4, workers=1)).path
     work = tmp_path / "work"
     work.mkdir()
     proc = subprocess.run([sys.executable, "-m", "tests.fuzz_export", str(base), str(work),

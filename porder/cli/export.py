@@ -7,8 +7,7 @@ from __future__ import annotations
 import click
 
 from ..export import FORMATS
-from ..sources.base import printable
-from ..store import SPLITS
+from ..sources.base import SPLITS, printable
 from .common import CONTEXT, ProgressReporter, interruptible, library_errors
 
 

@@ -38,9 +38,6 @@ def test_help_does_not_import_torch(args):
     assert "torch" not in heavy_imports(args)
 
 
-@pytest.mark.xfail(strict=True, reason="porder/cli/export.py imports porder.export and "
-                   "porder.store (h5py) at import time; remove this mark once the lead's "
-                   "edit of cli/export.py and export.py is merged")
 @pytest.mark.parametrize("args", HELPS, ids=" ".join)
 def test_help_does_not_import_h5py(args):
     assert "h5py" not in heavy_imports(args)
