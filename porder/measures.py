@@ -608,11 +608,16 @@ def register_measure(measure: Measure, *, replace: bool = False) -> Measure:
     a name is not found; a plugin that fails to load is skipped with a
     :class:`PluginWarning` naming its entry point.
     """
+    _load_plugins()  # a plugin's name counts as taken
+    return _add(measure, replace=replace)
+
+
+def _add(measure: Measure, *, replace: bool = False) -> Measure:
+    """:func:`register_measure` without loading the plugins first."""
     _check_entry(measure)
     if measure.origin is None:
         module = getattr(measure.fn, "__module__", None) or "__main__"
         measure = dataclasses.replace(measure, origin=module.partition(".")[0])
-    _load_plugins()  # a plugin's name counts as taken
     with _LOCK:
         old = MEASURES._entries.get(measure.name)
         if old is not None and not replace:
@@ -620,12 +625,6 @@ def register_measure(measure: Measure, *, replace: bool = False) -> Measure:
                              f"{old.origin}); pass replace=True to replace it")
         MEASURES._entries[measure.name] = measure
     return measure
-
-
-def _unregister(name: str) -> None:
-    """Remove a measure (tests that register their own clean up with this)."""
-    with _LOCK:
-        MEASURES._entries.pop(name, None)
 
 
 def _load_plugins() -> None:
@@ -653,12 +652,12 @@ def _load_plugin(ep) -> None:
     try:
         m = ep.load()
         if not isinstance(m, Measure):
-            raise ValueError(f"it names a {type(m).__name__}, not a porder.Measure")
+            raise ValueError(f"the object is of type {type(m).__name__}, not porder.Measure")
         old = MEASURES._entries.get(getattr(m, "name", None))
         if old is not None and old.origin != "porder" and \
                 dataclasses.replace(old, origin=None) == dataclasses.replace(m, origin=None):
             return  # the plugin's module registered it itself on import
-        register_measure(dataclasses.replace(m, origin=origin))
+        _add(dataclasses.replace(m, origin=origin))
     except Exception as e:  # a broken plugin must not break porder
         version = f" {dist.version}" if dist is not None else ""
         warnings.warn_explicit(
@@ -706,7 +705,7 @@ _BUILTINS = (
             origin="porder"),
 )
 for _m in _BUILTINS:
-    register_measure(_m)
+    _add(_m)  # through the same checks as any measure (no plugin loading: porder is importing)
 for _m in (Measure("none", "control", False, "identity: patches stay where they are",
                    origin="porder"),
            Measure("random", "control", False, "seeded random shuffle of the patches",
