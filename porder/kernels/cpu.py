@@ -1,20 +1,19 @@
 """Compiled CPU backend of :func:`porder.reorder`: numba kernels, one image at a time.
 
 Every built-in measure is covered (``IMPLEMENTS``; plugin measures and the
-controls take the generic path, decided by :func:`porder.reorder`). A pairwise
-measure scores the remaining candidates
-of a step against the current reference, all at once in vector lanes, and
-runs the greedy chain inside one compiled loop per image (no (N, K, K) score
-matrix); a standalone measure sorts its patch scores in the same loop, and the
-reordered image is gathered there too. ``mi`` and ``je`` count co-located
-pixel pairs with per-pixel equality bitmasks and a popcount (16-bit masks up
-to 4x4 patches, 64-bit up to 8x8; pixels whose bin is unique within the
-reference patch count 1 and are skipped), ``kl`` reads candidate-last bin
-counts; for these three a product of counts orders the candidates, and only
-the few candidates near the best get an exact score (details in
-``_cpu_kernels``). Permutations are identical to the generic NumPy path:
-scores rounded to ``porder.ordering.DECIMALS`` decimals, ties to the lowest
-index, NaN last.
+controls take the generic path, as :func:`porder.reorder` decides). A pairwise
+measure scores the remaining candidates of a step against the current
+reference, all at once in vector lanes, and runs the greedy chain inside one
+compiled loop per image (no (N, K, K) score matrix); a standalone measure sorts
+its patch scores in the same loop, and the reordered image is gathered there
+too. ``mi`` and ``je`` count co-located pixel pairs with per-pixel equality
+bitmasks and a popcount (16-bit masks up to 4x4 patches, 64-bit up to 8x8;
+pixels whose bin is unique within the reference patch count 1 and are
+skipped), ``kl`` reads candidate-last bin counts; for these three a product of
+counts orders the candidates, and only the few candidates near the best get an
+exact score (details in ``_cpu_kernels``). Permutations are identical to the
+generic NumPy path: scores rounded to ``porder.ordering.DECIMALS`` decimals,
+ties to the lowest index, NaN last.
 
 Images are split into chunks that ``workers`` threads (default: all cores; the
 caller's thread and a kept pool) take one after another; the compiled loop
