@@ -669,9 +669,10 @@ def _load_plugin(ep) -> None:
 def as_builtin(measure: Measure) -> Optional[Measure]:
     """porder's built-in entry that computes what ``measure`` computes, or None.
 
-    True for the registered built-ins and for copies of them under another
-    name (the same ``kind``, ``fn``, ``matrix`` and ``binned``): the compiled
-    kernels implement these formulas, and nothing else.
+    A built-in, or a copy of one under another name (the same ``kind``,
+    ``fn``, ``matrix`` and ``binned``), gives that built-in; anything else
+    (a plugin, a control) None. The compiled kernels implement the built-in
+    formulas and nothing else.
     """
     key = (measure.kind, measure.fn, measure.matrix, measure.binned)
     for b in _BUILTINS:
