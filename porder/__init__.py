@@ -6,13 +6,14 @@ Theory-Based Patch Ordering Algorithm". See ``porder --help`` and README.md.
 from __future__ import annotations
 
 from ._version import __version__
-from .measures import MEASURES, Measure, get_measure, measure, score_matrix
+from .measures import MEASURES, Measure, get_measure, measure, register_measure, score_matrix
 from .patches import apply_perm, invert_perm, merge, restore_images, split
 from .reorder import permutations, reorder
 
 __all__ = [
     "MEASURES", "Measure", "__version__", "apply_perm", "get_measure", "invert_perm", "load",
-    "measure", "merge", "permutations", "reorder", "restore_images", "score_matrix", "split",
+    "measure", "merge", "permutations", "register_measure", "reorder", "restore_images",
+    "score_matrix", "split",
 ]
 
 # Imported on first use, so `import porder` stays light (no h5py, no torch):

@@ -15,11 +15,18 @@ Conventions (the same for every measure, so results are comparable)
   means "higher is more similar" (the chain takes the maximum next); for a
   standalone measure it is the sort order of the patches.
 
-Public entry: :func:`measure` (values of one measure) and :data:`MEASURES`.
+Public entry: :func:`measure` (values of one measure), :data:`MEASURES` (the
+registry, name -> :class:`Measure`) and :func:`register_measure` (add one; installed
+packages add theirs through the entry-point group ``porder.measures``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+import threading
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -49,10 +56,14 @@ def _check_uint8(name: str, a) -> None:
         raise ValueError(f"{name} must have shape (..., p, p, C), got {tuple(a.shape)}")
 
 
-def _check_bins(bins: int) -> int:
+def check_bins(bins: int) -> int:
+    """``bins`` as an int; ValueError unless it is an integer from 1 to 256."""
     if not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 256:
         raise ValueError(f"bins must be an integer from 1 to 256, got {bins!r}")
     return int(bins)
+
+
+_check_bins = check_bins  # the name pipeline.py imports
 
 
 def _vectors(a):
@@ -374,18 +385,114 @@ def _l1_matrix(patches, bins):
 
 
 # --------------------------------------------------------------------------
+# Generic forms of any measure (those without a matrix of their own)
+
+
+def _broadcast_matrix(m: "Measure", patches, bins: int):
+    """(N, K, K) scores of a pairwise measure's ``fn`` on every ordered pair of patches.
+
+    ``fn`` sees two broadcast views of shape (N, K, K, p, p, C) (no copy);
+    what it allocates is bounded by the chunking of :func:`porder.reorder`.
+    """
+    xp = get_array_module(patches)
+    n_img, k = patches.shape[:2]
+    a, b = xp.broadcast_arrays(patches[:, :, None], patches[:, None, :])  # (N, K, K, p, p, C)
+    return _checked_scores(m, m.fn(a, b, bins=bins), (n_img, k, k))
+
+
+def _checked_scores(m: "Measure", scores, shape: tuple):
+    """A measure's values as float64 of ``shape``; ValueError naming the measure otherwise."""
+    xp = get_array_module(scores)
+    if tuple(getattr(scores, "shape", ())) != shape:
+        raise ValueError(f"measure {m.name!r} ({m.origin}) returned values of shape "
+                         f"{tuple(getattr(scores, 'shape', ()))}, expected {shape}")
+    return scores.astype(xp.float64, copy=False)
+
+
+def pairwise_matrix(m: "Measure", patches, bins: int):
+    """(N, K, K) score matrix of pairwise measure ``m``: its ``matrix``, or ``fn`` on all pairs."""
+    if m.matrix is not None:
+        return m.matrix(patches, bins)
+    return _broadcast_matrix(m, patches, bins)
+
+
+def standalone_scores(m: "Measure", patches, bins: int):
+    """(N, K) scores of standalone measure ``m`` on patches (N, K, p, p, C)."""
+    return _checked_scores(m, m.fn(patches, bins=bins), tuple(patches.shape[:2]))
+
+
+# --------------------------------------------------------------------------
 # The registry
+
+KINDS = ("standalone", "pairwise")  # what a registered measure may be; 'control' is porder's own
+ENTRY_POINT_GROUP = "porder.measures"
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+class PluginWarning(UserWarning):
+    """A measure plugin (entry point of group ``porder.measures``) could not be loaded."""
 
 
 @dataclass(frozen=True)
 class Measure:
-    """One registry entry.
+    """One ordering measure: what :func:`register_measure` takes and the registry holds.
 
-    ``kind`` is 'standalone' (scores each patch), 'pairwise' (scores a patch
-    against a reference) or 'control' (no score: ``none`` and ``random``).
-    ``descending``: see the module docstring. ``fn`` computes values on
-    explicit patches; ``matrix`` computes the (N, K, K) score matrix of a
-    pairwise measure (``fn`` on all pairs, faster).
+    Parameters
+    ----------
+    name : str
+        Lowercase letters, digits, ``_`` or ``-``, starting with a letter (at
+        most 32 characters): the name used by ``porder reorder -m``,
+        ``compare -m``, ``train --reorder`` and :func:`porder.reorder`.
+    kind : {'standalone', 'pairwise'}
+        'standalone' scores each patch on its own and the patches are sorted
+        by score; 'pairwise' scores a candidate patch against a reference
+        patch and the greedy chain takes the best candidate next. (porder's
+        controls ``none`` and ``random`` have kind 'control'.)
+    descending : bool
+        The default direction: for a pairwise measure True means "higher is
+        more similar"; for a standalone measure it sorts the highest first.
+    summary : str
+        One line saying what the measure computes (``porder measures``).
+    fn : callable
+        ``fn(a, b, *, bins)`` for a pairwise measure, ``fn(a, *, bins)`` for a
+        standalone one. ``a`` and ``b`` are uint8 patches (..., p, p, C) of the
+        same shape, NumPy or CuPy arrays (use
+        :func:`porder.backend.get_array_module` to stay generic); the result
+        has shape (...). ``bins`` (1..256) is the histogram resolution asked
+        for; a measure that does not bin may ignore it.
+    matrix : callable, optional
+        ``matrix(patches, bins)``: the (N, K, K) scores ``S[:, i, j] = fn(i, j)``
+        of patches (N, K, p, p, C), computed faster than pair by pair. Without
+        it porder evaluates ``fn`` on every pair by broadcasting.
+    binned : bool
+        Whether the measure quantises intensities into ``bins`` bins
+        (``bin = value * bins // 256``); porder's compiled kernels read it.
+    origin : str, optional
+        Who provides the measure: 'porder' for the built-ins, the distribution
+        name for a plugin. :func:`register_measure` fills it in when None.
+
+    Notes
+    -----
+    Only ``name``, ``kind``, ``descending``, ``summary`` and ``fn`` are needed:
+    a measure without a compiled kernel runs on porder's generic path (the
+    same permutations rules: scores rounded to 9 decimals, ties to the lowest
+    index, NaN last), through :func:`porder.reorder`, the CLI, ``compare``,
+    ``train --reorder`` and :class:`porder.nn.PatchReorder`.
+
+    Examples
+    --------
+    A pairwise measure with only ``fn`` (porder builds the score matrix)::
+
+        import numpy as np
+        import porder
+
+        def max_abs(a, b, *, bins=256):
+            d = a.astype(np.int16) - b.astype(np.int16)
+            return np.abs(d).max(axis=(-3, -2, -1)).astype(np.float64)
+
+        porder.register_measure(porder.Measure(
+            "maxabs", "pairwise", False, "largest absolute pixel difference", max_abs))
+        images, perm = porder.reorder(images, "maxabs", 8)
     """
 
     name: str
@@ -394,6 +501,8 @@ class Measure:
     summary: str
     fn: Optional[Callable] = None
     matrix: Optional[Callable] = None
+    binned: bool = False
+    origin: Optional[str] = None
 
     @property
     def direction(self) -> str:
@@ -404,31 +513,206 @@ class Measure:
         return "-"
 
 
-MEASURES: dict[str, Measure] = {
-    m.name: m
-    for m in [
-        Measure("entropy", "standalone", True,
-                "Shannon entropy of the patch's intensity histogram (bits)", entropy),
-        Measure("psnr", "standalone", False,
-                "peak signal-to-noise ratio of the patch against its own mean (dB)", psnr),
-        Measure("mi", "pairwise", True,
-                "mutual information H(a)+H(b)-JE(a,b) of co-located pixels (bits)",
-                mutual_information, _mi_matrix),
-        Measure("je", "pairwise", False,
-                "joint entropy of co-located pixel pairs (bits)", joint_entropy, _je_matrix),
-        Measure("kl", "pairwise", False,
-                "KL(reference || candidate) of smoothed intensity histograms (bits)",
-                kl_divergence, _kl_matrix),
-        Measure("l1", "pairwise", False,
-                "mean absolute pixel difference", l1_distance, _l1_matrix),
-        Measure("l2", "pairwise", False,
-                "root-mean-square pixel difference", l2_distance, _l2_matrix),
-        Measure("ssim", "pairwise", True,
-                "structural similarity, one window over the whole patch", ssim, _ssim_matrix),
-        Measure("none", "control", False, "identity: patches stay where they are"),
-        Measure("random", "control", False, "seeded random shuffle of the patches"),
-    ]
-}
+class _Registry(Mapping):
+    """name -> :class:`Measure`; the installed plugins are loaded on first listing or miss."""
+
+    def __init__(self):
+        self._entries: dict[str, Measure] = {}
+
+    def __getitem__(self, name: str) -> Measure:
+        m = self._entries.get(name)
+        if m is None:
+            _load_plugins()
+            return self._entries[name]
+        return m
+
+    def __iter__(self):
+        _load_plugins()
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        _load_plugins()
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"MEASURES({', '.join(self)})"
+
+
+MEASURES: Mapping[str, Measure] = _Registry()
+_LOCK = threading.RLock()  # reentrant: a plugin's import may look up a measure
+_plugins = "new"  # 'new' -> 'loading' -> 'done'
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_entry(m: Measure) -> None:
+    """ValueError (one line) for a measure that cannot be registered."""
+    if not isinstance(m, Measure):
+        raise ValueError(f"register_measure takes a porder.Measure, got {type(m).__name__}")
+    if not isinstance(m.name, str) or not _NAME.fullmatch(m.name):
+        raise ValueError(f"measure name {m.name!r} is not valid: use 1 to 32 lowercase letters, "
+                         "digits, '_' or '-', starting with a letter")
+    what = f"measure {m.name!r}"
+    if m.kind not in KINDS:
+        raise ValueError(f"{what}: kind must be 'standalone' or 'pairwise', got {m.kind!r}")
+    if not isinstance(m.descending, bool):
+        raise ValueError(f"{what}: descending must be True or False, got {m.descending!r}")
+    if not isinstance(m.summary, str) or not m.summary.strip() or "\n" in m.summary:
+        raise ValueError(f"{what}: summary must be one non-empty line, got {m.summary!r}")
+    if not callable(m.fn):
+        raise ValueError(f"{what}: fn must be callable, got {type(m.fn).__name__}")
+    if m.matrix is not None and (m.kind != "pairwise" or not callable(m.matrix)):
+        raise ValueError(f"{what}: matrix must be None or, for a pairwise measure, callable; "
+                         f"got {type(m.matrix).__name__} for kind {m.kind!r}")
+    if not isinstance(m.binned, bool):
+        raise ValueError(f"{what}: binned must be True or False, got {m.binned!r}")
+    if m.origin is not None and (not isinstance(m.origin, str) or not m.origin.strip()):
+        raise ValueError(f"{what}: origin must be a non-empty string or None, got {m.origin!r}")
+
+
+def register_measure(measure: Measure, *, replace: bool = False) -> Measure:
+    """Add a measure to porder's registry.
+
+    Parameters
+    ----------
+    measure : Measure
+        The entry; see :class:`Measure` for what each field must be.
+    replace : bool
+        Replace a registered measure of the same name (default: refuse).
+
+    Returns
+    -------
+    Measure
+        The entry as registered, with ``origin`` filled in when it was None
+        (the top-level package of ``measure.fn``, e.g. '__main__').
+
+    Raises
+    ------
+    ValueError
+        A field that is not valid (name syntax, kind, a non-callable ``fn``,
+        ...), or a name already registered without ``replace=True``.
+
+    Notes
+    -----
+    Installed packages register measures without code in the caller: an
+    entry point in the group ``porder.measures`` naming a :class:`Measure`,
+    e.g. in ``pyproject.toml``::
+
+        [project.entry-points."porder.measures"]
+        maxabs = "my_package.measures:MAXABS"
+
+    Plugins are loaded once per process, when the registry is first listed or
+    a name is not found; a plugin that fails to load is skipped with a
+    :class:`PluginWarning` naming its entry point.
+    """
+    _load_plugins()  # a plugin's name counts as taken
+    return _add(measure, replace=replace)
+
+
+def _add(measure: Measure, *, replace: bool = False) -> Measure:
+    """:func:`register_measure` without loading the plugins first."""
+    _check_entry(measure)
+    if measure.origin is None:
+        module = getattr(measure.fn, "__module__", None) or "__main__"
+        measure = dataclasses.replace(measure, origin=module.partition(".")[0])
+    with _LOCK:
+        old = MEASURES._entries.get(measure.name)
+        if old is not None and not replace:
+            raise ValueError(f"measure {measure.name!r} is already registered (origin "
+                             f"{old.origin}); pass replace=True to replace it")
+        MEASURES._entries[measure.name] = measure
+    return measure
+
+
+def _load_plugins() -> None:
+    """Register the measures of the installed ``porder.measures`` entry points, once."""
+    global _plugins
+    if _plugins == "done":
+        return
+    with _LOCK:
+        if _plugins != "new":  # done, or being loaded by this thread (a plugin's own lookup)
+            return
+        _plugins = "loading"
+        try:
+            from importlib.metadata import entry_points
+
+            for ep in entry_points(group=ENTRY_POINT_GROUP):
+                _load_plugin(ep)
+        finally:
+            _plugins = "done"
+
+
+def _load_plugin(ep) -> None:
+    """Register one entry point's measure; a PluginWarning (one line) if it cannot be."""
+    dist = getattr(ep, "dist", None)
+    origin = dist.name if dist is not None else ep.value.partition(":")[0].partition(".")[0]
+    try:
+        m = ep.load()
+        if not isinstance(m, Measure):
+            raise ValueError(f"the object is of type {type(m).__name__}, not porder.Measure")
+        old = MEASURES._entries.get(getattr(m, "name", None))
+        if old is not None and old.origin != "porder" and \
+                dataclasses.replace(old, origin=None) == dataclasses.replace(m, origin=None):
+            return  # the plugin's module registered it itself on import
+        _add(dataclasses.replace(m, origin=origin))
+    except Exception as e:  # a broken plugin must not break porder
+        version = f" {dist.version}" if dist is not None else ""
+        warnings.warn_explicit(
+            f"measure plugin '{ep.name} = {ep.value}' ({ENTRY_POINT_GROUP} entry point of "
+            f"{origin}{version}) was not loaded: {_first_line(e)}",
+            PluginWarning, "porder", 0)
+
+
+def as_builtin(measure: Measure) -> Optional[Measure]:
+    """porder's built-in entry that computes what ``measure`` computes, or None.
+
+    A built-in, or a copy of one under another name (the same ``kind``,
+    ``fn``, ``matrix`` and ``binned``), gives that built-in; anything else
+    (a plugin, a control) None. The compiled kernels implement the built-in
+    formulas and nothing else.
+    """
+    key = (measure.kind, measure.fn, measure.matrix, measure.binned)
+    for b in _BUILTINS:
+        if (b.kind, b.fn, b.matrix, b.binned) == key:
+            return b
+    return None
+
+
+_BUILTINS = (
+    Measure("entropy", "standalone", True,
+            "Shannon entropy of the patch's intensity histogram (bits)", entropy,
+            binned=True, origin="porder"),
+    Measure("psnr", "standalone", False,
+            "peak signal-to-noise ratio of the patch against its own mean (dB)", psnr,
+            origin="porder"),
+    Measure("mi", "pairwise", True,
+            "mutual information H(a)+H(b)-JE(a,b) of co-located pixels (bits)",
+            mutual_information, _mi_matrix, binned=True, origin="porder"),
+    Measure("je", "pairwise", False,
+            "joint entropy of co-located pixel pairs (bits)", joint_entropy, _je_matrix,
+            binned=True, origin="porder"),
+    Measure("kl", "pairwise", False,
+            "KL(reference || candidate) of smoothed intensity histograms (bits)",
+            kl_divergence, _kl_matrix, binned=True, origin="porder"),
+    Measure("l1", "pairwise", False,
+            "mean absolute pixel difference", l1_distance, _l1_matrix, origin="porder"),
+    Measure("l2", "pairwise", False,
+            "root-mean-square pixel difference", l2_distance, _l2_matrix, origin="porder"),
+    Measure("ssim", "pairwise", True,
+            "structural similarity, one window over the whole patch", ssim, _ssim_matrix,
+            origin="porder"),
+)
+for _m in _BUILTINS:
+    _add(_m)  # through the same checks as any measure (no plugin loading: porder is importing)
+for _m in (Measure("none", "control", False, "identity: patches stay where they are",
+                   origin="porder"),
+           Measure("random", "control", False, "seeded random shuffle of the patches",
+                   origin="porder")):
+    MEASURES._entries[_m.name] = _m  # the controls: porder's own, never registered from outside
+del _m
 
 
 def get_measure(name: str | Measure) -> Measure:
@@ -436,6 +720,7 @@ def get_measure(name: str | Measure) -> Measure:
 
     A :class:`Measure` is returned unchanged, so a name is resolved once, where
     it enters (``build_cache``, ``reorder``), and the entry is passed down.
+    Installed plugins are loaded the first time a name is not found.
     """
     if isinstance(name, Measure):
         return name
@@ -473,7 +758,7 @@ def measure(name: str, a, b=None, *, bins: int = 256):
         extra ``b``, or bad ``bins``.
     """
     m = get_measure(name)
-    bins = _check_bins(bins)
+    bins = check_bins(bins)
     if m.kind == "control":
         raise ValueError(f"measure {m.name!r} is a control ordering and has no values")
     _check_uint8("a", a)
@@ -486,6 +771,7 @@ def measure(name: str, a, b=None, *, bins: int = 256):
     _check_uint8("b", b)
     if a.shape[-3:] != b.shape[-3:]:
         raise ValueError(f"a and b patches differ in shape: {a.shape[-3:]} vs {b.shape[-3:]}")
+    a, b = get_array_module(a).broadcast_arrays(a, b)  # every fn sees two arrays of one shape
     return m.fn(a, b, bins=bins)
 
 
@@ -494,4 +780,4 @@ def score_matrix(name: str, patches, *, bins: int = 256):
     m = get_measure(name)
     if m.kind != "pairwise":
         raise ValueError(f"measure {m.name!r} is not pairwise")
-    return m.matrix(patches, _check_bins(bins))
+    return pairwise_matrix(m, patches, check_bins(bins))

@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .backend import array_module, get_array_module, resolve_device, to_device
-from .kernels import check_backend, compiled_reorder
-from .measures import Measure, _check_bins, get_measure
+from .kernels import check_backend, compiled_reorder, supports
+from .measures import Measure, check_bins, get_measure, pairwise_matrix, standalone_scores
 from .ordering import greedy_chain, identity_order, random_order, sort_order
 from .patches import apply_perm, check_patch_size, from_torch, merge, split
 
@@ -20,14 +21,92 @@ from .patches import apply_perm, check_patch_size, from_torch, merge, split
 CHUNK_BYTES = 64 * 2**20
 
 
-def _bytes_per_image(kind: str, k: int, n: int, c: int, bins: int) -> int:
+@dataclass(frozen=True)
+class ReorderOptions:
+    """The options of a reorder, validated and resolved by :func:`resolve_options`."""
+
+    measure: Measure  # the registry entry
+    patch: int  # patch side p
+    size: int  # image side S
+    bins: int  # 1..256
+    reference: int  # 0 <= reference < patches
+    descending: bool  # the measure's default unless overridden
+
+    @property
+    def grid(self) -> int:
+        """G = S // p: patches per side."""
+        return self.size // self.patch
+
+    @property
+    def patches(self) -> int:
+        """K = G * G: patches per image."""
+        return self.grid**2
+
+
+def resolve_options(measure: str | Measure, patch: int, size: int, *, bins: int = 256,
+                    reference: int = 0, descending=None) -> ReorderOptions:
+    """Validate the options of a reorder of SIZE x SIZE images, once, where they enter.
+
+    Parameters
+    ----------
+    measure : str or Measure
+        A registry name (installed plugins included) or its entry.
+    patch : int
+        Patch side; must divide ``size``.
+    size : int
+        Image side S (images are S x S).
+    bins, reference, descending
+        As for :func:`reorder` (``descending=None``: the measure's default).
+
+    Returns
+    -------
+    ReorderOptions
+        The measure's entry, ``bins`` as an int and ``descending`` resolved.
+
+    Raises
+    ------
+    ValueError
+        An unknown measure, ``size`` below 1, a patch that does not divide
+        ``size``, ``bins`` outside 1..256, or ``reference`` outside 0..K-1.
+    """
+    m = get_measure(measure)
+    bins = check_bins(bins)
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    size = int(size)
+    g = check_patch_size(size, patch)
+    if not isinstance(reference, (int, np.integer)) or not 0 <= reference < g * g:
+        raise ValueError(f"reference patch {reference} is out of range 0..{g * g - 1} "
+                         f"for patch {patch} on {size}x{size} images")
+    desc = m.descending if descending is None else bool(descending)
+    return ReorderOptions(m, patch, size, bins, int(reference), desc)
+
+
+def _bytes_per_image(m: Measure, k: int, n: int, c: int, bins: int) -> int:
     """Rough peak working memory of scoring one image (float64 temporaries)."""
-    if kind == "control":  # none/random score nothing: the patches, gathered once
+    if m.kind == "control":  # none/random score nothing: the patches, gathered once
         return 2 * k * n * c
-    if kind == "standalone":
+    if m.kind == "standalone":
         return 64 * k * n * c
+    if m.matrix is None:  # fn on every pair, broadcast: a few (K, K, n, C) temporaries
+        return 32 * k * k * n * c
     gram = c * n * k * n * 8 * 2 if n <= 16 else c * k * k * n * 8 * 3
     return max(gram, c * k * (bins + k) * 8 * 4, c * k * k * n * 4 * 2)
+
+
+def _order(patches, m: Measure, *, bins: int, reference: int, descending: bool, seed: int,
+           start: int):
+    """perm (N, K) int64 of patches (N, K, p, p, C); the options are already validated."""
+    xp = get_array_module(patches)
+    n, k = patches.shape[:2]
+    if m.kind == "control":
+        if m.name == "none":
+            return identity_order(n, k, xp)
+        return random_order(n, k, xp, seed=seed, start=start)
+    if m.kind == "standalone":
+        return sort_order(standalone_scores(m, patches, bins), descending=descending)
+    return greedy_chain(pairwise_matrix(m, patches, bins), descending=descending,
+                        reference=reference)
 
 
 def permutations(patches, measure: str | Measure = "mi", *, bins: int = 256, reference: int = 0,
@@ -48,19 +127,13 @@ def permutations(patches, measure: str | Measure = "mi", *, bins: int = 256, ref
     -------
     perm : int64 array (N, K)
     """
-    xp = get_array_module(patches)
     m = get_measure(measure)
-    n, k = patches.shape[:2]
+    k = patches.shape[1]
     if not 0 <= reference < k:
         raise ValueError(f"reference patch {reference} is out of range 0..{k - 1}")
     desc = m.descending if descending is None else bool(descending)
-    if m.name == "none":
-        return identity_order(n, k, xp)
-    if m.name == "random":
-        return random_order(n, k, xp, seed=seed, start=start)
-    if m.kind == "standalone":
-        return sort_order(m.fn(patches, bins=bins), descending=desc)
-    return greedy_chain(m.matrix(patches, bins), descending=desc, reference=reference)
+    return _order(patches, m, bins=check_bins(bins), reference=reference, descending=desc,
+                  seed=seed, start=start)
 
 
 def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int = 256,
@@ -98,8 +171,11 @@ def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int 
         CPU threads (default: all cores). Ignored on CUDA.
     backend : {'compiled', 'generic'}
         'compiled' runs the fused kernels of :mod:`porder.kernels` (numba on
-        the CPU, CUDA C++ on a GPU); 'generic' the array-generic reference
-        path. Both give identical permutations.
+        the CPU, CUDA C++ on a GPU) where they implement the case, and the
+        generic path otherwise (measures without a kernel: the controls and
+        registered plugins; on a GPU, cases too big for shared memory);
+        'generic' always the array-generic reference path. Both give
+        identical permutations.
 
     Returns
     -------
@@ -112,8 +188,8 @@ def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int 
     ------
     ValueError
         Bad shape or dtype, a list instead of one array, a patch size that does
-        not divide S, an unknown measure, bad ``bins`` or ``reference``, or
-        CUDA asked for but missing.
+        not divide S, an unknown measure, bad ``bins``, ``reference`` or
+        ``workers``, or CUDA asked for but missing.
     """
     if isinstance(images, (list, tuple)):
         raise ValueError(f"images is a {type(images).__name__} of {len(images)} images; stack "
@@ -138,30 +214,31 @@ def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int 
 def _reorder(images, xp, in_xp, measure, patch, *, bins, reference, descending, seed, start,
              workers, backend):
     """:func:`reorder` on an array of ``in_xp``, computed with ``xp``."""
-    m = get_measure(measure)
-    bins = _check_bins(bins)
-    check_backend(backend)
-    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] < 1:
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[3] < 1 \
+            or images.shape[1] < 1:
         raise ValueError(f"images must have shape (N, S, S, C), got {tuple(images.shape)}")
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got dtype {images.dtype}")
-    g = check_patch_size(images.shape[1], patch)
+    opts = resolve_options(measure, patch, images.shape[1], bins=bins, reference=reference,
+                           descending=descending)
+    check_backend(backend)
+    if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 1):
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     x = to_device(images, xp)
-    n, k, c = x.shape[0], g * g, x.shape[3]
-    kind = m.kind
-    if backend == "compiled" and kind != "control":
-        if not 0 <= reference < k:
-            raise ValueError(f"reference patch {reference} is out of range 0..{k - 1}")
-        desc = m.descending if descending is None else bool(descending)
-        out, perm = compiled_reorder(x, m, patch, bins=bins, reference=reference,
-                                     descending=desc, workers=workers)
+    m, n, k, c = opts.measure, x.shape[0], opts.patches, x.shape[3]
+    # The one place that decides between the compiled kernels and the generic path.
+    if backend == "compiled" and m.kind != "control" and \
+            supports(x, m, patch=opts.patch, bins=opts.bins):
+        out, perm = compiled_reorder(x, m, opts.patch, bins=opts.bins, reference=opts.reference,
+                                     descending=opts.descending, workers=workers)
         return to_device(out, in_xp), to_device(perm, in_xp)
-    chunk = max(1, CHUNK_BYTES // _bytes_per_image(kind, k, patch * patch, c, bins))
+    p = opts.patch
+    chunk = max(1, CHUNK_BYTES // _bytes_per_image(m, k, p * p, c, opts.bins))
 
     def run(lo: int):
-        pt = split(x[lo : lo + chunk], patch)  # (n, K, p, p, C)
-        perm = permutations(pt, m, bins=bins, reference=reference,
-                            descending=descending, seed=seed, start=start + lo)
+        pt = split(x[lo : lo + chunk], p)  # (n, K, p, p, C)
+        perm = _order(pt, m, bins=opts.bins, reference=opts.reference,
+                      descending=opts.descending, seed=seed, start=start + lo)
         return merge(apply_perm(pt, perm)), perm
 
     starts = range(0, n, chunk)

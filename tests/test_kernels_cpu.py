@@ -190,18 +190,24 @@ def test_controls_use_the_shared_path():
 
 
 def test_bad_input_is_a_clear_error():
+    # porder.reorder validates the inputs once, before any kernel (kernels/__init__.py)
     imgs = image_set("photo", n=1)
     m = MEASURES["mi"]
+
+    def compiled(x, patch, **kw):
+        kw = {"bins": 256, "reference": 0, "descending": True, **kw}
+        return porder.reorder(x, m, patch, backend="compiled", **kw)
+
     with pytest.raises(ValueError, match="uint8"):
-        cpu.reorder_batch(imgs.astype(np.int16), m, 8, bins=256, reference=0, descending=True)
+        compiled(imgs.astype(np.int16), 8)
     with pytest.raises(ValueError, match="does not divide"):
-        cpu.reorder_batch(imgs, m, 5, bins=256, reference=0, descending=True)
+        compiled(imgs, 5)
     with pytest.raises(ValueError, match="bins"):
-        cpu.reorder_batch(imgs, m, 8, bins=0, reference=0, descending=True)
+        compiled(imgs, 8, bins=0)
     with pytest.raises(ValueError, match="out of range"):
-        cpu.reorder_batch(imgs, m, 8, bins=256, reference=16, descending=True)
+        compiled(imgs, 8, reference=16)
     with pytest.raises(ValueError, match="workers"):
-        cpu.reorder_batch(imgs, m, 8, bins=256, reference=0, descending=True, workers=0)
+        compiled(imgs, 8, workers=0)
     with pytest.raises(ValueError, match="no compiled kernel"):
         cpu.reorder_batch(imgs, MEASURES["none"], 8, bins=256, reference=0, descending=True)
 
@@ -240,3 +246,69 @@ def test_forked_child_gets_its_own_threads():
         child.terminate()
         pytest.fail("reorder hung in a forked child")
     assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+def test_importing_the_kernels_leaves_the_environment_alone(tmp_path):
+    # A read-only install (os.access says so): porder's kernels cache in the per-user
+    # folder, chosen by a numba cache locator for porder's kernel file alone; the
+    # environment and numba's configuration stay as the caller set them.
+    code = ("import os, numba, threadpoolctl\n"
+            "import numba.core.config as config\n"
+            "os.access = lambda *a, **k: False\n"
+            "before = dict(os.environ), config.CACHE_DIR\n"
+            "from porder.kernels import cpu, _cpu_kernels as k\n"
+            "assert (dict(os.environ), config.CACHE_DIR) == before, 'environment changed'\n"
+            "print(k.reorder_range._cache._cache_path)\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().startswith(str(tmp_path / "porder" / "numba") + os.sep)
+
+
+def test_cache_locator_answers_for_porder_kernels_only(monkeypatch, tmp_path):
+    from numba.core import caching
+
+    from porder.kernels import _cpu_kernels as k
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    user = str(tmp_path / "porder" / "numba")
+    # the decision: a kernels folder that cannot be written (here: absent) or a writable one
+    assert cpu._cache_dir(tmp_path / "site-packages" / "porder" / "kernels") == user
+    assert cpu._cache_dir(tmp_path) is None
+    # the locator: numba asks it first; it answers for _cpu_kernels.py only
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+    assert impl._locator_classes[0] is cpu.KernelCacheLocator
+    monkeypatch.setattr(cpu, "_cache_dir", lambda here=None: user)
+    loc = cpu.KernelCacheLocator.from_function(k.reorder_range.py_func, k.__file__)
+    assert loc.get_cache_path().startswith(user + os.sep)
+    assert cpu.KernelCacheLocator.from_function(photo_like, __file__) is None
+    monkeypatch.setattr(cpu, "_cache_dir", lambda here=None: None)  # numba's own choice
+    assert cpu.KernelCacheLocator.from_function(k.reorder_range.py_func, k.__file__) is None
+
+
+def test_kernel_constants_are_the_measures_constants():
+    # _cpu_kernels keeps numba-global copies (a compiled constant is frozen into the
+    # cache); they must equal the formulas' constants in porder.measures.
+    from porder import measures
+    from porder.kernels import _cpu_kernels as k
+
+    assert (k.SSIM_C1, k.SSIM_C2) == (measures.SSIM_C1, measures.SSIM_C2)
+    assert (k.PSNR_PEAK2, k.PSNR_NOISE_FLOOR) == (measures.DATA_RANGE**2,
+                                                  measures.PSNR_NOISE_FLOOR)
+
+
+def test_supports_built_in_formulas_only():
+    def l1_again(a, b, *, bins=256):
+        return porder.measures.l1_distance(a, b, bins=bins)
+
+    kw = dict(size=32, channels=3, patch=8, bins=256)
+    assert all(cpu.supports(MEASURES[m], **kw) for m in SCORED)
+    assert not cpu.supports(MEASURES["none"], **kw)
+    copy = porder.Measure("l1-copy", "pairwise", False, "l1 again", porder.measures.l1_distance,
+                          porder.measures._l1_matrix)
+    assert cpu.supports(copy, **kw)  # the same formula: the l1 kernel computes it
+    other = porder.Measure("l1-other", "pairwise", False, "l1 again", l1_again)
+    assert not cpu.supports(other, **kw)

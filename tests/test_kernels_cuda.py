@@ -1,9 +1,9 @@
-"""CUDA kernels: porder/kernels/cuda.py and porder/kernels/cuda/*.cu.
+"""CUDA kernels: porder/kernels/cuda_geometry.py, cuda.py and cuda/*.cu.
 
 Four layers, the first three without a GPU, so that CI catches logic errors
 before a device ever runs the kernels:
 
-1. the launch geometry (pure Python);
+1. the launch geometry (pure Python, porder/kernels/cuda_geometry.py);
 2. the kernel's per-image code (cuda/porder_core.cuh) compiled for the CPU
    through cuda/host_harness.cu (g++, or nvcc) and compared with porder's
    NumPy path: permutations, images and score values;
@@ -29,12 +29,13 @@ import pytest
 import porder
 from porder.backend import cuda_available
 from porder.kernels import cuda as kc
+from porder.kernels import cuda_geometry as kg
 
 MEASURES = ["entropy", "psnr", "mi", "je", "kl", "l1", "l2", "ssim"]
 HIST = {"entropy", "mi", "je", "kl"}
 PATCHES = [4, 8, 16]
-H100 = kc.DeviceLimits()
-A100 = kc.DeviceLimits(sm_count=108, max_smem_block=166912, smem_per_sm=167936)
+H100 = kg.DeviceLimits()
+A100 = kg.DeviceLimits(sm_count=108, max_smem_block=166912, smem_per_sm=167936)
 
 
 # ---------------------------------------------------------------------------
@@ -80,25 +81,25 @@ def first_mismatch(perm_a, perm_b, out_a=None, out_b=None) -> str:
 
 
 def test_enums_mirror_the_header():
-    src = (kc.KERNEL_DIR / kc.HEADER).read_text()
+    src = (kg.KERNEL_DIR / kg.HEADER).read_text()
     params = re.search(r"enum Param \{(.*?)\};", src, re.S).group(1)
     names = [t.strip().split("=")[0].strip() for t in params.replace("\n", " ").split(",")]
     names = [t[2:] for t in names if t and t != "P_COUNT"]
-    assert tuple(names) == kc.PARAM_NAMES
+    assert tuple(names) == kg.PARAM_NAMES
     ids = dict(re.findall(r"M_(\w+) = (\d+)", src))
-    assert {k.lower(): int(v) for k, v in ids.items()} == kc.MEASURE_IDS
-    assert int(re.search(r"T_HDR = (\d+)", src).group(1)) == kc.TAB_HEADER
+    assert {k.lower(): int(v) for k, v in ids.items()} == kg.MEASURE_IDS
+    assert int(re.search(r"T_HDR = (\d+)", src).group(1)) == kg.TAB_HEADER
 
 
 @pytest.mark.parametrize("measure", MEASURES)
 @pytest.mark.parametrize("patch,words", [(4, (16, 1)), (8, (64, 1)), (16, (64, 4))])
 def test_geometry_of_the_paper_cases(measure, patch, words):
-    g = kc.launch_geometry(measure, 32, 3, patch)
+    g = kg.launch_geometry(measure, 32, 3, patch)
     assert g.supported, g.reason
     assert (g.grid_side, g.patches, g.pixels) == (32 // patch, (32 // patch) ** 2, patch**2)
     assert (g.mask_bits, g.mask_words) == (words if measure in HIST else (64, 1))
-    assert g.threads % 32 == 0 and 64 <= g.threads <= kc.MAX_THREADS
-    assert g.kernel == f"porder_reorder<{kc.MEASURE_IDS[measure]}, {g.mask_bits}, {g.mask_words}>"
+    assert g.threads % 32 == 0 and 64 <= g.threads <= kg.MAX_THREADS
+    assert g.kernel == f"porder_reorder<{kg.MEASURE_IDS[measure]}, {g.mask_bits}, {g.mask_words}>"
     # regions: 16-byte aligned, in order, non-overlapping, inside smem_bytes
     spans = sorted(g.offsets.values())
     for (o1, s1), (o2, _) in zip(spans, spans[1:]):
@@ -108,19 +109,19 @@ def test_geometry_of_the_paper_cases(measure, patch, words):
                                     if measure in ("mi", "je", "kl") else 0)
     assert g.offsets["raw"][1] == 32 * 32 * 3
     # the A100's smaller shared memory still takes every paper case
-    assert kc.launch_geometry(measure, 32, 3, patch, limits=A100).supported
+    assert kg.launch_geometry(measure, 32, 3, patch, limits=A100).supported
     p = g.params()
-    assert p.dtype == np.int32 and len(p) == len(kc.PARAM_NAMES)
-    assert p[kc.PARAM_NAMES.index("SMEM")] == g.smem_bytes
+    assert p.dtype == np.int32 and len(p) == len(kg.PARAM_NAMES)
+    assert p[kg.PARAM_NAMES.index("SMEM")] == g.smem_bytes
 
 
 def test_geometry_occupancy_and_grid():
-    g = kc.launch_geometry("mi", 32, 3, 16)
+    g = kg.launch_geometry("mi", 32, 3, 16)
     # ~111 KB per image: two blocks per H100 multiprocessor
     assert g.blocks_per_sm == H100.smem_per_sm // (g.smem_bytes + H100.reserved_smem_block) == 2
     assert g.max_grid == 2 * H100.sm_count
     assert g.grid(10) == 10 and g.grid(0) == 1 and g.grid(10**6) == g.max_grid
-    g4 = kc.launch_geometry("mi", 32, 3, 4)
+    g4 = kg.launch_geometry("mi", 32, 3, 4)
     assert g4.threads == 192 and g4.blocks_per_sm == 2048 // 192
     # 80 registers x 192 threads: 4 blocks per multiprocessor fit the register file
     assert g4.grid(10**6, registers=80) == 4 * H100.sm_count
@@ -128,11 +129,11 @@ def test_geometry_occupancy_and_grid():
 
 
 def test_geometry_chunks_cover_the_batch():
-    g = kc.launch_geometry("ssim", 32, 3, 8, chunk_bytes=10 * 3072 + 5)
+    g = kg.launch_geometry("ssim", 32, 3, 8, chunk_bytes=10 * 3072 + 5)
     assert g.images_per_launch == 10
     assert g.chunks(0) == []
     assert g.chunks(25) == [(0, 10), (10, 20), (20, 25)]
-    assert kc.launch_geometry("ssim", 32, 3, 8, chunk_bytes=1).images_per_launch == 1
+    assert kg.launch_geometry("ssim", 32, 3, 8, chunk_bytes=1).images_per_launch == 1
 
 
 @pytest.mark.parametrize("size,channels,patch,words", [
@@ -140,7 +141,7 @@ def test_geometry_chunks_cover_the_batch():
     (24, 3, 12, (64, 3)), (16, 3, 16, (64, 4)), (8, 3, 1, (16, 1)),
 ])
 def test_geometry_of_other_shapes(size, channels, patch, words):
-    g = kc.launch_geometry("kl", size, channels, patch, bins=10)
+    g = kg.launch_geometry("kl", size, channels, patch, bins=10)
     assert g.supported and (g.mask_bits, g.mask_words) == words
     assert g.unit_stride % 16 == 0 and (g.unit_stride // 16) % 2 == 1
     assert g.unit_stride >= g.pixels
@@ -148,12 +149,12 @@ def test_geometry_of_other_shapes(size, channels, patch, words):
 
 
 def test_geometry_falls_back_with_a_reason():
-    g = kc.launch_geometry("mi", 64, 3, 32)
+    g = kg.launch_geometry("mi", 64, 3, 32)
     assert not g.supported and "256" in g.reason and "patch 16" in g.reason
-    assert kc.launch_geometry("l2", 64, 3, 32).supported  # no masks: any patch size
-    big = kc.launch_geometry("mi", 128, 3, 16)
+    assert kg.launch_geometry("l2", 64, 3, 32).supported  # no masks: any patch size
+    big = kg.launch_geometry("mi", 128, 3, 16)
     assert not big.supported and "shared memory" in big.reason
-    assert not kc.launch_geometry("mi", 32, 3, 16, limits=dataclasses.replace(
+    assert not kg.launch_geometry("mi", 32, 3, 16, limits=dataclasses.replace(
         A100, max_smem_block=64 * 1024)).supported
 
 
@@ -169,30 +170,31 @@ def test_geometry_rejects_bad_options(kwargs, match):
     kwargs = dict(kwargs)
     m, p = kwargs.pop("measure"), kwargs.pop("patch")
     with pytest.raises(ValueError, match=match):
-        kc.launch_geometry(m, 32, 3, p, **kwargs)
+        kg.launch_geometry(m, 32, 3, p, **kwargs)
 
 
 def test_check_images_and_vec_flags():
+    # images are validated once, by porder.reorder, before any kernel runs
     with pytest.raises(ValueError, match="uint8"):
-        kc.check_images((2, 32, 32, 3), np.float32, 8)
+        porder.reorder(np.zeros((2, 32, 32, 3), np.float32), "mi", 8)
     with pytest.raises(ValueError, match=r"\(N, S, S, C\)"):
-        kc.check_images((2, 32, 31, 3), np.uint8, 8)
+        porder.reorder(np.zeros((2, 32, 31, 3), np.uint8), "mi", 8)
     with pytest.raises(ValueError, match="does not divide"):
-        kc.check_images((2, 32, 32, 3), np.uint8, 7)
-    g8, g4 = kc.launch_geometry("mi", 32, 3, 8), kc.launch_geometry("mi", 32, 1, 2)
-    assert kc.vec_flags(256, 512, g8) == 3
-    assert kc.vec_flags(257, 512, g8) == 2
-    assert kc.vec_flags(256, 512, g4) == 1  # P*C = 2: bytewise stores
+        porder.reorder(np.zeros((2, 32, 32, 3), np.uint8), "mi", 7)
+    g8, g4 = kg.launch_geometry("mi", 32, 3, 8), kg.launch_geometry("mi", 32, 1, 2)
+    assert kg.vec_flags(256, 512, g8) == 3
+    assert kg.vec_flags(257, 512, g8) == 2
+    assert kg.vec_flags(256, 512, g4) == 1  # P*C = 2: bytewise stores
 
 
 def test_kernel_table_matches_the_numpy_formulas():
     n, bins = 64, 16
-    t = kc.kernel_table(n, bins)
-    lg = t[kc.TAB_HEADER : kc.TAB_HEADER + n + 1]
+    t = kg.kernel_table(n, bins)
+    lg = t[kg.TAB_HEADER : kg.TAB_HEADER + n + 1]
     assert t[0] == 6.0 and lg[0] == 0.0 and lg[8] == 3.0
     hist = np.array([3.0])  # a bin holding 3 of 64 pixels, smoothed as porder.measures does
     p = porder.measures._smoothed(hist, n, bins)
-    kp = t[kc.TAB_HEADER + 2 * (n + 1) + 3]
+    kp = t[kg.TAB_HEADER + 2 * (n + 1) + 3]
     assert kp == pytest.approx(p[0], rel=1e-15)
 
 
@@ -230,26 +232,26 @@ class Harness:
 
     def reorder(self, x, measure, patch, *, bins=256, reference=0, descending=None):
         n, s, _, c = x.shape
-        g = kc.launch_geometry(measure, s, c, patch, bins=bins, reference=reference,
+        g = kg.launch_geometry(measure, s, c, patch, bins=bins, reference=reference,
                                descending=descending)
         assert g.supported, g.reason
         out = np.full(x.shape, 0xA5, dtype=np.uint8)  # poisoned: every byte must be written
         perm = np.full((n, g.patches), -7, dtype=np.int64)
         params, table = g.params(), g.table()
-        vec = kc.vec_flags(x.ctypes.data, out.ctypes.data, g)
+        vec = kg.vec_flags(x.ctypes.data, out.ctypes.data, g)
         rc = self.lib.porder_host_reorder(
-            kc.MEASURE_IDS[g.measure], g.mask_bits, g.mask_words, x.ctypes.data, n, vec,
+            kg.MEASURE_IDS[g.measure], g.mask_bits, g.mask_words, x.ctypes.data, n, vec,
             out.ctypes.data, perm.ctypes.data, params.ctypes.data, table.ctypes.data)
         assert rc == 0, f"host harness returned {rc} (-2: wrote past the shared-memory layout)"
         return out, perm
 
     def scores(self, x, measure, patch, *, bins=256):
         n, s, _, c = x.shape
-        g = kc.launch_geometry(measure, s, c, patch, bins=bins)
-        shape = (n, g.patches, g.patches) if measure in kc.PAIRWISE else (n, g.patches)
+        g = kg.launch_geometry(measure, s, c, patch, bins=bins)
+        shape = (n, g.patches, g.patches) if measure in kg.PAIRWISE else (n, g.patches)
         out = np.full(shape, np.nan)
         params, table = g.params(), g.table()
-        rc = self.lib.porder_host_scores(kc.MEASURE_IDS[g.measure], g.mask_bits, g.mask_words,
+        rc = self.lib.porder_host_scores(kg.MEASURE_IDS[g.measure], g.mask_bits, g.mask_words,
                                          x.ctypes.data, n, params.ctypes.data,
                                          table.ctypes.data, out.ctypes.data)
         assert rc == 0
@@ -259,7 +261,7 @@ class Harness:
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory) -> Harness:
     """host_harness.cu built with g++ (or nvcc), or a skip saying why."""
-    src = kc.KERNEL_DIR / "host_harness.cu"
+    src = kg.KERNEL_DIR / "host_harness.cu"
     lib = tmp_path_factory.mktemp("harness") / "libporder_host.so"
     flags = ["-std=c++17", "-O1", "-shared", "-o", str(lib), str(src)]
     if shutil.which("g++"):
@@ -332,7 +334,7 @@ def test_harness_values_match_numpy(harness, measure, patch):
     for bins in ((256, 16) if measure in HIST else (256,)):
         got = harness.scores(x, measure, patch, bins=bins)
         pt = porder.split(x, patch)
-        if measure in kc.PAIRWISE:
+        if measure in kg.PAIRWISE:
             want = porder.score_matrix(measure, pt, bins=bins)
             off = ~np.eye(want.shape[1], dtype=bool)
             got, want = got[:, off], want[:, off]
@@ -366,7 +368,7 @@ def test_harness_keys_round_like_numpy(harness):
 
 
 def test_kernel_signature_is_what_launch_passes():
-    src = (kc.KERNEL_DIR / kc.KERNEL_SOURCE).read_text()
+    src = (kg.KERNEL_DIR / kg.KERNEL_SOURCE).read_text()
     sig = re.search(r"porder_reorder\((.*?)\)\s*\{", src, re.S).group(1)
     names = [re.split(r"[\s*]+", a.strip())[-1] for a in sig.split(",")]
     assert names == ["images", "n_images", "vec", "out", "perm", "params", "tab", "err"]
@@ -384,7 +386,7 @@ class FakeKernel:
 
     def __call__(self, grid, block, args, shared_mem=0):
         images, n_images, vec, out, perm, params, tab, err = args
-        p = dict(zip(kc.PARAM_NAMES, params.tolist()))
+        p = dict(zip(kg.PARAM_NAMES, params.tolist()))
         assert block == (p["NT"],) and shared_mem == p["SMEM"] and 1 <= grid[0] <= int(n_images)
         assert shared_mem <= 48 * 1024 or self.max_dynamic_shared_size_bytes >= shared_mem
         assert (p["MID"], p["WB"], p["NW"]) == (self.mid, self.wb, self.nw)
@@ -439,7 +441,7 @@ def test_launch_path_chunks_strided_input(fake_gpu):
     rng = np.random.default_rng(4)
     x = np.concatenate(list(image_sets(rng, n=4).values()))  # 24 images
     wide = np.concatenate([x, x[..., :1]], axis=3)[..., :3]  # not contiguous
-    g = kc.launch_geometry("je", 32, 3, 8, chunk_bytes=10 * 3072)
+    g = kg.launch_geometry("je", 32, 3, 8, chunk_bytes=10 * 3072)
     out = np.full(x.shape, 0xA5, np.uint8)
     perm = np.full((len(x), 16), -7, np.int64)
     kc.launch(wide, g, out, perm, check=True)
@@ -448,14 +450,29 @@ def test_launch_path_chunks_strided_input(fake_gpu):
     assert fake_gpu[g.kernel].launches == [10, 10, 4]
 
 
-def test_launch_path_falls_back_to_generic(fake_gpu, monkeypatch):
-    calls = []
-    monkeypatch.setattr(porder, "reorder", lambda *a, **k: calls.append((a, k)) or "generic")
-    x = np.zeros((2, 64, 64, 3), np.uint8)
-    assert kc.reorder_batch(x, porder.get_measure("mi"), 32, bins=256, reference=0,
-                            descending=True) == "generic"
-    assert calls[0][1]["backend"] == "generic" and calls[0][1]["device"] == "cuda"
-    assert not fake_gpu
+def test_reorder_decides_the_fallback(fake_gpu, monkeypatch):
+    # porder.reorder asks the backend (here the CUDA one, on the harness) whether it
+    # supports a case, and runs the generic path when not; the backend never falls back.
+    import porder.kernels
+
+    monkeypatch.setattr(porder.kernels, "backend_module", lambda x: kc)
+    x = image_sets(np.random.default_rng(8), n=2)["photo"]
+    big = np.concatenate([np.concatenate([x, x], 1)] * 2, 2)  # (2, 64, 64, 3)
+    assert not kc.supports(porder.get_measure("mi"), size=64, channels=3, patch=32, bins=256)
+    out, perm = porder.reorder(big, "mi", 32, backend="compiled")
+    ref_out, ref_perm = porder.reorder(big, "mi", 32, backend="generic")
+    assert np.array_equal(perm, ref_perm) and np.array_equal(out, ref_out)
+    assert not fake_gpu  # nothing compiled or launched
+    with pytest.raises(ValueError, match="do not take this case.*256"):
+        kc.reorder_batch(big, porder.get_measure("mi"), 32, bins=256, reference=0,
+                         descending=True)
+    with pytest.raises(ValueError, match="no CUDA kernel"):
+        kc.reorder_batch(big, porder.get_measure("none"), 32, bins=256, reference=0,
+                         descending=True)
+    assert kc.supports(porder.get_measure("je"), size=32, channels=3, patch=8, bins=256)
+    out, perm = porder.reorder(x, "je", 8, backend="compiled")
+    assert np.array_equal(perm, porder.reorder(x, "je", 8, backend="generic")[1])
+    assert [k.launches for k in fake_gpu.values()] == [[2]]
 
 
 # ---------------------------------------------------------------------------
@@ -470,7 +487,7 @@ def test_every_cu_compiles_with_nvcc(tmp_path):
     base = [nvcc, "-std=c++17", "--fmad=false", "--Werror", "all-warnings",
             "-DPORDER_INSTANTIATE_ALL"]
     jobs = {}
-    for src in sorted(kc.KERNEL_DIR.glob("*.cu")):
+    for src in sorted(kg.KERNEL_DIR.glob("*.cu")):
         if src.name == "host_harness.cu":  # host code only
             jobs[src.name] = base + ["-c", "-Xcompiler", "-fPIC", str(src),
                                      "-o", str(tmp_path / "harness.o")]
@@ -571,7 +588,7 @@ def _fresh_images(n: int, seed: int) -> np.ndarray:
 def _gpu_check(cp, x, measure, patch, *, bins=256, reference=0, descending=None, seed=None):
     """Fused kernel vs generic CuPy vs NumPy on x; poisoned outputs; every byte written."""
     n, s, _, c = x.shape
-    g = kc.launch_geometry(measure, s, c, patch, bins=bins, reference=reference,
+    g = kg.launch_geometry(measure, s, c, patch, bins=bins, reference=reference,
                            descending=descending, limits=kc.device_limits())
     xg = cp.asarray(x)
     out = cp.full(x.shape, 0xA5, dtype=cp.uint8)
@@ -625,7 +642,7 @@ def test_gpu_many_images_grid_stride_and_chunks(cp, seed):
     """More images than resident blocks (grid-stride loop), several launches, strided input."""
     x = _fresh_images(1200, seed)
     lim = kc.device_limits()
-    g = kc.launch_geometry("mi", 32, 3, 16, limits=lim, chunk_bytes=500 * 3072)
+    g = kg.launch_geometry("mi", 32, 3, 16, limits=lim, chunk_bytes=500 * 3072)
     assert g.max_grid < 1200 and len(g.chunks(len(x))) == 3
     xg = cp.asarray(np.concatenate([x, x[..., :1]], axis=3))[..., :3]  # not contiguous
     out = cp.full(x.shape, 0xA5, dtype=cp.uint8)
@@ -645,8 +662,7 @@ def test_gpu_dispatch_and_fallback(cp, seed):
     assert np.array_equal(cp.asnumpy(perm), nperm) and np.array_equal(cp.asnumpy(out), nout)
     # mi at patch 32 is outside the fused kernels: the generic CuPy path answers
     big = np.concatenate([np.concatenate([x, x], 1)] * 2, 2)[:4]  # (4, 64, 64, 3)
-    out, perm = kc.reorder_batch(cp.asarray(big), porder.get_measure("mi"), 32, bins=256,
-                                 reference=0, descending=True)
+    out, perm = porder.reorder(cp.asarray(big), "mi", 32, device="cuda", backend="compiled")
     _, nperm = porder.reorder(big, "mi", 32, backend="generic")
     assert np.array_equal(cp.asnumpy(perm), nperm)
     empty, eperm = kc.reorder_batch(cp.zeros((0, 32, 32, 3), cp.uint8), porder.get_measure("mi"),
@@ -657,7 +673,7 @@ def test_gpu_dispatch_and_fallback(cp, seed):
 @pytest.mark.gpu
 def test_gpu_error_flag_reports_a_bad_launch(cp):
     x = cp.asarray(_fresh_images(6, 1))
-    g = kc.launch_geometry("mi", 32, 3, 8, limits=kc.device_limits())
+    g = kg.launch_geometry("mi", 32, 3, 8, limits=kc.device_limits())
     bad = dataclasses.replace(g, smem_bytes=g.smem_bytes + 4096)  # params ask for more
     out = cp.empty(x.shape, cp.uint8)
     perm = cp.empty((len(x), 16), cp.int64)
@@ -667,7 +683,7 @@ def test_gpu_error_flag_reports_a_bad_launch(cp):
     kern((1,), (g.threads,), (x, np.int64(len(x)), np.int32(3), out, perm, params,
                               cp.asarray(g.table()), err), shared_mem=g.smem_bytes)
     assert int(err[0]) == 1
-    assert "shared memory" in kc.error_message(1)
+    assert "shared memory" in kg.error_message(1)
 
 
 @pytest.mark.gpu

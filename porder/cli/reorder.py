@@ -23,10 +23,30 @@ from .common import (
 )
 
 
+class MeasureChoice(click.Choice):
+    """``click.Choice`` over the measure registry, plugins included, read when first used.
+
+    The choices are listed when an option is converted or its help shown, not
+    when the CLI is imported, so ``porder --help`` loads no plugin.
+    """
+
+    def __init__(self, exclude: tuple[str, ...] = ()):
+        self._exclude = tuple(exclude)
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(m for m in MEASURES if m not in self._exclude)
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry decides
+        pass
+
+
 @click.command(context_settings=CONTEXT)
 @click.argument("source")
 @click.argument("out", type=click.Path(dir_okay=False, writable=False))
-@click.option("-m", "--measure", type=click.Choice(list(MEASURES)), default="mi",
+@click.option("-m", "--measure", type=MeasureChoice(), default="mi",
               show_default=True, help="Ordering measure (see `porder measures`).")
 @click.option("-p", "--patch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Patch side in pixels; must divide --size.")
@@ -260,14 +280,19 @@ def show(file, output, samples, split, scale, start):
 @click.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def measures(as_json):
-    """List the ordering measures: kind, default direction and meaning."""
-    rows = [(m.name, m.kind, m.direction, m.summary) for m in MEASURES.values()]
+    """List the ordering measures: kind, default direction, origin and meaning.
+
+    The origin is 'porder' for the built-in measures and the distribution name
+    for measures that installed packages add (entry-point group
+    ``porder.measures``).
+    """
+    rows = [(m.name, m.kind, m.direction, m.origin or "-", m.summary) for m in MEASURES.values()]
     if as_json:
         import json
 
-        click.echo(json.dumps([dict(zip(("name", "kind", "direction", "summary"), r))
+        click.echo(json.dumps([dict(zip(("name", "kind", "direction", "origin", "summary"), r))
                                for r in rows], indent=2))
         return
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        click.echo(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+        click.echo(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]:<{w[3]}}  {r[4]}")

@@ -1,53 +1,64 @@
 """Compiled CPU backend of :func:`porder.reorder`: numba kernels, one image at a time.
 
-Every measure is covered. A pairwise measure scores the remaining candidates
-of a step against the current reference, all at once in vector lanes, and
-runs the greedy chain inside one compiled loop per image (no (N, K, K) score
-matrix); a standalone measure sorts its patch scores in the same loop, and the
-reordered image is gathered there too. ``mi`` and ``je`` count co-located
-pixel pairs with per-pixel equality bitmasks and a popcount (16-bit masks up
-to 4x4 patches, 64-bit up to 8x8; pixels whose bin is unique within the
-reference patch count 1 and are skipped), ``kl`` reads candidate-last bin
-counts; for these three a product of counts orders the candidates, and only
-the few candidates near the best get an exact score (details in
-``_cpu_kernels``). Permutations are identical to the generic NumPy path:
-scores rounded to ``porder.ordering.DECIMALS`` decimals, ties to the lowest
-index, NaN last.
+Every built-in measure is covered (``IMPLEMENTS``; plugin measures and the
+controls take the generic path, as :func:`porder.reorder` decides). A pairwise
+measure scores the remaining candidates of a step against the current
+reference, all at once in vector lanes, and runs the greedy chain inside one
+compiled loop per image (no (N, K, K) score matrix); a standalone measure sorts
+its patch scores in the same loop, and the reordered image is gathered there
+too. ``mi`` and ``je`` count co-located pixel pairs with per-pixel equality
+bitmasks and a popcount (16-bit masks up to 4x4 patches, 64-bit up to 8x8;
+pixels whose bin is unique within the reference patch count 1 and are
+skipped), ``kl`` reads candidate-last bin counts; for these three a product of
+counts orders the candidates, and only the few candidates near the best get an
+exact score (details in ``_cpu_kernels``). Permutations are identical to the
+generic NumPy path: scores rounded to ``porder.ordering.DECIMALS`` decimals,
+ties to the lowest index, NaN last.
 
 Images are split into chunks that ``workers`` threads (default: all cores; the
 caller's thread and a kept pool) take one after another; the compiled loop
 releases the GIL.
 
 The kernels compile on first use and are cached on disk (numba
-``cache=True``): next to this file when the package folder is writable,
-otherwise in ``$XDG_CACHE_HOME/porder/numba`` (``~/.cache/porder/numba``)
-unless ``NUMBA_CACHE_DIR`` is set. The first call on a machine compiles for
-about 40 seconds (2-core development machine); later processes load the cache
-in about half a second. One compiled signature serves every measure, patch
-size, bin count and channel count.
+``cache=True``): in ``__pycache__`` next to ``_cpu_kernels.py`` when the package
+folder is writable, otherwise in ``$XDG_CACHE_HOME/porder/numba``
+(``~/.cache/porder/numba``); ``NUMBA_CACHE_DIR``, when set, wins. The folder is
+chosen by a numba cache locator that answers for porder's kernel file only
+(:class:`KernelCacheLocator`, added to numba's list of locators on import): the
+environment and numba's configuration are left as they are, so other numba
+users in the process and its children cache where they did. The first call on
+a machine compiles for about 40 seconds (2-core development machine); later
+processes load the cache in about half a second. One compiled signature
+serves every measure, patch size, bin count and channel count.
 """
 from __future__ import annotations
 
 import math
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from numba.core import caching
+from numba.core import config as numba_config
+
+from ..measures import as_builtin, get_measure
+
+_KERNELS_FILE = Path(__file__).resolve().with_name("_cpu_kernels.py")
 
 
-def _cache_dir() -> str | None:
-    """The folder numba should cache in, or None to leave numba's default.
+def _cache_dir(here: Path | None = None) -> str | None:
+    """The folder numba should cache porder's kernels in, or None to leave numba's choice.
 
-    numba's default is ``__pycache__`` next to the kernels; when that cannot
-    be written (a read-only site-packages), a per-user folder instead.
+    ``here`` is the folder of the kernels (default: this package). numba's
+    choice is ``__pycache__`` next to the kernels; when that cannot be written
+    (a read-only site-packages), a per-user folder instead.
     ``NUMBA_CACHE_DIR``, when set, always wins.
     """
-    if os.environ.get("NUMBA_CACHE_DIR"):
+    if os.environ.get("NUMBA_CACHE_DIR") or numba_config.CACHE_DIR:
         return None
-    here = Path(__file__).resolve().parent
+    here = Path(here) if here is not None else _KERNELS_FILE.parent
     pycache = here / "__pycache__"
     if os.access(pycache if pycache.is_dir() else here, os.W_OK):
         return None
@@ -55,34 +66,69 @@ def _cache_dir() -> str | None:
     return os.path.join(base, "porder", "numba")
 
 
-_CACHE_DIR = _cache_dir()
-if _CACHE_DIR is not None:
-    os.environ["NUMBA_CACHE_DIR"] = _CACHE_DIR
-    if "numba" in sys.modules:  # imported before us: numba read its config already
-        import numba.core.config
+class KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
+    """numba cache locator for ``_cpu_kernels.py`` when :func:`_cache_dir` picks a folder.
 
-        numba.core.config.CACHE_DIR = _CACHE_DIR
+    For any other file, or when numba's own choice stands, ``from_function``
+    returns None and numba's next locator decides.
+    """
 
-from . import _cpu_kernels as _k  # noqa: E402  (after the cache folder is chosen)
+    def __init__(self, py_func, py_file, folder: str):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = os.path.join(folder, self.get_suitable_cache_subpath(py_file))
 
-CODES = {"mi": _k.MI, "je": _k.JE, "kl": _k.KL, "l1": _k.L1, "l2": _k.L2, "ssim": _k.SSIM,
-         "entropy": _k.ENTROPY, "psnr": _k.PSNR}
-# Measures that quantise intensities into bins; the others read raw values.
-_BINNED = ("mi", "je", "kl", "entropy")
+    def get_cache_path(self) -> str:
+        return self._cache_path
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        try:
+            ours = Path(py_file).resolve() == _KERNELS_FILE
+        except (OSError, ValueError):
+            return None
+        folder = _cache_dir() if ours else None
+        if folder is None:
+            return None
+        self = cls(py_func, py_file, folder)
+        try:
+            self.ensure_cache_path()
+        except OSError:  # not writable either: numba's own locators decide
+            return None
+        return self
+
+
+def _add_locator() -> None:
+    """Put :class:`KernelCacheLocator` first in numba's locators (once per process)."""
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+    names = [(c.__module__, c.__qualname__) for c in impl._locator_classes]
+    if (__name__, KernelCacheLocator.__qualname__) not in names:
+        impl._locator_classes.insert(0, KernelCacheLocator)
+
+
+_add_locator()  # before the kernels are defined: numba picks a function's locator then
+
+from . import _cpu_kernels as _k  # noqa: E402  (after the locator is in place)
+
+# What this backend implements: porder's built-in formulas -> the kernels' measure codes.
+# What the kernels need to know about a measure (binned or not) is its registry entry.
+IMPLEMENTS = {"mi": _k.MI, "je": _k.JE, "kl": _k.KL, "l1": _k.L1, "l2": _k.L2, "ssim": _k.SSIM,
+              "entropy": _k.ENTROPY, "psnr": _k.PSNR}
 # Images per task: enough to hide the ~2 us Python cost of a kernel call (an
 # image takes 10-40 us), few enough to balance the threads at a batch's end.
 MAX_CHUNK = 32
 
 
-def _tables(name: str, n: int, bins: int):
+def _tables(measure, n: int, bins: int):
     """Lookup tables of the counts 0..n a patch of n pixels can produce.
 
-    qtab (256,) uint8: value -> bin; ltab: log2(c); clogc: c * log2(c) as
-    porder.measures tabulates it; plp, lt: P log2 P and log2 P of a bin with
-    count c after KL's smoothing, P = (c + 1/bins) / (n + 1).
+    ``measure`` is a name or entry. qtab (256,) uint8: value -> bin (the
+    identity for a measure that does not bin); ltab: log2(c); clogc:
+    c * log2(c) as porder.measures tabulates it; plp, lt: P log2 P and log2 P
+    of a bin with count c after KL's smoothing, P = (c + 1/bins) / (n + 1).
     """
     v = np.arange(256)
-    qtab = (v * bins // 256 if name in _BINNED else v).astype(np.uint8)
+    qtab = (v * bins // 256 if get_measure(measure).binned else v).astype(np.uint8)
     c = np.arange(n + 1, dtype=np.float64)
     ltab = np.zeros(n + 1)
     ltab[1:] = np.log2(c[1:])
@@ -92,11 +138,15 @@ def _tables(name: str, n: int, bins: int):
     return qtab, ltab, clogc, prob * lt, lt
 
 
-def _arguments(name: str, p: int, bins: int, reference: int, descending: bool) -> tuple:
-    """The arguments of ``reorder_range`` between the image range and the scratch."""
+def _arguments(measure, p: int, bins: int, reference: int, descending: bool) -> tuple:
+    """The arguments of ``reorder_range`` between the image range and the scratch.
+
+    ``measure`` is an entry (or name) of a built-in this backend implements.
+    """
     n = p * p
-    qtab, ltab, clogc, plp, lt = _tables(name, n, bins)
-    return (CODES[name], p, bins, int(reference), bool(descending), qtab, ltab, clogc,
+    m = get_measure(measure)
+    qtab, ltab, clogc, plp, lt = _tables(m, n, bins)
+    return (IMPLEMENTS[m.name], p, bins, int(reference), bool(descending), qtab, ltab, clogc,
             math.log2(n), plp, lt)
 
 
@@ -142,15 +192,25 @@ def _chunks(n_img: int, workers: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, n_img)) for lo in range(0, n_img, size)]
 
 
+def supports(measure, *, size: int, channels: int, patch: int, bins: int) -> bool:
+    """Whether the numba kernels compute this case: any built-in formula they implement,
+    at any image size, channel count, patch size and bin count."""
+    b = as_builtin(get_measure(measure))
+    return b is not None and b.name in IMPLEMENTS
+
+
 def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, descending: bool,
                   workers=None):
     """POR-reorder a batch of images with the numba kernels.
+
+    The contract of :mod:`porder.kernels`: the inputs are validated by
+    :func:`porder.reorder`, and :func:`supports` holds.
 
     Parameters
     ----------
     images : uint8 ndarray (N, S, S, C)
     measure : porder.measures.Measure
-        Kind 'standalone' or 'pairwise'.
+        A built-in formula this backend implements (``IMPLEMENTS``).
     patch : int
         Patch side p, a divisor of S.
     bins : int
@@ -170,42 +230,32 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
     Raises
     ------
     ValueError
-        A measure without a kernel (the controls), a bad shape, dtype, patch,
-        bins, reference or workers.
+        A measure without a kernel (the controls, plugins).
     """
-    name = getattr(measure, "name", measure)
-    if name not in CODES:
-        raise ValueError(f"measure {name!r} has no compiled kernel; choose one of "
-                         f"{', '.join(CODES)}")
+    b = as_builtin(get_measure(measure))
+    if b is None or b.name not in IMPLEMENTS:
+        raise ValueError(f"measure {getattr(measure, 'name', measure)!r} has no compiled kernel; "
+                         f"the numba kernels implement {', '.join(IMPLEMENTS)}")
     x = np.ascontiguousarray(images)
     if not x.flags.writeable:  # numba types read-only arrays apart: one compile for all
         x = x.copy()
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[3] < 1:
-        raise ValueError(f"images must be uint8 (N, S, S, C), got {x.dtype} {tuple(x.shape)}")
     n_img, s, _, c = x.shape
-    if not isinstance(patch, (int, np.integer)) or patch < 1 or s % patch:
-        raise ValueError(f"patch size {patch!r} does not divide the image size {s}")
-    if not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 256:
-        raise ValueError(f"bins must be an integer from 1 to 256, got {bins!r}")
-    if workers is None:
-        workers = _cores()
-    if not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    p, g, bins = int(patch), s // int(patch), int(bins)
+    p, bins = int(patch), int(bins)
+    assert x.dtype == np.uint8 and s % p == 0, "porder.reorder validates the inputs"
+    g = s // p
     k, n = g * g, p * p
-    if not 0 <= reference < k:
-        raise ValueError(f"reference patch {reference} is out of range 0..{k - 1}")
+    workers = _cores() if workers is None else int(workers)
     out = np.empty_like(x)
     perm = np.empty((n_img, k), dtype=np.int64)
     if n_img == 0:
         return out, perm
-    args = _arguments(name, p, bins, reference, descending)
-    chunks = _chunks(n_img, int(workers))
+    args = _arguments(b, p, bins, reference, descending)
+    chunks = _chunks(n_img, workers)
     todo = iter(chunks)
     lock = threading.Lock()
 
     def work():
-        scratch = _scratch(CODES[name], n, bins, c, k)  # this thread's
+        scratch = _scratch(IMPLEMENTS[b.name], n, bins, c, k)  # this thread's
         while True:
             with lock:
                 lo_hi = next(todo, None)
@@ -213,7 +263,7 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
                 return
             _k.reorder_range(x, lo_hi[0], lo_hi[1], *args, *scratch, out, perm)
 
-    nthreads = min(int(workers), len(chunks))
+    nthreads = min(workers, len(chunks))
     helpers = [_pool(nthreads - 1).submit(work) for _ in range(nthreads - 1)]
     work()  # the calling thread works too
     for f in helpers:

@@ -1,4 +1,4 @@
-"""CUDA kernels behind ``porder.reorder(..., device='cuda', backend='compiled')``.
+"""CUDA backend of ``porder.reorder(..., device='cuda', backend='compiled')``: the CuPy side.
 
 One fused kernel (``cuda/reorder.cu``, the algorithm in ``cuda/porder_core.cuh``)
 takes a batch of uint8 images on the GPU to reordered images and int64
@@ -13,346 +13,66 @@ image. Template instantiations per measure family:
   once per patch.
 * ``l1``, ``l2``, ``ssim`` and ``psnr``: exact integer pixel sums.
 
-Supported: any image size, channel count, ``bins`` and patch size, with the
-histogram measures up to 256 pixels per patch (patch 16), as long as one
-image's working set fits the GPU's shared memory (``launch_geometry`` says so,
-and why not). Anything else falls back to the generic CuPy path
-(``porder.reorder(..., backend='generic')``), which gives the same result more
-slowly.
+Supported (:func:`supports`): any image size, channel count, ``bins`` and
+patch size, with the histogram measures up to 256 pixels per patch (patch
+16), as long as one image's working set fits the GPU's shared memory
+(:func:`porder.kernels.cuda_geometry.launch_geometry` says so, and why not).
+:func:`porder.reorder` runs every other case on the generic CuPy path, which
+gives the same result more slowly; :func:`reorder_batch` itself never falls
+back (the contract of :mod:`porder.kernels`).
 
 Results equal the NumPy path's: integer counts and sums are exact, float64 is
 used only in the final formulas, in NumPy's order of operations, compiled with
 ``--fmad=false``; scores are rounded to 9 decimals as ``numpy.round`` does
 before they are compared, ties go to the lowest index and NaN ranks last.
 
-The launch geometry (threads, shared-memory layout, grid, chunks) is computed
-here in pure Python, so it is tested without a GPU; the same per-image code
-runs on the CPU through ``cuda/host_harness.cu`` in the tests.
+This module is the runtime side: NVRTC compilation through
+``cupy.RawModule``, the device's limits, launching and :func:`reorder_batch`.
+The launch geometry and its tables are pure Python in
+:mod:`porder.kernels.cuda_geometry` (re-exported here: ``launch_geometry``,
+``DeviceLimits``, ``Geometry``, ``MEASURE_IDS``, ``PAIRWISE``, ...).
 """
 from __future__ import annotations
 
-import math
 import threading
-from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
-KERNEL_DIR = Path(__file__).resolve().with_name("cuda")
-HEADER = "porder_core.cuh"
-KERNEL_SOURCE = "reorder.cu"
+from ..measures import as_builtin, get_measure
+from .cuda_geometry import (
+    CHUNK_BYTES,
+    HEADER,
+    KERNEL_DIR,
+    KERNEL_SOURCE,
+    MAX_THREADS,
+    MEASURE_IDS,
+    PAIRWISE,
+    PARAM_NAMES,
+    TAB_HEADER,
+    DeviceLimits,
+    Geometry,
+    error_message,
+    kernel_table,
+    launch_geometry,
+    vec_flags,
+)
+
+__all__ = [
+    # the runtime
+    "COMPILE_OPTIONS", "IMPLEMENTS", "compile_kernels", "device_limits", "get_kernel",
+    "kernel_source", "launch", "reorder_batch", "supports",
+    # re-exported from cuda_geometry
+    "CHUNK_BYTES", "HEADER", "KERNEL_DIR", "KERNEL_SOURCE", "MAX_THREADS", "MEASURE_IDS",
+    "PAIRWISE", "PARAM_NAMES", "TAB_HEADER", "DeviceLimits", "Geometry", "error_message",
+    "kernel_table", "launch_geometry", "vec_flags",
+]
+
 # NVRTC options: C++17 for `if constexpr`; no fused multiply-add, so that float
 # results round exactly as the NumPy formulas do; line info for compute-sanitizer.
 COMPILE_OPTIONS = ("-std=c++17", "--fmad=false", "-lineinfo")
-
-# Mirrors of the enums in cuda/porder_core.cuh (a test checks them).
-MEASURE_IDS = {"entropy": 0, "psnr": 1, "mi": 2, "je": 3, "kl": 4, "l1": 5, "l2": 6, "ssim": 7}
-PARAM_NAMES = (
-    "S", "C", "P", "G", "K", "N", "BINS", "MID", "DESC", "REF", "QS", "NT", "WB", "NW", "NTAB",
-    "OFF_TAB", "OFF_RAW", "OFF_Q", "OFF_MASK", "OFF_AUX", "OFF_AUX2", "OFF_PART", "OFF_HIST",
-    "OFF_CNT", "OFF_PERM", "OFF_USED", "SMEM",
-)
-TAB_HEADER = 8  # doubles before the log tables (T_HDR)
-
-HISTOGRAM = ("mi", "je", "kl", "entropy")  # need equality masks or counts
-PAIRWISE = ("mi", "je", "kl", "l1", "l2", "ssim")
-STANDALONE = ("entropy", "psnr")
-MAX_HIST_PIXELS = 256  # 4 words of 64 bits per mask
-MAX_PATCHES = 65535  # kl stamps the chain step in 16 bits
-MAX_THREADS = 256  # __launch_bounds__ of the kernel
-# Images per launch are bounded so that a non-contiguous input is copied to a
-# contiguous one at most this many bytes at a time.
-CHUNK_BYTES = 256 * 2**20
-_ALIGN = 16
-
-
-@dataclass(frozen=True)
-class DeviceLimits:
-    """What the launch geometry needs to know about a GPU (defaults: an H100 SXM)."""
-
-    sm_count: int = 132
-    max_smem_block: int = 232448  # opt-in dynamic shared memory per block (bytes)
-    smem_per_sm: int = 233472  # shared memory per multiprocessor (bytes)
-    max_threads_sm: int = 2048
-    max_blocks_sm: int = 32
-    regs_per_sm: int = 65536
-    reserved_smem_block: int = 1024  # the runtime reserves this per block (sm_80+)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Launch geometry of the fused kernel for one (measure, shape, options).
-
-    ``supported`` is False, with the ``reason``, when the fused kernel cannot
-    take this case; then the generic CuPy path runs instead.
-    """
-
-    measure: str
-    image_size: int
-    channels: int
-    patch: int
-    bins: int
-    reference: int
-    descending: bool
-    grid_side: int  # G: patches per side
-    patches: int  # K = G * G
-    pixels: int  # n = patch * patch
-    mask_bits: int  # WB: bits per mask word
-    mask_words: int  # NW: words per mask
-    threads: int  # per block (one block per image)
-    smem_bytes: int  # dynamic shared memory per block
-    offsets: dict = field(compare=False)  # region name -> (offset, bytes)
-    blocks_per_sm: int  # resident blocks per multiprocessor (by threads and shared memory)
-    max_grid: int  # blocks of a full launch (a grid-stride loop covers the rest)
-    regs_per_sm: int
-    images_per_launch: int
-    supported: bool
-    reason: str
-
-    @property
-    def kernel(self) -> str:
-        """The NVRTC name expression of the template instantiation."""
-        return kernel_name(self.measure, self.mask_bits, self.mask_words)
-
-    def grid(self, n_images: int, registers: int | None = None) -> int:
-        """Blocks for a launch over ``n_images`` images (at least 1).
-
-        One wave of resident blocks, each looping over images; ``registers``
-        (per thread, known once the kernel is compiled) can lower residency.
-        """
-        grid = self.max_grid
-        if registers:
-            per_block = _round_up(registers, 8) * self.threads
-            by_regs = max(1, self.regs_per_sm // per_block)
-            grid = min(grid, by_regs * (self.max_grid // self.blocks_per_sm))
-        return max(1, min(n_images, grid))
-
-    def chunks(self, n_images: int) -> list[tuple[int, int]]:
-        """Image ranges ``[lo, hi)`` of the launches for a batch of ``n_images``."""
-        step = self.images_per_launch
-        return [(lo, min(lo + step, n_images)) for lo in range(0, n_images, step)]
-
-    def params(self) -> np.ndarray:
-        """The int32 params array the kernel and the host harness read."""
-        off = {name: o for name, (o, _) in self.offsets.items()}
-        values = {
-            "S": self.image_size, "C": self.channels, "P": self.patch, "G": self.grid_side,
-            "K": self.patches, "N": self.pixels, "BINS": self.bins,
-            "MID": MEASURE_IDS[self.measure], "DESC": int(self.descending),
-            "REF": self.reference, "QS": self.unit_stride, "NT": self.threads,
-            "WB": self.mask_bits, "NW": self.mask_words, "NTAB": table_size(self.pixels),
-            "OFF_TAB": off["tab"], "OFF_RAW": off["raw"], "OFF_Q": off["q"],
-            "OFF_MASK": off["mask"], "OFF_AUX": off["aux"], "OFF_AUX2": off["aux2"],
-            "OFF_PART": off["part"], "OFF_HIST": off["hist"], "OFF_CNT": off["cnt"],
-            "OFF_PERM": off["perm"], "OFF_USED": off["used"], "SMEM": self.smem_bytes,
-        }
-        return np.array([values[name] for name in PARAM_NAMES], dtype=np.int32)
-
-    @property
-    def unit_stride(self) -> int:
-        return unit_stride(self.pixels)
-
-    def table(self) -> np.ndarray:
-        """The float64 table of constants and logs the kernel reads."""
-        return kernel_table(self.pixels, self.bins)
-
-
-def kernel_name(measure: str, mask_bits: int, mask_words: int) -> str:
-    """Name expression of the kernel instantiation, e.g. ``porder_reorder<2, 64, 1>``."""
-    return f"porder_reorder<{MEASURE_IDS[measure]}, {mask_bits}, {mask_words}>"
-
-
-def mask_shape(measure: str, pixels: int) -> tuple[int, int]:
-    """(bits per word, words) of the equality masks for ``pixels`` per patch.
-
-    16-bit words up to 16 pixels (patch 4), 32-bit up to 32, then 1 to 4 words
-    of 64 bits (patch 8: one, patch 16: four). Measures without masks use the
-    one instantiation (64, 1).
-    """
-    if measure not in HISTOGRAM:
-        return 64, 1
-    if pixels <= 16:
-        return 16, 1
-    if pixels <= 32:
-        return 32, 1
-    return 64, min(4, -(-pixels // 64))
-
-
-def unit_stride(pixels: int) -> int:
-    """Bytes between two units' pixels in shared memory: 16 times an odd number.
-
-    Neighbouring lanes read neighbouring units; an odd number of 16-byte steps
-    spreads them over the shared-memory banks.
-    """
-    return 16 * (-(-pixels // 16) | 1)
-
-
-def table_size(pixels: int) -> int:
-    """Doubles in the kernel table: the header and three tables of n+1 entries."""
-    return TAB_HEADER + 3 * (pixels + 1)
-
-
-def kernel_table(pixels: int, bins: int) -> np.ndarray:
-    """Constants and log tables, computed with NumPy as porder.measures does.
-
-    Layout (cuda/porder_core.cuh, enum Tab): log2(n), SSIM C1 and C2, PSNR peak
-    255**2 and noise floor, then log2(c), log2(c + 1/bins) and
-    (c + 1/bins) / (n + 1) for c = 0..n (log2(0) is stored as 0, never read).
-    """
-    from ..measures import DATA_RANGE, PSNR_NOISE_FLOOR, SSIM_C1, SSIM_C2
-
-    n = pixels
-    t = np.zeros(table_size(n), dtype=np.float64)
-    t[0] = math.log2(n)
-    t[1], t[2] = SSIM_C1, SSIM_C2
-    t[3], t[4] = DATA_RANGE**2, PSNR_NOISE_FLOOR
-    c = np.arange(n + 1, dtype=np.float64)
-    lg = np.zeros(n + 1)
-    lg[1:] = np.log2(c[1:])
-    s = 1.0 / bins
-    t[TAB_HEADER : TAB_HEADER + n + 1] = lg
-    t[TAB_HEADER + n + 1 : TAB_HEADER + 2 * (n + 1)] = np.log2(c + s)
-    t[TAB_HEADER + 2 * (n + 1) :] = (c + s) / (n + 1.0)
-    return t
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def launch_geometry(measure: str, image_size: int, channels: int, patch: int, *,
-                    bins: int = 256, reference: int = 0, descending: bool | None = None,
-                    limits: DeviceLimits | None = None,
-                    chunk_bytes: int = CHUNK_BYTES) -> Geometry:
-    """Threads, shared-memory layout and grid of the fused kernel; no GPU needed.
-
-    Parameters
-    ----------
-    measure : str
-        A standalone or pairwise measure name (``porder measures``).
-    image_size, channels : int
-        Images are (N, image_size, image_size, channels) uint8.
-    patch : int
-        Patch side; must divide ``image_size``.
-    bins, reference, descending
-        As for :func:`porder.reorder` (``descending=None``: the measure's default).
-    limits : DeviceLimits, optional
-        The GPU's limits (default: an H100).
-    chunk_bytes : int
-        Bound on the input bytes of one launch.
-
-    Returns
-    -------
-    Geometry
-        With ``supported=False`` and a ``reason`` when the fused kernel cannot
-        run this case (the caller falls back to the generic CuPy path).
-
-    Raises
-    ------
-    ValueError
-        Unknown or control measure, a patch that does not divide the image,
-        bad bins, reference or channels.
-    """
-    from ..measures import get_measure
-
-    limits = limits or DeviceLimits()
-    m = get_measure(measure)
-    if m.name not in MEASURE_IDS:
-        raise ValueError(f"measure {measure!r} has no CUDA kernel (kind {m.kind!r}); "
-                         "only standalone and pairwise measures do")
-    if not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 256:
-        raise ValueError(f"bins must be an integer from 1 to 256, got {bins!r}")
-    if channels < 1 or image_size < 1:
-        raise ValueError(f"images must be (N, S, S, C) with S, C >= 1, got S={image_size}, "
-                         f"C={channels}")
-    if patch < 1 or image_size % patch:
-        raise ValueError(f"patch size {patch} does not divide the image size {image_size}")
-    g = image_size // patch
-    k, n = g * g, patch * patch
-    if not 0 <= reference < k:
-        raise ValueError(f"reference patch {reference} is out of range 0..{k - 1}")
-    desc = m.descending if descending is None else bool(descending)
-    wb, nw = mask_shape(m.name, n)
-    units = channels * k
-
-    threads = min(MAX_THREADS, max(64, _round_up(units, 32)))
-    if m.name in HISTOGRAM and n >= 128:
-        threads = max(threads, 128)  # the mask build is the heavy phase there
-
-    sizes = {
-        "tab": 8 * table_size(n),
-        "raw": image_size * image_size * channels,
-        "q": units * unit_stride(n),
-        "mask": channels * n * k * (wb // 8) * nw if m.name in ("mi", "je", "kl") else 0,
-        "aux": 8 * units,
-        "aux2": 8 * units if m.name == "ssim" else 0,
-        "part": 8 * units,
-        "hist": 4 * channels * bins if m.name == "kl" else 0,
-        "cnt": 2 * units * n if m.name == "entropy" else 0,
-        "perm": 4 * k,
-        "used": k,
-    }
-    offsets, at = {}, 0
-    for name, size in sizes.items():
-        offsets[name] = (at, size)
-        at = _round_up(at + size, _ALIGN)
-    smem = at
-
-    reason = ""
-    if m.name in HISTOGRAM and n > MAX_HIST_PIXELS:
-        reason = (f"{m.name} at patch {patch} has {n} pixels per patch; the CUDA kernels "
-                  f"take histogram measures up to {MAX_HIST_PIXELS} (patch 16)")
-    elif k > MAX_PATCHES:
-        reason = f"{k} patches per image; the CUDA kernels take up to {MAX_PATCHES}"
-    elif smem > limits.max_smem_block:
-        reason = (f"one image needs {smem} bytes of shared memory for {m.name} at patch "
-                  f"{patch}; this GPU allows {limits.max_smem_block} per block")
-    per_block = smem + limits.reserved_smem_block
-    blocks = min(limits.max_blocks_sm, limits.max_threads_sm // threads,
-                 limits.smem_per_sm // per_block if per_block else limits.max_blocks_sm)
-    if not reason and blocks < 1:
-        reason = f"one image's {smem} bytes of shared memory do not fit a multiprocessor"
-    blocks = max(blocks, 1)
-    return Geometry(
-        measure=m.name, image_size=image_size, channels=channels, patch=patch, bins=int(bins),
-        reference=reference, descending=desc, grid_side=g, patches=k, pixels=n, mask_bits=wb,
-        mask_words=nw, threads=threads, smem_bytes=smem, offsets=offsets, blocks_per_sm=blocks,
-        max_grid=blocks * limits.sm_count, regs_per_sm=limits.regs_per_sm,
-        images_per_launch=max(1, chunk_bytes // (image_size * image_size * channels)),
-        supported=not reason, reason=reason,
-    )
-
-
-def vec_flags(in_ptr: int, out_ptr: int, geometry: Geometry) -> int:
-    """Kernel ``vec`` argument: bit 0 for 4-byte loads, bit 1 for 4-byte stores."""
-    img = geometry.image_size**2 * geometry.channels
-    load = in_ptr % 4 == 0 and img % 4 == 0
-    store = out_ptr % 4 == 0 and (geometry.patch * geometry.channels) % 4 == 0
-    return int(load) | (int(store) << 1)
-
-
-def check_images(shape, dtype, patch: int) -> None:
-    """Validate a batch's shape and dtype; ValueError naming the problem otherwise."""
-    if len(shape) != 4 or shape[1] != shape[2] or shape[3] < 1:
-        raise ValueError(f"images must have shape (N, S, S, C), got {tuple(shape)}")
-    if np.dtype(dtype) != np.uint8:
-        raise ValueError(f"images must be uint8, got dtype {np.dtype(dtype)}")
-    if not isinstance(patch, (int, np.integer)) or patch < 1 or shape[1] % patch:
-        raise ValueError(f"patch size {patch!r} does not divide the image size {shape[1]}; "
-                         f"choose a divisor of {shape[1]}")
-
-
-def error_message(code: int) -> str:
-    """Explain the kernel's error flag."""
-    parts = []
-    if code & 1:
-        parts.append("dynamic shared memory smaller than the layout")
-    if code & 2:
-        parts.append("kernel template arguments do not match the params")
-    if code & 4:
-        parts.append("block size does not match the params")
-    return "; ".join(parts) or f"unknown error code {code}"
+# What this backend implements: the measures of the kernel's enum.
+IMPLEMENTS = MEASURE_IDS
 
 
 # ---------------------------------------------------------------------------
@@ -522,17 +242,30 @@ def launch(x, geometry: Geometry, out, perm, *, check: bool = False) -> None:
             raise RuntimeError(f"{geometry.kernel} refused the launch: {error_message(code)}")
 
 
+def supports(measure, *, size: int, channels: int, patch: int, bins: int) -> bool:
+    """Whether the fused kernel computes this case on the current GPU: a built-in formula
+    it implements, and one image's working set within the GPU's shared memory."""
+    b = as_builtin(get_measure(measure))
+    if b is None or b.name not in IMPLEMENTS:
+        return False
+    return _geometry(b.name, int(size), int(channels), int(patch), bins=int(bins),
+                     limits=device_limits()).supported
+
+
 def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, descending: bool,
                   workers=None, check: bool = False):
     """Reorder a batch on the GPU: the kernel contract of :mod:`porder.kernels`.
+
+    The inputs are validated by :func:`porder.reorder`, and :func:`supports`
+    holds.
 
     Parameters
     ----------
     images : cupy uint8 array (N, S, S, C)
     measure : porder.measures.Measure or str
-        A standalone or pairwise measure.
+        A measure the kernels implement (``IMPLEMENTS``).
     patch : int
-        Patch side; must divide S.
+        Patch side; divides S.
     bins, reference, descending
         As for :func:`porder.reorder` (``descending`` already resolved).
     workers : ignored
@@ -545,27 +278,25 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
     reordered : cupy uint8 array (N, S, S, C)
     perm : cupy int64 array (N, K)
 
-    Notes
-    -----
-    Cases the fused kernel does not take (``launch_geometry(...).reason``) run
-    the generic CuPy path, with the same results.
+    Raises
+    ------
+    ValueError
+        No CuPy or GPU, images not on the GPU, or a case the fused kernel does
+        not take (a measure without a kernel, or ``launch_geometry(...).reason``).
     """
-    from ..measures import get_measure
-
     cp = _cupy()
-    name = measure if isinstance(measure, str) else measure.name
-    m = get_measure(name)
-    check_images(images.shape, images.dtype, patch)
     if not isinstance(images, cp.ndarray):
         raise ValueError(f"images must be a CuPy array on the GPU, got {type(images).__name__}")
+    entry = get_measure(measure)
+    b = as_builtin(entry)
+    if b is None or b.name not in IMPLEMENTS:
+        raise ValueError(f"measure {entry.name!r} has no CUDA kernel; the CUDA kernels "
+                         f"implement {', '.join(IMPLEMENTS)}")
     n, s, _, c = images.shape
-    g = _geometry(m.name, s, c, patch, bins=int(bins), reference=int(reference),
+    g = _geometry(b.name, s, c, int(patch), bins=int(bins), reference=int(reference),
                   descending=descending, limits=device_limits())
     if not g.supported:
-        import porder
-
-        return porder.reorder(images, m.name, patch, bins=bins, device="cuda",
-                              reference=reference, descending=g.descending, backend="generic")
+        raise ValueError(f"the CUDA kernels do not take this case: {g.reason}")
     out = cp.empty(images.shape, dtype=cp.uint8)
     perm = cp.empty((n, g.patches), dtype=cp.int64)
     if n:

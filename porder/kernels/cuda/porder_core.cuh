@@ -14,7 +14,7 @@
 // patches of P x P pixels (G = S / P), n = P*P pixels each; patch j = r*G + c.
 // A "unit" is one (channel c, patch j) pair, index u = c*K + j. Shared memory
 // (one block = one image) holds, at offsets computed in Python
-// (porder/kernels/cuda.py, launch_geometry) and passed in the params array:
+// (porder/kernels/cuda_geometry.py, launch_geometry) and passed in the params array:
 //   tab   double  [8 + 3*(n+1)]   constants, log2(c), KL tables
 //   raw   uint8   [S*S*C]         the image as loaded (the gather reads it)
 //   q     uint8   [C*K][QS]       unit pixels in patch raster order (quantised
@@ -55,12 +55,12 @@ typedef unsigned int u32;
 typedef long long i64;
 typedef unsigned long long u64;
 
-// Measure ids (porder/kernels/cuda.py MEASURE_IDS mirrors these).
+// Measure ids (porder/kernels/cuda_geometry.py MEASURE_IDS mirrors these).
 enum MeasureId {
     M_ENTROPY = 0, M_PSNR = 1, M_MI = 2, M_JE = 3, M_KL = 4, M_L1 = 5, M_L2 = 6, M_SSIM = 7
 };
 
-// Indices into the int32 params array (porder/kernels/cuda.py PARAM_NAMES mirrors
+// Indices into the int32 params array (porder/kernels/cuda_geometry.py PARAM_NAMES mirrors
 // this list; a test checks the two against each other).
 enum Param {
     P_S = 0, P_C, P_P, P_G, P_K, P_N, P_BINS, P_MID, P_DESC, P_REF, P_QS, P_NT,

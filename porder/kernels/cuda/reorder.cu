@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(256) porder_reorder(
 }
 
 #ifdef PORDER_INSTANTIATE_ALL
-// Every instantiation porder/kernels/cuda.py can ask for (kernel_name()).
+// Every instantiation porder/kernels/cuda_geometry.py can ask for (kernel_name()).
 #define PORDER_HIST(MID)                                                            \
     template __global__ void porder_reorder<MID, 16, 1>(const porder::u8*, long long, int, \
         porder::u8*, long long*, const int*, const double*, int*);                 \

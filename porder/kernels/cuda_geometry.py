@@ -1,0 +1,327 @@
+"""Launch geometry of the fused CUDA kernel: pure Python, tested without a GPU.
+
+What the Python side of the CUDA backend (:mod:`porder.kernels.cuda`) must
+agree on with the C++ layout of ``cuda/porder_core.cuh``: the measure ids
+(``MEASURE_IDS``, the measures the CUDA backend implements) and params
+indices, the threads per block, the shared-memory regions of one image, the
+grid and the images per launch, and the float64 table of constants and logs
+the kernel reads. Which regions a measure needs follows its registry entry
+(``binned``: equality masks or counts) and the kernel's own per-measure
+layout. :func:`launch_geometry` says whether one image of a case fits the
+GPU's shared memory, and why not; the same per-image code runs on the CPU
+through ``cuda/host_harness.cu`` in the tests.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..measures import (
+    DATA_RANGE,
+    PSNR_NOISE_FLOOR,
+    SSIM_C1,
+    SSIM_C2,
+    as_builtin,
+    check_bins,
+    get_measure,
+)
+
+KERNEL_DIR = Path(__file__).resolve().with_name("cuda")
+HEADER = "porder_core.cuh"
+KERNEL_SOURCE = "reorder.cu"
+
+# The measures the CUDA kernels implement, with their ids: mirrors of the enum in
+# cuda/porder_core.cuh (a test checks them).
+MEASURE_IDS = {"entropy": 0, "psnr": 1, "mi": 2, "je": 3, "kl": 4, "l1": 5, "l2": 6, "ssim": 7}
+PAIRWISE = tuple(m for m in MEASURE_IDS if get_measure(m).kind == "pairwise")
+PARAM_NAMES = (
+    "S", "C", "P", "G", "K", "N", "BINS", "MID", "DESC", "REF", "QS", "NT", "WB", "NW", "NTAB",
+    "OFF_TAB", "OFF_RAW", "OFF_Q", "OFF_MASK", "OFF_AUX", "OFF_AUX2", "OFF_PART", "OFF_HIST",
+    "OFF_CNT", "OFF_PERM", "OFF_USED", "SMEM",
+)
+TAB_HEADER = 8  # doubles before the log tables (T_HDR)
+
+MAX_HIST_PIXELS = 256  # 4 words of 64 bits per mask
+MAX_PATCHES = 65535  # kl stamps the chain step in 16 bits
+MAX_THREADS = 256  # __launch_bounds__ of the kernel
+# Images per launch are bounded so that a non-contiguous input is copied to a
+# contiguous one at most this many bytes at a time.
+CHUNK_BYTES = 256 * 2**20
+_ALIGN = 16
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What the launch geometry needs to know about a GPU (defaults: an H100 SXM)."""
+
+    sm_count: int = 132
+    max_smem_block: int = 232448  # opt-in dynamic shared memory per block (bytes)
+    smem_per_sm: int = 233472  # shared memory per multiprocessor (bytes)
+    max_threads_sm: int = 2048
+    max_blocks_sm: int = 32
+    regs_per_sm: int = 65536
+    reserved_smem_block: int = 1024  # the runtime reserves this per block (sm_80+)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Launch geometry of the fused kernel for one (measure, shape, options).
+
+    ``supported`` is False, with the ``reason``, when the fused kernel cannot
+    take this case; then :func:`porder.reorder` runs the generic CuPy path.
+    """
+
+    measure: str
+    image_size: int
+    channels: int
+    patch: int
+    bins: int
+    reference: int
+    descending: bool
+    grid_side: int  # G: patches per side
+    patches: int  # K = G * G
+    pixels: int  # n = patch * patch
+    mask_bits: int  # WB: bits per mask word
+    mask_words: int  # NW: words per mask
+    threads: int  # per block (one block per image)
+    smem_bytes: int  # dynamic shared memory per block
+    offsets: dict = field(compare=False)  # region name -> (offset, bytes)
+    blocks_per_sm: int  # resident blocks per multiprocessor (by threads and shared memory)
+    max_grid: int  # blocks of a full launch (a grid-stride loop covers the rest)
+    regs_per_sm: int
+    images_per_launch: int
+    supported: bool
+    reason: str
+
+    @property
+    def kernel(self) -> str:
+        """The NVRTC name expression of the template instantiation."""
+        return kernel_name(self.measure, self.mask_bits, self.mask_words)
+
+    def grid(self, n_images: int, registers: int | None = None) -> int:
+        """Blocks for a launch over ``n_images`` images (at least 1).
+
+        One wave of resident blocks, each looping over images; ``registers``
+        (per thread, known once the kernel is compiled) can lower residency.
+        """
+        grid = self.max_grid
+        if registers:
+            per_block = _round_up(registers, 8) * self.threads
+            by_regs = max(1, self.regs_per_sm // per_block)
+            grid = min(grid, by_regs * (self.max_grid // self.blocks_per_sm))
+        return max(1, min(n_images, grid))
+
+    def chunks(self, n_images: int) -> list[tuple[int, int]]:
+        """Image ranges ``[lo, hi)`` of the launches for a batch of ``n_images``."""
+        step = self.images_per_launch
+        return [(lo, min(lo + step, n_images)) for lo in range(0, n_images, step)]
+
+    def params(self) -> np.ndarray:
+        """The int32 params array the kernel and the host harness read."""
+        off = {name: o for name, (o, _) in self.offsets.items()}
+        values = {
+            "S": self.image_size, "C": self.channels, "P": self.patch, "G": self.grid_side,
+            "K": self.patches, "N": self.pixels, "BINS": self.bins,
+            "MID": MEASURE_IDS[self.measure], "DESC": int(self.descending),
+            "REF": self.reference, "QS": self.unit_stride, "NT": self.threads,
+            "WB": self.mask_bits, "NW": self.mask_words, "NTAB": table_size(self.pixels),
+            "OFF_TAB": off["tab"], "OFF_RAW": off["raw"], "OFF_Q": off["q"],
+            "OFF_MASK": off["mask"], "OFF_AUX": off["aux"], "OFF_AUX2": off["aux2"],
+            "OFF_PART": off["part"], "OFF_HIST": off["hist"], "OFF_CNT": off["cnt"],
+            "OFF_PERM": off["perm"], "OFF_USED": off["used"], "SMEM": self.smem_bytes,
+        }
+        return np.array([values[name] for name in PARAM_NAMES], dtype=np.int32)
+
+    @property
+    def unit_stride(self) -> int:
+        return unit_stride(self.pixels)
+
+    def table(self) -> np.ndarray:
+        """The float64 table of constants and logs the kernel reads."""
+        return kernel_table(self.pixels, self.bins)
+
+
+def kernel_name(measure: str, mask_bits: int, mask_words: int) -> str:
+    """Name expression of the kernel instantiation, e.g. ``porder_reorder<2, 64, 1>``."""
+    return f"porder_reorder<{MEASURE_IDS[measure]}, {mask_bits}, {mask_words}>"
+
+
+def mask_shape(measure: str, pixels: int) -> tuple[int, int]:
+    """(bits per word, words) of the equality masks for ``pixels`` per patch.
+
+    16-bit words up to 16 pixels (patch 4), 32-bit up to 32, then 1 to 4 words
+    of 64 bits (patch 8: one, patch 16: four). Measures that do not bin (no
+    masks) use the one instantiation (64, 1).
+    """
+    if not get_measure(measure).binned:
+        return 64, 1
+    if pixels <= 16:
+        return 16, 1
+    if pixels <= 32:
+        return 32, 1
+    return 64, min(4, -(-pixels // 64))
+
+
+def unit_stride(pixels: int) -> int:
+    """Bytes between two units' pixels in shared memory: 16 times an odd number.
+
+    Neighbouring lanes read neighbouring units; an odd number of 16-byte steps
+    spreads them over the shared-memory banks.
+    """
+    return 16 * (-(-pixels // 16) | 1)
+
+
+def table_size(pixels: int) -> int:
+    """Doubles in the kernel table: the header and three tables of n+1 entries."""
+    return TAB_HEADER + 3 * (pixels + 1)
+
+
+def kernel_table(pixels: int, bins: int) -> np.ndarray:
+    """Constants and log tables, computed with NumPy as porder.measures does.
+
+    Layout (cuda/porder_core.cuh, enum Tab): log2(n), SSIM C1 and C2, PSNR peak
+    255**2 and noise floor, then log2(c), log2(c + 1/bins) and
+    (c + 1/bins) / (n + 1) for c = 0..n (log2(0) is stored as 0, never read).
+    """
+    n = pixels
+    t = np.zeros(table_size(n), dtype=np.float64)
+    t[0] = math.log2(n)
+    t[1], t[2] = SSIM_C1, SSIM_C2
+    t[3], t[4] = DATA_RANGE**2, PSNR_NOISE_FLOOR
+    c = np.arange(n + 1, dtype=np.float64)
+    lg = np.zeros(n + 1)
+    lg[1:] = np.log2(c[1:])
+    s = 1.0 / bins
+    t[TAB_HEADER : TAB_HEADER + n + 1] = lg
+    t[TAB_HEADER + n + 1 : TAB_HEADER + 2 * (n + 1)] = np.log2(c + s)
+    t[TAB_HEADER + 2 * (n + 1) :] = (c + s) / (n + 1.0)
+    return t
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def launch_geometry(measure: str, image_size: int, channels: int, patch: int, *,
+                    bins: int = 256, reference: int = 0, descending: bool | None = None,
+                    limits: DeviceLimits | None = None,
+                    chunk_bytes: int = CHUNK_BYTES) -> Geometry:
+    """Threads, shared-memory layout and grid of the fused kernel; no GPU needed.
+
+    Parameters
+    ----------
+    measure : str or Measure
+        A measure the CUDA kernels implement (``MEASURE_IDS``), or a copy of
+        one under another name (:func:`porder.measures.as_builtin`).
+    image_size, channels : int
+        Images are (N, image_size, image_size, channels) uint8.
+    patch : int
+        Patch side; must divide ``image_size``.
+    bins, reference, descending
+        As for :func:`porder.reorder` (``descending=None``: the measure's default).
+    limits : DeviceLimits, optional
+        The GPU's limits (default: an H100).
+    chunk_bytes : int
+        Bound on the input bytes of one launch.
+
+    Returns
+    -------
+    Geometry
+        With ``supported=False`` and a ``reason`` when the fused kernel cannot
+        run this case (then :func:`porder.reorder` runs the generic CuPy path).
+
+    Raises
+    ------
+    ValueError
+        A measure without a CUDA kernel (controls, plugins), a patch that does
+        not divide the image, bad bins, reference or channels.
+    """
+    limits = limits or DeviceLimits()
+    entry = get_measure(measure)
+    m = as_builtin(entry)
+    if m is None or m.name not in MEASURE_IDS:
+        raise ValueError(f"measure {entry.name!r} has no CUDA kernel (kind {entry.kind!r}); "
+                         f"the CUDA kernels implement {', '.join(MEASURE_IDS)}")
+    check_bins(bins)
+    if channels < 1 or image_size < 1:
+        raise ValueError(f"images must be (N, S, S, C) with S, C >= 1, got S={image_size}, "
+                         f"C={channels}")
+    if patch < 1 or image_size % patch:
+        raise ValueError(f"patch size {patch} does not divide the image size {image_size}")
+    g = image_size // patch
+    k, n = g * g, patch * patch
+    if not 0 <= reference < k:
+        raise ValueError(f"reference patch {reference} is out of range 0..{k - 1}")
+    desc = entry.descending if descending is None else bool(descending)
+    wb, nw = mask_shape(m.name, n)
+    units = channels * k
+
+    threads = min(MAX_THREADS, max(64, _round_up(units, 32)))
+    if m.binned and n >= 128:
+        threads = max(threads, 128)  # the mask build is the heavy phase there
+
+    sizes = {
+        "tab": 8 * table_size(n),
+        "raw": image_size * image_size * channels,
+        "q": units * unit_stride(n),
+        "mask": channels * n * k * (wb // 8) * nw if m.name in ("mi", "je", "kl") else 0,
+        "aux": 8 * units,
+        "aux2": 8 * units if m.name == "ssim" else 0,
+        "part": 8 * units,
+        "hist": 4 * channels * bins if m.name == "kl" else 0,
+        "cnt": 2 * units * n if m.name == "entropy" else 0,
+        "perm": 4 * k,
+        "used": k,
+    }
+    offsets, at = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = (at, size)
+        at = _round_up(at + size, _ALIGN)
+    smem = at
+
+    reason = ""
+    if m.binned and n > MAX_HIST_PIXELS:
+        reason = (f"{m.name} at patch {patch} has {n} pixels per patch; the CUDA kernels "
+                  f"take histogram measures up to {MAX_HIST_PIXELS} (patch 16)")
+    elif k > MAX_PATCHES:
+        reason = f"{k} patches per image; the CUDA kernels take up to {MAX_PATCHES}"
+    elif smem > limits.max_smem_block:
+        reason = (f"one image needs {smem} bytes of shared memory for {m.name} at patch "
+                  f"{patch}; this GPU allows {limits.max_smem_block} per block")
+    per_block = smem + limits.reserved_smem_block
+    blocks = min(limits.max_blocks_sm, limits.max_threads_sm // threads,
+                 limits.smem_per_sm // per_block if per_block else limits.max_blocks_sm)
+    if not reason and blocks < 1:
+        reason = f"one image's {smem} bytes of shared memory do not fit a multiprocessor"
+    blocks = max(blocks, 1)
+    return Geometry(
+        measure=m.name, image_size=image_size, channels=channels, patch=patch, bins=int(bins),
+        reference=reference, descending=desc, grid_side=g, patches=k, pixels=n, mask_bits=wb,
+        mask_words=nw, threads=threads, smem_bytes=smem, offsets=offsets, blocks_per_sm=blocks,
+        max_grid=blocks * limits.sm_count, regs_per_sm=limits.regs_per_sm,
+        images_per_launch=max(1, chunk_bytes // (image_size * image_size * channels)),
+        supported=not reason, reason=reason,
+    )
+
+
+def vec_flags(in_ptr: int, out_ptr: int, geometry: Geometry) -> int:
+    """Kernel ``vec`` argument: bit 0 for 4-byte loads, bit 1 for 4-byte stores."""
+    img = geometry.image_size**2 * geometry.channels
+    load = in_ptr % 4 == 0 and img % 4 == 0
+    store = out_ptr % 4 == 0 and (geometry.patch * geometry.channels) % 4 == 0
+    return int(load) | (int(store) << 1)
+
+
+def error_message(code: int) -> str:
+    """Explain the kernel's error flag."""
+    parts = []
+    if code & 1:
+        parts.append("dynamic shared memory smaller than the layout")
+    if code & 2:
+        parts.append("kernel template arguments do not match the params")
+    if code & 4:
+        parts.append("block size does not match the params")
+    return "; ".join(parts) or f"unknown error code {code}"
