@@ -23,10 +23,9 @@ import numpy as np
 
 from .backend import DEVICES, resolve_device, to_numpy
 from .kernels import check_backend
-from .measures import _check_bins, get_measure
+from .measures import as_builtin, get_measure
 from .output import DiskFull, check_free_space, check_not_inside_source, lock_output
-from .patches import check_patch_size
-from .reorder import reorder
+from .reorder import reorder, resolve_options
 from .sources import open_source
 from .sources.base import stored_name
 from .sources.identity import source_identity
@@ -126,8 +125,8 @@ def check_cache_spec(spec: CacheSpec) -> None:
     Run once, when a :class:`CacheSpec` is made; the source's own options are
     checked when it is opened.
     """
-    _check_reorder_options(spec.measure, spec.patch, bins=spec.bins, size=spec.size,
-                           reference=spec.reference)
+    resolve_options(spec.measure, spec.patch, spec.size, bins=spec.bins,
+                    reference=spec.reference)
     check_backend(spec.backend)
     # The device's name only: whether a GPU is there is decided where the build runs
     # (a Dask client without a GPU may send --device cuda work to workers with one).
@@ -145,21 +144,6 @@ def _check_decoder_device(decoder: str, device: str) -> None:
         raise ValueError(f"decoder='nvjpeg' decodes on the GPU and needs device='cuda' "
                          f"(--decoder nvjpeg needs --device cuda), got device={device!r}; "
                          f"on the CPU use decoder='threads' (--decoder threads)")
-
-
-# The measure/patch/bins/reference checks that porder.reorder makes too: to be one
-# shared function of porder.reorder.
-def _check_reorder_options(measure, patch: int, *, bins: int, size: int,
-                           reference: int) -> None:
-    """Check the ordering options for ``size`` x ``size`` images."""
-    get_measure(measure)
-    _check_bins(bins)
-    if size < 1:
-        raise ValueError(f"size must be at least 1, got {size}")
-    g = check_patch_size(size, patch)
-    if not 0 <= reference < g * g:
-        raise ValueError(f"reference patch {reference} is out of range 0..{g * g - 1} "
-                         f"for patch {patch} on {size}x{size} images")
 
 
 def _check_shard(shard) -> None:
@@ -341,7 +325,7 @@ def build_cache(spec: CacheSpec, *, progress: Optional[Progress] = None) -> Buil
     device = resolve_device(spec.device)
     _check_decoder_device(spec.decoder, device)
     m = get_measure(spec.measure)
-    if device == "cpu" and spec.backend == "compiled" and m.kind != "control":
+    if device == "cpu" and spec.backend == "compiled" and as_builtin(m) is not None:
         _load_kernels_ahead()
     src, writer, resumed = _open(spec)
     result = BuildResult(path=spec.out, resumed=resumed)

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import click
 
+from ..measures import MEASURES
 from ..messages import one_line, printable
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -198,3 +199,23 @@ def interruptible(message: str, *, quiet: bool = False):
         exit_interrupted()
     finally:
         restore_handlers(old)
+
+
+class MeasureChoice(click.Choice):
+    """``click.Choice`` over the measure registry, plugins included, read when first used.
+
+    The choices are listed when an option is converted or its help shown, not
+    when the CLI is imported, so ``porder --help`` loads no plugin.
+    """
+
+    def __init__(self, exclude: tuple[str, ...] = ()):
+        self._exclude = tuple(exclude)
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(m for m in MEASURES if m not in self._exclude)
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry decides
+        pass

@@ -13,6 +13,7 @@ from .common import (
     CONTEXT,
     SEED,
     FiniteFloat,
+    MeasureChoice,
     ProgressReporter,
     exit_interrupted,
     interrupt_handlers,
@@ -21,26 +22,6 @@ from .common import (
     printable,
     restore_handlers,
 )
-
-
-class MeasureChoice(click.Choice):
-    """``click.Choice`` over the measure registry, plugins included, read when first used.
-
-    The choices are listed when an option is converted or its help shown, not
-    when the CLI is imported, so ``porder --help`` loads no plugin.
-    """
-
-    def __init__(self, exclude: tuple[str, ...] = ()):
-        self._exclude = tuple(exclude)
-        super().__init__((), case_sensitive=True)
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        return tuple(m for m in MEASURES if m not in self._exclude)
-
-    @choices.setter
-    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry decides
-        pass
 
 
 @click.command(context_settings=CONTEXT)

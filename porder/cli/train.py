@@ -15,7 +15,7 @@ import click
 
 from ..measures import MEASURES
 from ..trainspec import ARCHS, DEVICES, FM_POINTS_HELP, MAX_WIDTH
-from .common import CONTEXT, SEED, FiniteFloat, interruptible, library_errors
+from .common import CONTEXT, SEED, FiniteFloat, MeasureChoice, interruptible, library_errors
 
 # The options that `porder train` and `porder compare` share, declared once: destination
 # -> (flags, attributes). Each command applies one with `shared_option(name, ...)` at its
@@ -179,7 +179,7 @@ class TrainProgress:
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False), default=None,
               help="Run folder [default: runs/FILE-ARCH-seedSEED].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--reorder", type=click.Choice([m for m in MEASURES if m != "none"]),
+@click.option("--reorder", type=MeasureChoice(exclude=("none",)),
               default=None, help="Reorder every batch on the fly with this measure "
               "(FILE must be unmodified, i.e. made with --measure none).")
 @click.option("-p", "--patch", type=click.IntRange(min=1), default=8, show_default=True,
