@@ -6,7 +6,7 @@ Times, for a uint8 batch (512, 32, 32, 3) already on the GPU:
 * ``device``: GPU time per call (CUDA events around 50 back-to-back calls),
 
 for the fused CUDA kernel alone (CuPy in, CuPy out), the training loop's
-``_reorder_tensor`` (torch in and out through DLPack), and the same with CuPy
+``reorder_tensor`` (torch in and out through DLPack), and the same with CuPy
 running on torch's current stream through ``__cuda_array_interface__``; and
 the pieces of the torch path alone (torch -> CuPy, reorder of that CuPy view,
 CuPy results -> torch), because the torch path showed 2.0 ms of stream time per
@@ -29,7 +29,7 @@ def main() -> None:
     from porder.kernels.cuda import reorder_batch
     from porder.measures import get_measure
     from porder.reorder import reorder
-    from porder.train.batches import _reorder_tensor
+    from porder.train.batches import reorder_tensor
 
     m = get_measure("mi")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -50,7 +50,7 @@ def main() -> None:
                                                       descending=True),
         "porder.reorder (cupy)": lambda: reorder(x_c, m, 8),
         "porder.reorder (torch, dlpack)": lambda: reorder(x_t, m, 8),
-        "train _reorder_tensor": lambda: _reorder_tensor(x_t, idx, opts),
+        "train reorder_tensor": lambda: reorder_tensor(x_t, idx, **opts),
         "torch stream + CAI": lambda: on_torch_stream(x_t),
         "piece: torch -> cupy (dlpack)": lambda: cp.from_dlpack(x_t),
         "piece: reorder(cupy view of torch)": lambda: reorder(cp.from_dlpack(x_t), m, 8),

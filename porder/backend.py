@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
@@ -35,19 +36,33 @@ def cuda_available() -> bool:
     return _cupy() is not None
 
 
-def resolve_device(device: str) -> str:
-    """Map ``{'cpu', 'cuda', 'auto'}`` to ``'cpu'`` or ``'cuda'``.
+def resolve_device(device: str, *, gpu: Callable[[], bool] | None = None,
+                   no_gpu: str | None = None) -> str:
+    """Map ``{'cpu', 'cuda', 'auto'}`` to ``'cpu'`` or ``'cuda'``: porder's one resolver of device names.
+
+    Parameters
+    ----------
+    device : {'cpu', 'cuda', 'auto'}
+        'auto' is 'cuda' when a GPU is usable, else 'cpu'.
+    gpu : callable, optional
+        Whether a GPU is usable; default :func:`cuda_available` (CuPy sees one).
+        torch code passes torch's view instead (:func:`porder.data.resolve_torch_device`).
+    no_gpu : str, optional
+        The error for 'cuda' without a usable GPU; default: how to get CuPy.
 
     Raises
     ------
     ValueError
-        For an unknown device, or ``'cuda'`` without CuPy or a visible GPU.
+        For an unknown device, or ``'cuda'`` without a usable GPU.
     """
     if device not in DEVICES:
         raise ValueError(f"device={device!r} is not one of {', '.join(DEVICES)}")
+    usable = cuda_available if gpu is None else gpu
     if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    if device == "cuda" and not cuda_available():
+        return "cuda" if usable() else "cpu"
+    if device == "cuda" and not usable():
+        if no_gpu is not None:
+            raise ValueError(no_gpu)
         if importlib.util.find_spec("cupy") is None:
             raise ValueError(
                 "device='cuda' needs CuPy: install it with `pip install \"patch-order[gpu]\"` "

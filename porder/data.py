@@ -20,8 +20,13 @@ std`` in float32. Reordering only moves patches, so every ordering of a
 dataset gets the same statistics; the test split is normalised with the
 training statistics.
 
-torch is imported by this module (and :mod:`porder.train`) only; ``import
-porder`` does not import it.
+This module is also the one home of what ``porder train`` shares with the
+loaders: the channel statistics (:func:`channel_stats_of`), the epoch order
+(:func:`epoch_order`) and torch's reading of device names
+(:func:`resolve_torch_device`, over :func:`porder.backend.resolve_device`).
+
+torch is imported by this module (and :mod:`porder.train`, :mod:`porder.nn`)
+only; ``import porder`` does not import it.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backend import DEVICES, resolve_device
 from .patches import restore_images
 from .store import SPLITS, StoreError, iter_split, open_file, read_meta
 
@@ -70,16 +76,48 @@ def channel_stats(path) -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=16)
 def _channel_stats(path: str, mtime_ns: int, size: int):
+    chunks = iter_split(path, "train", rows=STATS_ROWS, perm=False)
+    return channel_stats_of((c["images"] for _, c in chunks), source=f"'{path}'")
+
+
+def channel_stats_of(images, *, source: str = "the file") -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 images (0..255 scale).
+
+    The one computation behind :func:`channel_stats` and ``porder train``:
+    sums over every pixel in float64, :data:`STATS_ROWS` images at a time,
+    ``mean = E[x]``, ``std = sqrt(max(E[x^2] - mean^2, 1e-6))``.
+
+    Parameters
+    ----------
+    images : uint8 array (N, S, S, 3), or an iterable of uint8 arrays (m, S, S, 3)
+        The images, or the images in chunks of :data:`STATS_ROWS` (an array
+        is cut into them). The chunks fix the order of summation: the same
+        images give bit-identical numbers, whether from memory or a file.
+    source : str
+        What holds the images, for the error.
+
+    Returns
+    -------
+    mean, std : float64 arrays (3,), R, G, B
+
+    Raises
+    ------
+    ValueError
+        There are no images.
+    """
+    chunks = images
+    if isinstance(images, np.ndarray):
+        chunks = (images[lo:lo + STATS_ROWS] for lo in range(0, len(images), STATS_ROWS))
     s1 = np.zeros(3)
     s2 = np.zeros(3)
     n = 0
-    for _, chunk in iter_split(path, "train", rows=STATS_ROWS, perm=False):
-        c = chunk["images"].reshape(-1, 3).astype(np.float64)      # (m*S*S, 3)
+    for chunk in chunks:
+        c = chunk.reshape(-1, 3).astype(np.float64)      # (m*S*S, 3)
         s1 += c.sum(0)
         s2 += (c * c).sum(0)
         n += c.shape[0]
     if n == 0:
-        raise ValueError(f"'{path}' has no training images to normalise with; use "
+        raise ValueError(f"{source} has no training images to normalise with; use "
                          "output='uint8', or pass mean= and std=")
     mean = s1 / n
     return mean, np.sqrt(np.maximum(s2 / n - mean ** 2, VAR_FLOOR))
@@ -225,22 +263,46 @@ class PorderDataset(torch.utils.data.Dataset):
                 f"measure={self.options.get('measure')!r}, patch={self.patch})")
 
 
-# ------------------------------------------------------------------ device batches
-def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but this torch ({torch.__version__}) "
-                         "sees no CUDA GPU; use device='cpu'")
-    return dev
+# ------------------------------------------------------------------ the batch order
+@lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order (n,) int64 in which epoch ``epoch`` visits n images: ``porder train``'s.
 
-
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """Epoch ``epoch``'s visiting order: porder train's (``porder.train.loop._epoch_order``)."""
+    ``torch.randperm(n)`` of a CPU generator seeded with ``seed * 1_000_003 +
+    epoch``: a pure function of (n, seed, epoch). Cached (the last 4): the
+    tensor returned is shared, so do not modify it in place.
+    """
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+# ------------------------------------------------------------------ devices
+def resolve_torch_device(device: str, *, fix: str = "device='cpu'") -> str:
+    """``'cpu' | 'cuda' | 'auto'`` -> ``'cpu'`` or ``'cuda'``, as torch sees the GPU.
+
+    :func:`porder.backend.resolve_device` with torch's view of the GPU
+    (``torch.cuda.is_available()``) in place of CuPy's: torch code needs
+    torch's CUDA. ValueError for an unknown name, or for 'cuda' when torch sees
+    no GPU (the message ends with ``use {fix}``).
+    """
+    return resolve_device(device, gpu=torch.cuda.is_available, no_gpu=_no_gpu(device, fix))
+
+
+def _no_gpu(device, fix: str) -> str:
+    return (f"device {str(device)!r} asked for, but this torch ({torch.__version__}) sees no "
+            f"CUDA GPU; use {fix}")
+
+
+def _loader_device(device) -> torch.device:
+    """A device name (:func:`resolve_torch_device`), or any torch device ('cuda:1', a torch.device)."""
+    if isinstance(device, str) and device in DEVICES:
+        return torch.device(resolve_torch_device(device))
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(_no_gpu(device, "device='cpu'"))
+    return dev
+
+
+# ------------------------------------------------------------------ device batches
 class BatchLoader:
     """Whole batches of one split of a porder file, on the device, for speed.
 
@@ -302,7 +364,7 @@ class BatchLoader:
         self.path = Path(path)
         self.split = split
         self.batch_size = int(batch_size)
-        self.device = _resolve_device(device)
+        self.device = _loader_device(device)
         self.output = output
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -373,7 +435,7 @@ class BatchLoader:
 
     def _iter_resident(self, epoch: int):
         self._load_all()
-        order = _epoch_order(self.n, self.seed, epoch).to(self.device) if self.shuffle else None
+        order = epoch_order(self.n, self.seed, epoch).to(self.device) if self.shuffle else None
         b = self.batch_size
         for lo in range(0, len(self) * b, b):
             hi = min(lo + b, self.n)
@@ -397,23 +459,12 @@ class BatchLoader:
                 blocks = [blocks[i] for i in rng.permutation(len(blocks))]
             per = max(1, self.buffer // block)
             windows = [blocks[j:j + per] for j in range(0, len(blocks), per)]
-
-            def read(window):
-                """Images and labels of a window's blocks, on the device."""
-                imgs, labels = [], []
-                for lo, hi in window:
-                    perm = g["perm"][lo:hi] if self.restore else None
-                    imgs.append(self._host(g["images"][lo:hi], perm))
-                    labels.append(g["labels"][lo:hi].astype(np.int64))
-                return (self._to_device(np.concatenate(imgs)),
-                        self._to_device(np.concatenate(labels)))
-
             left_x = left_y = None
-            pending = pool.submit(read, windows[0]) if windows else None
+            pending = pool.submit(self._read_window, g, windows[0]) if windows else None
             for j in range(len(windows)):
                 x, y = pending.result()
                 if j + 1 < len(windows):
-                    pending = pool.submit(read, windows[j + 1])
+                    pending = pool.submit(self._read_window, g, windows[j + 1])
                 if self.shuffle:
                     idx = torch.randperm(len(y), generator=gen, device=self.device)
                     x, y = x.index_select(0, idx), y.index_select(0, idx)
@@ -426,6 +477,16 @@ class BatchLoader:
                 left_x, left_y = x[full:], y[full:]
             if left_y is not None and len(left_y) and not self.drop_last:
                 yield self._convert(left_x), left_y
+
+    def _read_window(self, g, window) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of a window's blocks ``[(lo, hi), ...]`` of split group ``g``, on the device."""
+        imgs, labels = [], []
+        for lo, hi in window:
+            perm = g["perm"][lo:hi] if self.restore else None
+            imgs.append(self._host(g["images"][lo:hi], perm))
+            labels.append(g["labels"][lo:hi].astype(np.int64))
+        return (self._to_device(np.concatenate(imgs)),
+                self._to_device(np.concatenate(labels)))
 
     def __repr__(self) -> str:
         return (f"BatchLoader('{self.path}', split={self.split!r}, batch_size={self.batch_size}, "

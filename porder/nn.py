@@ -12,10 +12,12 @@ the map with its patches in that order.
   (:func:`permute_patches`) is an ordinary differentiable torch op, so the layer
   trains end to end and the gradient reaching its input is the output gradient
   with its patches moved back by the inverse permutation.
-* It runs where its input lives: CPU tensors are handed to NumPy and CUDA
-  tensors to CuPy through DLPack without copies; without CuPy a CUDA map's
-  uint8 image is copied to the CPU to be ordered, and the permutation is copied
-  back (documented fallback).
+* It runs where its input lives: the uint8 image is a tensor on the map's
+  device, and :func:`porder.reorder` takes it as it is (CPU tensors as NumPy,
+  CUDA tensors as CuPy through DLPack, without copies) and returns the
+  permutation as a tensor there; without CuPy a CUDA map's uint8 image is
+  copied to the CPU to be ordered, and the permutation is copied back
+  (documented fallback).
 
 torch is imported here, and nowhere in the array core of porder: import this
 module explicitly (``import porder.nn``).
@@ -28,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import get_measure, reorder
 from .backend import cuda_available
+from .measures import get_measure
+from .reorder import reorder
 
 CHANNEL_MODES = ("mean", "all")
 LEVELS = 256  # quantisation levels of a feature map: one uint8 intensity each
@@ -246,21 +249,6 @@ def permute_patches(x, perm, patch: int):
 # The layer
 
 
-def _por(images, measure: str, patch: int, **kw):
-    """POR permutations (N, K) int64 on the device of ``images`` (N, S, S, C) uint8."""
-    dev = images.device
-    if dev.type == "cuda" and cuda_available():
-        import cupy
-
-        with cupy.cuda.Device(dev.index if dev.index is not None else torch.cuda.current_device()):
-            arr = cupy.from_dlpack(images)  # no copy
-            _, perm = reorder(arr, measure, patch, device="cuda", **kw)
-            return torch.from_dlpack(perm)  # no copy
-    # CPU (no copy), or any other device through a copy to the CPU.
-    _, perm = reorder(images.cpu().numpy(), measure, patch, device="cpu", **kw)
-    return torch.from_numpy(np.ascontiguousarray(perm)).to(dev)
-
-
 class PatchReorder(nn.Module):
     """Reorder the patches of each feature map with the POR algorithm.
 
@@ -390,7 +378,10 @@ class PatchReorder(nn.Module):
                       seed=self.seed, workers=self.workers)
             if self.backend is not None:
                 kw["backend"] = self.backend
-            return _por(images, self.measure, self.patch, **kw)
+            # On CUDA with CuPy, on the GPU; otherwise (the CPU, or CUDA without CuPy) on the CPU.
+            device = "cuda" if images.is_cuda and cuda_available() else "cpu"
+            _, perm = reorder(images, self.measure, self.patch, device=device, **kw)
+            return perm                                      # (N, K) int64, on x's device
 
     def forward(self, x):  # (N, C, S, S) -> (N, C, S, S)
         _check_map(x, self.patch)

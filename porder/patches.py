@@ -6,6 +6,8 @@ position j holds source patch ``perm[:, j]``.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from .backend import get_array_module, to_numpy
@@ -25,28 +27,34 @@ def from_torch(x):
     on ``x``'s device (without a copy where the result already is there). A CUDA
     tensor without CuPy, or a tensor on another device, is copied to the host.
     For a non-tensor ``x``, ``array`` is ``x`` and ``back`` returns its argument.
+
+    This is porder's one torch -> array hand-off: :func:`porder.reorder` calls
+    it, and torch code (``porder.nn``, ``porder train --reorder``) passes its
+    tensors to ``reorder``.
     """
     if not _is_torch(x):
         return x, lambda a: a
-    import torch
-
     t = x.detach()
+    back = partial(_to_torch, device=t.device)
     if t.device.type == "cpu":
-        return np.from_dlpack(t), lambda a: torch.from_numpy(to_numpy(a))
+        return np.from_dlpack(t), back
     if t.device.type == "cuda":
         from .backend import cuda_available
 
         if cuda_available():
             import cupy
 
-            def back(a):
-                if isinstance(a, cupy.ndarray):
-                    return torch.from_dlpack(a).to(t.device)   # no copy on the same GPU
-                return torch.from_numpy(a).to(t.device)
-
             return cupy.from_dlpack(t), back
-    host = t.cpu()
-    return np.from_dlpack(host), lambda a: torch.from_numpy(to_numpy(a)).to(t.device)
+    return np.from_dlpack(t.cpu()), back
+
+
+def _to_torch(a, device):
+    """A NumPy or CuPy array as a tensor on torch ``device`` (no copy where it already is there)."""
+    import torch
+
+    if type(a).__module__.startswith("cupy"):
+        return torch.from_dlpack(a).to(device)      # no copy on the same GPU
+    return torch.from_numpy(to_numpy(a)).to(device)
 
 
 def check_patch_size(image_size: int, patch: int) -> int:

@@ -13,7 +13,14 @@ import torch
 from torch.utils.data import DataLoader
 
 import porder
-from porder.data import BatchLoader, PorderDataset, channel_stats
+from porder.data import (
+    BatchLoader,
+    PorderDataset,
+    channel_stats,
+    channel_stats_of,
+    epoch_order,
+    resolve_torch_device,
+)
 from porder.patches import from_torch, permute_images
 from porder.store import StoreError, read_split
 from porder.train import batch_indices
@@ -78,6 +85,39 @@ def test_channel_stats_against_numpy(cache):
     mean, std = channel_stats(path)
     np.testing.assert_allclose(mean, px.mean(0), rtol=1e-12)
     np.testing.assert_allclose(std, px.std(0), rtol=1e-9)
+
+
+def test_train_and_the_loaders_share_one_statistics_and_one_epoch_order(cache):
+    path, _ = cache
+    images = read_split(path, "train")["images"]
+    mean, std = channel_stats_of(images)                       # an array, cut into chunks
+    chunked = channel_stats_of(images[lo:lo + 16] for lo in range(0, len(images), 16))
+    from_file = channel_stats(path)
+    assert mean.tobytes() == from_file[0].tobytes() and std.tobytes() == from_file[1].tobytes()
+    np.testing.assert_allclose(chunked, (mean, std), rtol=1e-12)
+    with pytest.raises(ValueError, match="'x.h5' has no training images"):
+        channel_stats_of(images[:0], source="'x.h5'")
+    assert torch.equal(batch_indices(0, 40, 40, 3), epoch_order(40, 3, 0))
+    assert torch.equal(batch_indices(1, 40, 40, 3), epoch_order(40, 3, 1))
+
+
+def test_device_names_have_one_resolver(monkeypatch):
+    from porder.backend import resolve_device as array_device
+    from porder.train import resolve_device as train_device
+
+    for resolve in (array_device, resolve_torch_device, train_device):
+        assert resolve("cpu") == "cpu"
+        with pytest.raises(ValueError, match="device='tpu' is not one of cpu, cuda, auto"):
+            resolve("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_torch_device("auto") == train_device("auto") == "cpu"
+    with pytest.raises(ValueError, match=r"device 'cuda' asked for, but this torch .* sees no "
+                                         r"CUDA GPU; use device='cpu'$"):
+        resolve_torch_device("cuda")
+    with pytest.raises(ValueError, match=r"sees no CUDA GPU; use --device cpu$"):
+        train_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_device("auto") == "cuda"                     # torch's view of the GPU, not CuPy's
 
 
 def test_given_mean_and_std(cache):

@@ -6,10 +6,12 @@ torch is imported only under this package.
 
 Modules: ``models`` (the CNNs), ``fm`` (``--fm-reorder``: feature-map reordering
 layers at named points), ``config`` (TrainConfig, TrainResult), ``batches``
-(the file on the device, the batch order, on-the-fly reordering), ``device``,
-``distributed`` (torchrun / DDP), ``checkpoint``, ``metrics`` (the run folder's
-files and curves), ``loop`` (the step loop) and ``timing`` (a few steps timed, for
-estimates).
+(the file on the device, the batch order, on-the-fly reordering through
+``porder.reorder``, batches prepared ahead), ``device``, ``distributed``
+(torchrun / DDP), ``checkpoint``, ``metrics`` (the run folder's files and
+curves), ``loop`` (the step loop and the run's state, ``Run``) and ``timing`` (a
+few steps timed, for estimates). The channel statistics, the epoch order and
+torch's reading of device names are :mod:`porder.data`'s, shared with its loaders.
 """
 from __future__ import annotations
 

@@ -1,14 +1,17 @@
 """The data of a training run: a porder file's splits as uint8 tensors on the device,
-the deterministic batch order, and batches reordered on the fly (``--reorder``)."""
+the deterministic batch order, batches reordered on the fly (``--reorder``), and
+batches prepared one step ahead (:class:`Prefetch`)."""
 from __future__ import annotations
 
-from functools import lru_cache
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
+from ..data import channel_stats_of, epoch_order
+from ..reorder import reorder
 from ..store import read_meta, read_split
 from .config import TrainConfig
 
@@ -57,27 +60,18 @@ class Data:
             bad = (split["labels"] < 0) | (split["labels"] >= len(self.classes))
             if bad.any():
                 raise ValueError(f"'{path}' has labels outside 0..{len(self.classes) - 1}")
+        test_x = torch.from_numpy(test["images"])                   # (M, S, S, 3) uint8
         if reorder is not None:
-            test["images"] = _reorder_numpy(test["images"], np.arange(len(test["labels"])),
-                                            **self.reorder_opts)
+            test_x = reorder_tensor(test_x, torch.arange(len(test_x)), **self.reorder_opts)
         # Per-channel statistics of the training images; reordering only moves
         # patches, so every ordering of a dataset is normalised identically.
-        x = train["images"]
-        s1 = np.zeros(3)
-        s2 = np.zeros(3)
-        for lo in range(0, len(x), 4096):
-            c = x[lo:lo + 4096].reshape(-1, 3).astype(np.float64)
-            s1 += c.sum(0)
-            s2 += (c * c).sum(0)
-        n = x.shape[0] * x.shape[1] * x.shape[2]
-        mean = s1 / n
-        std = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-6))
+        mean, std = channel_stats_of(train["images"], source=f"'{path}'")
         dev = torch.device(device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
         self.train_x = torch.from_numpy(train["images"]).to(dev)   # (N, S, S, 3) uint8
         self.train_y = torch.from_numpy(train["labels"]).to(dev)   # (N,) int64
-        self.test_x = torch.from_numpy(test["images"]).to(dev)     # (M, S, S, 3) uint8
+        self.test_x = test_x.to(dev)                                # (M, S, S, 3) uint8
         self.test_y = torch.from_numpy(test["labels"]).to(dev)     # (M,) int64
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,53 +82,32 @@ class Data:
         return x.contiguous()
 
 
-def _reorder_numpy(images: np.ndarray, index: np.ndarray, *, measure, patch, bins, seed):
-    """porder.reorder on NumPy images whose dataset indices are ``index``.
+def reorder_tensor(images: torch.Tensor, index: torch.Tensor, *, measure: str, patch: int,
+                   bins: int, seed: int) -> torch.Tensor:
+    """Reorder a uint8 batch (B, S, S, 3) of training images with :func:`porder.reorder`.
 
-    Orderings of every measure depend only on the image, except ``random``, which
-    is keyed by the dataset index: those images are reordered one at a time so
-    that each keeps its own shuffle, whatever batch it lands in.
+    ``reorder`` takes the tensor as it is (a CPU tensor as NumPy, a CUDA one as
+    CuPy when installed, else through the host) and returns a tensor on its
+    device. ``index`` (B,) holds the images' dataset indices: orderings of
+    every measure depend only on the image, except ``random``, which is keyed
+    by the dataset index, so those images are reordered one at a time on the
+    CPU and each keeps its own shuffle, whatever batch it lands in.
     """
-    from ..reorder import reorder
-
     if measure != "random":
         return reorder(images, measure, patch, bins=bins)[0]
-    out = np.empty_like(images)
+    host = images.cpu()
+    out = torch.empty_like(host)
     for i, j in enumerate(index.tolist()):
-        out[i:i + 1] = reorder(images[i:i + 1], measure, patch, seed=seed, start=j)[0]
-    return out
-
-
-def _reorder_tensor(images: torch.Tensor, index: torch.Tensor, opts: dict) -> torch.Tensor:
-    """Reorder a uint8 tensor batch; CuPy (via DLPack) on CUDA when present, else NumPy."""
-    if images.is_cuda:
-        from ..backend import cuda_available
-
-        if cuda_available() and opts["measure"] != "random":
-            import cupy
-
-            from ..reorder import reorder
-
-            out = reorder(cupy.from_dlpack(images.contiguous()), opts["measure"],
-                          opts["patch"], bins=opts["bins"], device="cuda")[0]
-            return torch.from_dlpack(out)
-        host = _reorder_numpy(images.cpu().numpy(), index.cpu().numpy(), **opts)
-        return torch.from_numpy(host).to(images.device, non_blocking=True)
-    return torch.from_numpy(_reorder_numpy(images.numpy(), index.numpy(), **opts))
-
-
-@lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+        out[i:i + 1] = reorder(host[i:i + 1], measure, patch, seed=seed, start=j)[0]
+    return out.to(images.device, non_blocking=True)
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int, *, rank: int = 0,
                   world_size: int = 1) -> torch.Tensor:
     """Training-set indices of the batch of (0-based) ``step``: (batch_size / world_size,) int64.
 
-    Epoch e visits all n images in the order ``randperm(n)`` of a generator
-    seeded with (seed, e); batches run through epochs back to back. A pure
+    Epoch e visits all n images in the order :func:`porder.data.epoch_order`
+    (n, seed, e); batches run through epochs back to back. A pure
     function of its arguments, so a resumed run sees the same batches.
 
     ``batch_size`` is the global batch; with ``world_size`` processes, ``rank``
@@ -154,7 +127,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, *, rank: int = 
     while batch_size > 0:
         epoch, off = divmod(pos, n)
         take = min(batch_size, n - off)
-        parts.append(_epoch_order(n, seed, epoch)[off:off + take])
+        parts.append(epoch_order(n, seed, epoch)[off:off + take])
         pos += take
         batch_size -= take
     return torch.cat(parts)
@@ -170,6 +143,29 @@ def get_batch(data: Data, step: int, cfg: TrainConfig, *, rank: int = 0, world_s
     dev_idx = idx.to(data.train_x.device)
     images = data.train_x[dev_idx]                             # (B, S, S, 3) uint8
     if data.reorder_opts is not None:
-        images = _reorder_tensor(images, idx, data.reorder_opts)
+        images = reorder_tensor(images, idx, **data.reorder_opts)
     return data.to_input(images), data.train_y[dev_idx]
 
+
+class Prefetch:
+    """The batches of steps ``start`` .. ``stop - 1``, each prepared on a background thread
+    while the step before it trains."""
+
+    def __init__(self, fetch, start: int, stop: int):
+        self.fetch, self.stop = fetch, stop
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="porder-batch")
+        self.next = self.pool.submit(fetch, start) if start < stop else None
+
+    def get(self, step: int):
+        """The batch of ``step`` and the seconds waited for it; starts preparing the next."""
+        t0 = time.perf_counter()
+        batch = self.next.result()
+        waited = time.perf_counter() - t0
+        self.next = self.pool.submit(self.fetch, step + 1) if step + 1 < self.stop else None
+        return batch, waited
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

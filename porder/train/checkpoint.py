@@ -14,20 +14,27 @@ from .config import TrainConfig, identity_diff
 CHECKPOINT = "checkpoint.pt"
 
 
-def _file_identity(meta: dict) -> dict:
+def file_identity(meta: dict) -> dict:
+    """What identifies the file a run trains on (from its :func:`porder.store.read_meta`)."""
     keys = ("measure", "patch", "bins", "image_size", "source", "seed", "created")
     return {k: meta.get(k) for k in keys} | {"splits": meta.get("splits"),
                                              "classes": len(meta.get("classes", []))}
 
 
-def _rng_state(device: str) -> dict:
+# experiment/plan.py's name for it (not a file of the training path's).
+_file_identity = file_identity
+
+
+def rng_state(device: str) -> dict:
+    """torch's random-number states: the CPU generator's, and every GPU's on CUDA."""
     st = {"torch": torch.get_rng_state()}
     if device == "cuda":
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
-def _set_rng_state(st: dict, device: str) -> None:
+def set_rng_state(st: dict, device: str) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(st["torch"])
     if device == "cuda" and "cuda" in st:
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -111,7 +118,7 @@ def load_checkpoint(out: Path, cfg: TrainConfig, meta: dict) -> Optional[dict]:
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
         raise CheckpointError(f"cannot resume '{out}': options differ ({detail})")
-    if ckpt["file"] != _file_identity(meta):
+    if ckpt["file"] != file_identity(meta):
         raise CheckpointError(f"cannot resume '{out}': it was trained on another file "
                               f"({ckpt.get('path')})")
     if ckpt["step"] > cfg.steps:

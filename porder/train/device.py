@@ -1,5 +1,5 @@
 """Device placement for training: which device, its thread and determinism settings,
-and mixed precision on CUDA."""
+mixed precision on CUDA, and waiting for the device."""
 from __future__ import annotations
 
 import os
@@ -8,30 +8,34 @@ from typing import Optional
 
 import torch
 
-from .config import DEVICES, TrainConfig
+from ..data import resolve_torch_device
+from .config import TrainConfig
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ValueError if CUDA is missing."""
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r} is not one of {', '.join(DEVICES)}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device 'cuda' asked for, but this torch ({torch.__version__}) sees no "
-                         "CUDA GPU; use --device cpu")
-    return device
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ValueError if CUDA is missing.
+
+    :func:`porder.data.resolve_torch_device`, whose error names ``--device cpu``.
+    """
+    return resolve_torch_device(device, fix="--device cpu")
 
 
-def _autocast(device: str, cfg: TrainConfig):
+def autocast(device: str, cfg: TrainConfig):
+    """Mixed precision for a forward pass: bfloat16 (else float16) on CUDA with ``cfg.amp``."""
     if device == "cuda" and cfg.amp:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return nullcontext()
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work (timings); nothing to wait for on the CPU."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 @contextmanager
-def _torch_settings(device: str, deterministic: bool, threads: Optional[int]):
+def torch_settings(device: str, deterministic: bool, threads: Optional[int]):
     """Threads and determinism for one run; the previous settings come back after."""
     old = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
            torch.backends.cudnn.benchmark)

@@ -1,6 +1,7 @@
 """Several training processes (torchrun): rank and world size from the environment,
-the process group, each rank's share of the data, its dropout seed, and the
-all-reduce of the training statistics. See :mod:`porder.train.loop` for the scheme."""
+the process group, each rank's dropout seed, and the all-reduce of the training
+statistics. Each rank's share of the test split is
+:func:`porder.pipeline.shard_range`; see :mod:`porder.train.loop` for the scheme."""
 from __future__ import annotations
 
 import os
@@ -61,18 +62,13 @@ def _env_int(env, key: str, default: Optional[str] = None) -> int:
         raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
 
 
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """``[lo, hi)``: rank's contiguous share of ``n`` items (sizes differ by at most one)."""
-    return rank * n // world_size, (rank + 1) * n // world_size
-
-
-def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """Dropout seed of rank > 0 from step ``step`` (rank 0 goes on with the single-process stream)."""
     return ((seed * 1_000_003 + rank) * 1_000_033 + step) % 2 ** 63
 
 
 @contextmanager
-def _process_group(env: DistEnv, device: str):
+def process_group(env: DistEnv, device: str):
     """Join the process group of a torchrun job (gloo on CPU, NCCL on CUDA) for one run.
 
     A group the caller initialised is used as it is; one made here is destroyed
@@ -92,18 +88,20 @@ def _process_group(env: DistEnv, device: str):
     if own:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     try:
-        _barrier(device, env)
+        barrier(device, env)
         yield
     finally:
         if own:
             dist.destroy_process_group()
 
 
-def _barrier(device: str, env: DistEnv) -> None:
+def barrier(device: str, env: DistEnv) -> None:
+    """Wait for every rank (on this rank's GPU under NCCL)."""
     dist.barrier(device_ids=[env.local_rank] if device == "cuda" else None)
 
 
-def _all_reduce_stats(loss_sum, correct, seen, waited, dt, world) -> dict:
+def all_reduce_stats(loss_sum, correct, seen, waited, dt, world) -> dict:
+    """An interval's training statistics over the global batch: sums over the ranks (waits: their mean)."""
     sums = torch.stack([loss_sum, correct.double(),
                         torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device),
                         torch.tensor(waited, dtype=torch.float64, device=loss_sum.device)])

@@ -31,18 +31,20 @@ folder and reports progress; every rank reads the checkpoint on resume.
 
 Evidence (this repository's CPU, 2 cores, shared): see benchmarks/bench_train.py.
 
-This module holds the step loop only; beside it: :mod:`.config` (TrainConfig),
-:mod:`.batches` (the data and the batch order), :mod:`.device`,
-:mod:`.distributed`, :mod:`.checkpoint` and :mod:`.metrics` (the run folder).
+This module holds the step loop (:func:`run_steps`, one screen, as nanoGPT's)
+and the state of a run in one object (:class:`Run`: model, optimizer, step,
+RNG, rows and the run folder, with its small named steps); beside it:
+:mod:`.config` (TrainConfig), :mod:`.batches` (the data and the batch order),
+:mod:`.device`, :mod:`.distributed`, :mod:`.checkpoint` and :mod:`.metrics`
+(the run folder).
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -51,31 +53,31 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..output import lock_folder
+from ..pipeline import shard_range
 from ..store import read_meta
-from .batches import Data, get_batch
+from .batches import Data, Prefetch, get_batch
 from .checkpoint import (
     CHECKPOINT,
     CheckpointError,
-    _file_identity,
-    _rng_state,
-    _set_rng_state,
+    file_identity,
     load_checkpoint,
     restore,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from .config import Progress, TrainConfig, TrainResult, effective_config
-from .device import _autocast, _torch_settings, resolve_device
+from .device import autocast, resolve_device, sync, torch_settings
 from .distributed import (
     DistEnv,
-    _all_reduce_stats,
-    _barrier,
-    _process_group,
-    _rank_seed,
+    all_reduce_stats,
+    barrier,
     dist_env,
-    shard_range,
+    process_group,
+    rank_seed,
 )
 from .fm import insert_fm_reorder
-from .metrics import CONFIG, METRICS, _atomic_json, _finish, _write_metrics, read_metrics
+from .metrics import CONFIG, METRICS, read_metrics, write_json, write_metrics, write_result
 from .models import build_model
 
 
@@ -91,12 +93,12 @@ def evaluate(model, data: Data, cfg: TrainConfig, device: str, *, rank: int = 0,
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=data.test_x.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.test_x.device)
-    start, stop = shard_range(len(data.test_y), rank, world_size)
+    start, stop = shard_range(len(data.test_y), (rank, world_size))
     for lo in range(start, stop, cfg.eval_batch):
         hi = min(lo + cfg.eval_batch, stop)
         x = data.to_input(data.test_x[lo:hi])
         y = data.test_y[lo:hi]
-        with _autocast(device, cfg):
+        with autocast(device, cfg):
             logits = model(x)
         loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
@@ -107,7 +109,6 @@ def evaluate(model, data: Data, cfg: TrainConfig, device: str, *, rank: int = 0,
         dist.all_reduce(sums)
         return sums[0].item() / n, sums[1].item() / n
     return loss.item() / n, correct.item() / n
-
 
 
 def train(path, cfg: TrainConfig, out, *, resume: bool = False,
@@ -188,10 +189,11 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     # if it made it), so a refused run leaves nothing behind.
     fresh = env.rank == 0 and ckpt is None
     try:
-        with _process_group(env, device):
-            with _torch_settings(device, cfg.deterministic, threads):
-                return _run(path, cfg, out, device, meta, ckpt,
-                            progress if env.rank == 0 else None, env)
+        with process_group(env, device):
+            with torch_settings(device, cfg.deterministic, threads):
+                run = Run.start(path, cfg, out, device, meta, ckpt,
+                                progress if env.rank == 0 else None, env)
+                return run_steps(run)
     except BaseException:
         if fresh:
             _remove_unstarted_run(out)
@@ -199,6 +201,290 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     finally:
         if lock is not None:
             lock.release(remove_folder=True)
+
+
+def run_steps(run: "Run") -> TrainResult:
+    """The step loop: a batch, an Adam step; every ``eval_every`` steps a row, a checkpoint, a report."""
+    cfg = run.cfg
+    if not run.rows:  # the untrained model: the curves start at step 0
+        run.record(dict(UNTRAINED))
+    run.report(run.rows[-1])
+    run.net.train()
+    with Prefetch(run.batch, run.step, cfg.steps) as batches:
+        interval, run.reported = Interval(run.device), time.perf_counter()
+        while run.step < cfg.steps:
+            (x, y), waited = batches.get(run.step)          # (B, 3, S, S), (B,)
+            interval.waited += waited
+            logits, loss = run.train_step(x, y)
+            interval.add(logits, loss, y)
+            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                run.record(interval.stats(run.device, run.env), started=interval.started)
+                run.report(run.rows[-1])
+                interval = Interval(run.device)
+            else:
+                run.tick(interval)
+    return run.finish()
+
+
+# The training fields of the row of the untrained model (step 0).
+UNTRAINED = {"train_loss": None, "train_acc": None, "images_per_s": None, "wall_s": 0.0,
+             "data_wait": None}
+
+
+@dataclass
+class Run:
+    """The state of one training run, in one object, and its steps as small methods.
+
+    ``model`` is what is evaluated and checkpointed; ``net`` is what the steps
+    run (``model`` itself, or wrapped in DDP under torchrun). torch's global
+    RNG (dropout) is the run's RNG: seeded in :meth:`start`, restored in
+    :meth:`resume`, saved in :meth:`checkpoint`.
+    """
+
+    path: object                       # the porder file, as given
+    cfg: TrainConfig
+    out: Path                          # the run folder
+    device: str                        # 'cpu' or 'cuda'
+    meta: dict                         # the file's read_meta
+    env: DistEnv
+    progress: Optional[Progress]       # rank 0's; None elsewhere
+    data: Data
+    model: torch.nn.Module
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0                      # optimizer steps taken
+    wall: float = 0.0                  # seconds of training and evaluation so far
+    rows: list = field(default_factory=list)     # metrics rows, step 0 first
+    resumed_from: int = 0              # step of the checkpoint resumed (0: fresh)
+    last_good: Optional[int] = None    # step of the last checkpoint written (None: none yet)
+    reported: float = 0.0              # perf_counter of the last running statistics reported
+
+    @classmethod
+    def start(cls, path, cfg: TrainConfig, out: Path, device: str, meta: dict,
+              ckpt: Optional[dict], progress: Optional[Progress], env: DistEnv) -> "Run":
+        """Load the data, build the model and optimizer, resume ``ckpt`` (if any), write config.json."""
+        with _memory_hint(f"loading '{path}' onto {device}",
+                          "the file does not fit; use a smaller file or another --device"):
+            data = Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
+                        order_seed=cfg.order_seed)
+        torch.manual_seed(cfg.seed)
+        model = _model(cfg, len(data.classes), data.size, device, env)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+        use_scaler = device == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+        run = cls(path=path, cfg=cfg, out=out, device=device, meta=meta, env=env,
+                  progress=progress, data=data, model=model, net=model, opt=opt,
+                  scaler=torch.amp.GradScaler("cuda", enabled=use_scaler))
+        if ckpt is not None:
+            run.resume(ckpt)
+        elif env.rank:
+            torch.manual_seed(rank_seed(cfg.seed, env.rank))     # own dropout masks
+        if env.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            run.net = DDP(model, device_ids=[env.local_rank] if device == "cuda" else None,
+                          find_unused_parameters=False)
+        if env.rank == 0:
+            run.write_config()
+        return run
+
+    def resume(self, ckpt: dict) -> None:
+        """Continue from checkpoint ``ckpt``: its states, step, wall time, RNG and rows."""
+        ckpt_path = self.out / CHECKPOINT
+        restore(ckpt, ckpt_path, self.model, self.opt, self.scaler)
+        self.step, self.wall = int(ckpt["step"]), float(ckpt["wall_s"])
+        self.resumed_from = self.last_good = self.step
+        rank, ranks = self.env.rank, ckpt.get("rng_ranks")
+        try:
+            if self.env.active and ranks is not None and len(ranks) == self.env.world_size:
+                set_rng_state(ranks[rank], self.device)       # the same world size: exact resume
+            else:
+                set_rng_state(ckpt["rng"], self.device)
+                if rank:
+                    torch.manual_seed(rank_seed(self.cfg.seed, rank, self.step))
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint '{ckpt_path}' has a random-number "
+                                  f"state this torch cannot use ({' '.join(str(e).split())}); "
+                                  f"delete it to start afresh") from None
+        self.rows = [r for r in read_metrics(self.out) if r["step"] <= self.step]
+
+    def write_config(self) -> None:
+        """The run folder and its config.json."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / CONFIG, {
+            "config": effective_config(self.cfg, self.device),
+            "file": str(Path(self.path).resolve()), "file_meta": file_identity(self.meta),
+            "device": self.device, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "world_size": self.env.world_size})
+
+    def batch(self, step: int):
+        """This rank's inputs (B, 3, S, S) and labels (B,) of ``step`` (on a background thread)."""
+        return get_batch(self.data, step, self.cfg, rank=self.env.rank,
+                         world_size=self.env.world_size)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor):
+        """One Adam step on ``x`` (B, 3, S, S), ``y`` (B,): the logits (B, classes) and the loss."""
+        cfg = self.cfg
+        with _memory_hint(f"training the {cfg.arch} model (--batch-size {cfg.batch_size}, "
+                          f"--width {cfg.width:g})", "lower --batch-size (or --width)"):
+            with autocast(self.device, cfg):
+                logits = self.net(x)                     # (B, classes)
+                loss = F.cross_entropy(logits.float(), y)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        self.step += 1
+        return logits, loss
+
+    def record(self, stats: dict, started: Optional[float] = None) -> None:
+        """Evaluate, append this step's row and write the checkpoint.
+
+        ``stats``: the row's training fields; ``started``: when the interval
+        they cover began (None for the untrained model's row).
+        """
+        cfg = self.cfg
+        self.check_finite(stats)
+        with _memory_hint(f"evaluating the {cfg.arch} model at --width {cfg.width:g}",
+                          "lower --width"):
+            row = self.test_row(stats)
+        self.check_finite(row)
+        self.rows.append(row)
+        if started is not None:
+            self.wall += time.perf_counter() - started     # training + evaluation
+            row["wall_s"] = self.wall
+        self.checkpoint()
+        self.last_good = self.step
+
+    def test_row(self, stats: dict) -> dict:
+        """The metrics row of this step: ``stats`` and the whole test split's loss and accuracy."""
+        t0 = time.perf_counter()
+        env = self.env
+        if env.active:  # rank 0's BN running statistics everywhere, as DDP's next forward does
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)
+        test_loss, test_acc = evaluate(self.model, self.data, self.cfg, self.device,
+                                       rank=env.rank, world_size=env.world_size)
+        row = {"step": self.step, "epoch": self.step * self.cfg.batch_size / len(self.data.train_y),
+               **stats, "test_loss": test_loss, "test_acc": test_acc}
+        if env.active:
+            row["world_size"] = env.world_size
+        row["eval_s"] = time.perf_counter() - t0
+        return row
+
+    def check_finite(self, row: dict) -> None:
+        """Stop before a non-finite loss reaches a checkpoint."""
+        for key in ("train_loss", "test_loss"):
+            value = row.get(key)
+            if value is not None and not math.isfinite(value):
+                kept = ("no checkpoint was written" if self.last_good is None else
+                        f"the last good checkpoint (step {self.last_good}) is kept in '{self.out}'")
+                raise TrainingDiverged(
+                    f"training diverged: the {key.replace('_', ' ')} is {value} at step "
+                    f"{self.step} (--lr {self.cfg.lr:g}); start a new run with a lower --lr; {kept}")
+
+    def checkpoint(self) -> None:
+        """metrics.jsonl, then checkpoint.pt (rank 0 writes; every rank gives its RNG state)."""
+        rng = rng_state(self.device)
+        rng_ranks = None
+        if self.env.active:
+            rng_ranks = [None] * self.env.world_size
+            dist.all_gather_object(rng_ranks, rng)
+        if self.env.rank != 0:
+            return
+        write_metrics(self.out, self.rows)  # metrics first: rows past the checkpoint are dropped on resume
+        state = {"config": asdict(self.cfg), "step": self.step, "wall_s": self.wall,
+                 "path": str(self.path), "file": file_identity(self.meta),
+                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": rng,
+                 "world_size": self.env.world_size}
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
+        save_checkpoint(self.out, state)
+
+    def report(self, stats: Optional[dict]) -> None:
+        """``progress(step, steps, stats)``, where there is a progress callback."""
+        if self.progress:
+            self.progress(self.step, self.cfg.steps, stats)
+
+    def tick(self, interval: "Interval") -> None:
+        """Progress between rows: the interval's running loss and accuracy every 0.5 s (they
+        wait for the device), a cheap tick otherwise."""
+        if not self.progress:
+            return
+        now = time.perf_counter()
+        if now - self.reported > 0.5:
+            self.reported = now
+            self.report(interval.running())
+        else:
+            self.report(None)
+
+    def finish(self) -> TrainResult:
+        """result.json and curves.png (rank 0); under torchrun, wait until they are written."""
+        env = self.env
+        if env.rank == 0:
+            write_result(self.path, self.cfg, self.out, self.rows, self.step, self.wall,
+                         self.device, env.world_size, self.meta)
+        if env.active:  # files are complete when any rank returns
+            barrier(self.device, env)
+        return TrainResult(out=self.out, rows=self.rows, resumed_from=self.resumed_from,
+                           device=self.device, rank=env.rank, world_size=env.world_size)
+
+
+def _model(cfg: TrainConfig, num_classes: int, size: int, device: str, env: DistEnv):
+    """The network of a run, on its device, with its feature-map reordering layers."""
+    with _memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}",
+                      "lower --width"):
+        model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width)
+        insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
+        if env.active and device == "cuda":   # batch statistics of the global batch
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(device)
+        if device == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class Interval:
+    """The training statistics of the steps since the last row, summed on the device
+    (no wait for the device per step)."""
+
+    def __init__(self, device: str):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.losses: list = []           # each step's loss, on the device
+        self.seen = 0                    # images trained on
+        self.waited = 0.0                # seconds the loop waited for batches
+        self.started = time.perf_counter()
+
+    def add(self, logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> None:
+        self.seen += len(y)
+        self.loss_sum += loss.detach().double() * len(y)
+        self.losses.append(loss.detach())
+        self.correct += (logits.detach().argmax(1) == y).sum()
+
+    def running(self) -> dict:
+        """The running ``loss`` and ``acc`` of the interval (progress between rows)."""
+        return {"loss": self.loss_sum.item() / self.seen, "acc": self.correct.item() / self.seen}
+
+    def stats(self, device: str, env: DistEnv) -> dict:
+        """A row's training fields: the interval's means and each step's loss (over the global
+        batch under torchrun), and its speed."""
+        sync(device)
+        dt = time.perf_counter() - self.started
+        if env.active:  # global batch: sums over the ranks (waits: their mean)
+            stats = all_reduce_stats(self.loss_sum, self.correct, self.seen, self.waited, dt,
+                                     env.world_size)
+        else:
+            stats = {"train_loss": self.loss_sum.item() / self.seen,
+                     "train_acc": self.correct.item() / self.seen,
+                     "images_per_s": self.seen / dt, "wall_s": None, "data_wait": self.waited / dt}
+        per_step = torch.stack(self.losses).double()      # (steps since the last row,)
+        if env.active:  # each rank's loss is over its equal slice: the mean is global
+            dist.all_reduce(per_step)
+            per_step /= env.world_size
+        stats["train_loss_steps"] = [float(f"{v:.6g}") for v in per_step.tolist()]
+        return stats
 
 
 def _remove_unstarted_run(out: Path) -> None:
@@ -234,194 +520,3 @@ def _memory_hint(what: str, advice: str):
         if not _out_of_memory(e):
             raise
         raise ValueError(f"out of memory {what}; {advice}") from None
-
-
-def _run(path, cfg, out, device, meta, ckpt, progress, env: DistEnv) -> TrainResult:
-    with _memory_hint(f"loading '{path}' onto {device}",
-                      "the file does not fit; use a smaller file or another --device"):
-        data = Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
-                    order_seed=cfg.order_seed)
-    rank, world = env.rank, env.world_size
-    main = rank == 0
-    torch.manual_seed(cfg.seed)
-    with _memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}",
-                      "lower --width"):
-        model = build_model(cfg.arch, num_classes=len(data.classes), in_size=data.size,
-                            width=cfg.width)
-        insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
-        if env.active and device == "cuda":   # batch statistics of the global batch
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(device)
-        if device == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
-    use_scaler = device == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    n_train = len(data.train_y)
-
-    step, wall = 0, 0.0
-    rows: list[dict] = []
-    if ckpt is not None:
-        restore(ckpt, out / CHECKPOINT, model, opt, scaler)
-        step, wall = int(ckpt["step"]), float(ckpt["wall_s"])
-        ranks = ckpt.get("rng_ranks")
-        try:
-            if env.active and ranks is not None and len(ranks) == world:
-                _set_rng_state(ranks[rank], device)       # the same world size: exact resume
-            else:
-                _set_rng_state(ckpt["rng"], device)
-                if rank:
-                    torch.manual_seed(_rank_seed(cfg.seed, rank, step))
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint '{out / CHECKPOINT}' has a random-number "
-                                  f"state this torch cannot use ({' '.join(str(e).split())}); "
-                                  f"delete it to start afresh") from None
-        rows = [r for r in read_metrics(out) if r["step"] <= step]
-    elif rank:
-        torch.manual_seed(_rank_seed(cfg.seed, rank))     # own dropout masks
-    net = model
-    if env.active:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[env.local_rank] if device == "cuda" else None,
-                  find_unused_parameters=False)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(out / CONFIG, {
-            "config": effective_config(cfg, device), "file": str(Path(path).resolve()),
-            "file_meta": _file_identity(meta), "device": device, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "world_size": world})
-    result = TrainResult(out=out, rows=rows, resumed_from=step, device=device, rank=rank,
-                         world_size=world)
-
-    def checkpoint():
-        rng = _rng_state(device)
-        rng_ranks = None
-        if env.active:
-            rng_ranks = [None] * world
-            dist.all_gather_object(rng_ranks, rng)
-        if not main:
-            return
-        _write_metrics(out, rows)  # metrics first: rows past the checkpoint are dropped on resume
-        state = {"config": asdict(cfg), "step": step, "wall_s": wall, "path": str(path),
-                 "file": _file_identity(meta), "model": model.state_dict(),
-                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": rng, "world_size": world}
-        if rng_ranks is not None:
-            state["rng_ranks"] = rng_ranks
-        save_checkpoint(out, state)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def eval_row(train_stats: dict) -> dict:
-        t0 = time.perf_counter()
-        if env.active:  # rank 0's BN running statistics everywhere, as DDP's next forward does
-            for b in model.buffers():
-                dist.broadcast(b, 0)
-        test_loss, test_acc = evaluate(model, data, cfg, device, rank=rank, world_size=world)
-        row = {"step": step, "epoch": step * cfg.batch_size / n_train, **train_stats,
-               "test_loss": test_loss, "test_acc": test_acc}
-        if env.active:
-            row["world_size"] = world
-        row["eval_s"] = time.perf_counter() - t0
-        return row
-
-    def check_finite(row: dict, since: Optional[int]) -> None:
-        """Stop before a non-finite loss reaches a checkpoint (``since``: the last one kept)."""
-        for key in ("train_loss", "test_loss"):
-            value = row.get(key)
-            if value is not None and not math.isfinite(value):
-                kept = ("no checkpoint was written" if since is None else
-                        f"the last good checkpoint (step {since}) is kept in '{out}'")
-                raise TrainingDiverged(
-                    f"training diverged: the {key.replace('_', ' ')} is {value} at step "
-                    f"{step} (--lr {cfg.lr:g}); start a new run with a lower --lr; {kept}")
-
-    def evaluated(stats: dict, since: Optional[int]) -> dict:
-        with _memory_hint(f"evaluating the {cfg.arch} model at --width {cfg.width:g}",
-                          "lower --width"):
-            row = eval_row(stats)
-        check_finite(row, since)
-        return row
-
-    if not rows:  # the untrained model: the curves start at step 0
-        rows.append(evaluated({"train_loss": None, "train_acc": None, "images_per_s": None,
-                               "wall_s": 0.0, "data_wait": None}, None))
-        checkpoint()
-    if progress:
-        progress(step, cfg.steps, rows[-1])
-
-    net.train()
-    pool = ThreadPoolExecutor(1, thread_name_prefix="porder-batch")
-    fetch = lambda s: get_batch(data, s, cfg, rank=rank, world_size=world)
-    try:
-        nxt = pool.submit(fetch, step) if step < cfg.steps else None
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen, waited, t_int, t_report = 0, 0.0, time.perf_counter(), time.perf_counter()
-        last_good = step
-        step_what = (f"training the {cfg.arch} model (--batch-size {cfg.batch_size}, "
-                     f"--width {cfg.width:g})")
-        step_losses: list = []   # this interval's per-step losses, on the device: no sync per step
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            x, y = nxt.result()                         # (B, 3, S, S), (B,)
-            waited += time.perf_counter() - t0
-            nxt = pool.submit(fetch, step + 1) if step + 1 < cfg.steps else None
-            with _memory_hint(step_what, "lower --batch-size (or --width)"):
-                with _autocast(device, cfg):
-                    logits = net(x)                     # (B, classes)
-                    loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            step += 1
-            seen += len(y)
-            loss_sum += loss.detach().double() * len(y)
-            step_losses.append(loss.detach())
-            correct += (logits.detach().argmax(1) == y).sum()
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                sync()
-                dt = time.perf_counter() - t_int
-                if env.active:  # global batch: sums over the ranks (waits: their mean)
-                    stats = _all_reduce_stats(loss_sum, correct, seen, waited, dt, world)
-                else:
-                    stats = {"train_loss": loss_sum.item() / seen,
-                             "train_acc": correct.item() / seen, "images_per_s": seen / dt,
-                             "wall_s": None, "data_wait": waited / dt}
-                per_step = torch.stack(step_losses).double()      # (steps since the last row,)
-                if env.active:  # each rank's loss is over its equal slice: the mean is global
-                    dist.all_reduce(per_step)
-                    per_step /= world
-                stats["train_loss_steps"] = [float(f"{v:.6g}") for v in per_step.tolist()]
-                step_losses.clear()
-                check_finite(stats, last_good)
-                rows.append(evaluated(stats, last_good))
-                wall += time.perf_counter() - t_int     # training + evaluation
-                rows[-1]["wall_s"] = wall
-                checkpoint()
-                last_good = step
-                if progress:
-                    progress(step, cfg.steps, rows[-1])
-                loss_sum.zero_()
-                correct.zero_()
-                seen, waited, t_int = 0, 0.0, time.perf_counter()
-            elif progress:
-                now = time.perf_counter()
-                if now - t_report > 0.5:
-                    t_report = now
-                    progress(step, cfg.steps, {"loss": loss_sum.item() / seen,
-                                               "acc": correct.item() / seen})
-                else:
-                    progress(step, cfg.steps, None)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-    if main:
-        _finish(path, cfg, out, rows, step, wall, device, world, meta)
-    if env.active:  # files are complete when any rank returns
-        _barrier(device, env)
-    return result

@@ -43,13 +43,15 @@ def _is_row(row) -> bool:
             and number(row.get("test_acc")))
 
 
-def _write_metrics(out: Path, rows: list[dict]) -> None:
+def write_metrics(out: Path, rows: list[dict]) -> None:
+    """Write every row to ``out/metrics.jsonl`` atomically (a temporary file, then a rename)."""
     tmp = out / (METRICS + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, out / METRICS)
 
 
-def _atomic_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
@@ -145,7 +147,7 @@ def run_title(cfg, path, meta: dict) -> str:
     return f"{cfg.arch}, width {cfg.width:g}, on {Path(path).name}: {how}"
 
 
-def _finish(path, cfg, out, rows, step, wall, device, world, meta: dict) -> None:
+def write_result(path, cfg, out, rows, step, wall, device, world, meta: dict) -> None:
     """curves.png and result.json of a finished run."""
     from .config import effective_config
 
@@ -156,7 +158,7 @@ def _finish(path, cfg, out, rows, step, wall, device, world, meta: dict) -> None
 
         warnings.warn(f"could not draw {out / CURVES}: {e}", stacklevel=2)
     final = rows[-1]
-    _atomic_json(out / RESULT, {
+    write_json(out / RESULT, {
         "complete": True, "steps": step, "config": effective_config(cfg, device),
         "device": device,
         "world_size": world,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .device import _autocast, _torch_settings, resolve_device
+from .device import autocast, resolve_device, sync, torch_settings
 from .fm import insert_fm_reorder
 from .models import build_model
 
@@ -43,6 +43,15 @@ class StepTiming:
                 f"{n(self.warmup, 'warm-up step')}; "
                 f"evaluation {1e3 * self.eval_image_s:.2f} ms per test image (a forward pass "
                 f"of {self.eval_images} images)")
+
+
+def _step(model, opt, x, y, device: str, cfg: TrainConfig) -> None:
+    """One Adam step on inputs ``x`` (B, 3, S, S) and labels ``y`` (B,)."""
+    with autocast(device, cfg):
+        loss = F.cross_entropy(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2,
@@ -76,7 +85,7 @@ def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2
     """
     cfg.validate()
     device = resolve_device(cfg.device)
-    with _torch_settings(device, cfg.deterministic, cfg.threads), torch.random.fork_rng(
+    with torch_settings(device, cfg.deterministic, cfg.threads), torch.random.fork_rng(
             devices=[torch.cuda.current_device()] if device == "cuda" else []):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width)
@@ -87,24 +96,12 @@ def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         x = torch.randn(cfg.batch_size, 3, size, size, device=device)    # (B, 3, S, S)
         y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
-
-        def sync():
-            if device == "cuda":
-                torch.cuda.synchronize()
-
-        def step():
-            with _autocast(device, cfg):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
         model.train()
         warm = 0
         for _ in range(warmup):          # a step slower than min_time is warm-up enough
             t0 = time.perf_counter()
-            step()
-            sync()
+            _step(model, opt, x, y, device, cfg)
+            sync(device)
             warm += 1
             if time.perf_counter() - t0 > min_time:
                 break
@@ -114,19 +111,19 @@ def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2
             if times and elapsed >= min_time and (len(times) >= 3 or elapsed >= 3 * min_time):
                 break
             t0 = time.perf_counter()
-            step()
-            sync()
+            _step(model, opt, x, y, device, cfg)
+            sync(device)
             times.append(time.perf_counter() - t0)
         model.eval()
-        with torch.no_grad(), _autocast(device, cfg):
+        with torch.no_grad(), autocast(device, cfg):
             model(torch.randn(2, 3, size, size, device=device))          # warm-up
             n_eval = 2
             for n_eval in (4, eval_images):     # the larger pass only when the small one is quick
                 xe = torch.randn(n_eval, 3, size, size, device=device)
-                sync()
+                sync(device)
                 t0 = time.perf_counter()
                 model(xe)
-                sync()
+                sync(device)
                 eval_s = (time.perf_counter() - t0) / n_eval
                 if eval_s * eval_images > min_time:
                     break

@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from porder.cli.train import train as train_cmd
+from porder.pipeline import shard_range
 from porder.train import batch_indices, build_model, evaluate, read_metrics, train
 from porder.train.batches import Data
 from porder.train.checkpoint import CHECKPOINT
 from porder.train.config import TrainConfig
-from porder.train.device import _torch_settings
-from porder.train.distributed import dist_env, shard_range
+from porder.train.device import torch_settings
+from porder.train.distributed import dist_env
 
 from .test_train import write_file
 
@@ -69,7 +70,7 @@ def emulate(path, steps, *, world=WORLD, eval_every=3):
     for every evaluation after step 0.
     """
     cfg = TrainConfig(**CFG, steps=steps)
-    with _torch_settings("cpu", True, 1):
+    with torch_settings("cpu", True, 1):
         data = Data(path, device="cpu")
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, num_classes=2, in_size=data.size, width=cfg.width)
@@ -147,7 +148,7 @@ def test_rank_slices_partition_the_global_batch(world):
 def test_test_split_shares_cover_it_once():
     for n in (0, 1, 7, 16):
         for world in (1, 2, 3, 5):
-            shares = [shard_range(n, r, world) for r in range(world)]
+            shares = [shard_range(n, (r, world)) for r in range(world)]
             assert [i for lo, hi in shares for i in range(lo, hi)] == list(range(n))
 
 
