@@ -362,9 +362,9 @@ def _source_counts(source: str, *, size: int, test_fraction: float) -> dict:
 
 def _cache_identity(path: Path) -> dict:
     """What a run's ``config.json`` records of the file it trains on (JSON round trip)."""
-    from ..train.checkpoint import _file_identity
+    from ..train.checkpoint import file_identity
 
-    return json.loads(json.dumps(_file_identity(read_meta(path)), default=str))
+    return json.loads(json.dumps(file_identity(read_meta(path)), default=str))
 
 
 def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) -> None:

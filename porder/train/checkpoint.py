@@ -21,10 +21,6 @@ def file_identity(meta: dict) -> dict:
                                              "classes": len(meta.get("classes", []))}
 
 
-# experiment/plan.py's name for it (not a file of the training path's).
-_file_identity = file_identity
-
-
 def rng_state(device: str) -> dict:
     """torch's random-number states: the CPU generator's, and every GPU's on CUDA."""
     st = {"torch": torch.get_rng_state()}
