@@ -2,7 +2,7 @@
 
 Every array function in porder starts with ``xp = get_array_module(x)`` and then
 calls only ``xp.*``, so the same code runs on both. CuPy is optional
-(``pip install "patch-order[gpu]"`` for CUDA 13, ``"patch-order[gpu-cuda12]"`` for
+(``pip install "patch-order[cuda13]"`` for CUDA 13, ``"patch-order[cuda12]"`` for
 CUDA 12); without it everything runs on NumPy.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ DEVICES = ("cpu", "cuda", "auto")
 
 
 @lru_cache(maxsize=1)
-def _cupy():
+def cupy_module():
     """Return the cupy module when it is installed and sees a GPU, else None."""
     if importlib.util.find_spec("cupy") is None:
         return None
@@ -33,7 +33,7 @@ def _cupy():
 
 def cuda_available() -> bool:
     """True when CuPy is installed and a CUDA device is visible."""
-    return _cupy() is not None
+    return cupy_module() is not None
 
 
 def resolve_device(device: str, *, gpu: Callable[[], bool] | None = None,
@@ -65,8 +65,8 @@ def resolve_device(device: str, *, gpu: Callable[[], bool] | None = None,
             raise ValueError(no_gpu)
         if importlib.util.find_spec("cupy") is None:
             raise ValueError(
-                "device='cuda' needs CuPy: install it with `pip install \"patch-order[gpu]\"` "
-                "(CUDA 13; `patch-order[gpu-cuda12]` for CUDA 12), or use device='cpu'"
+                "device='cuda' needs CuPy: install it with `pip install \"patch-order[cuda13]\"` "
+                "(CUDA 13; `patch-order[cuda12]` for CUDA 12), or use device='cpu'"
             )
         raise ValueError("device='cuda' but CuPy sees no CUDA GPU; use device='cpu'")
     return device
@@ -74,12 +74,12 @@ def resolve_device(device: str, *, gpu: Callable[[], bool] | None = None,
 
 def array_module(device: str):
     """The array module (numpy or cupy) for a resolved device name."""
-    return _cupy() if resolve_device(device) == "cuda" else np
+    return cupy_module() if resolve_device(device) == "cuda" else np
 
 
 def get_array_module(x):
     """numpy or cupy, whichever owns array ``x`` (like ``cupy.get_array_module``)."""
-    cp = _cupy() if type(x).__module__.startswith("cupy") else None
+    cp = cupy_module() if type(x).__module__.startswith("cupy") else None
     return cp if cp is not None else np
 
 

@@ -92,12 +92,12 @@ def kernel_source() -> str:
 
 
 def _cupy():
-    from ..backend import _cupy as find
+    from ..backend import cupy_module as find
 
     cp = find()
     if cp is None:
         raise ValueError("the CUDA kernels need CuPy and a CUDA GPU; use device='cpu' or "
-                         "install CuPy (`pip install 'patch-order[gpu]'`)")
+                         "install CuPy (`pip install 'patch-order[cuda13]'`, [cuda12] for a CUDA 12 driver)")
     return cp
 
 
