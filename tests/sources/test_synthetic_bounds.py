@@ -23,7 +23,7 @@ def test_too_many_synthetic_images_or_classes(spec, match):
 def test_the_bounds_themselves_are_accepted():
     n, c = syn.MAX_SYNTHETIC_IMAGES, syn.MAX_SYNTHETIC_CLASSES
     assert (n, c) == (100_000_000, 1_000_000)
-    assert syn._parse_synthetic(f"synthetic:{n}:{c}") == (n, c)
+    assert syn.parse_synthetic(f"synthetic:{n}:{c}") == (n, c)
 
 
 def test_the_issue_case_through_the_cli(tmp_path):
