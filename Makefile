@@ -12,7 +12,7 @@ PY ?= $(VENV)/bin/python
 endif
 BENCH_OUT ?= benchmarks/results
 
-.PHONY: install venv demo test bench lint clean gpu-check
+.PHONY: install venv demo test bench lint docs clean gpu-check
 
 venv:
 ifndef VIRTUAL_ENV
@@ -52,5 +52,14 @@ gpu-check:
 lint: install
 	$(PY) -m ruff check porder tests benchmarks
 
+# The documentation site (docs/, mkdocs.yml) into site/, with --strict: a broken
+# link, a missing anchor or cross-reference, or a docstring mkdocstrings cannot
+# read fails the build. The [docs] extra brings mkdocs-material, mkdocstrings and
+# mkdocs-click (which imports porder.cli: porder is installed first, as for test).
+docs: install
+	@$(PY) -c "import material, mkdocstrings_handlers.python, mkdocs_click" 2>/dev/null \
+		|| $(PY) -m pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf build *.egg-info .pytest_cache $(BENCH_OUT) demo.h5 demo.png
+	rm -rf build *.egg-info .pytest_cache $(BENCH_OUT) demo.h5 demo.png site

@@ -539,6 +539,9 @@ class _Registry(Mapping):
 
 
 MEASURES: Mapping[str, Measure] = _Registry()
+"""The measure registry, name -> :class:`Measure`: the built-ins, the controls
+``none`` and ``random``, and every registered or plugin measure (loaded on first
+listing or on a name not found). ``porder measures`` prints it."""
 _LOCK = threading.RLock()  # reentrant: a plugin's import may look up a measure
 _plugins = "new"  # 'new' -> 'loading' -> 'done'
 
@@ -587,7 +590,7 @@ def register_measure(measure: Measure, *, replace: bool = False) -> Measure:
     -------
     Measure
         The entry as registered, with ``origin`` filled in when it was None
-        (the top-level package of ``measure.fn``, e.g. '__main__').
+        (the top-level package of ``measure.fn``, e.g. ``'__main__'``).
 
     Raises
     ------

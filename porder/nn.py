@@ -143,7 +143,8 @@ def quantise(x):
 
     Returns
     -------
-    uint8 tensor (N, C, H, W) on the device of ``x``.
+    uint8 tensor (N, C, H, W)
+        On the device of ``x``.
 
     Raises
     ------
@@ -192,9 +193,10 @@ def histogram_input(x, channels="mean"):
 
     Returns
     -------
-    uint8 tensor (N, S, S, C') channel-last and contiguous, C' = 1 for
-    ``'mean'``, on the device of ``x``: the layout :func:`porder.reorder` takes.
-    Its measures average over the C' channels (the paper's rule for RGB).
+    uint8 tensor (N, S, S, C')
+        Channel-last and contiguous, C' = 1 for ``'mean'``, on the device of
+        ``x``: the layout :func:`porder.reorder` takes. Its measures average
+        over the C' channels (the paper's rule for RGB).
     """
     idx = channel_indices(channels, x.shape[1])
     if idx is None:
@@ -217,16 +219,18 @@ def permute_patches(x, perm, patch: int):
     Parameters
     ----------
     x : tensor (N, C, S, S)
-    perm : int64 tensor (N, K), K = (S // patch) ** 2, on the device of ``x``
-        Output patch j (row-major) is input patch ``perm[:, j]``.
+    perm : int64 tensor (N, K)
+        K = (S // patch) ** 2, on the device of ``x``: output patch j
+        (row-major) is input patch ``perm[:, j]``.
     patch : int
         Patch side; must divide S.
 
     Returns
     -------
-    tensor (N, C, S, S), differentiable in ``x``: it is one ``torch.gather``
-    of pixels, so the gradient of the input is the output gradient with its
-    patches permuted by the inverse of ``perm`` (``argsort(perm)``).
+    tensor (N, C, S, S)
+        Differentiable in ``x``: it is one ``torch.gather`` of pixels, so the
+        gradient of the input is the output gradient with its patches permuted
+        by the inverse of ``perm`` (``argsort(perm)``).
     """
     g = _check_map(x, patch)
     n, c, s, _ = x.shape
@@ -408,10 +412,12 @@ def insert_after(model, name: str, layer):
 
     Returns
     -------
-    model, whose submodule ``name`` is replaced by ``nn.Sequential(submodule,
-    layer)``: it prints, moves (``.to``) and switches mode (``.train``,
-    ``.eval``) with the model. The state-dict keys below ``name`` gain a
-    ``.0`` (``stem.0.weight`` becomes ``stem.0.0.weight``).
+    model : torch.nn.Module
+        ``model``, whose submodule ``name`` is replaced by
+        ``nn.Sequential(submodule, layer)``: it prints, moves (``.to``) and
+        switches mode (``.train``, ``.eval``) with the model. The state-dict
+        keys below ``name`` gain a ``.0`` (``stem.0.weight`` becomes
+        ``stem.0.0.weight``).
 
     Raises
     ------

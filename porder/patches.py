@@ -80,7 +80,8 @@ def split(images, patch: int):
 
     Returns
     -------
-    array, shape (N, K, p, p, C) with K = (S // p) ** 2 (a copy).
+    array, shape (N, K, p, p, C)
+        A copy, with K = (S // p) ** 2 patches per image.
     """
     if images.ndim != 4 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must have shape (N, S, S, C), got {tuple(images.shape)}")

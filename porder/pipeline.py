@@ -37,6 +37,25 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class BuildResult:
+    """What :func:`build_cache` wrote, and where its time went.
+
+    Attributes
+    ----------
+    path : Path
+        The finished file.
+    rows : dict
+        Split -> rows written.
+    skipped : dict
+        Split -> samples skipped (``on_error='skip'``).
+    seconds : dict
+        ``decode`` (the main thread waiting for decoded batches), ``measure``
+        (scoring), ``write`` (the writer thread appending, overlapped),
+        ``write_wait`` (the main thread held up by the writer), ``other`` and
+        ``total`` (wall clock).
+    resumed : bool
+        Whether the build continued an earlier ``.part``.
+    """
+
     path: Path
     rows: dict = field(default_factory=dict)        # split -> rows written
     skipped: dict = field(default_factory=dict)     # split -> samples skipped
@@ -311,16 +330,21 @@ def build_cache(spec: CacheSpec, *, progress: Optional[Progress] = None) -> Buil
 
     Returns
     -------
-    BuildResult with the final path, rows and skips per split and where the
-    seconds went (:attr:`BuildResult.seconds`).
+    BuildResult
+        The final path, rows and skips per split, and where the seconds went
+        (:attr:`BuildResult.seconds`).
 
     Raises
     ------
-    ValueError (SourceError, StoreError) for bad input or output: an ``out``
-    that is or lies inside the source, a ``.part`` that does not match (naming
-    what changed); porder.output.Busy when another process writes ``out``;
-    porder.output.DiskFull when the file does not fit (the ``.part`` is kept for
-    ``resume`` when the disk fills up mid-run).
+    ValueError
+        (``SourceError``, ``StoreError``) Bad input or output: an ``out`` that
+        is or lies inside the source, a ``.part`` that does not match (naming
+        what changed).
+    porder.output.Busy
+        Another process writes ``out``.
+    porder.output.DiskFull
+        The file does not fit (the ``.part`` is kept for ``resume`` when the
+        disk fills up mid-run).
     """
     device = resolve_device(spec.device)
     _check_decoder_device(spec.decoder, device)

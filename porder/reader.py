@@ -106,8 +106,9 @@ def read_split(path, split: str = "train", *, start: int = 0, stop: int | None =
 
     Returns
     -------
-    dict with ``images`` uint8 (N, S, S, 3), ``labels`` int64 (N,),
-    ``perm`` int64 (N, K) and ``names`` (list of str).
+    dict
+        ``images`` uint8 (N, S, S, 3), ``labels`` int64 (N,), ``perm`` int64
+        (N, K) and ``names`` (list of str).
     """
     if split not in SPLITS:
         raise StoreError(f"'{path}' has no split {split!r}; choose one of {list(SPLITS)}")

@@ -179,10 +179,12 @@ def reorder(images, measure: str | Measure = "mi", patch: int = 8, *, bins: int 
 
     Returns
     -------
-    reordered : uint8 array (N, S, S, C), same array type as ``images``
-        (a torch tensor on the same device for a tensor)
-    perm : int64 array (N, K), output patch j is input patch ``perm[:, j]``,
-        same array type as ``reordered``
+    reordered : uint8 array (N, S, S, C)
+        The same array type as ``images`` (a torch tensor on the same device
+        for a tensor).
+    perm : int64 array (N, K)
+        Output patch j is input patch ``perm[:, j]``; the same array type as
+        ``reordered``.
 
     Raises
     ------
