@@ -346,10 +346,18 @@ def _labels(pa, part: _Part, column: str) -> np.ndarray:
                       f"or strings")
 
 
-def _class_names(part: _Part, features: dict, column: str, root: Path) -> list[str] | None:
+def _names_of(features: dict, column: str) -> list[str] | None:
+    """The ClassLabel names of ``column`` in Hugging Face features, or None."""
     feature = features.get(column)
     if isinstance(feature, dict) and isinstance(feature.get("names"), list):
         return [str(n) for n in feature["names"]]
+    return None
+
+
+def _class_names(part: _Part, features: dict, column: str, root: Path) -> list[str] | None:
+    names = _names_of(features, column)
+    if names is not None:
+        return names
     for folder in dict.fromkeys([Path(part.path).parent, root]):
         try:
             info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
@@ -395,6 +403,9 @@ def open_table(description: str, root: Path, kind: str, files: list[tuple[str, s
     image, label_col = _image_column(pa, parts[0], features), _label_column(parts[0], label)
     for part in parts:
         _check_columns(pa, part, image, label_col)
+        if _names_of(_features(part.schema), label_col) != _names_of(features, label_col):
+            raise SourceError(f"the class names of '{printable(part.path)}' differ from those "
+                              f"of '{printable(parts[0].path)}' (ClassLabel of '{label_col}')")
     values = [_labels(pa, part, label_col) for part in parts]
     names = [f"{part.name}#{r}" for part in parts for r in range(part.rows)]
     all_values = (np.concatenate(values) if all(v.dtype != object for v in values)

@@ -296,8 +296,24 @@ def _label(handle, sample: _Sample) -> int | str:
     return int(text)
 
 
+def _bad_sample(s: _Sample, label: int | str) -> str:
+    """Why a sample cannot be read, or ""."""
+    if len(s.images) != 1:
+        if not s.images:
+            return f"sample '{printable(s.key)}' has no image (.{' .'.join(IMAGE_EXTS)})"
+        exts = " ".join(n.rsplit(".", 1)[-1] for n, _, _ in s.images)
+        return f"sample '{printable(s.key)}' has {len(s.images)} images ({exts}); porder reads one"
+    if isinstance(label, str):
+        return label
+    if s.images[0][2] > MAX_IMAGE_BYTES:
+        return (f"its image is {s.images[0][2]:,} bytes, over porder's limit of "
+                f"{MAX_IMAGE_BYTES // 2**20} MiB for one image")
+    return ""
+
+
 def _scan(path: str, rel: str) -> list[tuple[str, object, int | None]]:
-    """One shard -> [(sample name, Member or Missing, label or None)] in shard order."""
+    """One shard -> [(sample name, Member or Missing, label or None)] in shard order; the
+    label is None where the sample's ``.cls`` is missing or not a class number."""
     where = printable(path)
     try:
         with open_regular(path) as handle:
@@ -309,23 +325,14 @@ def _scan(path: str, rel: str) -> list[tuple[str, object, int | None]]:
             for s in samples:
                 label = _label(handle, s)
                 name = stored_name(f"{rel}/{s.images[0][0] if len(s.images) == 1 else s.key}")
-                if len(s.images) != 1:
-                    exts = " ".join(n.rsplit(".", 1)[-1] for n, _, _ in s.images)
-                    why = (f"sample '{printable(s.key)}' has no image "
-                           f"(.{' .'.join(IMAGE_EXTS)})" if not s.images
-                           else f"sample '{printable(s.key)}' has {len(s.images)} images "
-                                f"({exts}); porder reads one")
-                    out.append((name, Missing(why), None))
-                elif isinstance(label, str):
-                    out.append((name, Missing(label), None))
-                elif s.images[0][2] > MAX_IMAGE_BYTES:
-                    out.append((name, Missing(f"its image is {s.images[0][2]:,} bytes, over "
-                                              f"porder's limit of {MAX_IMAGE_BYTES // 2**20} "
-                                              f"MiB for one image"), None))
-                else:
-                    out.append((name, Member(path, s.images[0][1], s.images[0][2]), label))
+                why = _bad_sample(s, label)
+                item = Missing(why) if why else Member(path, s.images[0][1], s.images[0][2])
+                out.append((name, item, None if isinstance(label, str) else label))
             return out
     except tarfile.TarError as exc:
+        if "unexpected end of data" in str(exc):
+            raise SourceError(f"shard '{where}' is cut short: it ends inside an entry "
+                              f"(truncated?)") from None
         raise SourceError(f"cannot read shard '{where}': {one_line(exc)} (truncated or "
                           f"not a tar file?)") from None
     except OSError as exc:
@@ -414,8 +421,8 @@ def open_shards(description: str, root: str, shards: list[str], size, test_fract
                           f"(KEY.jpg/.png/.webp with KEY.cls)")
     good = [(name, label) for name, _, label in every if label is not None]
     if not good:
-        raise SourceError(f"no sample of '{printable(description)}' has an image and a .cls "
-                          f"label; porder reads the class number from KEY.cls beside KEY.jpg")
+        raise SourceError(f"no sample of '{printable(description)}' has a .cls label; porder "
+                          f"reads the class number from KEY.cls beside KEY.jpg")
     classes, mapped = label_classes(np.asarray([lab for _, lab in good], dtype=np.int64), names,
                                     [n for n, _ in good], printable(description))
     index = {}  # label value -> class index
