@@ -306,3 +306,20 @@ def test_source_help_and_options(tmp_path, samples):
     shard = write_shard(tmp_path / "s" / "x.tar", samples, CLASSES)
     with pytest.raises(SourceError, match="label='coarse' needs CIFAR-100"):
         open_source(str(shard), label="coarse")
+
+
+def test_nvjpeg_host_side_reads_members_and_bytes(tmp_path, samples):
+    # decoder='nvjpeg' reads each item's bytes on host threads (no GPU needed for this part):
+    # a JPEG member goes to nvJPEG, a PNG member to Pillow, exactly as files do.
+    from porder.sources import gpu_decode
+    from porder.sources.pillow import Member, Missing, decode_file
+
+    shard = write_shard(tmp_path / "s" / "x.tar", samples, CLASSES)
+    members = open_source(str(shard), test_fraction=0)._files["train"][0]
+    jpeg, png = members[2], members[0]
+    assert isinstance(jpeg, Member) and isinstance(png, Member)
+    out = gpu_decode.read_chunk([jpeg, png, samples[2][2], Missing("no image")], 16)
+    assert isinstance(out[0], gpu_decode._Jpeg) and isinstance(out[2], gpu_decode._Jpeg)
+    assert bytes(out[0].data) == samples[2][2]
+    np.testing.assert_array_equal(out[1][0], decode_file(png, 16))
+    assert out[3] == (None, "no image")
