@@ -155,9 +155,11 @@ def split_files(files: list, names: list[str], where: str):
         ``{'train': [...], 'test': [...]}`` and whether the files bring their own
         test split. Files named for no split are left out when some name train
         or test (``validation-*``); when none does, they all go to ``train`` (the
-        caller holds out a test split). Files named test without any named
-        train are an error.
+        caller holds out a test split), as does a single file, whatever its
+        name. Files named test without any named train are an error.
     """
+    if len(files) == 1:  # one file given alone: its name decides nothing
+        return {"train": list(files), "test": []}, False
     by = {"train": [], "test": [], None: []}
     for f, name in zip(files, names):
         by[split_of(name)].append(f)

@@ -260,6 +260,8 @@ def test_bad_tables_are_one_line_errors(tmp_path, samples):
     one_line_error(tmp_path / "garbage.parquet", r"cannot read parquet file '.*garbage.parquet'")
     ds = tmp_path / "ds"
     write_parquet(ds / "test-0.parquet", samples)
+    assert open_source(str(ds)).held_out == 0.1  # one file alone: held out, whatever its name
+    write_parquet(ds / "test-1.parquet", samples)
     one_line_error(ds, r"has test files but no train files")
     other = tmp_path / "other"
     write_parquet(other / "train-0.parquet", samples)

@@ -74,6 +74,9 @@ def test_one_shard_holds_out_a_test_split_like_a_folder(tmp_path, samples):
     (tmp_path / "s" / "classes.txt").write_text("\n".join(CLASSES))
     assert_same_cache(folder, cache(tmp_path, shard, "shard"))
     assert open_source(str(shard), test_fraction=0.25).held_out == 0.25
+    alone = write_shard(tmp_path / "t" / "cifar-test-000.tar", samples, CLASSES)
+    src = open_source(str(alone), test_fraction=0.25)  # a test shard alone: held out too
+    assert src.held_out == 0.25 and src.count("train") + src.count("test") == 14
 
 
 def test_patterns_name_the_same_shards(tmp_path, samples):
