@@ -31,7 +31,7 @@ install: venv
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	@$(PY) -m pip install -q -e ".[dev]"
 
-# porder's main job on built-in data (scikit-learn's handwritten digits).
+# porder's main job on built-in data (the 1,797 handwritten digits shipped with porder).
 demo: install
 	$(PY) -m porder reorder --measure mi --patch 8 --overwrite digits demo.h5
 	$(PY) -m porder inspect demo.h5

@@ -22,13 +22,25 @@ Accepted SOURCE forms (see :data:`SOURCE_HELP`)
   in :attr:`Batch.skipped`.
 * The Kaggle Dogs vs. Cats layout: images directly inside a folder, named
   ``<label>.<id>.<ext>`` (``cat.12.jpg`` is class ``cat``).
+* Hugging Face datasets as they ship (:mod:`.parquet`, needs pyarrow, the
+  extra ``[parquet]``): one ``.parquet`` file, a folder of
+  ``train-*.parquet``/``test-*.parquet`` files (also below ``data/``), or a
+  ``save_to_disk`` folder of Arrow files; an image column of ``{bytes, path}``
+  structs and a label column, with the ``ClassLabel`` names.
+* WebDataset shards (:mod:`.webdataset`, the standard library's ``tarfile``,
+  no extra): a ``.tar`` file, a folder of them, or a glob or brace pattern
+  (``shards/train-{000..009}.tar``); samples ``KEY.jpg``/``.png``/``.webp``
+  with ``KEY.cls``.
 * ``synthetic:N[:C]``: N generated images of C classes (default 10).
-* ``digits``: scikit-learn's 1797 8x8 handwritten digits (bundled, no download).
+* ``digits``: the 1797 8x8 handwritten digits of the UCI repository, as
+  scikit-learn ships them, shipped with porder (``data/digits.npz``; no
+  download, no scikit-learn).
 
 Splits
 ------
-Every source has the splits ``train`` and ``test``. CIFAR and image folders
-with ``train/`` and ``test/`` bring their own; every other source holds out a
+Every source has the splits ``train`` and ``test``. CIFAR, image folders
+with ``train/`` and ``test/``, and parquet files or shards named ``train``/``test``
+bring their own; every other source holds out a
 deterministic fraction ``test_fraction`` of its samples: the samples whose rank
 in ``np.random.default_rng(seed).permutation(n)`` is below
 ``round(test_fraction * n)`` form the test split; both splits keep the source
@@ -51,9 +63,11 @@ Layout: :mod:`.base` (Source, Batch, the held-out split, opening regular
 files), :mod:`.pillow` (decoding one file with Pillow, resizing: the leaf that
 threads, processes and the nvJPEG fallback share), :mod:`.decode` (the file
 source, decoding on threads or in the processes of :mod:`.procs`, or with
-:mod:`.gpu_decode`), one module per source kind (:mod:`.cifar` with its pickle
-reader :mod:`.pickles`, :mod:`.folders`, :mod:`.synthetic` with ``digits``),
-and :func:`open_source` here, which picks the kind.
+:mod:`.gpu_decode`; the source of images inside larger files), one module per
+source kind (:mod:`.cifar` with its pickle reader :mod:`.pickles`,
+:mod:`.folders`, :mod:`.parquet`, :mod:`.webdataset`, :mod:`.synthetic` with
+``digits``), and :func:`open_source` here, which picks the kind: a CIFAR folder,
+then a Hugging Face layout, then a folder of shards, then an image folder.
 """
 from __future__ import annotations
 
@@ -65,8 +79,10 @@ from .base import Batch, Source, SourceError, check_int, printable
 from .cifar import cifar_kind, is_archive, open_cifar_archive, open_cifar_folder
 from .decode import DECODER_CHOICES
 from .folders import open_folder
+from .parquet import hf_layout, open_table
 from .pillow import IMAGE_EXTENSIONS, RESAMPLE
 from .synthetic import DigitsSource, SyntheticSource, parse_synthetic
+from .webdataset import expand_pattern, is_pattern, looks_like_shard, open_shards, shard_folder
 
 __all__ = [
     "SOURCE_HELP",
@@ -90,12 +106,19 @@ SOURCE is one of:
   PATH/<class>/<image>                                image folder, one sub-folder per class
   PATH/train/<class>/..., PATH/test/<class>/...       image folder with its own test split
   PATH/<label>.<id>.<ext>                             flat folder, Kaggle Dogs vs. Cats (cat.12.jpg)
+  FILE.parquet, PATH/[data/]train-*.parquet           Hugging Face parquet: an image column
+                                                      ({bytes, path}) and a label (ClassLabel)
+  PATH (save_to_disk)                                 Hugging Face Arrow folder (Dataset or
+                                                      DatasetDict); both need patch-order[parquet]
+  SHARD.tar, PATH/*.tar, 'PATH/train-{000..009}.tar'  WebDataset shards: KEY.jpg|.png|.webp +
+                                                      KEY.cls; class names from classes.txt
   synthetic:N[:C]                                     N generated images of C classes (default 10)
-  digits                                              scikit-learn's 1797 8x8 handwritten digits
+  digits                                              the 1797 8x8 handwritten digits (built in)
 Images (.png .jpg .jpeg .bmp .gif .tif .tiff .webp) of any mode become RGB (alpha composited on
 black, 16-bit scaled to 8-bit, EXIF orientation applied) and are squashed, not cropped, to
-SIZE x SIZE with bicubic resampling. Sources without their own test split hold out a seeded
-random TEST_FRACTION of their samples as the test split."""
+SIZE x SIZE with bicubic resampling. Parquet files and shards whose names hold the word train
+or test are those splits (others, such as validation, are left out). Sources without their own
+test split hold out a seeded random TEST_FRACTION of their samples as the test split."""
 
 
 # --------------------------------------------------------------------------
@@ -116,7 +139,10 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
     Parameters
     ----------
     spec : str
-        A path (CIFAR folder or ``.tar.gz``, image folder, Kaggle flat folder),
+        A path (CIFAR folder or ``.tar.gz``, image folder, Kaggle flat folder,
+        ``.parquet`` file or folder, ``save_to_disk`` folder, WebDataset ``.tar``
+        shard or folder of shards), a pattern of shards or parquet files
+        (``shards/train-*.tar``, ``shards/train-{000..009}.tar``),
         ``"synthetic:N"``, ``"synthetic:N:C"`` or ``"digits"``; see :data:`SOURCE_HELP`.
         ``digits`` and ``synthetic:...`` win over a path of the same name
         (write ``./digits`` for the folder).
@@ -124,8 +150,9 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
         Side of the output images (>= 1); images are squashed to it with
         bicubic resampling.
     label : {'fine', 'coarse'}, optional
-        CIFAR-100 labels: the 100 classes or the 20 superclasses. ``'coarse'``
-        is an error for every other source.
+        CIFAR-100 labels: the 100 classes or the 20 superclasses (for parquet
+        and Arrow files, the column ``coarse_label``). ``'coarse'`` is an error
+        for every other source.
     test_fraction : float, optional
         Fraction of samples held out as the test split, 0 <= f < 1, for
         sources without their own test split (ignored by the others).
@@ -157,8 +184,9 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
     ------
     SourceError
         A missing path, an unknown form, a wrong layout or a bad option
-        (``decoder='nvjpeg'`` without torchvision, CuPy or a GPU); the
-        message is one line naming the file or option.
+        (``decoder='nvjpeg'`` without torchvision, CuPy or a GPU; parquet or
+        Arrow files without pyarrow: the message names the extra
+        ``patch-order[parquet]``); the message is one line naming the file or option.
     """
     spec_text = str(spec)
     size = check_int("size", size, 1)
@@ -192,22 +220,61 @@ def open_source(spec: str, *, size: int = 32, label: str = "fine", test_fraction
 
     path = Path(spec_text).expanduser()
     shown = printable(spec_text)
+    options = (size, test_fraction, seed, on_error, workers, decoder)
     try:
         if not path.exists():
+            if is_pattern(spec_text):
+                return _open_pattern(spec_text, label, options)
             raise SourceError(f"source '{shown}' does not exist; give a CIFAR folder or "
-                              f".tar.gz, an image folder, synthetic:N[:C] or digits")
+                              f".tar.gz, an image folder, Hugging Face parquet or Arrow files, "
+                              f"WebDataset .tar shards, synthetic:N[:C] or digits")
         if not path.is_dir():
-            if not is_archive(path):
-                raise SourceError(f"source '{shown}' is a file but not a CIFAR .tar.gz "
-                                  f"archive; give a folder of images or a CIFAR archive")
-            return open_cifar_archive(spec_text, path, label, size)
-        kind = cifar_kind({p.name for p in path.iterdir() if p.is_file()})
+            return _open_file(spec_text, path, label, options)
+        files = {p.name for p in path.iterdir() if p.is_file()}
+        kind = cifar_kind(files)
         if kind is not None:
             return open_cifar_folder(kind, spec_text, path, label, size)
+        layout = hf_layout(path, files)
+        if layout is not None:
+            return open_table(spec_text, path, *layout, size, label, *options[1:])
+        shards = shard_folder(path)
         if label != "fine":
-            raise SourceError(f"label='coarse' needs CIFAR-100, but '{spec_text}' is an "
-                              f"image folder; use label='fine'")
-        return open_folder(spec_text, path, size, test_fraction, seed, on_error, workers,
-                            decoder)
+            what = "an image folder" if shards is None else "a folder of WebDataset shards"
+            raise SourceError(f"label='coarse' needs CIFAR-100 (or a parquet coarse_label "
+                              f"column), but '{spec_text}' is {what}; use label='fine'")
+        if shards is not None:
+            return open_shards(spec_text, str(path), shards, *options)
+        return open_folder(spec_text, path, *options)
     except OSError as exc:  # unreadable folder or file, or not a regular file
         raise SourceError(f"cannot read source '{shown}': {one_line(exc)}") from None
+
+
+def _open_file(spec_text: str, path: Path, label: str, options: tuple) -> Source:
+    """A SOURCE that is one file: parquet, a WebDataset shard, or a CIFAR archive."""
+    layout = hf_layout(path, set())
+    if layout is not None:
+        return open_table(spec_text, path.parent, *layout, options[0], label, *options[1:])
+    shard = path.suffix.lower() == ".tar" and looks_like_shard(path)
+    if shard:
+        if label != "fine":
+            raise SourceError(f"label='coarse' needs CIFAR-100, but '{spec_text}' is a "
+                              f"WebDataset shard; use label='fine'")
+        return open_shards(spec_text, str(path.parent), [str(path)], *options)
+    if not is_archive(path):
+        raise SourceError(f"source '{printable(spec_text)}' is a file but not a CIFAR .tar.gz "
+                          f"archive, a .parquet file or a WebDataset .tar shard; give a "
+                          f"folder of images or one of those")
+    return open_cifar_archive(spec_text, path, label, options[0])
+
+
+def _open_pattern(spec_text: str, label: str, options: tuple) -> Source:
+    """A glob or brace pattern of WebDataset shards (or of parquet files)."""
+    root, paths = expand_pattern(spec_text)
+    if all(p.lower().endswith(".parquet") for p in paths):
+        files = [(p, os.path.relpath(p, root)) for p in paths]
+        return open_table(spec_text, Path(root), "parquet", files, options[0], label,
+                          *options[1:])
+    if label != "fine":
+        raise SourceError(f"label='coarse' needs CIFAR-100, but '{spec_text}' names "
+                          f"WebDataset shards; use label='fine'")
+    return open_shards(spec_text, root, paths, *options)

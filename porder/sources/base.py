@@ -22,7 +22,8 @@ from ..messages import printable, stored_name
 
 __all__ = [
     "SPLITS", "Batch", "NotRegularFile", "Source", "SourceError", "check_int", "holdout",
-    "natural_key", "open_regular", "printable", "stored_name",
+    "label_classes", "natural_key", "open_regular", "printable", "split_files", "split_of",
+    "stored_name",
 ]
 
 SPLITS = ("train", "test")
@@ -127,6 +128,84 @@ def holdout(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
+_SPLIT_WORD = re.compile(r"(?<![a-z])(train|test)(?![a-z])")
+
+
+def split_of(name: str) -> str | None:
+    """The split a data file's relative path names: ``'train'`` or ``'test'``, or None.
+
+    The word ``train`` or ``test`` not touching another letter, anywhere in the
+    path, in any case: ``train-00000-of-00002.parquet``, ``data/test-0.parquet``,
+    ``train/0000.parquet``, ``imagenet-train-000012.tar``; not ``training.tar``,
+    ``contest.tar`` or ``validation-0.parquet``. A name with both words is an error.
+    """
+    found = set(_SPLIT_WORD.findall(name.lower()))
+    if len(found) > 1:
+        raise SourceError(f"'{printable(name)}' names both train and test; rename it so "
+                          f"that its split is clear")
+    return found.pop() if found else None
+
+
+def split_files(files: list, names: list[str], where: str):
+    """The data files of each split, by :func:`split_of` of their ``names``.
+
+    Returns
+    -------
+    (dict, bool)
+        ``{'train': [...], 'test': [...]}`` and whether the files bring their own
+        test split. Files named for no split are left out when some name train
+        or test (``validation-*``); when none does, they all go to ``train`` (the
+        caller holds out a test split), as does a single file, whatever its
+        name. Files named test without any named train are an error.
+    """
+    if len(files) == 1:  # one file given alone: its name decides nothing
+        return {"train": list(files), "test": []}, False
+    by = {"train": [], "test": [], None: []}
+    for f, name in zip(files, names):
+        by[split_of(name)].append(f)
+    if not by["train"] and not by["test"]:
+        return {"train": by[None], "test": []}, False
+    if not by["train"]:
+        raise SourceError(f"'{where}' has test files but no train files; name the training "
+                          f"files train-... (or give them alone, and porder holds out a test "
+                          f"split)")
+    return {"train": by["train"], "test": by["test"]}, bool(by["test"])
+
+
+def label_classes(values, names: list[str] | None, samples: list[str],
+                  where: str) -> tuple[list[str], np.ndarray]:
+    """Class names and labels (N,) int64 from a dataset's label values.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        (N,) integer labels, or (N,) object array of strings.
+    names : list of str or None
+        The dataset's class names (a ClassLabel's names, ``classes.txt``): label
+        ``i`` is ``names[i]``, and every value must be an integer in
+        ``0..len(names) - 1``. None: the classes are the distinct values, sorted
+        (numbers as numbers), named by their text.
+    samples : list of str
+        The samples' names, for the message about a bad value.
+    where : str
+        The source, for messages.
+    """
+    values = np.asarray(values)
+    if names is not None:
+        if values.dtype.kind not in "iu":
+            raise SourceError(f"'{where}': labels are {values.dtype} but the dataset names "
+                              f"{len(names)} classes; expected integers 0..{len(names) - 1}")
+        bad = np.flatnonzero((values < 0) | (values >= len(names)))
+        if len(bad):
+            i = int(bad[0])
+            raise SourceError(f"'{where}': sample '{printable(samples[i])}' has label "
+                              f"{values[i]}, outside 0..{len(names) - 1} of its {len(names)} "
+                              f"class names ({len(bad)} such samples; an unlabelled split?)")
+        return [stored_name(n) for n in names], values.astype(np.int64)
+    distinct, labels = np.unique(values, return_inverse=True)  # sorted
+    return [stored_name(str(v)) for v in distinct.tolist()], labels.astype(np.int64).reshape(-1)
+
+
 class _WorkerThreads:
     """Decoding threads that never hold up an interrupt or the end of the process.
 
@@ -188,7 +267,8 @@ class Source:
     Attributes
     ----------
     kind : str
-        One of ``"cifar10", "cifar100", "folder", "kaggle", "synthetic", "digits"``.
+        One of ``"cifar10", "cifar100", "folder", "kaggle", "parquet", "arrow",
+        "webdataset", "synthetic", "digits"``.
     description : str
         The SOURCE string as given to :func:`open_source`.
     classes : list of str

@@ -30,6 +30,7 @@ decoded while the caller works on the current one.
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import Future
 
 import numpy as np
@@ -45,7 +46,13 @@ AUTO_PROCESSES_MIN = 4096
 
 class FileSource(Source):
     """Image files (class folders or Kaggle layout), decoded per batch by worker
-    threads or processes (``decoder``, see the module docstring)."""
+    threads or processes (``decoder``, see the module docstring).
+
+    ``files`` maps a split to (items, labels (N,) int64, names): the items are
+    the files' paths here; the sources of containers (:mod:`.parquet`,
+    :mod:`.webdataset`) put members of files or row numbers there and override
+    :meth:`_items` and :meth:`_shown`.
+    """
 
     def __init__(self, kind, description, classes, size, held_out, files, on_error,
                  workers, unlisted=None, decoder="auto"):
@@ -79,36 +86,48 @@ class FileSource(Source):
             return False
         return self._decoder == "processes" or files >= AUTO_PROCESSES_MIN
 
-    def _submit(self, split, lo, hi, processes=False) -> list[Future] | tuple[int, int]:
-        """Start decoding samples [lo, hi); the work is collected by :meth:`_collect`."""
+    def _items(self, split, lo, hi) -> list:
+        """What is decoded for samples [lo, hi): file paths here. A source of
+        containers overrides it (members of a file, or the bytes themselves; see
+        :func:`~porder.sources.pillow.decode_file`)."""
+        return self._files[split][0][lo:hi]
+
+    def _shown(self, split, i) -> str:
+        """Sample ``i`` of ``split`` as an error message names it: its path."""
+        return printable(self._files[split][0][i])
+
+    def _submit(self, split, lo, hi, processes=False) -> tuple[list, list[Future] | None]:
+        """Start decoding samples [lo, hi): (their items, the futures, or None to decode
+        them in :meth:`_collect`, with ``workers=1``)."""
+        items = self._items(split, lo, hi)
         if self._workers == 1:
-            return (lo, hi)  # decoded serially in _collect
-        paths = self._files[split][0][lo:hi]
+            return items, None
         # A few chunks per worker: low overhead, and the workers stay balanced.
-        step = max(1, math.ceil(len(paths) / (4 * self._workers)))
-        chunks = [paths[i:i + step] for i in range(0, len(paths), step)]
+        step = max(1, math.ceil(len(items) / (4 * self._workers)))
+        chunks = [items[i:i + step] for i in range(0, len(items), step)]
         if processes:
             if self._closed:
                 raise SourceError(f"source {self.description!r} is closed")
             if self._procs is None:
                 self._procs = DecodeProcesses(self._workers)
-            return [self._procs.submit(chunk, self.image_size) for chunk in chunks]
+            return items, [self._procs.submit(chunk, self.image_size) for chunk in chunks]
         pool = self._executor()
-        return [pool.submit(self._read_chunk, chunk, self.image_size) for chunk in chunks]
+        return items, [pool.submit(self._read_chunk, chunk, self.image_size) for chunk in chunks]
 
     @property
     def _read_chunk(self):
-        """What the threads run on a chunk of paths: Pillow's decode, or nvjpeg's file reads."""
+        """What the threads run on a chunk of items: Pillow's decode, or nvjpeg's file reads."""
         return decode_chunk if self._gpu is None else self._gpu.read_chunk
 
     def _collect(self, split, lo, hi, work) -> Batch:
-        paths, labels, names = self._files[split]
-        if isinstance(work, tuple):
-            results = self._read_chunk(paths[lo:hi], self.image_size)
+        _, labels, names = self._files[split]
+        items, futures = work
+        if futures is None:
+            results = self._read_chunk(items, self.image_size)
         else:
-            results = [r for future in work for r in future.result()]
+            results = [r for future in futures for r in future.result()]
         if self._gpu is not None:  # the JPEGs read, decoded on the GPU now
-            results = self._gpu.finish(results, paths[lo:hi], self.image_size)
+            results = self._gpu.finish(results, items, self.image_size)
         keep, skipped = [], []
         for j, (image, reason) in enumerate(results):
             if image is not None:
@@ -116,7 +135,7 @@ class FileSource(Source):
             elif self._on_error == "skip":
                 skipped.append((names[lo + j], reason))
             else:
-                raise SourceError(f"cannot decode image '{printable(paths[lo + j])}': "
+                raise SourceError(f"cannot decode image '{self._shown(split, lo + j)}': "
                                   f"{printable(reason)} (to leave bad images out: --on-error "
                                   f"skip, or on_error='skip' in Python)")
         if lo == 0:
@@ -150,7 +169,21 @@ class FileSource(Source):
                 batch = self._collect(split, *pending.pop(0))
                 yield batch
         finally:  # abandoned early or failed: drop what was prefetched
-            for _, _, work in pending:
-                if isinstance(work, list):
-                    for future in work:
-                        future.cancel()
+            for _, _, (_, futures) in pending:
+                for future in futures or ():
+                    future.cancel()
+
+
+class ContainerSource(FileSource):
+    """Samples stored inside larger files (parquet rows, WebDataset shard members),
+    decoded like image files; a message names a sample ``root/name``
+    (``/data/shards/train-000.tar/000017.jpg``)."""
+
+    def __init__(self, kind, description, classes, size, held_out, files, on_error,
+                 workers, decoder, root):
+        super().__init__(kind, description, classes, size, held_out, files, on_error,
+                         workers, decoder=decoder)
+        self._root = str(root)
+
+    def _shown(self, split, i):
+        return printable(os.path.join(self._root, self._files[split][2][i]))

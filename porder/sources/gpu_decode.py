@@ -5,7 +5,8 @@ its files batch by batch; batches come out as CuPy arrays on the GPU, ready for
 the kernels, with no host round trip in between:
 
 1. Host threads read each file's bytes (regular files only, through
-   :func:`~porder.sources.base.open_regular`, as Pillow's path does) and read
+   :func:`~porder.sources.pillow.read_item`, as Pillow's path does; a member of
+   a WebDataset shard or the bytes of a parquet row likewise) and read
    its JPEG header: the frame type, bit depth, components, size, and the EXIF
    orientation (:func:`_jpeg_plan`).
 2. ``torchvision.io.decode_jpeg(list, mode=RGB, device="cuda")`` decodes the
@@ -78,9 +79,9 @@ from typing import Sequence
 import numpy as np
 
 from ..messages import one_line
-from .base import SourceError, open_regular
+from .base import SourceError
 from .fastjpeg import header_segments
-from .pillow import decode_chunk
+from .pillow import decode_chunk, read_item
 
 #: torch device the images are decoded to; tests set ``"cpu"`` with a stand-in torchvision.
 _DEVICE = "cuda"
@@ -276,10 +277,9 @@ def read_chunk(paths: Sequence[str], size: int) -> list:
     that is not a JPEG nvJPEG is trusted with, or cannot be read).
     """
     out: list = []
-    for path in paths:
+    for path in paths:  # file paths, or the items of pillow.decode_file (tar members, bytes)
         try:
-            with open_regular(path) as handle:
-                data = bytearray(handle.read())
+            data = bytearray(read_item(path))
         except Exception:  # Pillow's path raises it again, with its own message
             data = None
         plan = _jpeg_plan(data) if data is not None else None

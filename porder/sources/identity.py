@@ -3,13 +3,20 @@
 
 Hashing is bounded: folders are identified by their listing (relative names
 and sizes), archives by their bytes (past :data:`DIGEST_ALL`, by 64 spread
-samples and the size).
+samples and the size). The same rule holds for the formats of datasets: a
+``.parquet`` file or a WebDataset ``.tar`` shard given alone is a file (its
+bytes); a parquet, ``save_to_disk`` or shard folder is a folder (its
+listing); a pattern of shards (``shards/train-*.tar``) is the listing of the
+files it names, relative to the folder above them.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+
+from .base import SourceError
+from .webdataset import expand_pattern, is_pattern
 
 DIGEST_ALL = 2**30   # archives up to this size are hashed whole; larger ones in samples
 _SAMPLE = 2**20
@@ -47,6 +54,13 @@ def source_identity(source: str) -> dict:
     """
     path = Path(source)
     named = source == "digits" or source.startswith("synthetic:") or not path.exists()
+    if named and not source.startswith("synthetic:") and is_pattern(source):
+        try:
+            root, paths = expand_pattern(source)
+        except SourceError:  # names nothing (now): identified by its text alone
+            paths = []
+        if paths:
+            return _pattern_identity(root, paths)
     if named:
         return {"source_files": 0, "source_bytes": 0, "source_digest": "",
                 "source_state": ""}
@@ -82,4 +96,25 @@ def source_identity(source: str) -> dict:
         listing.update(f"!{os.path.relpath(e.filename or '', path)}\n".encode(
             "utf-8", "surrogateescape"))
     return {"source_files": files, "source_bytes": total, "source_digest": listing.hexdigest(),
+            "source_state": state.hexdigest() + listing.hexdigest()[:8]}
+
+
+def _pattern_identity(root: str, paths: list[str]) -> dict:
+    """The identity of the files a pattern names: a folder's rule over just those files
+    (their names relative to ``root``, in the pattern's order, and sizes)."""
+    listing, state = hashlib.sha256(), hashlib.sha256()
+    total = 0
+    for p in paths:
+        rel = os.path.relpath(p, root)
+        try:
+            st = os.stat(p)
+        except OSError:
+            listing.update(f"!{rel}\n".encode("utf-8", "surrogateescape"))
+            continue
+        line = f"{rel}\0{st.st_size}".encode("utf-8", "surrogateescape")
+        listing.update(line + b"\n")
+        state.update(line + f"\0{st.st_mtime_ns}\n".encode())
+        total += st.st_size
+    return {"source_files": len(paths), "source_bytes": total,
+            "source_digest": listing.hexdigest(),
             "source_state": state.hexdigest() + listing.hexdigest()[:8]}

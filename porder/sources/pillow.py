@@ -36,11 +36,14 @@ Image conversion (one rule for every file)
   raises :class:`~porder.sources.SourceError` under ``on_error="fail"``; under
   ``on_error="skip"`` it is left out of its batch and listed in
   :attr:`~porder.sources.Batch.skipped`.
+* An image stored inside a larger file (a member of a WebDataset ``.tar``
+  shard, the bytes of a Hugging Face ``image`` column) follows the same rule,
+  from its bytes: see :func:`decode_file`'s items.
 """
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -92,12 +95,70 @@ def _open_image(handle) -> Image.Image:
         raise UnidentifiedImageError("cannot identify image file") from None
 
 
-def decode_file(path: str, size: int) -> np.ndarray:
-    """Read one image file as (size, size, 3) uint8; raises whatever Pillow raises.
+class Member(NamedTuple):
+    """An image stored inside a larger file: ``size`` bytes at ``offset`` of ``path``
+    (a member of a WebDataset shard, located when the shard was listed)."""
+
+    path: str
+    offset: int
+    size: int
+
+
+class Missing(NamedTuple):
+    """A sample with no image to decode; ``reason`` says why. It is skipped or
+    raised (``on_error``) like an image Pillow cannot decode."""
+
+    reason: str
+
+
+#: What a decoder is given for one sample: a file's path, a :class:`Member` of a
+#: file, the image's encoded bytes, or :class:`Missing`. Each is small to send to
+#: a decoding process (a path or a member is read there).
+Item = Union[str, Member, bytes, Missing]
+
+
+def read_member(member: Member) -> bytes:
+    """The bytes of a :class:`Member`, from a regular file; an OSError if they are
+    not all there (the file was cut or changed since it was listed)."""
+    with open_regular(member.path) as handle:
+        handle.seek(member.offset)
+        data = handle.read(member.size)
+    if len(data) != member.size:
+        raise OSError(f"the file ends {member.size - len(data):,} bytes into this image "
+                      f"(cut or changed since it was listed)")
+    return data
+
+
+def read_item(item: Item) -> bytes:
+    """The encoded bytes of an item (a whole file, a member, or the bytes themselves).
+
+    Raises
+    ------
+    OSError
+        The file cannot be read, or is not a regular file.
+    ValueError
+        ``item`` is :class:`Missing`.
+    """
+    if isinstance(item, Missing):
+        raise ValueError(item.reason)
+    if isinstance(item, Member):
+        return read_member(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    with open_regular(item) as handle:
+        return handle.read()
+
+
+def decode_file(path: Item, size: int) -> np.ndarray:
+    """Read one image (an :data:`Item`: a file's path, usually) as (size, size, 3)
+    uint8; raises whatever Pillow raises.
 
     Only a regular file is opened (:func:`~porder.sources.base.open_regular`): a
     FIFO, device or dangling link named like an image is a bad image, never waited on.
+    A :class:`Member`, bytes or :class:`Missing` go through :func:`decode_bytes`.
     """
+    if not isinstance(path, str):
+        return decode_bytes(read_item(path), size)
     with open_regular(path) as handle:
         head = handle.read(3)
         if head == b"\xff\xd8\xff":  # a JPEG: the common ones skip Pillow's Python parsing
@@ -110,6 +171,15 @@ def decode_file(path: str, size: int) -> np.ndarray:
             handle.seek(0)
             source = handle
         return decode_pillow(source, size)
+
+
+def decode_bytes(data: bytes, size: int) -> np.ndarray:
+    """:func:`decode_file` of an image held in memory: the same rule, the same pixels."""
+    if data[:3] == b"\xff\xd8\xff":
+        image = fastjpeg.decode(data, size, RESAMPLE)
+        if image is not None:
+            return image
+    return decode_pillow(io.BytesIO(data), size)
 
 
 def decode_pillow(source, size: int) -> np.ndarray:
@@ -126,8 +196,9 @@ def decode_pillow(source, size: int) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8).reshape(size, size, 3)
 
 
-def decode_chunk(paths: Sequence[str], size: int) -> list[tuple[np.ndarray | None, str]]:
-    """Decode several files; each result is (image (size, size, 3) uint8, "") or (None, reason)."""
+def decode_chunk(paths: Sequence[Item], size: int) -> list[tuple[np.ndarray | None, str]]:
+    """Decode several files (items); each result is (image (size, size, 3) uint8, "") or
+    (None, reason)."""
     out: list[tuple[np.ndarray | None, str]] = []
     for path in paths:
         try:

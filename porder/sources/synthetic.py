@@ -1,6 +1,8 @@
 """Generated sources: ``synthetic:N[:C]`` (seeded, learnable images) and ``digits``
-(scikit-learn's 8x8 handwritten digits); both hold out a seeded test split."""
+(the 8x8 handwritten digits shipped with porder); both hold out a seeded test split."""
 from __future__ import annotations
+
+from importlib import resources
 
 import numpy as np
 
@@ -154,18 +156,33 @@ class SyntheticSource(Source):
         return Batch(images, labels, [f"synthetic#{i}" for i in idx])
 
 
+#: The ``digits`` data, shipped in the package: scikit-learn's copy of the UCI handwritten
+#: digits (provenance and licence: ``data/DIGITS-NOTICE.txt``; built by
+#: ``tools/make_digits_data.py``).
+DIGITS_DATA = "data/digits.npz"
+
+
+def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """The shipped digits: images (1797, 8, 8) uint8 in 0..16, digits (1797,) uint8.
+
+    Equal to ``sklearn.datasets.load_digits()``'s ``images`` and ``target``
+    (``tests/sources/test_digits_data.py``), without scikit-learn.
+    """
+    with resources.files(__package__).joinpath(DIGITS_DATA).open("rb") as handle, \
+            np.load(handle, allow_pickle=False) as data:
+        return data["images"], data["target"]
+
+
 class DigitsSource(Source):
-    """scikit-learn's 8x8 digits, grey 0..16 scaled to 0..255, held-out test split."""
+    """The 1797 8x8 handwritten digits, grey 0..16 scaled to 0..255, held-out test split."""
 
     def __init__(self, description, size, test_fraction, seed):
-        from sklearn.datasets import load_digits  # slow import; only when used
-
-        digits = load_digits()
+        images, target = load_digits_data()
         super().__init__("digits", description, [str(c) for c in range(10)], size,
                          test_fraction)
-        grey = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+        grey = np.rint(images.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
         self._grey = grey[..., None]  # (1797, 8, 8, 1)
-        self._labels = digits.target.astype(np.int64)  # (1797,)
+        self._labels = target.astype(np.int64)  # (1797,)
         train, test = holdout(len(grey), test_fraction, seed)
         self._index = {"train": train, "test": test}
 
