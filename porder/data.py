@@ -27,6 +27,14 @@ end the pipeline with :class:`Normalize` (``Normalize.from_file(path)``) to get
 exactly ``output='float'``'s numbers after them. With ``output='float'`` the
 transform sees the normalised float32 tensor (the model's input): for
 geometric transforms (flips, crops) that do not care about the pixel scale.
+:class:`porder.transforms.PatchOrder` reorders images on the fly, exactly as a
+cache stores them. Under the ``spawn`` and ``forkserver`` start methods
+(macOS, Windows, Linux from Python 3.14) a ``DataLoader`` pickles the Dataset
+with its transforms: give module-level functions or objects, not lambdas.
+
+``BatchLoader(..., rank=, world_size=)`` splits every batch over the processes
+of data-parallel training (the ranks of ``torch.distributed`` by default): each
+rank gets a disjoint share of each batch, in the same epoch order.
 
 Every row a reader reads is checked: the labels of a split when a
 ``PorderDataset`` is made (all of them are read then), a ``perm`` row when

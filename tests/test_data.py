@@ -479,9 +479,14 @@ def test_ranks_share_every_batch_exactly_once(cache, buffer, world_size, batch_s
               drop_last=drop_last)
     single = BatchLoader(path, **kw)
     ranks = [BatchLoader(path, rank=r, world_size=world_size, **kw) for r in range(world_size)]
+    x, _ = dataset_tensors(path, output="uint8")
+    by_key = {row_key(x[i].numpy()): i for i in range(len(x))}
     for _epoch in range(2):                       # same epoch order for every rank, each epoch
         whole_batches = list(single)
         shares = [list(loader) for loader in ranks]
+        seen = sorted(by_key[row_key(img.numpy())] for s in shares for xb, _ in s for img in xb)
+        covered = len(single) * batch_size if drop_last else 40
+        assert len(seen) == covered and len(set(seen)) == covered     # each image at most once
         assert all(len(s) == len(whole_batches) == len(single) for s in shares)
         for j, (xb, yb) in enumerate(whole_batches):
             parts = [s[j] for s in shares]
