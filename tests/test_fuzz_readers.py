@@ -21,7 +21,7 @@ from .conftest import REPO
 
 CASES = 30            # 3 of each of 10 kinds (labels and perm values weighted up)
 SECONDS = 20.0        # per reader call: generous bounded time on a loaded machine
-READERS = 13          # per case: 4 dataset, 8 loader, 1 patchorder
+READERS = 9           # per case: 4 dataset, 4 loader, 1 patchorder
 MAX_RSS_GIB = 2.0
 
 
