@@ -12,6 +12,37 @@ per image) and held on the device, or streamed through a bounded shuffle
 buffer. It is the fast path; the Dataset is the flexible one (transforms,
 samplers, any DataLoader).
 
+What ``ds[i]`` does, in this order (the one documented order)::
+
+    stored uint8 (S, S, 3) -- restore=True: the original, through perm row i (checked)
+      -> uint8 tensor (3, S, S), CHW                 output='uint8' (default)
+      -> output='float': ds.normalize, float32       (a porder.data.Normalize)
+      -> transform(image)
+    label i (checked against the classes when the Dataset is made) -> target_transform(label)
+
+With the default ``output='uint8'`` the transform sees the stored image as a
+uint8 CHW tensor, as torchvision datasets hand over theirs, so photometric
+transforms (colour jitter, equalise, posterize, ...) work on real pixel values;
+end the pipeline with :class:`Normalize` (``Normalize.from_file(path)``) to get
+exactly ``output='float'``'s numbers after them. With ``output='float'`` the
+transform sees the normalised float32 tensor (the model's input): for
+geometric transforms (flips, crops) that do not care about the pixel scale.
+:class:`porder.transforms.PatchOrder` reorders images on the fly, exactly as a
+cache stores them. Under the ``spawn`` and ``forkserver`` start methods
+(macOS, Windows, Linux from Python 3.14) a ``DataLoader`` pickles the Dataset
+with its transforms: give module-level functions or objects, not lambdas.
+
+``BatchLoader(..., rank=, world_size=)`` splits every batch over the processes
+of data-parallel training (the ranks of ``torch.distributed`` by default): each
+rank gets a disjoint share of each batch, in the same epoch order.
+
+Every row a reader reads is checked: the labels of a split when a
+``PorderDataset`` is made (all of them are read then), a ``perm`` row when
+``ds[i]`` restores an image with it, and every chunk the ``BatchLoader`` reads,
+either way (:func:`porder.validate.check_rows`): a label outside the classes or
+a ``perm`` row that is not a permutation is a :class:`~porder.store.StoreError`
+naming the file, the split and the row, never a wrong image.
+
 Normalisation (``output="float"``) is exactly ``porder train``'s: per-channel
 mean and standard deviation of the file's *training* images, all pixels of
 all images, computed in float64 (:func:`channel_stats`), ``std =
@@ -42,7 +73,8 @@ import torch
 
 from .backend import DEVICES, resolve_device
 from .patches import restore_images
-from .store import SPLITS, StoreError, iter_split, open_file, read_meta
+from .store import SPLITS, StoreError, iter_split, open_file, read_labels, read_meta
+from .validate import check_perm_row, check_rows, reading, whole
 
 OUTPUTS = ("uint8", "float")
 VAR_FLOOR = 1e-6      # std = sqrt(max(var, VAR_FLOOR)), as porder train
@@ -130,12 +162,83 @@ def _stats(path, mean, std) -> tuple[np.ndarray, np.ndarray]:
                          "to use the file's training statistics")
     if mean is None:
         return channel_stats(path)
-    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
-    std = np.asarray(std, dtype=np.float64).reshape(-1)
-    if mean.shape != (3,) or std.shape != (3,) or not (std > 0).all():
+    return _mean_std(mean, std)
+
+
+def _mean_std(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """``mean``, ``std`` as float64 (3,) each, std > 0 and both finite; ValueError otherwise."""
+    try:
+        mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        std = np.asarray(std, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"mean and std must be 3 numbers each (R, G, B); got mean={mean!r}, "
+                         f"std={std!r}") from None
+    if mean.shape != (3,) or std.shape != (3,) or not (std > 0).all() \
+            or not np.isfinite(mean).all() or not np.isfinite(std).all():
         raise ValueError(f"mean and std must be 3 values each (R, G, B), std > 0; got "
                          f"mean={mean.tolist()}, std={std.tolist()}")
     return mean, std
+
+
+class Normalize:
+    """``(x - mean) / std`` per channel, in float32, on the 0..255 scale: the
+    normalisation of ``output='float'`` and ``porder train``, as a transform.
+
+    A picklable callable for the end of a ``transforms.Compose``: after
+    photometric transforms on the uint8 image it gives exactly the numbers
+    ``output='float'`` gives (bit for bit, when the transforms change nothing).
+
+    Parameters
+    ----------
+    mean, std : sequence of 3 floats
+        R, G, B on the 0..255 scale, std > 0 (e.g. :func:`channel_stats`).
+
+    Notes
+    -----
+    Takes a tensor (3, H, W) or (N, 3, H, W), uint8 or real, on any device;
+    returns float32 ``(x.float() - mean) / std``. :meth:`from_file` uses a
+    file's training statistics, as ``output='float'`` does.
+    """
+
+    def __init__(self, mean, std):
+        mean, std = _mean_std(mean, std)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self._tensors = {}           # device -> (mean, std) float32 (3, 1, 1)
+
+    @classmethod
+    def from_file(cls, path) -> Normalize:
+        """The normalisation ``output='float'`` uses for a porder file (its training images)."""
+        return cls(*channel_stats(path))
+
+    def __call__(self, x):
+        if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4) or x.shape[-3] != 3:
+            what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Normalize takes a tensor (3, H, W) or (N, 3, H, W), got {what}")
+        if x.is_complex() or x.dtype == torch.bool:
+            raise ValueError(f"Normalize takes real images, got dtype {x.dtype}")
+        return self.apply(x)
+
+    def apply(self, x):
+        """:meth:`__call__` without its checks of ``x`` (the Dataset's own images)."""
+        t = self._tensors.get(x.device)
+        if t is None:
+            t = self._tensors[x.device] = tuple(
+                torch.tensor(v, dtype=torch.float32, device=x.device).view(3, 1, 1)
+                for v in (self.mean, self.std))
+        return (x.float() - t[0]) / t[1]
+
+    def __getstate__(self):
+        return {"mean": self.mean, "std": self.std}
+
+    def __setstate__(self, state):
+        self.__init__(state["mean"], state["std"])
+
+    def __repr__(self) -> str:
+        def fmt(v):
+            return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+        return f"Normalize(mean={fmt(self.mean)}, std={fmt(self.std)})"
 
 
 def _check(split: str, output: str) -> None:
@@ -166,7 +269,12 @@ class PorderDataset(torch.utils.data.Dataset):
         'float': float32 (3, S, S) normalised exactly as ``porder train`` does
         (see the module docstring and :func:`channel_stats`).
     transform : callable, optional
-        Applied to the image tensor last (after normalisation).
+        Applied to the image tensor of ``output`` (after normalisation for
+        'float'); see the module docstring for the order. For photometric
+        transforms keep ``output='uint8'`` and end them with
+        :class:`Normalize`.
+    target_transform : callable, optional
+        Applied to the label (an int), as torchvision datasets do.
     restore : bool
         Return the original images, recovered through the stored ``perm``,
         instead of the reordered ones.
@@ -179,12 +287,25 @@ class PorderDataset(torch.utils.data.Dataset):
     classes : list of str
         Class names, index = label.
     class_to_idx : dict
+    targets : list of int
+        The label of every image, as torchvision datasets have it (read once,
+        with :attr:`labels`).
     labels : int64 array (N,)
         Every label of the split (read once; images are read on demand).
     options : dict
         The file's root attributes (measure, patch, bins, image_size, ...).
     mean, std : float64 arrays (3,) or None
         The normalisation used (None for ``output='uint8'``).
+    normalize : Normalize or None
+        That normalisation as a transform (None for ``output='uint8'``).
+
+    Raises
+    ------
+    StoreError (a ValueError)
+        A missing or damaged file, a split it lacks, or a label outside the
+        classes (when made); a ``perm`` row that is not a permutation when
+        ``ds[i]`` restores with it, or an image HDF5 cannot read: one line
+        naming the file (and the split and row).
 
     Notes
     -----
@@ -196,25 +317,26 @@ class PorderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path, split: str = "train", *, output: str = "uint8", transform=None,
-                 restore: bool = False, mean=None, std=None):
+                 target_transform=None, restore: bool = False, mean=None, std=None):
         _check(split, output)
         meta = _read_meta(path, split)
         self.path = Path(path)
         self.split = split
         self.output = output
         self.transform = transform
+        self.target_transform = target_transform
         self.restore = bool(restore)
         self.classes = list(meta["classes"])
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.options = {k: v for k, v in meta.items() if k not in ("classes", "splits", "skipped")}
         self.patch = int(meta["patch"])
-        with open_file(self.path) as f:
-            self.labels = f[split]["labels"][()].astype(np.int64)     # (N,)
-        self.mean = self.std = None
+        self._k = (int(meta["image_size"]) // self.patch) ** 2
+        self.labels = read_labels(self.path, split)                  # (N,) int64, checked
+        self.targets = self.labels.tolist()
+        self.mean = self.std = self.normalize = None
         if output == "float":
             self.mean, self.std = _stats(self.path, mean, std)
-            self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-            self._std_t = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+            self.normalize = Normalize(self.mean, self.std)
         self._h5 = self._images = self._perm = self._pid = None
 
     def __len__(self) -> int:
@@ -236,15 +358,24 @@ class PorderDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} is out of range for a split of {n} images")
         if self._pid != os.getpid():
             self._open()
-        img = self._images[i]                                       # (S, S, 3) uint8
+        try:
+            img = self._images[i]                                   # (S, S, 3) uint8
+            perm = self._perm[i] if self.restore else None          # (K,)
+        except Exception:
+            with reading(self.path):     # what HDF5 raised, as one StoreError naming the file
+                raise
         if self.restore:
-            img = restore_images(img[None], self._perm[i][None], self.patch)[0]
+            check_perm_row(self.path, self.split, i, perm, k=self._k)
+            img = restore_images(img[None], perm[None], self.patch)[0]
         x = torch.from_numpy(img).permute(2, 0, 1).contiguous()    # (3, S, S) uint8
-        if self.output == "float":
-            x = (x.float() - self._mean_t) / self._std_t
+        if self.normalize is not None:
+            x = self.normalize.apply(x)
         if self.transform is not None:
             x = self.transform(x)
-        return x, int(self.labels[i])
+        y = self.targets[i]
+        if self.target_transform is not None:
+            y = self.target_transform(y)
+        return x, y
 
     def close(self) -> None:
         """Close this process's file handle (reopened on the next access)."""
@@ -341,6 +472,22 @@ class BatchLoader:
         thread.
     mean, std : sequence of 3 floats, optional
         Normalisation (0..255 scale); default the file's training statistics.
+    rank, world_size : int, optional
+        Data-parallel training (DDP): this process is ``rank`` of
+        ``world_size``. ``batch_size`` is then the *global* batch, as in
+        ``porder train``: every rank runs the same epoch order and the same
+        batches, and yields its share of each, rows ``shard_range(B, (rank,
+        world_size))`` of a batch of B images (:func:`porder.pipeline.shard_range`:
+        ``[rank * B // world_size, (rank + 1) * B // world_size)``). The shares
+        are disjoint and, concatenated in rank order, are the single-process
+        batch; with ``batch_size`` a multiple of ``world_size`` they are exactly
+        ``porder train``'s (``batch_indices(..., rank=, world_size=)``). Every
+        rank yields ``len(loader)`` batches (DDP needs equal step counts); with
+        ``drop_last=False`` the last, smaller batch may give a rank fewer
+        images, or none when it has fewer than ``world_size``. Each rank reads
+        the whole split (buffer=None: holds it on its device). Default: the
+        process group's rank and size when ``torch.distributed`` is
+        initialised, else 0 of 1; pass both or neither.
 
     Attributes
     ----------
@@ -348,33 +495,46 @@ class BatchLoader:
     n : int
         Images in the split (``len(loader)`` is the number of batches).
     device : torch.device
+    rank, world_size : int
+
+    Raises
+    ------
+    ValueError
+        An argument out of its range, or a number that is not an integer
+        (``batch_size=1.5``, ``buffer=True``: one line naming it).
+    StoreError (a ValueError)
+        A missing or damaged file, a split it lacks; while iterating, a label
+        outside the classes or a ``perm`` row that is not a permutation in
+        the rows read (naming the file, split and row).
     """
 
     def __init__(self, path, split: str = "train", batch_size: int = 256, *, device="cpu",
                  output: str = "float", shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, restore: bool = False, buffer: int | None = None,
-                 mean=None, std=None):
+                 mean=None, std=None, rank: int | None = None, world_size: int | None = None):
         _check(split, output)
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if buffer is not None and int(buffer) < 1:
-            raise ValueError(f"buffer must be at least 1 image (or None for the whole split), "
-                             f"got {buffer}")
+        batch_size = whole("batch_size", batch_size, lo=1)
+        if buffer is not None:
+            buffer = whole("buffer", buffer, lo=1,
+                           hint=" image (or None for the whole split)")
+        self.seed = whole("seed", seed, lo=0)
+        self.rank, self.world_size = _ranks(rank, world_size)
         meta = _read_meta(path, split)
         self.path = Path(path)
         self.split = split
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
         self.device = _loader_device(device)
         self.output = output
         self.shuffle = bool(shuffle)
-        self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.restore = bool(restore)
-        self.buffer = None if buffer is None else int(buffer)
+        self.buffer = buffer
         self.classes = list(meta["classes"])
         self.options = {k: v for k, v in meta.items() if k not in ("classes", "splits", "skipped")}
         self.patch = int(meta["patch"])
         self.size = int(meta["image_size"])
+        self._k = (self.size // self.patch) ** 2
+        self._classes = len(self.classes)
         self.n = int(meta["splits"][split])
         self.epoch = 0
         self.mean = self.std = None
@@ -392,7 +552,15 @@ class BatchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration runs (its shuffle order)."""
-        self.epoch = int(epoch)
+        self.epoch = whole("epoch", epoch, lo=0)
+
+    def _share(self, count: int) -> tuple[int, int]:
+        """This rank's rows [a, b) of a batch of ``count`` images."""
+        if self.world_size == 1:
+            return 0, count
+        from .pipeline import shard_range
+
+        return shard_range(count, (self.rank, self.world_size))
 
     def _host(self, images: np.ndarray, perm) -> np.ndarray:
         return restore_images(images, perm, self.patch) if self.restore else images
@@ -437,8 +605,9 @@ class BatchLoader:
         self._load_all()
         order = epoch_order(self.n, self.seed, epoch).to(self.device) if self.shuffle else None
         b = self.batch_size
-        for lo in range(0, len(self) * b, b):
-            hi = min(lo + b, self.n)
+        for start in range(0, len(self) * b, b):
+            a, z = self._share(min(start + b, self.n) - start)
+            lo, hi = start + a, start + z                           # this rank's rows
             if order is None:
                 x, y = self._x[lo:hi], self._y[lo:hi]
             else:
@@ -472,23 +641,46 @@ class BatchLoader:
                     x, y = torch.cat([left_x, x]), torch.cat([left_y, y])
                 full = len(y) - len(y) % self.batch_size
                 for lo in range(0, full, self.batch_size):
-                    yield (self._convert(x[lo:lo + self.batch_size]),
-                           y[lo:lo + self.batch_size])
+                    a, z = self._share(self.batch_size)
+                    yield self._convert(x[lo + a:lo + z]), y[lo + a:lo + z]
                 left_x, left_y = x[full:], y[full:]
             if left_y is not None and len(left_y) and not self.drop_last:
-                yield self._convert(left_x), left_y
+                a, z = self._share(len(left_y))
+                yield self._convert(left_x[a:z]), left_y[a:z]
 
     def _read_window(self, g, window) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and labels of a window's blocks ``[(lo, hi), ...]`` of split group ``g``, on the device."""
         imgs, labels = [], []
         for lo, hi in window:
-            perm = g["perm"][lo:hi] if self.restore else None
-            imgs.append(self._host(g["images"][lo:hi], perm))
-            labels.append(g["labels"][lo:hi].astype(np.int64))
+            with reading(self.path):
+                perm = g["perm"][lo:hi] if self.restore else None           # (m, K)
+                images = g["images"][lo:hi]                                  # (m, S, S, 3)
+                labels.append(g["labels"][lo:hi].astype(np.int64))           # (m,)
+            check_rows(self.path, self.split, lo, labels[-1], perm, classes=self._classes,
+                       k=self._k)
+            imgs.append(self._host(images, perm))
         return (self._to_device(np.concatenate(imgs)),
                 self._to_device(np.concatenate(labels)))
 
     def __repr__(self) -> str:
+        ranks = f", rank={self.rank} of {self.world_size}" if self.world_size > 1 else ""
         return (f"BatchLoader('{self.path}', split={self.split!r}, batch_size={self.batch_size}, "
-                f"device={str(self.device)!r}, output={self.output!r}, shuffle={self.shuffle}, "
-                f"{self.n} images, {len(self)} batches per epoch)")
+                f"device={str(self.device)!r}, output={self.output!r}, shuffle={self.shuffle}"
+                f"{ranks}, {self.n} images, {len(self)} batches per epoch)")
+
+
+def _ranks(rank, world_size) -> tuple[int, int]:
+    """(rank, world_size): as given (both), torch.distributed's when initialised, or (0, 1)."""
+    if rank is None and world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError("pass both rank= and world_size=, or neither (then torch.distributed's"
+                         " own when its process group is initialised, else 0 of 1)")
+    world_size = whole("world_size", world_size, lo=1)
+    rank = whole("rank", rank, lo=0)
+    if rank >= world_size:
+        raise ValueError(f"rank={rank} must be below world_size={world_size}")
+    return rank, world_size

@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .validate import SPLITS, StoreError, check_file, check_rows, open_hdf5, reading
+from .validate import SPLITS, StoreError, check_file, check_rows, open_hdf5, reading, whole
 
 SKIPPED_SHOWN = 10_000  # skipped names describe() lists per split
 
@@ -112,6 +112,8 @@ def read_split(path, split: str = "train", *, start: int = 0, stop: int | None =
     """
     if split not in SPLITS:
         raise StoreError(f"'{path}' has no split {split!r}; choose one of {list(SPLITS)}")
+    start = whole("start", start)
+    stop = None if stop is None else whole("stop", stop)
     f, layout = open_checked(path)
     with f, reading(path):
         g = f[split]
@@ -136,16 +138,17 @@ def iter_split(path, split: str = "train", *, rows: int = 4096, start: int = 0,
     when ``perm`` and ``names`` only when ``names``. Memory is bounded by one
     chunk.
     """
-    if rows < 1:
-        raise ValueError(f"rows must be at least 1, got {rows}")
+    rows = whole("rows", rows, lo=1)
+    start = whole("start", start, lo=0)
+    stop = None if stop is None else whole("stop", stop, lo=0)
     if split not in SPLITS:
         raise StoreError(f"'{path}' has no split {split!r}; choose one of {list(SPLITS)}")
     f, layout = open_checked(path)
     with f:
         g = f[split]
         n = layout.rows[split]
-        stop = n if stop is None else min(int(stop), n)
-        for lo in range(int(start), stop, rows):
+        stop = n if stop is None else min(stop, n)
+        for lo in range(start, stop, rows):
             hi = min(lo + rows, stop)
             with reading(path):
                 chunk = {"images": g["images"][lo:hi],                       # (m, S, S, 3) uint8

@@ -20,6 +20,7 @@ Refused, because they make HDF5 read outside the file (or loop):
 """
 from __future__ import annotations
 
+import operator
 import os
 import stat
 from contextlib import contextmanager
@@ -410,6 +411,41 @@ def check_rows(path, split: str, start: int, labels=None, perm=None, *, classes:
             if bad.size:
                 raise StoreError(f"'{path}': /{split}/perm row {start + lo + int(bad[0])} is "
                                  f"not a permutation of 0..{k - 1} (the file is damaged)")
+
+
+def check_perm_row(path, split: str, row: int, perm, *, k: int) -> None:
+    """:func:`check_rows` for one ``perm`` row (K,), about 4x faster: the per-item
+    check of lazy readers (:class:`porder.data.PorderDataset`).
+
+    K values whose sorted order starts at 0, ends at K-1 and never repeats are
+    exactly a permutation of 0..K-1.
+
+    Raises
+    ------
+    StoreError
+        The message of :func:`check_rows`, naming the file, the split and ``row``.
+    """
+    s = np.sort(perm)                                                     # (K,)
+    if s.shape != (k,) or s[0] != 0 or s[-1] != k - 1 or (s[1:] == s[:-1]).any():
+        raise StoreError(f"'{path}': /{split}/perm row {row} is not a permutation of "
+                         f"0..{k - 1} (the file is damaged)")
+
+
+def whole(name: str, value, *, lo: int | None = None, hint: str = "") -> int:
+    """An integer argument of a reader, as an int; ValueError (one line) for a bool,
+    a float such as 1.5 or anything else that is not an integer, or a value below ``lo``.
+
+    ``hint`` ends the message for a value below ``lo``.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be at least {lo}{hint}, got {v}")
+    return v
 
 
 def check_contents(f: h5py.File, layout: Layout, split: str) -> None:

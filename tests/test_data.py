@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 
@@ -402,3 +404,261 @@ def test_loader_on_cuda(cache):
                                 output="uint8", restore=True))
     idx = batch_indices(0, 40, 8, 3)
     assert torch.equal(shuffled[0][0].cpu(), chw(originals["train"])[idx])
+
+
+# ------------------------------------------------------------------ torchvision conventions
+def test_targets_classes_and_target_transform(cache):
+    path, _ = cache
+    want = read_split(path, "train")["labels"].tolist()
+    ds = PorderDataset(path, target_transform=_one_hot_of_4)
+    assert ds.targets == want and all(type(t) is int for t in ds.targets)
+    assert ds.classes == CLASSES and ds.class_to_idx == {c: i for i, c in enumerate(CLASSES)}
+    x, y = ds[3]
+    assert torch.equal(y, _one_hot_of_4(want[3])) and x.dtype == torch.uint8
+    # a plain int without target_transform, as before
+    assert PorderDataset(path)[3][1] == want[3]
+    pickle.loads(pickle.dumps(ds))                 # a module-level target_transform travels
+
+
+def _one_hot_of_4(label: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(label), 4)
+
+
+def _record_dtype(x):
+    """A transform that says what it was given (a photometric step would see this)."""
+    assert x.dtype == torch.uint8 and x.shape == (3, 16, 16), (x.dtype, x.shape)
+    return 255 - x                                 # a photometric transform: invert
+
+
+class _Compose:
+    """torchvision.transforms.Compose, without torchvision."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def test_photometric_transforms_see_uint8_and_normalize_comes_after(cache):
+    from porder.data import Normalize
+    from porder.transforms import Normalize as FromTransforms
+
+    path, _ = cache
+    assert FromTransforms is Normalize
+    plain = PorderDataset(path, output="float")
+    norm = Normalize.from_file(path)
+    assert norm.mean == tuple(plain.mean) and norm.std == tuple(plain.std)
+    assert repr(norm).startswith("Normalize(mean=(")
+    # identity + Normalize is output='float', bit for bit
+    same = PorderDataset(path, transform=_Compose([norm]))
+    for i in (0, 7, 39):
+        assert torch.equal(same[i][0], plain[i][0])
+    # a photometric step on the uint8 image, then the file's normalisation
+    ds = PorderDataset(path, transform=_Compose([_record_dtype, norm]))
+    raw = chw(read_split(path, "train")["images"])[7]
+    assert torch.equal(ds[7][0], norm(255 - raw))
+    assert torch.equal(norm(torch.stack([raw, raw])), torch.stack([norm(raw)] * 2))  # batches
+    copy = pickle.loads(pickle.dumps(norm))
+    assert torch.equal(copy(raw), norm(raw)) and repr(copy) == repr(norm)
+    with pytest.raises(ValueError, match=r"Normalize takes a tensor \(3, H, W\)"):
+        norm(raw.numpy())
+    with pytest.raises(ValueError, match="3 values each"):
+        Normalize((1, 2), (1, 1))
+
+
+# ------------------------------------------------------------------ DDP shares
+@pytest.mark.parametrize("buffer", [None, 12])
+@pytest.mark.parametrize("world_size,batch_size,drop_last",
+                         [(2, 8, False), (3, 7, False), (4, 16, True), (3, 6, False)])
+def test_ranks_share_every_batch_exactly_once(cache, buffer, world_size, batch_size, drop_last):
+    path, _ = cache
+    kw = dict(batch_size=batch_size, shuffle=True, seed=5, output="uint8", buffer=buffer,
+              drop_last=drop_last)
+    single = BatchLoader(path, **kw)
+    ranks = [BatchLoader(path, rank=r, world_size=world_size, **kw) for r in range(world_size)]
+    x, _ = dataset_tensors(path, output="uint8")
+    by_key = {row_key(x[i].numpy()): i for i in range(len(x))}
+    for _epoch in range(2):                       # same epoch order for every rank, each epoch
+        whole_batches = list(single)
+        shares = [list(loader) for loader in ranks]
+        seen = sorted(by_key[row_key(img.numpy())] for s in shares for xb, _ in s for img in xb)
+        covered = len(single) * batch_size if drop_last else 40
+        assert len(seen) == covered and len(set(seen)) == covered     # each image at most once
+        assert all(len(s) == len(whole_batches) == len(single) for s in shares)
+        for j, (xb, yb) in enumerate(whole_batches):
+            parts = [s[j] for s in shares]
+            sizes = [len(p[1]) for p in parts]
+            assert max(sizes) - min(sizes) <= 1    # shard_range: as even as can be
+            assert torch.equal(torch.cat([p[0] for p in parts]), xb)   # disjoint, complete
+            assert torch.equal(torch.cat([p[1] for p in parts]), yb)
+
+
+def test_ranks_get_porder_train_s_shares(cache):
+    path, _ = cache
+    x, y = dataset_tensors(path, output="uint8")
+    for rank in range(4):
+        loader = BatchLoader(path, batch_size=8, shuffle=True, seed=3, output="uint8",
+                             rank=rank, world_size=4)
+        assert "rank=%d of 4" % rank in repr(loader)
+        for step, (xb, yb) in enumerate(loader):
+            idx = batch_indices(step, 40, 8, 3, rank=rank, world_size=4)
+            assert torch.equal(xb, x[idx]) and torch.equal(yb, y[idx])
+
+
+def test_ranks_default_from_torch_distributed(cache, monkeypatch):
+    path, _ = cache
+    loader = BatchLoader(path, batch_size=8)
+    assert (loader.rank, loader.world_size) == (0, 1)
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 2)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    loader = BatchLoader(path, batch_size=9, output="uint8")
+    assert (loader.rank, loader.world_size) == (2, 3)
+    assert [len(b[1]) for b in loader] == [3] * 4 + [2]        # 40 = 4 * 9 + 4: shares 1,1,2
+    assert BatchLoader(path, batch_size=9, rank=0, world_size=1).world_size == 1
+
+
+def test_bad_rank_arguments(cache):
+    path, _ = cache
+    with pytest.raises(ValueError, match="pass both rank= and world_size=, or neither"):
+        BatchLoader(path, rank=1)
+    with pytest.raises(ValueError, match="rank=2 must be below world_size=2"):
+        BatchLoader(path, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="world_size must be at least 1, got 0"):
+        BatchLoader(path, rank=0, world_size=0)
+    with pytest.raises(ValueError, match="rank must be an integer, got 0.5"):
+        BatchLoader(path, rank=0.5, world_size=2)
+
+
+# ------------------------------------------------------------------ numbers that are not integers
+@pytest.mark.parametrize("kw,message", [
+    (dict(batch_size=1.5), "batch_size must be an integer, got 1.5"),
+    (dict(batch_size=True), "batch_size must be an integer, got True"),
+    (dict(batch_size="8"), "batch_size must be an integer, got '8'"),
+    (dict(buffer=2.5), "buffer must be an integer, got 2.5"),
+    (dict(buffer=False), "buffer must be an integer, got False"),
+    (dict(seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(seed=-1), "seed must be at least 0, got -1"),
+    (dict(rank=np.float32(1), world_size=2), "rank must be an integer"),
+])
+def test_loader_refuses_numbers_that_are_not_integers(cache, kw, message):
+    path, _ = cache
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}") as e:
+        BatchLoader(path, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_integer_arguments_of_the_readers(cache):
+    from porder.store import iter_split
+
+    path, _ = cache
+    loader = BatchLoader(path, batch_size=np.int64(16), buffer=np.int32(8), seed=np.uint8(2))
+    assert (loader.batch_size, loader.buffer, loader.seed) == (16, 8, 2)
+    assert type(loader.batch_size) is int
+    with pytest.raises(ValueError, match="^epoch must be an integer, got 1.5$"):
+        loader.set_epoch(1.5)
+    with pytest.raises(ValueError, match="^epoch must be at least 0, got -1$"):
+        loader.set_epoch(-1)
+    with pytest.raises(ValueError, match="^rows must be an integer, got 2.5$"):
+        next(iter_split(path, rows=2.5))
+    with pytest.raises(ValueError, match="^start must be an integer, got 1.5$"):
+        next(iter_split(path, start=1.5))
+    with pytest.raises(ValueError, match="^stop must be an integer, got 4.0$"):
+        read_split(path, stop=4.0)
+    assert len(read_split(path, start=np.int64(38))["labels"]) == 2
+
+
+# ------------------------------------------------------------------ a row read is a row checked
+def _damaged(cache, tmp_path, name, edit):
+    """A copy of the cache with ``edit(h5py.File)`` applied."""
+    import h5py
+
+    path, _ = cache
+    out = tmp_path / name
+    shutil.copy(path, out)
+    with h5py.File(out, "r+") as f:
+        edit(f)
+    return out
+
+
+def _perm_duplicate(split, row):
+    def edit(f):
+        v = f[f"{split}/perm"][row]
+        v[1] = v[0]                                     # patch v[0] twice, v[1] never
+        f[f"{split}/perm"][row] = v
+    return edit
+
+
+def _perm_out_of_range(split, row, value):
+    def edit(f):
+        v = f[f"{split}/perm"][row]
+        v[5] = value
+        f[f"{split}/perm"][row] = v
+    return edit
+
+
+@pytest.mark.parametrize("value", [-1, 3, 99])
+def test_dataset_refuses_a_label_outside_the_classes(cache, tmp_path, value):
+    import h5py
+
+    path = _damaged(cache, tmp_path, "labels.h5", lambda f: None)
+    with h5py.File(path, "r+") as f:            # a signed dtype, so that -1 is stored as -1
+        labels = f["train/labels"][()].astype(np.int64)
+        del f["train/labels"]
+        labels[13] = value
+        f.create_dataset("train/labels", data=labels)
+    message = (rf"^'{path}': label {value} of /train row 13 is outside 0\.\.2 "
+               rf"\(the file has 3 classes\)$")
+    for make in (lambda: PorderDataset(path), lambda: PorderDataset(path, restore=True),
+                 lambda: PorderDataset(path, output="float")):
+        with pytest.raises(StoreError, match=message):
+            make()
+    for buffer in (None, 8, 100):                 # every way the BatchLoader reads
+        with pytest.raises(StoreError, match=message):
+            list(BatchLoader(path, batch_size=4, buffer=buffer, output="uint8"))
+    assert PorderDataset(path, "test").targets    # the other split is sound
+
+
+@pytest.mark.parametrize("damage", ["duplicate", "out-of-range", "max"])
+def test_restore_refuses_a_perm_row_that_is_not_a_permutation(cache, tmp_path, damage):
+    path, originals = cache
+    edit = {"duplicate": _perm_duplicate("test", 7),
+            "out-of-range": _perm_out_of_range("test", 7, 16),
+            "max": _perm_out_of_range("test", 7, 255)}[damage]
+    bad = _damaged(cache, tmp_path, f"{damage}.h5", edit)
+    message = rf"^'{bad}': /test/perm row 7 is not a permutation of 0\.\.15 \(the file is damaged\)$"
+    ds = PorderDataset(bad, "test", restore=True)          # made: rows are checked when read
+    for i in (0, 6, 8, 11):                                # the sound rows read as before
+        assert torch.equal(ds[i][0], chw(originals["test"])[i])
+    with pytest.raises(StoreError, match=message):
+        ds[7]
+    with pytest.raises(StoreError, match=message):
+        ds[-5]
+    assert torch.equal(PorderDataset(bad, "test")[7][0],   # without restore perm is not read
+                       chw(read_split(path, "test")["images"])[7])
+    for buffer in (None, 4, 100):
+        with pytest.raises(StoreError, match=message):
+            list(BatchLoader(bad, "test", batch_size=4, buffer=buffer, restore=True))
+    loader = DataLoader(ds, batch_size=4, num_workers=0)
+    with pytest.raises(StoreError, match=message):
+        list(loader)
+
+
+def test_an_unreadable_image_is_one_store_error(cache, tmp_path):
+    path, _ = cache
+    ds = PorderDataset(path)
+    ds[0]
+
+    class Broken:
+        def __getitem__(self, i):
+            raise OSError("Can't read data (inflate() failed)\nmore HDF5 detail")
+
+    ds._images = Broken()
+    with pytest.raises(StoreError, match=rf"^cannot read '{path}': Can't read data \(inflate\(\) "
+                                         rf"failed\) \(the file is damaged or not a porder file\)$"):
+        ds[1]

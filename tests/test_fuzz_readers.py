@@ -1,0 +1,55 @@
+"""A short seeded fuzz of the torch readers (issue 20): ``PorderDataset``, ``BatchLoader``
+and ``PatchOrder`` over corrupted caches. Every case gives the right data, or a
+StoreError/ValueError/OSError whose one-line message names the file; none hangs or
+crashes, and a row read is a row checked (a bad label or ``perm`` row is never returned).
+
+tests/fuzz_readers.py (in a subprocess, so that even a crash of HDF5 is caught and
+named) builds the cases and judges each outcome against the copy as h5py reads it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from porder.pipeline import CacheSpec, build_cache
+
+from .conftest import REPO
+
+CASES = 30            # 3 of each of 10 kinds (labels and perm values weighted up)
+SECONDS = 20.0        # per reader call: generous bounded time on a loaded machine
+READERS = 9           # per case: 4 dataset, 4 loader, 1 patchorder
+MAX_RSS_GIB = 2.0
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_torch_readers_over_corrupted_caches(tmp_path, seed):
+    base = build_cache(CacheSpec("synthetic:24", tmp_path / "base.h5", measure="entropy",
+                                 size=16, patch=4, workers=1)).path
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "tests.fuzz_readers", str(base), str(work),
+                           str(seed), str(CASES)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    started = [r for r in rows if "start" in r]
+    assert proc.returncode == 0 and rows and rows[-1].get("done"), (
+        f"the fuzz worker died (exit {proc.returncode}) in case "
+        f"{started[-1] if started else '?'}: {proc.stderr[-2000:]}")
+    assert rows[-1]["maxrss_kib"] < MAX_RSS_GIB * 2**20
+    results = [r for r in rows if "reader" in r]
+    assert len(results) == READERS * CASES
+    failures = [f"{r['reader']} on case {r['case']} ({r['what']}): exit {r['code']}: "
+                f"{'; '.join(r['problems'])}: {r['output'][:300]!r}"
+                for r in results if r["problems"]]
+    failures += [f"{r['reader']} on case {r['case']} ({r['what']}): took {r['seconds']:.1f} s"
+                 for r in results if r["seconds"] > SECONDS]
+    assert not failures, "\n".join(failures)
+    # the fuzz reaches both ends: data read and checked, and refusals (the row checks among them)
+    codes = Counter(r["code"] for r in results)
+    assert codes[0] >= READERS * 3 and codes[1] >= READERS * CASES // 3, codes
+    row_refusals = [r for r in results if r["code"] == 1 and " row " in r["output"]]
+    assert len({r["case"] for r in row_refusals}) >= 3, row_refusals
