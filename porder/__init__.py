@@ -17,8 +17,8 @@ __all__ = [
 ]
 
 # Imported on first use, so `import porder` stays light (no h5py, no torch):
-# porder.store and porder.load (h5py), porder.data (torch), porder.export.
-_LAZY_MODULES = ("data", "export", "store")
+# porder.store and porder.load (h5py), porder.data (torch), porder.export, porder.transforms.
+_LAZY_MODULES = ("data", "export", "store", "transforms")
 
 
 def __getattr__(name: str):
