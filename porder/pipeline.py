@@ -144,9 +144,9 @@ def check_cache_spec(spec: CacheSpec) -> None:
     Run once, when a :class:`CacheSpec` is made; the source's own options are
     checked when it is opened.
     """
-    resolve_options(spec.measure, spec.patch, spec.size, bins=spec.bins,
-                    reference=spec.reference)
     check_backend(spec.backend)
+    resolve_options(spec.measure, spec.patch, spec.size, bins=spec.bins,
+                    reference=spec.reference, backend=spec.backend)
     # The device's name only: whether a GPU is there is decided where the build runs
     # (a Dask client without a GPU may send --device cuda work to workers with one).
     if spec.device not in DEVICES:

@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from .backend import array_module, get_array_module, resolve_device, to_device
 from .kernels import check_backend, compiled_reorder, supports
-from .measures import Measure, check_bins, get_measure, pairwise_matrix, standalone_scores
+from .measures import Measure, as_builtin, check_bins, get_measure, pairwise_matrix, standalone_scores
 from .ordering import greedy_chain, identity_order, random_order, sort_order
 from .patches import apply_perm, check_patch_size, from_torch, merge, split
 
@@ -19,6 +19,15 @@ from .patches import apply_perm, check_patch_size, from_torch, merge, split
 # processed one after another (on a CPU, one per core), so memory is bounded
 # by this, not by the size of the batch or the dataset.
 CHUNK_BYTES = 64 * 2**20
+
+# What one image may ask of a pairwise measure, so that impossible work is refused up
+# front instead of running for days inside a compiled kernel: the greedy chain scores
+# each remaining patch against the reference, about K**2 / 2 pairs of p*p pixels, that
+# is K * S**2 / 2 pixel comparisons per image and channel. 4e10 is about ten minutes
+# of one core (the compiled kernels do 1e8-3e8 a second at 224x224).
+MAX_PAIR_WORK = 4 * 10**10
+# The generic path scores a (K, K) float64 matrix per image: 8192 patches is 512 MiB.
+MAX_MATRIX_PATCHES = 8192
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,8 @@ class ReorderOptions:
 
 
 def resolve_options(measure: str | Measure, patch: int, size: int, *, bins: int = 256,
-                    reference: int = 0, descending=None) -> ReorderOptions:
+                    reference: int = 0, descending=None,
+                    backend: str = "compiled") -> ReorderOptions:
     """Validate the options of a reorder of SIZE x SIZE images, once, where they enter.
 
     Parameters
@@ -55,7 +65,7 @@ def resolve_options(measure: str | Measure, patch: int, size: int, *, bins: int 
         Patch side; must divide ``size``.
     size : int
         Image side S (images are S x S).
-    bins, reference, descending
+    bins, reference, descending, backend
         As for :func:`reorder` (``descending=None``: the measure's default).
 
     Returns
@@ -67,7 +77,9 @@ def resolve_options(measure: str | Measure, patch: int, size: int, *, bins: int 
     ------
     ValueError
         An unknown measure, ``size`` below 1, a patch that does not divide
-        ``size``, ``bins`` outside 1..256, or ``reference`` outside 0..K-1.
+        ``size``, ``bins`` outside 1..256, ``reference`` outside 0..K-1, or work
+        beyond :data:`MAX_PAIR_WORK` (or, on the generic path,
+        :data:`MAX_MATRIX_PATCHES`), with the smallest patch that fits.
     """
     m = get_measure(measure)
     bins = check_bins(bins)
@@ -78,8 +90,38 @@ def resolve_options(measure: str | Measure, patch: int, size: int, *, bins: int 
     if not isinstance(reference, (int, np.integer)) or not 0 <= reference < g * g:
         raise ValueError(f"reference patch {reference} is out of range 0..{g * g - 1} "
                          f"for patch {patch} on {size}x{size} images")
+    check_work(m, patch, size, generic=backend == "generic" or as_builtin(m) is None)
     desc = m.descending if descending is None else bool(descending)
     return ReorderOptions(m, patch, size, bins, int(reference), desc)
+
+
+def check_work(m: Measure, patch: int, size: int, *, generic: bool) -> None:
+    """Refuse a pairwise reorder whose one image is more work than porder allows.
+
+    The bounds are :data:`MAX_PAIR_WORK` (the chain's pixel comparisons per
+    image and channel, K * S**2 / 2) and, where the generic path scores a
+    (K, K) matrix, :data:`MAX_MATRIX_PATCHES`. The message names the smallest
+    patch side that divides ``size`` and fits both.
+    """
+    if m.kind != "pairwise":
+        return
+
+    def fits(p: int) -> bool:
+        k = (size // p) ** 2
+        return k * size * size // 2 <= MAX_PAIR_WORK and (not generic or k <= MAX_MATRIX_PATCHES)
+
+    if fits(patch):
+        return
+    k = (size // patch) ** 2
+    ok = next((p for p in range(patch + 1, size + 1) if size % p == 0 and fits(p)), size)
+    why = (f"{k * size * size // 2:.1e} pixel comparisons per image and channel, more than "
+           f"the {MAX_PAIR_WORK:.0e} (about ten minutes of one core) porder allows"
+           if k * size * size // 2 > MAX_PAIR_WORK else
+           f"a {k}x{k} score matrix per image on the generic path, more than "
+           f"{MAX_MATRIX_PATCHES} patches ({MAX_MATRIX_PATCHES**2 * 8 // 2**20} MiB)")
+    raise ValueError(f"patch {patch} on {size}x{size} images is {k:,} patches per image, and "
+                     f"{m.name}'s chain compares every pair: {why}; use a patch of at least "
+                     f"{ok} (--patch {ok}) or smaller images (--size)")
 
 
 def _bytes_per_image(m: Measure, k: int, n: int, c: int, bins: int) -> int:
@@ -221,9 +263,9 @@ def _reorder(images, xp, in_xp, measure, patch, *, bins, reference, descending, 
         raise ValueError(f"images must have shape (N, S, S, C), got {tuple(images.shape)}")
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got dtype {images.dtype}")
-    opts = resolve_options(measure, patch, images.shape[1], bins=bins, reference=reference,
-                           descending=descending)
     check_backend(backend)
+    opts = resolve_options(measure, patch, images.shape[1], bins=bins, reference=reference,
+                           descending=descending, backend=backend)
     if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 1):
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     x = to_device(images, xp)
