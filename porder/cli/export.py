@@ -85,4 +85,4 @@ def export(file, out, fmt, split, restore, overwrite, workers, progress, as_json
         return
     counts = ", ".join(f"{s} {done[s]}" for s in SPLITS if s in done)
     what = "original" if restore else "stored"
-    click.echo(f"Wrote {printable(path)}/ ({fmt}, {what} images): {counts} images")
+    click.echo(f"Wrote {printable(path)}/ ({fmt}, {what} images): {counts} images", err=True)

@@ -43,9 +43,18 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def versions(version: Callable[[str], Optional[str]] = _version) -> dict:
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be found (not imported)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def versions(version: Optional[Callable[[str], Optional[str]]] = None) -> dict:
     """porder, Python and each package's version; None where it is not installed.
     CuPy's names its distribution: ``14.0.1 (cupy-cuda13x)``."""
+    version = version or _version
     out = {"porder": __version__, "python": platform.python_version()}
     for name, dists in PACKAGES.items():
         found = [(d, v) for d in dists if (v := version(d)) is not None]
@@ -88,7 +97,7 @@ def cupy_state(cupy_module: Optional[Callable] = None, installed: Optional[bool]
     if cupy_module is None:
         from ..backend import cupy_module
     if installed is None:
-        installed = importlib.util.find_spec("cupy") is not None
+        installed = _installed("cupy")
     out = {"state": "not installed", "cuda_runtime": None, "cuda_driver": None, "nvrtc": None,
            "devices": [], "error": None}
     if not installed:
@@ -135,7 +144,7 @@ def torch_state(resolve: Optional[Callable[[str], str]] = None,
     """The GPU as torch sees it (what ``train --device auto`` picks); ``cuda`` None when
     torch is not installed or fails to import (``error`` says why)."""
     if installed is None:
-        installed = importlib.util.find_spec("torch") is not None
+        installed = _installed("torch")
     if not installed:
         return {"cuda": None, "error": None}
     try:
@@ -173,11 +182,12 @@ def _distribution(name: str):
         return None
 
 
-def name_clash(distribution: Callable = _distribution, here: Path = HERE,
+def name_clash(distribution: Optional[Callable] = None, here: Path = HERE,
                which: Callable = shutil.which) -> dict:
     """Planet's ``porder`` distribution beside porder's ``patch-order``: both are imported
     as ``porder``. Says which one ``import porder`` resolves to, and which one the
     ``porder`` command on PATH runs."""
+    distribution = distribution or _distribution
     ours, planet = distribution(DISTRIBUTION), distribution(PLANET)
     out = {"distribution": DISTRIBUTION, "installed": ours.version if ours else None,
            "planet_porder": planet.version if planet else None, "clash": planet is not None,
