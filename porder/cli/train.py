@@ -337,17 +337,19 @@ def _list_option(kind, name, plural, example, check=None):
         help="The paper's Fig. 4 experiment: Inception, batch 1, 10,000 steps, every "
              "measure with none and random, patches 4,8,16, ... (--dry-run prints every value "
              "and its source). Options given explicitly override it.")
-@option("-m", "--measures", default="none,mi", show_default=True,
+@option("-m", "--measures", default="none,mi", show_default=True, metavar="LIST",
         callback=_list_option(str, "measure", "measures", "none,mi",
                               lambda m: m in MEASURES or m.startswith("fm:")),
         help="Comma-separated measures; `none` (the baseline) is added if missing. "
              "fm:POINT:MEASURE:PATCH trains on the `none` cache with a feature-map reordering "
              "layer at POINT (see `porder train --help`); fm:POINT:MEASURE, at every patch "
              "side of --patches.")
-@option("-p", "--patches", "patches", default="8", show_default=True, old_names=("--patch",),
+@option("-p", "--patches", "patches", default="8", show_default=True, metavar="LIST",
+        old_names=("--patch",),
         callback=_list_option(int, "patch size", "patch sizes", "4,8,16", lambda p: p >= 1),
         help="Comma-separated patch sides, e.g. 4,8,16.")
-@option("-a", "--archs", "archs", default="vgg", show_default=True, old_names=("--arch",),
+@option("-a", "--archs", "archs", default="vgg", show_default=True, metavar="LIST",
+        old_names=("--arch",),
         callback=_list_option(str, "architecture", "architectures", "vgg,resnet",
                               lambda a: a in ARCHS),
         help=f"Comma-separated architectures from {', '.join(ARCHS)}.")
