@@ -35,7 +35,7 @@ install: venv
 demo: install
 	$(PY) -m porder reorder --measure mi --patch 8 --overwrite digits demo.h5
 	$(PY) -m porder inspect demo.h5
-	$(PY) -m porder show demo.h5 -o demo.png
+	$(PY) -m porder show --overwrite demo.h5 -o demo.png
 
 test: install
 	$(PY) -m pytest -q

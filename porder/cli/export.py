@@ -4,31 +4,43 @@ Registered on the group in :mod:`porder.cli`; the work is :func:`porder.export.e
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ..export import FORMATS
+from ..export import FORMATS, MANIFEST
 from ..sources.base import SPLITS, printable
-from .common import CONTEXT, ProgressReporter, interruptible, library_errors
+from .common import (
+    IntRange,
+    ProgressReporter,
+    command,
+    emit_json,
+    interruptible,
+    json_option,
+    library_errors,
+    option,
+)
 
 
-@click.command("export", context_settings=CONTEXT)
+@command("export")
 @click.argument("file", type=click.Path())  # checked by the library: one `Error:` line
 @click.argument("out", type=click.Path(file_okay=True))
-@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="imagefolder",
-              show_default=True,
-              help="imagefolder: OUT/SPLIT/CLASS/INDEX.png; npz: OUT/SPLIT.npz.")
-@click.option("--split", type=click.Choice(SPLITS), default=None,
-              help="Export one split [default: every split of FILE].")
-@click.option("--restore", is_flag=True,
-              help="Export the original images (recovered through perm), not the reordered ones.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace OUT if it holds an earlier porder export, and only what that "
-                   "export wrote.")
-@click.option("-j", "--workers", type=click.IntRange(min=1), default=None,
-              help="Threads encoding PNGs [default: all cores].")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bar [default: on a terminal; periodic lines otherwise].")
-def export(file, out, fmt, split, restore, overwrite, workers, progress):
+@option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="imagefolder",
+        show_default=True,
+        help="imagefolder: OUT/SPLIT/CLASS/INDEX.png; npz: OUT/SPLIT.npz.")
+@option("--split", type=click.Choice(SPLITS), default=None,
+        help="Export one split [default: every split of FILE].")
+@option("--restore", is_flag=True,
+        help="Export the original images (recovered through perm), not the reordered ones.")
+@option("--overwrite", is_flag=True,
+        help="Replace OUT if it holds an earlier porder export, and only what that "
+             "export wrote.")
+@option("-j", "--workers", type=IntRange(min=1), default=None,
+        help="CPU threads porder uses (encoding PNGs) [default: all cores].")
+@option("--progress/--no-progress", default=None,
+        help="Progress bar [default: on a terminal; periodic lines otherwise].")
+@json_option
+def export(file, out, fmt, split, restore, overwrite, workers, progress, as_json):
     """Write a porder cache FILE as an image folder or .npz files in folder OUT.
 
     \b
@@ -49,6 +61,7 @@ def export(file, out, fmt, split, restore, overwrite, workers, progress):
       porder export c100-mi8.h5 c100-png/
       porder export c100-mi8.h5 c100-npz/ --format npz --split test
       porder export c100-mi8.h5 c100-orig/ --restore     # the original images
+      porder export c100-mi8.h5 c100-png/ --overwrite --json
     """
     from ..export import export as run_export
     from ..export import read_manifest
@@ -65,6 +78,11 @@ def export(file, out, fmt, split, restore, overwrite, workers, progress):
         finally:
             reporter.close()
         done = read_manifest(path)["splits"]
+    if as_json:
+        emit_json({"path": str(path), "format": fmt, "restored": restore,
+                   "splits": {s: done[s] for s in SPLITS if s in done},
+                   "record": str(Path(path) / MANIFEST)})
+        return
     counts = ", ".join(f"{s} {done[s]}" for s in SPLITS if s in done)
     what = "original" if restore else "stored"
-    click.echo(f"Wrote {printable(path)}/ ({fmt}, {what} images): {counts} images")
+    click.echo(f"Wrote {printable(path)}/ ({fmt}, {what} images): {counts} images", err=True)

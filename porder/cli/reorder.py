@@ -10,77 +10,84 @@ import click
 from ..backend import DEVICES
 from ..measures import MEASURES
 from .common import (
-    CONTEXT,
     SEED,
     FiniteFloat,
+    IntRange,
     MeasureChoice,
     ProgressReporter,
+    command,
+    compile_kernels_first,
+    emit_json,
     exit_interrupted,
     interrupt_handlers,
+    json_option,
     library_errors,
+    option,
     parse_shard_option,
     printable,
     restore_handlers,
 )
 
+WORKERS_HELP = "CPU threads porder uses (and decoding processes: --decoder) [default: all cores]."
+DEVICE_HELP = ("cpu, cuda, or auto: CUDA when CuPy sees a GPU (`porder info` shows what it "
+               "sees), else the CPU. Both give identical files.")
 
-@click.command(context_settings=CONTEXT)
+
+@command()
 @click.argument("source")
 @click.argument("out", type=click.Path(dir_okay=False, writable=False))
-@click.option("-m", "--measure", type=MeasureChoice(), default="mi",
-              show_default=True, help="Ordering measure (see `porder measures`).")
-@click.option("-p", "--patch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Patch side in pixels; must divide --size.")
-@click.option("--bins", type=click.IntRange(1, 256), default=256, show_default=True,
-              help="Intensity bins of histogram measures (256 = one per intensity).")
-@click.option("--size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Images are resized to SIZE x SIZE RGB.")
-@click.option("--reference", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Row-major index of the patch the chain starts from.")
-@click.option("--descending/--ascending", default=None,
-              help="Override the measure's default direction.")
-@click.option("--label", type=click.Choice(["fine", "coarse"]), default="fine",
-              show_default=True, help="CIFAR-100 labels: 100 fine classes or 20 superclasses.")
-@click.option("--test-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.1,
-              show_default=True, help="Held-out share for sources without a test split.")
-@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
-              help="Compute on the CPU (NumPy) or a CUDA GPU (CuPy); auto picks CUDA if present. "
-                   "cpu by default, unlike train's auto: CuPy is an optional extra, and "
-                   "reordering costs little next to training.")
-@click.option("--backend", type=click.Choice(["compiled", "generic"]), default="compiled",
-              show_default=True,
-              help="compiled: the fused kernels (numba on the CPU, CUDA C++ on a GPU); generic: "
-                   "the NumPy/CuPy reference path. Both give identical files. The first "
-                   "compiled run on a machine compiles the CPU kernels (about 30 s on 2 "
-                   "cores) and caches them for later runs.")
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Images per batch (memory is bounded by a few batches).")
-@click.option("-j", "--workers", type=click.IntRange(min=1), default=None,
-              help="CPU workers for decoding and scoring [default: all cores].")
-@click.option("--decoder", type=click.Choice(["auto", "threads", "processes", "nvjpeg"]),
-              default="auto", show_default=True,
-              help="How image files are decoded: threads (instant start; fast on photos), "
-                   "processes (same pixels; several times faster on tiny files such as "
-                   "CIFAR's 32x32 JPEGs, about 0.3 s to start), or auto: processes from "
-                   "4096 files with 2 or more workers. nvjpeg: JPEGs decoded and resized on "
-                   "the GPU (torchvision's nvJPEG; needs --device cuda; pixels differ "
-                   "slightly from Pillow's; other files still go to Pillow).")
-@click.option("--seed", type=SEED, default=0, show_default=True,
-              help="Seed of the `random` control and of the held-out split.")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
-              show_default=True, help="A corrupt image stops the run, or is skipped and listed.")
-@click.option("--shard", default=None, metavar="I/N", callback=parse_shard_option,
-              help="Process only slice I of N of every split (merge with `porder merge`).")
-@click.option("--dask", "dask_scheduler", default=None, metavar="SCHEDULER",
-              help="Run shards on a Dask cluster: an address (tcp://host:8786) or local:N "
-                   "for N local worker processes; needs `pip install \"patch-order[scale]\"`.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run (OUT.part).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bar [default: on a terminal; periodic lines otherwise].")
+@option("-m", "--measure", type=MeasureChoice(), default="mi",
+        show_default=True, help="Ordering measure (see `porder measures`).")
+@option("-p", "--patch", type=IntRange(min=1), default=8, show_default=True,
+        help="Patch side in pixels; must divide --size.")
+@option("--bins", type=IntRange(1, 256), default=256, show_default=True,
+        help="Intensity bins of histogram measures (256 = one per intensity).")
+@option("--size", type=IntRange(min=1), default=32, show_default=True,
+        help="Images are resized to SIZE x SIZE RGB.")
+@option("--reference", type=IntRange(min=0), default=0, show_default=True,
+        help="Row-major index of the patch the chain starts from.")
+@option("--descending/--ascending", default=None,
+        help="Override the measure's default direction.")
+@option("--label", type=click.Choice(["fine", "coarse"]), default="fine",
+        show_default=True, help="CIFAR-100 labels: 100 fine classes or 20 superclasses.")
+@option("--test-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.1,
+        show_default=True, help="Held-out share for sources without a test split.")
+@option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+        help=DEVICE_HELP)
+@option("--backend", type=click.Choice(["compiled", "generic"]), default="compiled",
+        show_default=True,
+        help="compiled: the fused kernels (numba on the CPU, CUDA C++ on a GPU); generic: "
+             "the NumPy/CuPy reference path. Both give identical files. The first "
+             "compiled run on a machine compiles the CPU kernels (about 30 s, said on "
+             "one line) and caches them for later runs.")
+@option("-b", "--batch-size", type=IntRange(min=1), default=512, show_default=True,
+        help="Images per batch (memory is bounded by a few batches).")
+@option("-j", "--workers", type=IntRange(min=1), default=None, help=WORKERS_HELP)
+@option("--decoder", type=click.Choice(["auto", "threads", "processes", "nvjpeg"]),
+        default="auto", show_default=True,
+        help="How image files are decoded: threads (instant start; fast on photos), "
+             "processes (same pixels; several times faster on tiny files such as "
+             "CIFAR's 32x32 JPEGs, about 0.3 s to start), or auto: processes from "
+             "4096 files with 2 or more workers. nvjpeg: JPEGs decoded and resized on "
+             "the GPU (torchvision's nvJPEG; needs a GPU: --device cuda or auto; pixels "
+             "differ slightly from Pillow's; other files still go to Pillow).")
+@option("--seed", type=SEED, default=0, show_default=True,
+        help="Seed of the `random` control and of the held-out split.")
+@option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+        show_default=True, help="A corrupt image stops the run, or is skipped and listed.")
+@option("--shard", default=None, metavar="I/N", callback=parse_shard_option,
+        help="Process only slice I of N of every split (merge with `porder merge`).")
+@option("--dask", "dask_scheduler", default=None, metavar="SCHEDULER",
+        help="Run shards on a Dask cluster: an address (tcp://host:8786) or local:N "
+             "for N local worker processes; needs `pip install \"patch-order[scale]\"`.")
+@option("--resume", is_flag=True, help="Continue an interrupted run (OUT.part).")
+@option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@option("--progress/--no-progress", default=None,
+        help="Progress bar [default: on a terminal; periodic lines otherwise].")
+@json_option
 def reorder(source, out, measure, patch, bins, size, reference, descending, label,
             test_fraction, device, backend, batch_size, workers, decoder, seed, on_error, shard,
-            dask_scheduler, resume, overwrite, progress):
+            dask_scheduler, resume, overwrite, progress, as_json):
     """Reorder the patches of every image in SOURCE and write OUT (HDF5).
 
     \b
@@ -102,25 +109,58 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
     Examples:
       porder reorder --measure mi --patch 8 cifar-100-python.tar.gz c100-mi8.h5
       porder reorder --measure none dogs-vs-cats/ baseline.h5
-      porder reorder synthetic:1000 demo.h5
+      porder reorder synthetic:1000 demo.h5 --json
       porder reorder --shard 0/4 cifar-100-python/ c100.0.h5   # then `porder merge`
       porder reorder --dask local:2 synthetic:100000 big.h5
     """
-    from ..pipeline import BuildResult, CacheSpec, build_cache
+    from ..backend import resolve_device
+    from ..pipeline import CacheSpec
 
-    if decoder == "nvjpeg" and device != "cuda":
+    if decoder == "nvjpeg" and (device == "cpu" or (device == "auto"
+                                                    and resolve_device("auto") != "cuda")):
         raise click.UsageError(f"--decoder nvjpeg decodes on the GPU and needs --device cuda "
-                               f"(got --device {device}); on the CPU use --decoder threads")
+                               f"(got --device {device}, and no GPU is in use); on the CPU "
+                               f"use --decoder threads")
+    with library_errors():
+        spec = CacheSpec(source, out, measure=measure, patch=patch, bins=bins, size=size,
+                         label=label, test_fraction=test_fraction, seed=seed,
+                         reference=reference, descending=descending, batch_size=batch_size,
+                         device=device, backend=backend, workers=workers, decoder=decoder,
+                         on_error=on_error, overwrite=overwrite, resume=resume, shard=shard)
+    report = build(spec, dask_scheduler, progress)
+    if as_json:
+        emit_json(report)
+        return
+    rows, here, rate = sum(report["rows"].values()), report["processed"], report["images_per_s"]
+    speed = f"{rate:.0f} img/s"
+    if here < rows:
+        speed = f"{here} processed now, {speed}" if here else "all written before: nothing to do"
+    skipped = sum(report["skipped"].values())
+    click.echo(f"Wrote {printable(report['path'])}: "
+               + ", ".join(f"{k} {v}" for k, v in report["rows"].items())
+               + f" images ({speed})"
+               + (f"; skipped {skipped} unreadable (listed in the file)" if skipped else ""),
+               err=True)
+
+
+def build(spec, dask_scheduler, progress) -> dict:
+    """Run one `porder reorder` build (here, or on Dask); the ``--json`` report.
+
+    A first compile of the CPU kernels happens before the clock starts (said on one
+    line): ``seconds`` and ``images_per_s`` count only the images of this run.
+    """
+    from ..backend import resolve_device
+    from ..pipeline import BuildResult, build_cache
+
     reporter = ProgressReporter(progress)
     old = interrupt_handlers()
-    t0 = time.perf_counter()
+    compile_s = None
     try:
         with library_errors():
-            spec = CacheSpec(source, out, measure=measure, patch=patch, bins=bins, size=size,
-                             label=label, test_fraction=test_fraction, seed=seed,
-                             reference=reference, descending=descending, batch_size=batch_size,
-                             device=device, backend=backend, workers=workers, decoder=decoder,
-                             on_error=on_error, overwrite=overwrite, resume=resume, shard=shard)
+            if not dask_scheduler and spec.backend == "compiled":
+                compile_s = compile_kernels_first([spec.measure],
+                                                  on_cpu=resolve_device(spec.device) == "cpu")
+            t0 = time.perf_counter()
             if dask_scheduler:
                 from ..store import read_meta
                 from .scale import dask_reorder
@@ -132,23 +172,18 @@ def reorder(source, out, measure, patch, bins, size, reference, descending, labe
                 result = build_cache(spec, progress=reporter)
     except KeyboardInterrupt:
         reporter.close()
-        click.echo(f"Interrupted: {left_behind(out, dask_scheduler)}", err=True)
+        click.echo(f"Interrupted: {left_behind(spec.out, dask_scheduler)}", err=True)
         exit_interrupted()
     finally:
         reporter.close()
         restore_handlers(old)
     dt = time.perf_counter() - t0
-    rows = sum(result.rows.values())
-    skipped = sum(result.skipped.values())
     # The rate counts the images this run processed, not those a resumed run had written.
     here = sum(v for k, v in reporter.work.items() if k != "merge")
-    rate = f"{here / max(dt, 1e-9):.0f} img/s"
-    if here < rows:
-        rate = f"{here} processed now, {rate}" if here else "all written before: nothing to do"
-    click.echo(f"Wrote {printable(result.path)}: " + ", ".join(f"{k} {v}" for k, v in result.rows.items())
-               + f" images ({rate})"
-               + (f"; skipped {skipped} unreadable (listed in the file)" if skipped else ""),
-               err=True)
+    return {"path": str(result.path), "rows": dict(result.rows), "skipped": dict(result.skipped),
+            "processed": here, "resumed": bool(result.resumed),
+            "seconds": dt, "images_per_s": here / max(dt, 1e-9), "compile_seconds": compile_s,
+            "stages": dict(result.seconds), "options": spec.to_dict()}
 
 
 def left_behind(out, dask_scheduler) -> str:
@@ -169,14 +204,19 @@ def left_behind(out, dask_scheduler) -> str:
     return "nothing was written yet; nothing to resume."
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@json_option
 def inspect(file, as_json):
     """Show what a porder FILE holds and how it was made.
 
     Text from the file (class names, the source, attributes) is printed with
     control characters escaped (\\x1b, \\n, ...), as --json does.
+
+    \b
+    Examples:
+      porder inspect c100-mi8.h5
+      porder inspect c100-mi8.h5 --json | python -c "import json,sys; print(json.load(sys.stdin)['splits'])"
     """
     from ..store import describe, to_json
 
@@ -220,59 +260,106 @@ def _image_output(ctx, param, value):
     return value
 
 
-@click.command(context_settings=CONTEXT)
+def save_image(image, path: str, *, overwrite: bool) -> None:
+    """Write ``image`` (PIL) to ``path``: never over an existing file unless ``overwrite``,
+    and never a half-written one (a temporary file beside it, renamed when complete)."""
+    import os
+    import tempfile
+
+    from PIL import Image
+
+    from ..output import durable_replace
+
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise click.ClickException(f"'{printable(path)}' exists; use --overwrite to replace it")
+    fmt = Image.registered_extensions()[target.suffix.lower()]
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt)
+        if overwrite:
+            durable_replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)  # fails if the name appeared meanwhile: nothing replaced
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links on this file system
+                if target.exists():
+                    raise FileExistsError(path) from None
+                os.replace(tmp, target)
+    except FileExistsError:
+        raise click.ClickException(f"'{printable(path)}' exists; use --overwrite to replace "
+                                   f"it") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+@command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default="grid.png",
-              show_default=True, callback=_image_output,
-              help="Image file to write; its extension picks the format (.png, .jpg, ...).")
-@click.option("-n", "--samples", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Images shown (one row each).")
-@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
-              help="Split the images come from.")
-@click.option("--scale", type=click.IntRange(1, 32), default=4, show_default=True,
-              help="Upscaling factor (nearest neighbour).")
-@click.option("--start", type=click.IntRange(min=0), default=None,
-              help="Show consecutive rows from this one [default: samples across the classes].")
-def show(file, output, samples, split, scale, start):
+@option("-o", "--out", type=click.Path(dir_okay=False), default="grid.png",
+        show_default=True, callback=_image_output, old_names=("--output",),
+        help="Image file to write; its extension picks the format (.png, .jpg, ...).")
+@option("-n", "--samples", type=IntRange(1, 256), default=8, show_default=True,
+        help="Images shown (one row each).")
+@option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+        help="Split the images come from.")
+@option("--scale", type=IntRange(1, 32), default=4, show_default=True,
+        help="Upscaling factor (nearest neighbour).")
+@option("--start", type=IntRange(min=0), default=None,
+        help="Show consecutive rows from this one [default: samples across the classes].")
+@option("--overwrite", is_flag=True, help="Replace the image file if it exists.")
+@json_option
+def show(file, out, samples, split, scale, start, overwrite, as_json):
     """Write a PNG grid of original images beside their reordered versions.
 
     Originals are recovered from the stored images through `perm`. By default
     the samples are spread over the classes (the first image of each class, then
     the second, ...); --start N shows SAMPLES consecutive rows from row N.
+    An existing image is kept unless --overwrite is given.
 
     \b
     Examples:
       porder show c100-mi8.h5 -o grid.png
-      porder show c100-mi8.h5 -o test.png --split test -n 16 --start 100
+      porder show c100-mi8.h5 -o test.png --split test -n 16 --start 100 --overwrite
     """
-    from pathlib import Path
-
     from ..visual import comparison_grid
 
-    folder = Path(output).parent
+    folder = Path(out).parent
     if not folder.is_dir():
-        raise click.ClickException(f"cannot write '{output}': folder '{folder}' does not exist")
+        raise click.ClickException(f"cannot write '{out}': folder '{folder}' does not exist")
     with library_errors():
         grid = comparison_grid(file, split=split, samples=samples, scale=scale, start=start)
-        grid.save(output)
-    click.echo(f"Wrote {output}", err=True)
+        save_image(grid, out, overwrite=overwrite)
+    if as_json:
+        emit_json({"path": out, "file": file, "split": split, "samples": samples,
+                   "start": start, "scale": scale, "width": grid.size[0],
+                   "height": grid.size[1]})
+        return
+    click.echo(f"Wrote {out}", err=True)
 
 
-@click.command(context_settings=CONTEXT)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@command()
+@json_option
 def measures(as_json):
     """List the ordering measures: kind, default direction, origin and meaning.
 
     The origin is 'porder' for the built-in measures and the distribution name
     for measures that installed packages add (entry-point group
-    ``porder.measures``).
+    ``porder.measures``). --json prints a list of objects (name, kind,
+    direction, origin, summary).
+
+    \b
+    Examples:
+      porder measures
+      porder measures --json
     """
     rows = [(m.name, m.kind, m.direction, m.origin or "-", m.summary) for m in MEASURES.values()]
     if as_json:
-        import json
-
-        click.echo(json.dumps([dict(zip(("name", "kind", "direction", "origin", "summary"), r))
-                               for r in rows], indent=2))
+        emit_json([dict(zip(("name", "kind", "direction", "origin", "summary"), r))
+                   for r in rows])
         return
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:

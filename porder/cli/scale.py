@@ -9,16 +9,19 @@ from pathlib import Path
 
 import click
 
+from .common import command, emit_json, json_option, option
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+
+@command()
 @click.argument("paths", nargs=-1, required=True, metavar="SHARDS... OUT.h5",
                 type=click.Path(dir_okay=False))
-@click.option("--copy", is_flag=True,
-              help="Copy the rows into a standalone file instead of linking to the shards.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT.h5 if it exists.")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress of --copy [default: on a terminal; periodic lines otherwise].")
-def merge(paths, copy, overwrite, progress):
+@option("--copy", is_flag=True,
+        help="Copy the rows into a standalone file instead of linking to the shards.")
+@option("--overwrite", is_flag=True, help="Replace OUT.h5 if it exists.")
+@option("--progress/--no-progress", default=None,
+        help="Progress of --copy [default: on a terminal; periodic lines otherwise].")
+@json_option
+def merge(paths, copy, overwrite, progress, as_json):
     """Stitch the shard files of a `porder reorder --shard I/N` run into OUT.h5.
 
     Give every slice I of one N, in any order; OUT.h5 reads exactly like a file
@@ -34,7 +37,7 @@ def merge(paths, copy, overwrite, progress):
     Examples:
       for i in 0 1 2 3; do porder reorder --shard $i/4 cifar-100-python/ c100.$i.h5; done
       porder merge c100.0.h5 c100.1.h5 c100.2.h5 c100.3.h5 c100.h5
-      porder merge --copy c100.?.h5 c100-standalone.h5
+      porder merge --copy c100.?.h5 c100-standalone.h5 --json
     """
     from ..scale import merge as merge_shards
     from ..store import read_meta
@@ -52,6 +55,11 @@ def merge(paths, copy, overwrite, progress):
     finally:
         if reporter is not None:
             reporter.close()
+    if as_json:
+        emit_json({"path": str(path), "rows": dict(meta["splits"]),
+                   "skipped": dict(meta.get("skipped", {})), "shards": [str(s) for s in shards],
+                   "copy": copy})
+        return
     counts = ", ".join(f"{k} {v}" for k, v in meta["splits"].items())
     how = "standalone copy" if copy else "virtual: keep the shards in place"
     click.echo(f"Wrote {path}: {counts} images from {len(shards)} shards ({how})", err=True)

@@ -15,7 +15,19 @@ import click
 
 from ..measures import MEASURES
 from ..trainspec import ARCHS, DEVICES, FM_POINTS_HELP, MAX_WIDTH
-from .common import CONTEXT, SEED, FiniteFloat, MeasureChoice, interruptible, library_errors
+from .common import (
+    SEED,
+    FiniteFloat,
+    IntRange,
+    MeasureChoice,
+    command,
+    compile_kernels_first,
+    emit_json,
+    interruptible,
+    json_option,
+    library_errors,
+    option,
+)
 
 # The options that `porder train` and `porder compare` share, declared once: destination
 # -> (flags, attributes). Each command applies one with `shared_option(name, ...)` at its
@@ -25,15 +37,17 @@ SHARED_OPTIONS = {
                                  show_default=True)),
     "lr": (("--lr",), dict(type=FiniteFloat(min=0, min_open=True), default=1e-3,
                            show_default=True, help="Adam learning rate.")),
-    "batch_size": (("-b", "--batch-size"), dict(type=click.IntRange(min=1), default=32,
+    "batch_size": (("-b", "--batch-size"), dict(type=IntRange(min=1), default=32,
                                                 show_default=True)),
-    "steps": (("--steps",), dict(type=click.IntRange(min=1), default=1000, show_default=True)),
-    "eval_every": (("--eval-every",), dict(type=click.IntRange(min=1), show_default=True)),
-    "bins": (("--bins",), dict(type=click.IntRange(1, 256), default=256, show_default=True)),
+    "steps": (("--steps",), dict(type=IntRange(min=1), default=1000, show_default=True)),
+    "eval_every": (("--eval-every",), dict(type=IntRange(min=1), show_default=True)),
+    "bins": (("--bins",), dict(type=IntRange(1, 256), default=256, show_default=True)),
     "device": (("--device",), dict(type=click.Choice(DEVICES), default="auto",
                                    show_default=True)),
-    "threads": (("-j", "--threads"), dict(type=click.IntRange(min=1), default=None,
-                                          help="CPU threads for torch [default: all cores].")),
+    "workers": (("-j", "--workers", "--threads"), dict(type=IntRange(min=1), default=None,
+                                          old_names=("--threads",),
+                                          help="CPU threads porder uses (torch's threads) "
+                                               "[default: all cores].")),
     "progress": (("--progress/--no-progress",), dict(default=None)),
 }
 
@@ -41,7 +55,7 @@ SHARED_OPTIONS = {
 def shared_option(name: str, **attrs):
     """The click option ``name`` of :data:`SHARED_OPTIONS`, with ``attrs`` (default, help) added."""
     flags, shared = SHARED_OPTIONS[name]
-    return click.option(*flags, **{**shared, **attrs})
+    return option(*flags, **{**shared, **attrs})
 
 
 def _duration(seconds) -> str:
@@ -162,10 +176,10 @@ class TrainProgress:
             self.bar = None
 
 
-@click.command(context_settings=CONTEXT, epilog="\b\n" + FM_POINTS_HELP)
+@command(epilog="\b\n" + FM_POINTS_HELP)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("-a", "--arch", type=click.Choice(ARCHS), default="vgg", show_default=True,
-              help="VGG-16-BN, ResNet-18 or Inception-v3 (CIFAR-sized).")
+@option("-a", "--arch", type=click.Choice(ARCHS), default="vgg", show_default=True,
+        help="VGG-16-BN, ResNet-18 or Inception-v3 (CIFAR-sized).")
 @shared_option("width", default=1.0, help="Channel multiplier: 1.0 = the published networks, "
                "as in the paper; 0.125-0.25 trains many times faster on a CPU (compare "
                "defaults to 0.25: it trains many runs).")
@@ -173,33 +187,36 @@ class TrainProgress:
 @shared_option("batch_size", help="Images per step; 1 = online training, as in the paper.")
 @shared_option("steps", help="Optimizer steps.")
 @shared_option("eval_every", default=100, help="Steps between test evaluations and checkpoints.")
-@click.option("--seed", type=SEED, default=0, show_default=True,
-              help="Seed of the weights, the batch order and dropout.")
-@shared_option("device", help="auto picks CUDA when torch sees a GPU.")
-@click.option("-o", "--out", "out", type=click.Path(file_okay=False), default=None,
-              help="Run folder [default: runs/FILE-ARCH-seedSEED].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--reorder", type=MeasureChoice(exclude=("none",)),
-              default=None, help="Reorder every batch on the fly with this measure "
-              "(FILE must be unmodified, i.e. made with --measure none).")
-@click.option("-p", "--patch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Patch side for --reorder.")
-@shared_option("bins", help="Histogram bins for --reorder and --fm-reorder.")
-@click.option("--fm-reorder", "fm_reorder", multiple=True, metavar="POINT:MEASURE:PATCH",
-              help="Reorder the patches of the feature maps at POINT of the network "
-              "(porder.nn.PatchReorder); repeatable or comma-separated, one per point. "
-              "Points per architecture: see below.")
-@shared_option("threads")
+@option("--seed", type=SEED, default=0, show_default=True,
+        help="Seed of the weights, the batch order and dropout.")
+@shared_option("device", help="cpu, cuda, or auto: CUDA when torch sees a GPU (`porder info`).")
+@option("-o", "--out", "out", type=click.Path(file_okay=False), default=None,
+        help="Run folder [default: runs/FILE-ARCH-seedSEED].")
+@option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@option("-m", "--measure", "measure", type=MeasureChoice(exclude=("none",)), default=None,
+        old_names=("--reorder",),
+        help="Reorder every batch on the fly with this measure (FILE must be unmodified, "
+             "i.e. made with --measure none).")
+@option("-p", "--patch", type=IntRange(min=1), default=8, show_default=True,
+        help="Patch side for --measure.")
+@shared_option("bins", help="Histogram bins for --measure and --fm-reorder.")
+@option("--fm-reorder", "fm_reorder", multiple=True, metavar="POINT:MEASURE:PATCH",
+        help="Reorder the patches of the feature maps at POINT of the network "
+             "(porder.nn.PatchReorder); repeatable or comma-separated, one per point. "
+             "Points per architecture: see below.")
+@shared_option("workers")
 @shared_option("progress",
                help="Progress bar [default: on a terminal; a line per evaluation otherwise].")
+@json_option
 def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, out, resume,
-          reorder, patch, bins, fm_reorder, threads, progress):
+          measure, patch, bins, fm_reorder, workers, progress, as_json):
     """Train a CNN with Adam and cross-entropy on a porder HDF5 FILE.
 
     Evaluates on FILE's test split every --eval-every steps and writes
     metrics.jsonl, curves.png and a checkpoint to the run folder. Ctrl-C keeps
     the last checkpoint: run the same command with --resume to continue, to the
-    same result as an uninterrupted run.
+    same result as an uninterrupted run. An existing run folder is refused
+    without --resume.
 
     --fm-reorder inserts the paper's patch ordering inside the network: the
     feature maps leaving POINT are cut into PATCH x PATCH patches and reordered
@@ -214,8 +231,8 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
     Examples:
       porder train c100-mi8.h5 --arch vgg --width 0.25 --steps 2000
       porder train c100-mi8.h5 --arch inception --batch-size 1 --lr 1e-4
-      porder train baseline.h5 --reorder mi --patch 4 -o runs/mi4
-      porder train c100-mi8.h5 -o runs/vgg --resume
+      porder train baseline.h5 --measure mi --patch 4 -o runs/mi4
+      porder train c100-mi8.h5 -o runs/vgg --resume --json
       porder train none.h5 --arch resnet --fm-reorder stem:mi:4,stage2:mi:4
       torchrun --nproc-per-node 4 -m porder train c100-mi8.h5 -b 128 -o runs/ddp
     """
@@ -237,8 +254,9 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
         tag = "".join(f"-fm-{s.replace(':', '-')}" for s in fm)
         out = str(Path("runs") / f"{Path(file).stem}-{arch}{tag}-seed{seed}")
     cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
-                      eval_every=eval_every, seed=seed, device=device, reorder=reorder,
-                      patch=patch, bins=bins, threads=threads, fm_reorder=fm)
+                      eval_every=eval_every, seed=seed, device=device, reorder=measure,
+                      patch=patch, bins=bins, threads=workers, fm_reorder=fm)
+    compile_s = _compile_first(device, [measure] if measure else [], fm) if rank == 0 else None
     # One reporter for a torchrun job: rank 0's; other ranks print only their errors.
     hint = (f" (a smaller --width than {width:g}, e.g. 0.25, is much faster on a CPU)"
             if width > 0.25 else "")
@@ -255,11 +273,37 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
             reporter.close()
     if rank != 0:
         return
-    final = result.final
+    final, seconds = result.final, time.perf_counter() - t0
+    if as_json:
+        emit_json({"out": out, "file": file, "arch": arch, "device": result.device,
+                   "world_size": result.world_size, "resumed_from": result.resumed_from,
+                   "step": final["step"], "final": final, "seconds": seconds,
+                   "compile_seconds": compile_s,
+                   "files": {name: str(Path(out) / name) for name in RUN_FILES}})
+        return
     procs = f" x {result.world_size} processes" if result.world_size > 1 else ""
     click.echo(f"{arch} on {file} ({result.device}{procs}): step {final['step']}  "
-               f"{_fmt_row(final)}  [{time.perf_counter() - t0:.0f} s]", err=True)
+               f"{_fmt_row(final)}  [{seconds:.0f} s]", err=True)
     click.echo(f"Wrote {Path(out) / 'metrics.jsonl'} and {Path(out) / 'curves.png'}", err=True)
+
+
+# What a run folder holds (porder.train.metrics and porder.train.checkpoint write them).
+RUN_FILES = ("checkpoint.pt", "config.json", "metrics.jsonl", "result.json", "curves.png")
+
+
+def _compile_first(device: str, measures: list, fm: list) -> float | None:
+    """The CPU kernels' first compile, said on one line, when a run on the CPU orders
+    batches (``--measure``) or feature maps (``--fm-reorder``) by a built-in measure."""
+    names = [*measures, *(spec.split(":")[1] for spec in fm)]
+    if not names:
+        return None
+    from ..train.device import resolve_device
+
+    try:
+        on_cpu = resolve_device(device) == "cpu"
+    except ValueError:  # no GPU for --device cuda: the run itself says so
+        return None
+    return compile_kernels_first(names, on_cpu=on_cpu)
 
 
 def split_fm_reorder(values) -> list[str]:
@@ -284,29 +328,33 @@ def _list_option(kind, name, plural, example, check=None):
     return convert
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.argument("source")
-@click.option("-o", "--out", type=click.Path(file_okay=False), required=True,
-              help="Output folder: caches, runs, summary.csv/md and figures.")
-@click.option("--preset", type=click.Choice(["paper"]), default=None,
-              help="The paper's Fig. 4 experiment: Inception, batch 1, 10,000 steps, every "
-              "measure with none and random, patches 4,8,16, ... (--dry-run prints every value "
-              "and its source). Options given explicitly override it.")
-@click.option("-m", "--measures", default="none,mi", show_default=True,
-              callback=_list_option(str, "measure", "measures", "none,mi",
-                                    lambda m: m in MEASURES or m.startswith("fm:")),
-              help="Comma-separated measures; `none` (the baseline) is added if missing. "
-              "fm:POINT:MEASURE:PATCH trains on the `none` cache with a feature-map reordering "
-              "layer at POINT (see `porder train --help`); fm:POINT:MEASURE, at every --patch.")
-@click.option("-p", "--patch", "patches", default="8", show_default=True,
-              callback=_list_option(int, "patch size", "patch sizes", "4,8,16", lambda p: p >= 1),
-              help="Comma-separated patch sides, e.g. 4,8,16.")
-@click.option("-a", "--arch", "archs", default="vgg", show_default=True,
-              callback=_list_option(str, "architecture", "architectures", "vgg,resnet",
-                                     lambda a: a in ARCHS),
-              help=f"Comma-separated architectures from {', '.join(ARCHS)}.")
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Seeds per configuration (0..N-1).")
+@option("-o", "--out", type=click.Path(file_okay=False), required=True,
+        help="Output folder: caches, runs, summary.csv/md and figures (run the same "
+             "command again to resume in it).")
+@option("--preset", type=click.Choice(["paper"]), default=None,
+        help="The paper's Fig. 4 experiment: Inception, batch 1, 10,000 steps, every "
+             "measure with none and random, patches 4,8,16, ... (--dry-run prints every value "
+             "and its source). Options given explicitly override it.")
+@option("-m", "--measures", default="none,mi", show_default=True, metavar="LIST",
+        callback=_list_option(str, "measure", "measures", "none,mi",
+                              lambda m: m in MEASURES or m.startswith("fm:")),
+        help="Comma-separated measures; `none` (the baseline) is added if missing. "
+             "fm:POINT:MEASURE:PATCH trains on the `none` cache with a feature-map reordering "
+             "layer at POINT (see `porder train --help`); fm:POINT:MEASURE, at every patch "
+             "side of --patches.")
+@option("-p", "--patches", "patches", default="8", show_default=True, metavar="LIST",
+        old_names=("--patch",),
+        callback=_list_option(int, "patch size", "patch sizes", "4,8,16", lambda p: p >= 1),
+        help="Comma-separated patch sides, e.g. 4,8,16.")
+@option("-a", "--archs", "archs", default="vgg", show_default=True, metavar="LIST",
+        old_names=("--arch",),
+        callback=_list_option(str, "architecture", "architectures", "vgg,resnet",
+                              lambda a: a in ARCHS),
+        help=f"Comma-separated architectures from {', '.join(ARCHS)}.")
+@option("--seeds", type=IntRange(min=1), default=3, show_default=True,
+        help="Seeds per configuration (0..N-1).")
 @shared_option("steps", help="Optimizer steps per run.")
 @shared_option("width", default=0.25, help="Channel multiplier of every network; 0.25, not "
                "train's 1.0 (the published size), because a comparison trains measures x "
@@ -315,24 +363,24 @@ def _list_option(kind, name, plural, example, check=None):
 @shared_option("batch_size", help="Images per step (1 = online training).")
 @shared_option("eval_every", default=50, help="Steps between test evaluations; 50, not train's "
                "100, because steps-to-target figures are only as fine as this.")
-@click.option("--size", type=click.IntRange(min=8), default=32, show_default=True,
-              help="Images are resized to SIZE x SIZE.")
+@option("--size", type=IntRange(min=8), default=32, show_default=True,
+        help="Images are resized to SIZE x SIZE.")
 @shared_option("bins", help="Histogram bins of the measures.")
-@click.option("--test-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True),
-              default=0.1, show_default=True,
-              help="Held-out share for sources without a test split.")
-@shared_option("device", help="Where the networks train (auto: CUDA when torch sees a GPU); "
-               "the caches are made on the GPU too when CuPy sees one.")
-@shared_option("threads")
-@click.option("--dry-run", is_flag=True,
-              help="Check the source and the runs already in OUT, print the plan (with the "
-              "preset's values) with the estimated time of each cache to build and each run "
-              "to train on this machine and their total, and stop (exit 1 on a conflict).")
+@option("--test-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.1,
+        show_default=True, help="Held-out share for sources without a test split.")
+@shared_option("device", help="cpu, cuda, or auto: the networks train on CUDA when torch "
+               "sees a GPU, the caches are made on it when CuPy sees one (`porder info`).")
+@shared_option("workers")
+@option("--dry-run", is_flag=True,
+        help="Check the source and the runs already in OUT, print the plan (with the "
+             "preset's values) with the estimated time of each cache to build and each run "
+             "to train on this machine and their total, and stop (exit 1 on a conflict).")
 @shared_option("progress", help="Progress bars [default: on a terminal; plain lines otherwise].")
+@json_option
 @click.pass_context
 def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, width, lr,
-            batch_size, eval_every, size, bins, test_fraction, device, threads, dry_run,
-            progress):
+            batch_size, eval_every, size, bins, test_fraction, device, workers, dry_run,
+            progress, as_json):
     """Run the paper's comparison: train on SOURCE reordered by each measure.
 
     SOURCE is reordered once per (measure, patch) into OUT/data/*.h5; every
@@ -351,7 +399,7 @@ def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, wi
       porder compare dogs-vs-cats/ -m none,mi,random --seeds 3 --width 0.125 -o dvc
       porder compare dogs-vs-cats/ -m none,mi,fm:stem:mi:4 -a resnet -o fm
       porder compare cifar-100-python.tar.gz --preset paper -o paper --dry-run
-      porder compare synthetic:2000:4 -o demo --steps 200 --dry-run
+      porder compare synthetic:2000:4 -o demo --steps 200 --dry-run --json
     """
     from ..experiment import compare as run_compare
 
@@ -367,23 +415,67 @@ def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, wi
     tty = sys.stderr.isatty() if progress is None else progress
     log = lambda line: click.echo(line, err=True)
     with interruptible("run the same command again to resume."), library_errors():
+        compile_s = None if dry_run else _compile_for_caches(device, opts["measures"])
         result = run_compare(
-            source, out, **opts, device=device, threads=threads, dry_run=dry_run,
+            source, out, **opts, device=device, threads=workers, dry_run=dry_run,
             log=log, progress_for=lambda desc: TrainProgress(tty, desc=desc,
                                                              eval_every=opts["eval_every"],
                                                              batch_size=opts["batch_size"]),
             cache_progress=CacheProgress(tty))
         if dry_run:
-            if preset is not None:
-                from ..experiment.preset import describe_preset
-
-                click.echo(describe_preset(preset, given))
-            click.echo(result.describe())
-            if result.conflicts:
-                raise click.ClickException(f"{len(result.conflicts)} of {len(result.runs)} runs "
-                                           f"in {out} conflict with these options (listed above)")
+            _report_plan(result, preset, given, out, as_json)
             return
+    if as_json:
+        emit_json(compare_json(result, out, compile_s))
+        return
     click.echo((Path(out) / "summary.md").read_text())
+
+
+def _compile_for_caches(device: str, measures) -> float | None:
+    """The CPU kernels' first compile, said on one line, before a comparison whose caches
+    (or feature-map layers) are ordered on the CPU by a built-in measure."""
+    from ..backend import resolve_device
+
+    names = [m.split(":")[2] if m.startswith("fm:") else m for m in measures]
+    try:
+        on_cpu = resolve_device(device) == "cpu"
+    except ValueError:  # no GPU for --device cuda: the comparison itself says so
+        return None
+    return compile_kernels_first(names, on_cpu=on_cpu)
+
+
+def _report_plan(plan, preset, given, out, as_json: bool) -> None:
+    """``compare --dry-run``: the plan as text or JSON; exit 1 when runs on disk conflict."""
+    if as_json:
+        emit_json(plan_json(plan))
+    else:
+        if preset is not None:
+            from ..experiment.preset import describe_preset
+
+            click.echo(describe_preset(preset, given))
+        click.echo(plan.describe())
+    if plan.conflicts:
+        raise click.ClickException(f"{len(plan.conflicts)} of {len(plan.runs)} runs "
+                                   f"in {out} conflict with these options (listed above)")
+
+
+def plan_json(plan) -> dict:
+    """``compare --dry-run --json``: what a comparison would build and train, and what is done."""
+    return {"dry_run": True, "source": plan.source, "out": plan.out, "settings": plan.settings,
+            "caches": [{"measure": c.measure, "patch": c.patch, "path": c.path,
+                        "state": c.state, "seconds": c.seconds} for c in plan.caches],
+            "runs": [{"arch": r.arch, "measure": r.measure, "patch": r.patch, "seed": r.seed,
+                      "dir": r.dir, "state": r.state, "at_step": r.at_step,
+                      "reason": r.reason or None, "seconds": r.seconds} for r in plan.runs],
+            "conflicts": len(plan.conflicts), "seconds_left": plan.seconds_left}
+
+
+def compare_json(result, out, compile_s) -> dict:
+    """``compare --json``: the summary's rows, the paired verdicts and the files written."""
+    return {"dry_run": False, "out": out, "summary": str(Path(out) / "summary.md"),
+            "files": result.files, "runs": result.runs, "means": result.means,
+            "stds": result.stds, "comparisons": result.comparisons,
+            "compile_seconds": compile_s}
 
 
 def _given(ctx: click.Context, name: str) -> bool:

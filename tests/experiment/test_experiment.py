@@ -236,4 +236,5 @@ def test_defaults_agree_between_the_cli_and_the_library():
     text = lambda cmd: " ".join(CliRunner().invoke(cmd, ["--help"]).output.split())
     assert "not train's 1.0" in text(compare_cmd) and "not train's 100" in text(compare_cmd)
     assert "compare defaults to 0.25" in text(train_cmd)
-    assert defaults(reorder_cmd)["device"] == "cpu" and "unlike train's auto" in text(reorder_cmd)
+    # One grammar (issue 19): --device defaults to auto in every command.
+    assert defaults(reorder_cmd)["device"] == defaults(train_cmd)["device"] == cli["device"] == "auto"
