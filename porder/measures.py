@@ -442,7 +442,7 @@ class Measure:
     name : str
         Lowercase letters, digits, ``_`` or ``-``, starting with a letter (at
         most 32 characters): the name used by ``porder reorder -m``,
-        ``compare -m``, ``train --reorder`` and :func:`porder.reorder`.
+        ``compare -m``, ``train --measure`` and :func:`porder.reorder`.
     kind : {'standalone', 'pairwise'}
         'standalone' scores each patch on its own and the patches are sorted
         by score; 'pairwise' scores a candidate patch against a reference
@@ -477,7 +477,7 @@ class Measure:
     a measure without a compiled kernel runs on porder's generic path (the
     same permutations rules: scores rounded to 9 decimals, ties to the lowest
     index, NaN last), through :func:`porder.reorder`, the CLI, ``compare``,
-    ``train --reorder`` and :class:`porder.nn.PatchReorder`.
+    ``train --measure`` and :class:`porder.nn.PatchReorder`.
 
     Examples
     --------

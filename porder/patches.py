@@ -29,7 +29,7 @@ def from_torch(x):
     For a non-tensor ``x``, ``array`` is ``x`` and ``back`` returns its argument.
 
     This is porder's one torch -> array hand-off: :func:`porder.reorder` calls
-    it, and torch code (``porder.nn``, ``porder train --reorder``) passes its
+    it, and torch code (``porder.nn``, ``porder train --measure``) passes its
     tensors to ``reorder``.
     """
     if not _is_torch(x):

@@ -216,7 +216,7 @@ def parse_measure_item(item: str, patches: Sequence[int]) -> list[tuple[str, Opt
         parsed = [parse_fm_spec(sp) for sp in specs]
     except ValueError as e:
         raise ValueError(f"{e} (in the measure {item!r}: use fm:POINT:MEASURE:PATCH, or "
-                         "fm:POINT:MEASURE for every --patch)") from None
+                         "fm:POINT:MEASURE for every --patches)") from None
     return [(f"{FM_PREFIX}{sp.point}:{sp.measure}", sp.patch) for sp in parsed]
 
 
@@ -250,7 +250,7 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
 
     patches = [int(p) for p in patches]
     if not patches:
-        raise ValueError("give at least one patch size, e.g. --patch 8")
+        raise ValueError("give at least one patch size, e.g. --patches 8")
     for p in patches:
         check_patch_size(size, p)
     items = [str(m).strip() for m in measures if str(m).strip()]

@@ -1,5 +1,5 @@
 """The data of a training run: a porder file's splits as uint8 tensors on the device,
-the deterministic batch order, batches reordered on the fly (``--reorder``), and
+the deterministic batch order, batches reordered on the fly (``--measure``), and
 batches prepared one step ahead (:class:`Prefetch`)."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class Data:
         if len(self.classes) < 2:
             raise ValueError(f"'{path}' has {len(self.classes)} class; need at least 2 to train")
         if reorder is not None and self.meta.get("measure") != "none":
-            raise ValueError(f"--reorder needs an unmodified file (measure 'none'); '{path}' "
+            raise ValueError(f"--measure needs an unmodified file (measure 'none'); '{path}' "
                              f"was reordered with {self.meta.get('measure')!r}")
         self.device = device
         self.reorder_opts = None if reorder is None else dict(

@@ -3,7 +3,7 @@
 The whole file is loaded once (uint8, on the GPU when training there); each
 step takes a batch by index, converts it to normalised float on the device and
 runs one Adam step. Batches are prepared one step ahead on a background thread,
-so the loop only waits for data when preparing a batch (``--reorder`` on the
+so the loop only waits for data when preparing a batch (``--measure`` on the
 fly) is slower than a training step; the share of step time spent waiting is
 reported as ``data_wait``.
 
