@@ -374,6 +374,7 @@ def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) 
     continue. conflict: a run that ``train`` would refuse (other options, another
     file, or past ``--steps``), with the reason. new: nothing there yet.
     """
+    from ..train.checkpoint import is_file_state, state_changes
     from ..train.config import config_diff
     from ..train.metrics import CONFIG, read_metrics, read_result
 
@@ -385,6 +386,8 @@ def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) 
     try:
         recorded = json.loads((d / CONFIG).read_text())
     except (OSError, ValueError):
+        recorded = {}
+    if not isinstance(recorded, dict):                       # an edited config.json
         recorded = {}
     options = (res or {}).get("config") or recorded.get("config")
     run_device = (res or {}).get("device") or recorded.get("device") or device
@@ -402,6 +405,10 @@ def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) 
             why.append("its cache is to be made again, and it was trained on the old one")
         elif recorded.get("file_meta") not in (None, cache_identity):
             why.append("it was trained on another version of its cache")
+        elif is_file_state(recorded.get("file_state")):
+            _, what = state_changes(recorded["file_state"], item.cache)
+            if what:
+                why.append(f"its cache '{item.cache}' changed since the run started ({what})")
     if why:
         item.state, item.at_step, item.reason = "conflict", at, "; ".join(why)
     elif done:
