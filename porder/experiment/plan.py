@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from ..measures import get_measure
 from ..patches import check_patch_size
 from ..store import partial_path, read_meta
+from ..trainspec import split_items
 
 if TYPE_CHECKING:
     from ..pipeline import CacheSpec
@@ -220,15 +221,14 @@ def parse_measure_item(item: str, patches: Sequence[int]) -> list[tuple[str, Opt
     return [(f"{FM_PREFIX}{sp.point}:{sp.measure}", sp.patch) for sp in parsed]
 
 
-def parse_list(text: str, kind=str) -> list:
-    """'a, b,c' -> ['a', 'b', 'c'] (converted by ``kind``), duplicates dropped."""
+def parse_list(text: str, kind=str, option: str = "") -> list:
+    """'a, b,c' -> ['a', 'b', 'c'] (converted by ``kind``), duplicates dropped;
+    ValueError for an empty item (:func:`split_items`)."""
     items = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if part:
-            v = kind(part)
-            if v not in items:
-                items.append(v)
+    for part in split_items(text, option):
+        v = kind(part)
+        if v not in items:
+            items.append(v)
     return items
 
 
@@ -253,9 +253,12 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
         raise ValueError("give at least one patch size, e.g. --patch 8")
     for p in patches:
         check_patch_size(size, p)
-    items = [str(m).strip() for m in measures if str(m).strip()]
+    items = [str(m).strip() for m in measures]
     if not items:
         raise ValueError("give at least one measure, e.g. --measures none,mi")
+    if "" in items:
+        raise ValueError(f"measures {list(measures)!r} has an empty item (item "
+                         f"{items.index('') + 1} of {len(items)}); remove it")
     pairs = [pair for m in items for pair in parse_measure_item(m, patches)]
     measures = []                # the settings' list: measure names and fm: items
     for m in items:

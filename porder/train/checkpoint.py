@@ -121,6 +121,15 @@ def check_file_state(out: Path, path, ckpt: dict) -> Optional[dict]:
     return now
 
 
+def resume_note(out) -> Optional[str]:
+    """The line ``train --resume`` shows when run folder ``out`` holds no checkpoint,
+    so that the run starts afresh (None when there is one to resume)."""
+    out = Path(out)
+    if (out / CHECKPOINT).exists():
+        return None
+    return f"Nothing to resume in {out}: it holds no {CHECKPOINT}; starting a new run."
+
+
 def rng_state(device: str) -> dict:
     """torch's random-number states: the CPU generator's, and every GPU's on CUDA."""
     st = {"torch": torch.get_rng_state()}
