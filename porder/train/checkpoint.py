@@ -20,6 +20,7 @@ import torch
 
 from ..sources.identity import DIGEST_ALL
 from .config import TrainConfig, identity_diff
+from .metrics import METRICS, read_metrics
 
 CHECKPOINT = "checkpoint.pt"
 # What a checkpoint records of the bytes of the file trained on (see file_state).
@@ -238,6 +239,30 @@ def load_checkpoint(out: Path, cfg: TrainConfig, meta: dict,
     if path is not None:
         ckpt["file_state"] = check_file_state(out, path, ckpt)
     return ckpt
+
+
+def resume_rows(out: Path, step: int) -> list[dict]:
+    """The rows of ``out/metrics.jsonl`` that a resume at ``step`` keeps (those up to it).
+
+    ValueError naming the file when they are not in order (steps >= 0, each
+    greater than the last) or lack the row of ``step`` itself (a run writes
+    that row just before its checkpoint): such a file was edited, or belongs
+    to another checkpoint, and would give curves and a result that are not
+    those of the run.
+    """
+    path = Path(out) / METRICS
+    rows = [r for r in read_metrics(out) if r["step"] <= step]
+    last = -1
+    for r in rows:
+        if r["step"] <= last:
+            raise ValueError(f"'{path}' lists step {r['step']} after step {last}; repair or "
+                             f"delete the file")
+        last = r["step"]
+    if last != step:
+        raise ValueError(f"'{path}' has no row for step {step}, the step of the checkpoint "
+                         f"beside it: put back the run's own metrics.jsonl, or delete the "
+                         f"folder to start afresh")
+    return rows
 
 
 def restore(ckpt: dict, ckpt_path: Path, model, opt, scaler) -> None:

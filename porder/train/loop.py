@@ -63,6 +63,7 @@ from .checkpoint import (
     file_state,
     load_checkpoint,
     restore,
+    resume_rows,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -78,7 +79,7 @@ from .distributed import (
     rank_seed,
 )
 from .fm import insert_fm_reorder
-from .metrics import CONFIG, METRICS, read_metrics, write_json, write_metrics, write_result
+from .metrics import CONFIG, METRICS, write_json, write_metrics, write_result
 from .models import build_model
 
 
@@ -315,7 +316,7 @@ class Run:
             raise CheckpointError(f"checkpoint '{ckpt_path}' has a random-number "
                                   f"state this torch cannot use ({' '.join(str(e).split())}); "
                                   f"delete it to start afresh") from None
-        self.rows = [r for r in read_metrics(self.out) if r["step"] <= self.step]
+        self.rows = resume_rows(self.out, self.step)
 
     def write_config(self) -> None:
         """The run folder and its config.json."""
