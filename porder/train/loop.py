@@ -131,7 +131,10 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
         ``result.json`` when finished.
     resume : bool
         Continue from ``out/checkpoint.pt`` (start afresh if there is none);
-        without it an existing run in ``out`` is refused.
+        without it an existing run in ``out`` is refused. The file must be the
+        one the run started on, byte for byte (:func:`.checkpoint.file_state`:
+        hashed once when a run starts; a resume compares its stat, and hashes
+        it again only when that changed).
     progress : callable, optional
         ``progress(step, steps, stats)``, see :data:`Progress`.
 
@@ -143,7 +146,9 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     ------
     ValueError
         Bad options, an unusable file, a run folder in use, a checkpoint made
-        with other options, or (several processes) a batch size they cannot share.
+        with other options or on another file (or on this one before its bytes
+        changed), metrics rows that are not the checkpoint's, or (several
+        processes) a batch size they cannot share.
 
     Notes
     -----
