@@ -1,5 +1,5 @@
 """What a training run may be, without torch: the architectures, their feature-map
-points, the limits of the options and the ``--fm-reorder`` spec.
+points, the limits of the options, the ``--fm-reorder`` spec and comma-separated lists.
 
 One home for what both the library (:mod:`porder.train.config`,
 :mod:`porder.train.fm`) and the command line (:mod:`porder.cli.train`) need.
@@ -96,3 +96,21 @@ def parse_fm_spec(text) -> FmSpec:
         raise ValueError(f"feature-map reordering {text!r}: patch {patch!r} is not a positive "
                          "integer, e.g. stem:mi:4")
     return FmSpec(point, name, size)
+
+
+def split_items(text, option: str = "") -> list[str]:
+    """``'a, b,c'`` -> ``['a', 'b', 'c']``: the stripped items of a comma-separated value.
+
+    ValueError naming ``option`` (when given) and the empty item when an item is
+    empty (``vgg,,resnet``, a leading or trailing comma, or nothing at all): an
+    item dropped silently would run something other than what was asked.
+    """
+    parts = [p.strip() for p in str(text).split(",")]
+    where = f"{option} " if option else ""
+    if parts == [""]:
+        raise ValueError(f"{where}is empty; give at least one item")
+    empty = [i for i, p in enumerate(parts, 1) if not p]
+    if empty:
+        raise ValueError(f"{where}{str(text)!r} has an empty item (item {empty[0]} of "
+                         f"{len(parts)}); remove the extra comma")
+    return parts

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from ..measures import get_measure
 from ..patches import check_patch_size
 from ..store import partial_path, read_meta
+from ..trainspec import split_items
 
 if TYPE_CHECKING:
     from ..pipeline import CacheSpec
@@ -220,15 +221,14 @@ def parse_measure_item(item: str, patches: Sequence[int]) -> list[tuple[str, Opt
     return [(f"{FM_PREFIX}{sp.point}:{sp.measure}", sp.patch) for sp in parsed]
 
 
-def parse_list(text: str, kind=str) -> list:
-    """'a, b,c' -> ['a', 'b', 'c'] (converted by ``kind``), duplicates dropped."""
+def parse_list(text: str, kind=str, option: str = "") -> list:
+    """'a, b,c' -> ['a', 'b', 'c'] (converted by ``kind``), duplicates dropped;
+    ValueError for an empty item (:func:`split_items`)."""
     items = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if part:
-            v = kind(part)
-            if v not in items:
-                items.append(v)
+    for part in split_items(text, option):
+        v = kind(part)
+        if v not in items:
+            items.append(v)
     return items
 
 
@@ -253,9 +253,12 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
         raise ValueError("give at least one patch size, e.g. --patches 8")
     for p in patches:
         check_patch_size(size, p)
-    items = [str(m).strip() for m in measures if str(m).strip()]
+    items = [str(m).strip() for m in measures]
     if not items:
         raise ValueError("give at least one measure, e.g. --measures none,mi")
+    if "" in items:
+        raise ValueError(f"measures {list(measures)!r} has an empty item (item "
+                         f"{items.index('') + 1} of {len(items)}); remove it")
     pairs = [pair for m in items for pair in parse_measure_item(m, patches)]
     measures = []                # the settings' list: measure names and fm: items
     for m in items:
@@ -374,6 +377,7 @@ def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) 
     continue. conflict: a run that ``train`` would refuse (other options, another
     file, or past ``--steps``), with the reason. new: nothing there yet.
     """
+    from ..train.checkpoint import is_file_state, state_changes
     from ..train.config import config_diff
     from ..train.metrics import CONFIG, read_metrics, read_result
 
@@ -385,6 +389,8 @@ def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) 
     try:
         recorded = json.loads((d / CONFIG).read_text())
     except (OSError, ValueError):
+        recorded = {}
+    if not isinstance(recorded, dict):                       # an edited config.json
         recorded = {}
     options = (res or {}).get("config") or recorded.get("config")
     run_device = (res or {}).get("device") or recorded.get("device") or device
@@ -402,6 +408,10 @@ def _run_state(item: RunItem, cfg, cache_identity: Optional[dict], device: str) 
             why.append("its cache is to be made again, and it was trained on the old one")
         elif recorded.get("file_meta") not in (None, cache_identity):
             why.append("it was trained on another version of its cache")
+        elif is_file_state(recorded.get("file_state")):
+            _, what = state_changes(recorded["file_state"], item.cache)
+            if what:
+                why.append(f"its cache '{item.cache}' changed since the run started ({what})")
     if why:
         item.state, item.at_step, item.reason = "conflict", at, "; ".join(why)
     elif done:

@@ -137,6 +137,37 @@ def _local_cluster(n: int, device: str):
 
 
 @contextmanager
+def _children_reaped():
+    """Reap the processes a local cluster started, before returning.
+
+    The nannies' worker processes are joined by ``cluster.close()``; the ones
+    still exiting are joined here. multiprocessing's resource tracker, which
+    the first spawned worker starts, would otherwise outlive this process and
+    linger as a defunct child of its new parent: it is stopped (and joined)
+    when this run started it.
+    """
+    import multiprocessing
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    tracker_was_running = getattr(tracker, "_fd", None) is not None
+    before = set(multiprocessing.active_children())
+    try:
+        yield
+    finally:
+        for p in set(multiprocessing.active_children()) - before:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        if not tracker_was_running and getattr(tracker, "_fd", None) is not None:
+            try:
+                tracker._stop()
+            except Exception:  # a stdlib without it: the tracker ends with this process
+                pass
+
+
+@contextmanager
 def _environ_kept():
     """Undo the variables Dask's nannies put into this process's os.environ."""
     saved = dict(os.environ)
@@ -220,8 +251,11 @@ def _run_dask_locked(distributed, address, n_local, spec: CacheSpec, out: Path, 
     counts = _count_samples(task_spec)
     total = sum(counts.values())
 
-    # A local cluster's nannies set OMP_NUM_THREADS=1 etc. in os.environ: undo it after.
-    with _environ_kept() if address == "local" else nullcontext():
+    # A local cluster's nannies set OMP_NUM_THREADS=1 etc. in os.environ: undo it after;
+    # and its processes are all reaped before this returns.
+    local = address == "local"
+    with _environ_kept() if local else nullcontext(), \
+            _children_reaped() if local else nullcontext():
         cluster = client = None
         try:
             if address == "local":

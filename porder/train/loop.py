@@ -60,8 +60,10 @@ from .checkpoint import (
     CHECKPOINT,
     CheckpointError,
     file_identity,
+    file_state,
     load_checkpoint,
     restore,
+    resume_rows,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -77,7 +79,7 @@ from .distributed import (
     rank_seed,
 )
 from .fm import insert_fm_reorder
-from .metrics import CONFIG, METRICS, read_metrics, write_json, write_metrics, write_result
+from .metrics import CONFIG, METRICS, write_json, write_metrics, write_result
 from .models import build_model
 
 
@@ -129,7 +131,10 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
         ``result.json`` when finished.
     resume : bool
         Continue from ``out/checkpoint.pt`` (start afresh if there is none);
-        without it an existing run in ``out`` is refused.
+        without it an existing run in ``out`` is refused. The file must be the
+        one the run started on, byte for byte (:func:`.checkpoint.file_state`:
+        hashed once when a run starts; a resume compares its stat, and hashes
+        it again only when that changed).
     progress : callable, optional
         ``progress(step, steps, stats)``, see :data:`Progress`.
 
@@ -141,7 +146,9 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     ------
     ValueError
         Bad options, an unusable file, a run folder in use, a checkpoint made
-        with other options, or (several processes) a batch size they cannot share.
+        with other options or on another file (or on this one before its bytes
+        changed), metrics rows that are not the checkpoint's, or (several
+        processes) a batch size they cannot share.
 
     Notes
     -----
@@ -175,7 +182,12 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
         if 0 < n_train < cfg.batch_size:
             raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split "
                              f"of '{path}' ({n_train} images); use at most {n_train}")
-        ckpt = load_checkpoint(out, cfg, meta) if resume else None
+        ckpt = load_checkpoint(out, cfg, meta, path) if resume else None
+        # What identifies the file's bytes, recorded in every checkpoint (by rank 0): a
+        # resume reuses the state it checked; a fresh run hashes the file once here.
+        state = ckpt.get("file_state") if ckpt is not None else None
+        if state is None and env.rank == 0:
+            state = file_state(path)
     except BaseException:
         if lock is not None:
             lock.release(remove_folder=True)  # a refused run leaves no empty folder
@@ -192,7 +204,7 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
         with process_group(env, device):
             with torch_settings(device, cfg.deterministic, threads):
                 run = Run.start(path, cfg, out, device, meta, ckpt,
-                                progress if env.rank == 0 else None, env)
+                                progress if env.rank == 0 else None, env, state)
                 return run_steps(run)
     except BaseException:
         if fresh:
@@ -246,6 +258,7 @@ class Run:
     out: Path                          # the run folder
     device: str                        # 'cpu' or 'cuda'
     meta: dict                         # the file's read_meta
+    file_state: Optional[dict]         # what identifies its bytes (checkpoint.file_state)
     env: DistEnv
     progress: Optional[Progress]       # rank 0's; None elsewhere
     data: Data
@@ -262,7 +275,8 @@ class Run:
 
     @classmethod
     def start(cls, path, cfg: TrainConfig, out: Path, device: str, meta: dict,
-              ckpt: Optional[dict], progress: Optional[Progress], env: DistEnv) -> "Run":
+              ckpt: Optional[dict], progress: Optional[Progress], env: DistEnv,
+              state: Optional[dict] = None) -> "Run":
         """Load the data, build the model and optimizer, resume ``ckpt`` (if any), write config.json."""
         with _memory_hint(f"loading '{path}' onto {device}",
                           "the file does not fit; use a smaller file or another --device"):
@@ -272,7 +286,8 @@ class Run:
         model = _model(cfg, len(data.classes), data.size, device, env)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
         use_scaler = device == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-        run = cls(path=path, cfg=cfg, out=out, device=device, meta=meta, env=env,
+        run = cls(path=path, cfg=cfg, out=out, device=device, meta=meta, file_state=state,
+                  env=env,
                   progress=progress, data=data, model=model, net=model, opt=opt,
                   scaler=torch.amp.GradScaler("cuda", enabled=use_scaler))
         if ckpt is not None:
@@ -306,7 +321,7 @@ class Run:
             raise CheckpointError(f"checkpoint '{ckpt_path}' has a random-number "
                                   f"state this torch cannot use ({' '.join(str(e).split())}); "
                                   f"delete it to start afresh") from None
-        self.rows = [r for r in read_metrics(self.out) if r["step"] <= self.step]
+        self.rows = resume_rows(self.out, self.step)
 
     def write_config(self) -> None:
         """The run folder and its config.json."""
@@ -314,6 +329,7 @@ class Run:
         write_json(self.out / CONFIG, {
             "config": effective_config(self.cfg, self.device),
             "file": str(Path(self.path).resolve()), "file_meta": file_identity(self.meta),
+            "file_state": self.file_state,
             "device": self.device, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "world_size": self.env.world_size})
 
@@ -395,6 +411,7 @@ class Run:
         write_metrics(self.out, self.rows)  # metrics first: rows past the checkpoint are dropped on resume
         state = {"config": asdict(self.cfg), "step": self.step, "wall_s": self.wall,
                  "path": str(self.path), "file": file_identity(self.meta),
+                 "file_state": self.file_state,
                  "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rng,
                  "world_size": self.env.world_size}

@@ -1,0 +1,41 @@
+"""A short seeded fuzz of `porder train --resume` (issue 20): over mutated run folders and
+caches, every case ends in a finished run or in one ``Error:`` line, a cache whose bytes
+changed is never trained on, and nothing is deleted or left that the user did not ask for.
+
+tests/fuzz_resume.py (in a subprocess, so that even a crash of HDF5 or torch is caught
+and named) builds the cases and checks each outcome; this test reads its report.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from .conftest import REPO
+
+CASES = 22            # 2 of each of the 11 kinds of mutation
+SECONDS = 20.0        # per resume: generous bounded time on a loaded machine
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_resume_over_mutated_runs_and_caches(tmp_path, seed):
+    proc = subprocess.run([sys.executable, "-m", "tests.fuzz_resume", str(tmp_path), str(seed),
+                           str(CASES)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    started = [r for r in rows if "start" in r]
+    assert proc.returncode == 0 and rows and rows[-1].get("done"), (
+        f"the fuzz worker died (exit {proc.returncode}) in case "
+        f"{started[-1] if started else '?'}: {proc.stderr[-2000:]}")
+    results = [r for r in rows if "code" in r]
+    assert len(results) == CASES
+    failures = [f"case {r['case']} ({r['what']}): exit {r['code']}: {'; '.join(r['problems'])}"
+                f": {r['output'][-300:]!r}" for r in results if r["problems"]]
+    failures += [f"case {r['case']} ({r['what']}): took {r['seconds']:.1f} s"
+                 for r in results if r["seconds"] > SECONDS]
+    assert not failures, "\n".join(failures)
+    # the fuzz reaches both ends: runs finished and resumes refused
+    codes = Counter(r["code"] for r in results)
+    assert codes[0] >= 8 and codes[1] >= 6, codes
