@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..measures import MEASURES
-from ..trainspec import ARCHS, DEVICES, FM_POINTS_HELP, MAX_WIDTH
+from ..trainspec import ARCHS, DEVICES, FM_POINTS_HELP, MAX_WIDTH, split_items
 from .common import (
     SEED,
     FiniteFloat,
@@ -237,6 +237,7 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
       torchrun --nproc-per-node 4 -m porder train c100-mi8.h5 -b 128 -o runs/ddp
     """
     from ..store import read_meta
+    from ..train.checkpoint import resume_note
     from ..train.config import TrainConfig
     from ..train.distributed import dist_env
     from ..train.fm import check_fm_reorder
@@ -263,6 +264,8 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
     reporter = TrainProgress(progress, desc=arch, eval_every=eval_every, batch_size=batch_size,
                              slow_hint=hint) if rank == 0 else None
     t0 = time.perf_counter()
+    if resume and rank == 0 and (note := resume_note(out)):
+        click.echo(note, err=True)
     try:
         with interruptible(f"the last checkpoint is in {out}; run the same command with "
                            f"--resume to continue.", quiet=rank != 0), \
@@ -308,14 +311,18 @@ def _compile_first(device: str, measures: list, fm: list) -> float | None:
 
 def split_fm_reorder(values) -> list[str]:
     """Repeated and comma-separated ``--fm-reorder`` values -> one spec string each."""
-    return [v.strip() for value in values for v in str(value).split(",") if v.strip()]
+    return [v for value in values for v in split_items(value)]
 
 
 def _list_option(kind, name, plural, example, check=None):
     """A click callback: 'a, b,c' -> [kind('a'), ...], duplicates dropped, each checked."""
     def convert(ctx, param, value):
         try:
-            items = [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+            parts = split_items(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        try:
+            items = [kind(v) for v in parts]
         except ValueError:
             raise click.BadParameter(f"{value!r} is not a comma-separated list of "
                                      f"{plural} (e.g. {example})") from None

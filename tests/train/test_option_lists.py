@@ -2,9 +2,7 @@
 says when there is nothing to resume.
 
 The library halves (porder.trainspec.split_items, porder.experiment.plan.parse_list and
-make_plan, porder.train.checkpoint.resume_note) are tested here directly; the command-line
-tests are marked NEEDS_CLI until porder/cli/train.py calls them (the lines are in the
-reliab2 report): strict, so they fail the day the CLI does it, to have the mark removed.
+make_plan, porder.train.checkpoint.resume_note) are tested directly, and through the CLI.
 """
 from __future__ import annotations
 
@@ -18,9 +16,6 @@ from porder.train.checkpoint import CHECKPOINT, resume_note
 from porder.trainspec import split_items
 
 from .test_train import write_file
-
-NEEDS_CLI = pytest.mark.xfail(strict=True, reason="needs the porder/cli/train.py lines of "
-                                                  "the reliab2 report")
 
 
 def test_split_items():
@@ -62,7 +57,6 @@ def _usage_error(res, option, fragment):
     assert fragment in last, res.output
 
 
-@NEEDS_CLI
 @pytest.mark.parametrize("args, option, fragment", [
     (["-a", "vgg,,resnet"], "'--arch'", "'vgg,,resnet' has an empty item (item 2 of 3)"),
     (["-m", "none,mi,"], "'--measures'", "'none,mi,' has an empty item (item 3 of 3)"),
@@ -76,7 +70,6 @@ def test_compare_refuses_an_empty_list_item(tmp_path, args, option, fragment):
     assert not (tmp_path / "cmp").exists()
 
 
-@NEEDS_CLI
 def test_train_refuses_an_empty_fm_reorder_item(tmp_path):
     data = write_file(tmp_path / "tiny.h5")
     res = CliRunner().invoke(train_cmd, [str(data), "--fm-reorder", "stem:mi:4,,stage1:mi:4",
@@ -87,7 +80,6 @@ def test_train_refuses_an_empty_fm_reorder_item(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@NEEDS_CLI
 def test_train_resume_with_nothing_to_resume_says_so(tmp_path):
     data = write_file(tmp_path / "tiny.h5")
     out = tmp_path / "run"
