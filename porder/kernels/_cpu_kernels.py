@@ -54,6 +54,9 @@ LANES = 16
 SUM_BLOCK = 32768
 _U1 = np.uint64(1)
 _U0 = np.uint64(0)
+# float64 bits: the 52 mantissa bits, and the exponent field of 1.0
+_MANTISSA = np.int64(0x000FFFFFFFFFFFFF)
+_EXP_ONE = np.int64(0x3FF0000000000000)
 
 
 # --------------------------------------------------------------------------
@@ -198,21 +201,37 @@ def _band_max(prod, m):
 
 
 @njit(**_JIT)
-def _rescale(prod, m, flip):
-    """Divide prod[:m] by its largest entry (smallest when flip) to stay in range.
+def _renorm(pbits, ex, mm):
+    """Move the binary exponents of the products in lanes into ex, exactly.
 
-    A common factor changes no ratio; only candidates ~2^1000 away from the
-    best ones can leave float64's range, and they are far outside the band.
+    pbits (KP,) int64 is the bit view of the float64 products (all positive and
+    normal); each becomes its mantissa in [1, 2) (no rounding: only exponent
+    bits change) and ex[s] gains the exponent taken out. Called once per
+    channel, it keeps every product in range whatever the others are: a
+    channel multiplies a product by at most 2^+-530 (n <= 64 counts of <= 64,
+    or KL's factors >= 1/256 and T >= 1/(256 * 65)).
     """
-    pm = _band_max(prod, m)
-    if flip:
-        pm = np.inf
-        for s in range(m):
-            pm = min(pm, prod[s])
-    if pm > 0.0 and pm < np.inf:
-        inv = 1.0 / pm
-        for s in range(m):
-            prod[s] *= inv
+    for s in range(mm):
+        b = pbits[s]
+        ex[s] += (b >> 52) - 1023
+        pbits[s] = (b & _MANTISSA) | _EXP_ONE
+
+
+@njit(**_JIT)
+def _unscale(prod, ex, m, flip):
+    """prod[:m] * 2^ex[:m] over a common power of two (the best lane's exponent).
+
+    The largest exponent is taken (the smallest when flip, where the smallest
+    product is the best), so the best products are near 1 and the ratios of
+    all of them are exact; candidates ~2^1000 from the best underflow to 0
+    (overflow to inf when flip) and stay far outside the band.
+    """
+    e0 = ex[0]
+    for s in range(1, m):
+        e0 = min(e0, ex[s]) if flip else max(e0, ex[s])
+    for s in range(m):
+        d = ex[s] - e0
+        prod[s] = math.ldexp(prod[s], max(-1100, min(1100, d)))
 
 
 @njit(**_JIT, inline="always")
@@ -313,8 +332,9 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
     shared-bin pixels) orders je (je = log2 n - log2 P_j / (n C)), and P_j
     divided by the product Q_j of the candidate's own pixel counts orders mi
     (mi = H_ref + log2(P_j / Q_j) / (n C)). flip: the direction opposite to the
-    measure's own (the reciprocal is maximised). rescale: renormalise after
-    each channel (products beyond float64's range otherwise). Four reference
+    measure's own (the reciprocal is maximised). rescale: move the products'
+    exponents out after each channel (:func:`_renorm`; products beyond
+    float64's range otherwise). Four reference
     pixels per pass over the lanes; lane counts padded to LANES.
     """
     K, C, n = E.shape[0], E.shape[1], E.shape[2]
@@ -341,6 +361,8 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
     idx = np.arange(K)
     pos = np.arange(K)
     prod = np.empty(KP, np.float64)
+    pbits = prod.view(np.int64)
+    ex = np.zeros(KP, np.int64)
     _move_col(rinit, pos, reference, K)
     _move_col(E2, pos, reference, K)
     m = _drop(idx, pos, reference, K)
@@ -352,6 +374,7 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
         mm = (m + LANES - 1) // LANES * LANES
         for s in range(mm):
             prod[s] = rinit[0, s]
+            ex[s] = 0
         for c in range(C):
             if rescale and c > 0:
                 for s in range(mm):
@@ -377,7 +400,9 @@ def _chain_lanes(E, nu, nucnt, h, ltab, log2n, is_mi, flip, band, rescale, refer
                     b = np.uint16(popcount(e2 & E2[r2, s]) * popcount(e3 & E2[r3, s]))
                     prod[s] *= np.uint32(np.uint32(a) * np.uint32(b))
             if rescale:
-                _rescale(prod, m, flip)
+                _renorm(pbits, ex, mm)
+        if rescale:
+            _unscale(prod, ex, m, flip)
         thr = _band_pick(prod, m, flip, band)
         best, inband = _band_first(prod, idx, m, thr)
         if inband > 1:  # near-ties: exact scores and rounded keys decide
@@ -595,7 +620,10 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
         return
     flip = descending  # kl is natively ascending: the largest product is the best
     band = 2.0 ** (-C * (n + 1) * BAND_SCORE)
-    rescale = C * n * max(math.log2(n + 1), math.log2(bins)) > 900.0
+    # log2 range of one image's products: n factors in [1/bins, n + 1) and
+    # T in [1/(bins (n + 1)), 1) per channel; past float64's, exponents move out
+    rescale = C * (n * max(math.log2(n + 1), math.log2(bins))
+                   + math.log2(bins * (n + 1))) > 900.0
     ib = 1.0 / bins
     KP = (K + LANES - 1) // LANES * LANES
     ct = cntT[: C * bins * KP].reshape((C * bins, KP))  # candidate-last bin counts
@@ -611,6 +639,8 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
     idx = np.arange(K)
     pos = np.arange(K)
     prod = np.empty(KP, np.float64)
+    pbits = prod.view(np.int64)
+    ex = np.zeros(KP, np.int64)
     m = K
     for step in range(K):
         k = cur
@@ -620,6 +650,7 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
             mm = (m + LANES - 1) // LANES * LANES
             for s in range(mm):
                 prod[s] = 1.0
+                ex[s] = 0
             for c in range(C):
                 for s in range(mm):
                     prod[s] *= tau[c, s]
@@ -632,7 +663,9 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, perm):
                     for s in range(mm):
                         prod[s] *= ct[r0, s] + ib
                 if rescale:
-                    _rescale(prod, m, flip)
+                    _renorm(pbits, ex, mm)
+            if rescale:
+                _unscale(prod, ex, m, flip)
             thr = _band_pick(prod, m, flip, band)
             best, inband = _band_first(prod, idx, m, thr)
             if inband > 1:  # near-ties: exact scores and rounded keys decide
