@@ -63,10 +63,15 @@ if _CACHE_DIR is not None:
 
         numba.core.config.CACHE_DIR = _CACHE_DIR
 
+from ..measures import DATA_RANGE, PSNR_NOISE_FLOOR, SSIM_C1, SSIM_C2  # noqa: E402
+from ..ordering import DECIMALS  # noqa: E402
 from . import _cpu_kernels as _k  # noqa: E402  (after the cache folder is chosen)
 
 CODES = {"mi": _k.MI, "je": _k.JE, "kl": _k.KL, "l1": _k.L1, "l2": _k.L2, "ssim": _k.SSIM,
          "entropy": _k.ENTROPY, "psnr": _k.PSNR}
+# The measures' constants, passed to the kernels (not read there: see _cpu_kernels).
+_CONSTANTS = _k.Constants(ssim_c1=SSIM_C1, ssim_c2=SSIM_C2, psnr_peak2=DATA_RANGE**2,
+                          psnr_floor=PSNR_NOISE_FLOOR, round_scale=10.0**DECIMALS)
 # Measures that quantise intensities into bins; the others read raw values.
 _BINNED = ("mi", "je", "kl", "entropy")
 # Images per task: enough to hide the ~2 us Python cost of a kernel call (an
@@ -97,7 +102,7 @@ def _arguments(name: str, p: int, bins: int, reference: int, descending: bool) -
     n = p * p
     qtab, ltab, clogc, plp, lt = _tables(name, n, bins)
     return (CODES[name], p, bins, int(reference), bool(descending), qtab, ltab, clogc,
-            math.log2(n), plp, lt)
+            math.log2(n), plp, lt, _CONSTANTS)
 
 
 def _scratch(code: int, n: int, bins: int, c: int, k: int) -> tuple:
