@@ -17,7 +17,7 @@ give the same permutation of every image, for every scored measure at patches
   2 bins and in the reversed direction.
 
 It is too slow for the unit suite (864,216 images, each ordered by both paths:
-about 15 minutes on 2 cores, mostly the generic path), so
+3 minutes on 2 quiet cores, 15 on a busy machine, mostly the generic path), so
 ``tests/test_kernels_cpu_exact.py`` keeps a targeted slice of it. Prints JSON
 with the number of differing images per measure, patch and set and the first
 few of them; ``--out DIR`` also writes ``DIR/equivalence.json``.
