@@ -103,7 +103,7 @@ def stages(n: int) -> dict:
     from numba import njit
 
     from porder.kernels import _cpu_kernels as k
-    from porder.kernels.cpu import _tables
+    from porder.kernels.cpu import _CONSTANTS, _tables
 
     @njit(cache=True)
     def split_all(x, p, qtab, q):
@@ -119,14 +119,16 @@ def stages(n: int) -> dict:
                 k._marginals(q[i], nu[i], nuc[i], h[i], ltab, log2n, hist)
 
     @njit(cache=True)
-    def chain_all(q, e, nu, nuc, h, ltab, clogc, log2n, band, rescale, perm, joint):
+    def chain_all(q, e, nu, nuc, h, ltab, clogc, log2n, band, every, scale, perm, joint):
+        kk = q.shape[1]
         for i in range(q.shape[0]):
             if q.shape[3] <= 64:
-                k._chain_lanes(e[i], nu[i], nuc[i], h[i], ltab, log2n, True, False, band,
-                               rescale, 0, True, perm[i])
+                k._chain_masks(k._mask_lanes(e[i], True, every),
+                               (e[i], nu[i], nuc[i], h[i], ltab, log2n, True), False, band,
+                               every > 0, kk, 0, True, scale, perm[i])
             else:
-                k._chain_dense(q[i], 256, nu[i], nuc[i], h[i], clogc, log2n, True, 0, True,
-                               perm[i], joint)
+                xs = (q[i], 256, nu[i], nuc[i], h[i], clogc, log2n, True, joint)
+                k._chain_dense(xs, xs, False, 1.0, False, kk, 0, True, scale, perm[i])
 
     @njit(cache=True)
     def gather_all(x, perm, p, out):
@@ -148,14 +150,15 @@ def stages(n: int) -> dict:
         out = np.empty_like(x)
         tab, hist, joint = (np.zeros(1024, np.uint64), np.zeros(256, np.int32),
                             np.zeros(65536, np.int32))
-        band = 2.0 ** (-c * npx * 4e-9)
-        rescale = c * npx * math.log2(npx) > 900.0
+        scale = _CONSTANTS.round_scale
+        band = 2.0 ** (-c * npx * k.BAND_STEPS / scale)
+        every = k._renorm_every(c, npx * math.log2(max(npx, 2)))
         steps = {
             "split": lambda: split_all(x, p, qtab, q),
             "masks" if npx <= 64 else "histograms":
                 lambda: masks_all(q, e, nu, nuc, h, ltab, log2n, tab, hist),
-            "chain": lambda: chain_all(q, e, nu, nuc, h, ltab, clogc, log2n, band, rescale, perm,
-                                       joint),
+            "chain": lambda: chain_all(q, e, nu, nuc, h, ltab, clogc, log2n, band, every,
+                                       scale, perm, joint),
             "gather": lambda: gather_all(x, perm, p, out),
         }
         row = {}

@@ -290,14 +290,19 @@ def test_cache_locator_answers_for_porder_kernels_only(monkeypatch, tmp_path):
 
 
 def test_kernel_constants_are_the_measures_constants():
-    # _cpu_kernels keeps numba-global copies (a compiled constant is frozen into the
-    # cache); they must equal the formulas' constants in porder.measures.
-    from porder import measures
+    # The kernels take the formulas' constants as an argument (a numba global would be
+    # frozen into the disk cache): one definition, in porder.measures and ordering.
+    from porder import measures, ordering
     from porder.kernels import _cpu_kernels as k
+    from porder.kernels import cpu
 
-    assert (k.SSIM_C1, k.SSIM_C2) == (measures.SSIM_C1, measures.SSIM_C2)
-    assert (k.PSNR_PEAK2, k.PSNR_NOISE_FLOOR) == (measures.DATA_RANGE**2,
-                                                  measures.PSNR_NOISE_FLOOR)
+    c = cpu._CONSTANTS
+    assert (c.ssim_c1, c.ssim_c2) == (measures.SSIM_C1, measures.SSIM_C2)
+    assert (c.psnr_peak2, c.psnr_floor) == (measures.DATA_RANGE**2, measures.PSNR_NOISE_FLOOR)
+    assert c.round_scale == 10.0**ordering.DECIMALS
+    assert not any(hasattr(k, name) for name in ("SSIM_C1", "SSIM_C2", "PSNR_PEAK2",
+                                                 "PSNR_NOISE_FLOOR", "ROUND_SCALE"))
+    assert cpu._arguments("ssim", 8, 256, 0, True)[-1] is c
 
 
 def test_supports_built_in_formulas_only():

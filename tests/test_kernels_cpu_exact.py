@@ -1,7 +1,7 @@
 """Exactness of the compiled CPU kernels where their shortcuts are most at risk.
 
 The lanes of ``mi``, ``je`` and ``kl`` order candidates by a product of counts
-(``porder.kernels._cpu_kernels._count_product``) and score exactly only those
+(``porder.kernels._cpu_kernels._count_product_band``) and score exactly only those
 near the best. Products of one channel span up to 2^+-530, so one image's
 spread between candidates can pass float64's range: the images here make that
 spread as large as possible (per patch and channel, a flat, a narrow or a

@@ -44,7 +44,8 @@ import numpy as np
 from numba.core import caching
 from numba.core import config as numba_config
 
-from ..measures import as_builtin, get_measure
+from ..measures import DATA_RANGE, PSNR_NOISE_FLOOR, SSIM_C1, SSIM_C2, as_builtin, get_measure
+from ..ordering import DECIMALS
 
 _KERNELS_FILE = Path(__file__).resolve().with_name("_cpu_kernels.py")
 
@@ -115,6 +116,10 @@ from . import _cpu_kernels as _k  # noqa: E402  (after the locator is in place)
 # What the kernels need to know about a measure (binned or not) is its registry entry.
 IMPLEMENTS = {"mi": _k.MI, "je": _k.JE, "kl": _k.KL, "l1": _k.L1, "l2": _k.L2, "ssim": _k.SSIM,
               "entropy": _k.ENTROPY, "psnr": _k.PSNR}
+# The measures' constants, passed to the kernels (never read there as globals: numba's disk
+# cache would keep a stale value, see _cpu_kernels).
+_CONSTANTS = _k.Constants(ssim_c1=SSIM_C1, ssim_c2=SSIM_C2, psnr_peak2=DATA_RANGE**2,
+                          psnr_floor=PSNR_NOISE_FLOOR, round_scale=10.0**DECIMALS)
 # Images per task: enough to hide the ~2 us Python cost of a kernel call (an
 # image takes 10-40 us), few enough to balance the threads at a batch's end.
 MAX_CHUNK = 32
@@ -148,7 +153,7 @@ def _arguments(measure, p: int, bins: int, reference: int, descending: bool) -> 
     m = get_measure(measure)
     qtab, ltab, clogc, plp, lt = _tables(m, n, bins)
     return (IMPLEMENTS[m.name], p, bins, int(reference), bool(descending), qtab, ltab, clogc,
-            math.log2(n), plp, lt)
+            math.log2(n), plp, lt, _CONSTANTS)
 
 
 def _scratch(code: int, n: int, bins: int, c: int, k: int) -> tuple:
