@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_core", "bench_kernels", "bench_reorder", "bench_e2e", "bench_train", "bench_scale"]
+BENCHES = ["bench_core", "bench_kernels", "bench_equivalence", "bench_reorder", "bench_e2e", "bench_train",
+           "bench_scale"]
 
 
 def load(name):
