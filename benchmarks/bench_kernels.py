@@ -121,14 +121,15 @@ def stages(n: int) -> dict:
     @njit(cache=True)
     def chain_all(q, e, nu, nuc, h, ltab, clogc, log2n, band, every, scale, perm, joint):
         kk = q.shape[1]
+        go = np.zeros(1, np.uint8)  # the kernels' stop flag, never set here
         for i in range(q.shape[0]):
             if q.shape[3] <= 64:
                 k._chain_masks(k._mask_lanes(e[i], True, every),
                                (e[i], nu[i], nuc[i], h[i], ltab, log2n, True), False, band,
-                               every > 0, kk, 0, True, scale, perm[i])
+                               every > 0, kk, 0, True, scale, perm[i], go)
             else:
                 xs = (q[i], 256, nu[i], nuc[i], h[i], clogc, log2n, True, joint)
-                k._chain_dense(xs, xs, False, 1.0, False, kk, 0, True, scale, perm[i])
+                k._chain_dense(xs, xs, False, 1.0, False, kk, 0, True, scale, perm[i], go)
 
     @njit(cache=True)
     def gather_all(x, perm, p, out):

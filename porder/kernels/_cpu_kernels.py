@@ -223,7 +223,7 @@ def _chain_of(fill, take, exact=None):
 
     ls holds the family's lane data, xs its per-patch data. Returns the njit
     function ``chain(ls, xs, flip, band, rescale, K, reference, descending,
-    scale, perm)`` (flip, band, rescale: see :func:`_count_product_band`),
+    scale, perm, abort)`` (flip, band, rescale: see :func:`_count_product_band`),
     which writes the chain from patch ``reference`` into perm (K,): each step
     appends the best remaining candidate against the patch appended last
     (cur). The remaining candidates sit in slots 0..m-1 (idx[slot] -> patch,
@@ -241,7 +241,7 @@ def _chain_of(fill, take, exact=None):
         exact = _no_exact
 
     @njit(error_model="numpy", inline="always")
-    def chain(ls, xs, flip, band, rescale, K, reference, descending, scale, perm):
+    def chain(ls, xs, flip, band, rescale, K, reference, descending, scale, perm, abort):
         KP = (K + LANES - 1) // LANES * LANES
         idx = np.arange(K)
         pos = np.arange(K)
@@ -252,6 +252,8 @@ def _chain_of(fill, take, exact=None):
         m = _drop(idx, pos, reference, K)
         perm[0] = cur = reference
         for step in range(1, K):
+            if abort[0] != 0:  # the caller was interrupted: perm is left unfinished
+                return
             if m == 1:  # one candidate left: nothing to compare
                 perm[step] = idx[0]
                 break
@@ -632,15 +634,16 @@ _chain_dense = _chain_of(_fill_dense, _take_none)
 
 @njit(**_JIT)
 def _dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, reference, descending, scale,
-           perm):
+           perm, abort):
     """The mi/je chain above 64 pixels (a function of its own: inlined into _mi_je
     beside the lanes, its loops compile to 4% more instructions)."""
     xs = (q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint)
-    _chain_dense(xs, xs, False, 1.0, False, q.shape[0], reference, descending, scale, perm)
+    _chain_dense(xs, xs, False, 1.0, False, q.shape[0], reference, descending, scale, perm,
+                 abort)
 
 @njit(**_JIT)
 def _mi_je(q, is_mi, bins, reference, descending, ltab, clogc, log2n, tab, hist, joint, scale,
-           perm):
+           perm, abort):
     """The mi/je chain: bitmask lanes up to 64 pixels, a dense table above."""
     K, C, n = q.shape
     nu = np.empty((K, C, n), np.int32)
@@ -653,16 +656,16 @@ def _mi_je(q, is_mi, bins, reference, descending, ltab, clogc, log2n, tab, hist,
         E16 = np.empty((K, C, n), np.uint16)
         _masks(q, E16, nu, nucnt, h, ltab, log2n, tab)
         _chain_masks(_mask_lanes(E16, is_mi, every), (E16, nu, nucnt, h, ltab, log2n, is_mi),
-                     flip, band, every > 0, K, reference, descending, scale, perm)
+                     flip, band, every > 0, K, reference, descending, scale, perm, abort)
     elif n <= 64:
         E64 = np.empty((K, C, n), np.uint64)
         _masks(q, E64, nu, nucnt, h, ltab, log2n, tab)
         _chain_masks(_mask_lanes(E64, is_mi, every), (E64, nu, nucnt, h, ltab, log2n, is_mi),
-                     flip, band, every > 0, K, reference, descending, scale, perm)
+                     flip, band, every > 0, K, reference, descending, scale, perm, abort)
     else:
         _marginals(q, nu, nucnt, h, ltab, log2n, hist)
         _dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, reference, descending, scale,
-               perm)
+               perm, abort)
 
 
 # --------------------------------------------------------------------------
@@ -802,7 +805,7 @@ _chain_kl = _chain_of(_fill_kl, _take_kl, _score_kl)
 _chain_kl_keys = _chain_of(_fill_kl_keys, _take_none)
 
 @njit(**_JIT)
-def _kl_lanes(q, xs, reference, descending, cntT, scale, perm):
+def _kl_lanes(q, xs, reference, descending, cntT, scale, perm, abort):
     """The kl chain with candidate-last bin counts in lanes (up to 64 pixels).
 
     cntT (C * bins * KP,) uint8 scratch (KP = K rounded up to LANES), zero in
@@ -827,7 +830,9 @@ def _kl_lanes(q, xs, reference, descending, cntT, scale, perm):
         for c in range(C):
             tau[c, k] = 1.0
     _chain_kl((ct, tau, q, every), xs, flip, band, every > 0, K, reference, descending, scale,
-              perm)
+              perm, abort)
+    if abort[0] != 0:  # perm unfinished; the caller drops this thread's scratch
+        return
     last = perm[K - 1]  # still counted in slot 0: leave the scratch zeroed
     for c in range(C):
         for t in range(n):
@@ -835,7 +840,7 @@ def _kl_lanes(q, xs, reference, descending, cntT, scale, perm):
 
 
 @njit(**_JIT)
-def _kl(q, bins, reference, descending, plp, lt, hist, cntT, scale, perm):
+def _kl(q, bins, reference, descending, plp, lt, hist, cntT, scale, perm, abort):
     """The KL(reference || candidate) chain: counts in lanes up to 64 pixels, exact
     scores of every candidate above."""
     K, C, n = q.shape
@@ -848,9 +853,9 @@ def _kl(q, bins, reference, descending, plp, lt, hist, cntT, scale, perm):
     _kl_hists(q, bins, bits, pre, cnts, negh, tsum, plp, lt, hist)
     xs = (bits, pre, cnts, negh, tsum, lt, n, bins)
     if n <= 64:
-        _kl_lanes(q, xs, reference, descending, cntT, scale, perm)
+        _kl_lanes(q, xs, reference, descending, cntT, scale, perm, abort)
     else:
-        _chain_kl_keys(xs, xs, False, 1.0, False, K, reference, descending, scale, perm)
+        _chain_kl_keys(xs, xs, False, 1.0, False, K, reference, descending, scale, perm, abort)
 
 
 # --------------------------------------------------------------------------
@@ -951,7 +956,7 @@ def _fill_sums(ls, xs, cur, idx, m, descending, scale, tot, vbits, ex):
 _chain_sums = _chain_of(_fill_sums, _take_cols)
 
 @njit(**_JIT)
-def _sums(q, code, reference, descending, consts, perm):
+def _sums(q, code, reference, descending, consts, perm, abort):
     """The l1 / l2 / ssim chain: exact pixel sums of all candidates in lanes."""
     K, C, n = q.shape
     KP = (K + LANES - 1) // LANES * LANES
@@ -971,7 +976,8 @@ def _sums(q, code, reference, descending, consts, perm):
                 st[c, k], st[C + c, k], st[2 * C + c, k] = s1[k, c], mu[k, c], var[k, c]
     ls = (q2, st, np.empty(KP, np.int32), np.empty(KP, np.float64))
     xs = (q, code, s1, mu, var, consts.ssim_c1, consts.ssim_c2)
-    _chain_sums(ls, xs, False, 1.0, False, K, reference, descending, consts.round_scale, perm)
+    _chain_sums(ls, xs, False, 1.0, False, K, reference, descending, consts.round_scale, perm,
+                abort)
 
 
 # --------------------------------------------------------------------------
@@ -1136,7 +1142,7 @@ def _argsort_stable(keys, out):
 
 @njit(**_JIT)
 def _one(img, code, p, bins, reference, descending, qtab, ltab, clogc, log2n, plp, lt, consts,
-         hist, tab, joint, cntT, out, perm):
+         hist, tab, joint, cntT, out, perm, abort):
     """One image (S, S, C): its ordering into perm (K,) and reordered copy into out."""
     S, C = img.shape[0], img.shape[2]
     G = S // p
@@ -1148,17 +1154,19 @@ def _one(img, code, p, bins, reference, descending, qtab, ltab, clogc, log2n, pl
         _standalone(q, code, descending, clogc, log2n, hist, consts, perm)
     elif code == MI or code == JE:
         _mi_je(q, code == MI, bins, reference, descending, ltab, clogc, log2n, tab, hist, joint,
-               scale, perm)
+               scale, perm, abort)
     elif code == KL:
-        _kl(q, bins, reference, descending, plp, lt, hist, cntT, scale, perm)
+        _kl(q, bins, reference, descending, plp, lt, hist, cntT, scale, perm, abort)
     else:
-        _sums(q, code, reference, descending, consts, perm)
+        _sums(q, code, reference, descending, consts, perm, abort)
+    if abort[0] != 0:  # perm unfinished: nothing to gather
+        return
     _gather(img, perm, p, out)
 
 
 @njit(**_JIT, nogil=True)
 def reorder_range(images, lo, hi, code, p, bins, reference, descending, qtab, ltab, clogc,
-                  log2n, plp, lt, consts, hist, tab, joint, cntT, out, perm):
+                  log2n, plp, lt, consts, hist, tab, joint, cntT, out, perm, abort):
     """Images lo..hi-1 of (N, S, S, C) on the calling thread, GIL released.
 
     code: a measure code; qtab (256,) uint8 value -> bin; ltab, clogc, plp, lt
@@ -1166,8 +1174,12 @@ def reorder_range(images, lo, hi, code, p, bins, reference, descending, qtab, lt
     consts: the measures' :data:`Constants`; hist (256,) int32, tab (1024,)
     uint64, joint (bins**2 or 1,) int32 and cntT (C * bins * KP or 1,) uint8:
     zeroed scratch of this thread; out (N, S, S, C) uint8 and perm (N, K)
-    int64 are written.
+    int64 are written. abort (1,) uint8: set to 1 by another thread to stop; the
+    chains poll it once per step, so a run ends within one step of one image,
+    leaving out and perm unfinished (the caller raises instead of returning them).
     """
     for i in range(lo, hi):
+        if abort[0] != 0:
+            return
         _one(images[i], code, p, bins, reference, descending, qtab, ltab, clogc, log2n, plp, lt,
-             consts, hist, tab, joint, cntT, out[i], perm[i])
+             consts, hist, tab, joint, cntT, out[i], perm[i], abort)

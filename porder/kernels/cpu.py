@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +123,9 @@ _CONSTANTS = _k.Constants(ssim_c1=SSIM_C1, ssim_c2=SSIM_C2, psnr_peak2=DATA_RANG
 # Images per task: enough to hide the ~2 us Python cost of a kernel call (an
 # image takes 10-40 us), few enough to balance the threads at a batch's end.
 MAX_CHUNK = 32
+# Pixel comparisons (images x K x S**2, the chain's order of work) a one-thread call does
+# on the calling thread itself: a few milliseconds, less than a thread hand-off is worth.
+SMALL_WORK = 2**22
 
 
 def _tables(measure, n: int, bins: int):
@@ -174,7 +177,7 @@ def _signature() -> tuple:
     x = np.zeros((1, 1, 1, 1), dtype=np.uint8)
     # reorder_batch's call on one 1x1 image
     args = (x, 0, 1, *_arguments("mi", 1, 1, 0, False), *_scratch(_k.MI, 1, 1, 1, 1),
-            np.empty_like(x), np.empty((1, 1), dtype=np.int64))
+            np.empty_like(x), np.empty((1, 1), dtype=np.int64), np.zeros(1, dtype=np.uint8))
     return tuple(typeof(a) for a in args)
 
 
@@ -306,20 +309,33 @@ def reorder_batch(images, measure, patch: int, *, bins: int, reference: int, des
     chunks = _chunks(n_img, workers)
     todo = iter(chunks)
     lock = threading.Lock()
+    abort = np.zeros(1, dtype=np.uint8)  # set to 1 to stop every thread within one chain step
 
     def work():
         scratch = _scratch(IMPLEMENTS[b.name], n, bins, c, k)  # this thread's
-        while True:
+        while not abort[0]:
             with lock:
                 lo_hi = next(todo, None)
             if lo_hi is None:
                 return
-            _k.reorder_range(x, lo_hi[0], lo_hi[1], *args, *scratch, out, perm)
+            _k.reorder_range(x, lo_hi[0], lo_hi[1], *args, *scratch, out, perm, abort)
 
     nthreads = min(workers, len(chunks))
-    helpers = [_pool(nthreads - 1).submit(work) for _ in range(nthreads - 1)]
-    work()  # the calling thread works too
-    for f in helpers:
+    if nthreads == 1 and n_img * k * s * s <= SMALL_WORK:
+        work()  # a small call: no thread hand-off (an interrupt waits for it, briefly)
+        return out, perm
+    # The calling thread only waits, in a wait that signals interrupt: a Ctrl-C (or any
+    # exception raised in it) stops every kernel within one step of its chain, and is
+    # raised once they have returned; a kernel never holds an interrupt back.
+    tasks = [_pool(nthreads).submit(work) for _ in range(nthreads)]
+    try:
+        while not wait(tasks, timeout=0.25).done >= set(tasks):
+            pass
+    except BaseException:
+        abort[0] = 1
+        wait(tasks)
+        raise
+    for f in tasks:
         f.result()
     return out, perm
 
