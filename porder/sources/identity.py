@@ -22,7 +22,7 @@ DIGEST_ALL = 2**30   # archives up to this size are hashed whole; larger ones in
 _SAMPLE = 2**20
 
 
-def _file_digest(path: Path, size: int) -> str:
+def file_digest(path, size: int) -> str:
     """SHA-256 of a file's bytes (of 64 spread 1 MiB samples and the size, past DIGEST_ALL)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -68,7 +68,7 @@ def source_identity(source: str) -> dict:
     files = total = 0
     if path.is_file():
         st = path.stat()
-        digest = _file_digest(path, st.st_size)
+        digest = file_digest(path, st.st_size)
         state.update(f"{st.st_size} {st.st_mtime_ns}".encode())
         return {"source_files": 1, "source_bytes": st.st_size, "source_digest": digest,
                 "source_state": state.hexdigest()}

@@ -10,7 +10,6 @@ same name with the same metadata.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -18,14 +17,13 @@ from typing import Optional
 
 import torch
 
-from ..sources.identity import DIGEST_ALL
+from ..sources.identity import DIGEST_ALL, file_digest
 from .config import TrainConfig, identity_diff
 from .metrics import METRICS, read_metrics
 
 CHECKPOINT = "checkpoint.pt"
 # What a checkpoint records of the bytes of the file trained on (see file_state).
 STAT_KEYS = ("size", "mtime_ns", "ctime_ns", "inode", "device")
-_SAMPLE = 2**20          # bytes per sample of a file larger than DIGEST_ALL
 _DIGESTS: dict = {}      # stat key -> digest: each file version is hashed once per process
 
 
@@ -34,22 +32,6 @@ def file_identity(meta: dict) -> dict:
     keys = ("measure", "patch", "bins", "image_size", "source", "seed", "created")
     return {k: meta.get(k) for k in keys} | {"splits": meta.get("splits"),
                                              "classes": len(meta.get("classes", []))}
-
-
-def _digest(path, size: int) -> str:
-    """SHA-256 of a file's bytes; past DIGEST_ALL, of its size and 64 spread 1 MiB
-    samples (as :mod:`porder.sources.identity` hashes a source archive)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if size <= DIGEST_ALL:
-            for block in iter(lambda: fh.read(2**22), b""):
-                h.update(block)
-        else:
-            h.update(str(size).encode())
-            for i in range(64):
-                fh.seek(i * (size - _SAMPLE) // 63)
-                h.update(fh.read(_SAMPLE))
-    return h.hexdigest()
 
 
 def file_state(path, known: Optional[dict] = None) -> dict:
@@ -76,7 +58,7 @@ def file_state(path, known: Optional[dict] = None) -> dict:
     if key not in _DIGESTS:
         if len(_DIGESTS) >= 64:
             _DIGESTS.clear()
-        _DIGESTS[key] = _digest(path, st.st_size)
+        _DIGESTS[key] = file_digest(path, st.st_size)
     return stat | {"sha256": _DIGESTS[key], "sampled": sampled}
 
 

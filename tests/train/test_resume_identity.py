@@ -115,8 +115,8 @@ def test_touch_and_a_copy_of_the_same_bytes_resume(cut, tmp_path):
 def test_a_resume_of_an_unchanged_file_does_not_hash_it(tmp_path, monkeypatch):
     data = write_file(tmp_path / "tiny.h5")
     hashed = []
-    real = checkpoint._digest
-    monkeypatch.setattr(checkpoint, "_digest", lambda p, n: hashed.append(p) or real(p, n))
+    real = checkpoint.file_digest
+    monkeypatch.setattr(checkpoint, "file_digest", lambda p, n: hashed.append(p) or real(p, n))
     checkpoint._DIGESTS.clear()
     train(data, cfg(steps=2, eval_every=2), tmp_path / "run")
     assert hashed == [data]                 # a fresh run hashes the file once
@@ -137,8 +137,11 @@ def test_a_resume_of_an_unchanged_file_does_not_hash_it(tmp_path, monkeypatch):
 
 
 def test_large_files_are_hashed_in_samples(tmp_path, monkeypatch):
+    from porder.sources import identity  # the one digest of sources and caches
+
     monkeypatch.setattr(checkpoint, "DIGEST_ALL", 2**21)
-    monkeypatch.setattr(checkpoint, "_SAMPLE", 2**10)
+    monkeypatch.setattr(identity, "DIGEST_ALL", 2**21)
+    monkeypatch.setattr(identity, "_SAMPLE", 2**10)
     big = tmp_path / "big.bin"
     big.write_bytes(np.random.default_rng(0).integers(0, 256, 2**22, np.uint8).tobytes())
     state = file_state(big)
