@@ -11,6 +11,34 @@ import pytest
 from porder.backend import cuda_available
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_fuzz_worker(module: str, *args) -> list[dict]:
+    """Run the seeded fuzz worker ``tests.<module>`` in a subprocess and return its JSON rows.
+
+    A worker prints one JSON object a line (``{"start": ...}`` before a case, its result
+    after, ``{"done": ...}`` last); a worker that died is an AssertionError naming the case.
+    """
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", f"tests.{module}", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    started = [r for r in rows if "start" in r]
+    assert proc.returncode == 0 and rows and rows[-1].get("done"), (
+        f"the fuzz worker died (exit {proc.returncode}) in case "
+        f"{started[-1] if started else '?'}: {proc.stderr[-2000:]}")
+    return rows
+
+
+def small_cache(folder: Path) -> Path:
+    """The 24-image entropy cache the fuzzers corrupt (16x16, patch 4, one thread)."""
+    from porder.pipeline import CacheSpec, build_cache
+
+    return build_cache(CacheSpec("synthetic:24", folder / "base.h5", measure="entropy", size=16,
+                                 patch=4, workers=1)).path
 PHOTOS_ENV = "PORDER_PHOTOS"
 
 

@@ -7,16 +7,11 @@ named) builds the cases and checks each outcome; this test reads its report.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
-from porder.pipeline import CacheSpec, build_cache
-
-from .conftest import REPO
+from .conftest import run_fuzz_worker, small_cache
 
 CASES = 48            # half corrupted caches (6 of each corruption), half hostile folders
 SECONDS = 20.0        # per export: generous bounded time on a loaded machine
@@ -24,18 +19,10 @@ SECONDS = 20.0        # per export: generous bounded time on a loaded machine
 
 @pytest.mark.parametrize("seed", [0])
 def test_export_over_corrupted_caches_and_hostile_folders(tmp_path, seed):
-    base = build_cache(CacheSpec("synthetic:24", tmp_path / "base.h5", measure="entropy",
-                                 size=16, patch=4, workers=1)).path
+    base = small_cache(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "tests.fuzz_export", str(base), str(work),
-                           str(seed), str(CASES)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    started = [r for r in rows if "start" in r]
-    assert proc.returncode == 0 and rows and rows[-1].get("done"), (
-        f"the fuzz worker died (exit {proc.returncode}) in case "
-        f"{started[-1] if started else '?'}: {proc.stderr[-2000:]}")
+    rows = run_fuzz_worker("fuzz_export", base, work, seed, CASES)
     results = [r for r in rows if "code" in r]
     assert len(results) == CASES
     failures = [f"case {r['case']} ({r['what']}): exit {r['code']}: {'; '.join(r['problems'])}"

@@ -8,16 +8,11 @@ named) builds the cases and judges each outcome against the copy as h5py reads i
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
-from porder.pipeline import CacheSpec, build_cache
-
-from .conftest import REPO
+from .conftest import run_fuzz_worker, small_cache
 
 CASES = 30            # 3 of each of 10 kinds (labels and perm values weighted up)
 SECONDS = 20.0        # per reader call: generous bounded time on a loaded machine
@@ -27,18 +22,10 @@ MAX_RSS_GIB = 2.0
 
 @pytest.mark.parametrize("seed", [0])
 def test_torch_readers_over_corrupted_caches(tmp_path, seed):
-    base = build_cache(CacheSpec("synthetic:24", tmp_path / "base.h5", measure="entropy",
-                                 size=16, patch=4, workers=1)).path
+    base = small_cache(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "tests.fuzz_readers", str(base), str(work),
-                           str(seed), str(CASES)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    started = [r for r in rows if "start" in r]
-    assert proc.returncode == 0 and rows and rows[-1].get("done"), (
-        f"the fuzz worker died (exit {proc.returncode}) in case "
-        f"{started[-1] if started else '?'}: {proc.stderr[-2000:]}")
+    rows = run_fuzz_worker("fuzz_readers", base, work, seed, CASES)
     assert rows[-1]["maxrss_kib"] < MAX_RSS_GIB * 2**20
     results = [r for r in rows if "reader" in r]
     assert len(results) == READERS * CASES

@@ -7,14 +7,11 @@ and named) builds the cases and checks each outcome; this test reads its report.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
-from .conftest import REPO
+from .conftest import run_fuzz_worker
 
 CASES = 22            # 2 of each of the 11 kinds of mutation
 SECONDS = 20.0        # per resume: generous bounded time on a loaded machine
@@ -22,13 +19,7 @@ SECONDS = 20.0        # per resume: generous bounded time on a loaded machine
 
 @pytest.mark.parametrize("seed", [0])
 def test_resume_over_mutated_runs_and_caches(tmp_path, seed):
-    proc = subprocess.run([sys.executable, "-m", "tests.fuzz_resume", str(tmp_path), str(seed),
-                           str(CASES)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    started = [r for r in rows if "start" in r]
-    assert proc.returncode == 0 and rows and rows[-1].get("done"), (
-        f"the fuzz worker died (exit {proc.returncode}) in case "
-        f"{started[-1] if started else '?'}: {proc.stderr[-2000:]}")
+    rows = run_fuzz_worker("fuzz_resume", tmp_path, seed, CASES)
     results = [r for r in rows if "code" in r]
     assert len(results) == CASES
     failures = [f"case {r['case']} ({r['what']}): exit {r['code']}: {'; '.join(r['problems'])}"
