@@ -38,7 +38,7 @@ import porder  # noqa: E402
 from benchmarks._report import report  # noqa: E402
 from benchmarks.bench_core import images  # noqa: E402
 from tests.test_kernels_cpu import image_set  # noqa: E402
-from tests.test_kernels_cpu_exact import exact_tie, spread_images  # noqa: E402
+from tests.test_kernels_cpu_exact import exact_tie, mismatches, spread_images  # noqa: E402
 
 MEASURES = ["mi", "je", "kl", "l1", "l2", "ssim", "entropy", "psnr"]
 PATCHES = (4, 8, 16)
@@ -49,13 +49,8 @@ SHOW = 5  # differing images listed per case
 
 def differing(x: np.ndarray, measure: str, patch: int, **kw) -> list[int]:
     """Indices of the images of x whose compiled and generic permutations differ."""
-    bad = []
-    for lo in range(0, len(x), CHUNK):
-        part = x[lo:lo + CHUNK]
-        got = porder.reorder(part, measure, patch, backend="compiled", **kw)[1]
-        want = porder.reorder(part, measure, patch, backend="generic", **kw)[1]
-        bad += (lo + np.flatnonzero((got != want).any(axis=1))).tolist()
-    return bad
+    return [lo + int(i) for lo in range(0, len(x), CHUNK)
+            for i in mismatches(x[lo:lo + CHUNK], measure, patch, **kw)]
 
 
 def image_sets(n_photo: int, n_tie: int, n_spread: int, patch: int) -> dict[str, np.ndarray]:

@@ -15,22 +15,10 @@ import numpy as np
 import pytest
 
 import porder
+from benchmarks.bench_core import images as bench_core_images  # the issue's image recipe
 from porder import MEASURES
 
 SCORED = [n for n, m in MEASURES.items() if m.kind != "control"]
-
-
-def bench_core_images(n: int, seed: int) -> np.ndarray:
-    """``benchmarks/bench_core.py``'s photo-like 32x32 RGB images, the same draws."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:32, 0:32] / 32.0
-    base = rng.uniform(0, 255, (n, 1, 1, 3))
-    ramp = (rng.uniform(-80, 80, (n, 1, 1, 3)) * x[None, ..., None]
-            + rng.uniform(-80, 80, (n, 1, 1, 3)) * y[None, ..., None])
-    edge = ((x[None] > rng.uniform(0.2, 0.8, (n, 1, 1)))[..., None]
-            * rng.uniform(-60, 60, (n, 1, 1, 3)))
-    img = base + ramp + edge + rng.normal(0, 12, (n, 32, 32, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def spread_images(n: int, seed: int, size: int = 32, patch: int = 8,
