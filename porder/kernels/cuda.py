@@ -232,9 +232,12 @@ def launch(x, geometry: Geometry, out, perm, *, check: bool = False) -> None:
         if not xs.flags.c_contiguous:
             xs = cp.ascontiguousarray(xs)
         os_, ps = out[lo:hi], perm[lo:hi]
-        kern((geometry.grid(hi - lo, kern.num_regs),), (geometry.threads,),
+        grid = geometry.grid(hi - lo, kern.num_regs)
+        # stream mode: each block's slice of global scratch (CuPy's pool reuses it)
+        scratch = cp.empty(max(1, geometry.scratch_bytes(grid)), dtype=cp.uint8)
+        kern((grid,), (geometry.threads,),
              (xs, np.int64(hi - lo), np.int32(vec_flags(_ptr(xs), _ptr(os_), geometry)),
-              os_, ps, params, table, err),
+              os_, ps, params, table, err, scratch),
              shared_mem=geometry.smem_bytes)
     if check:
         code = int(err[0])
