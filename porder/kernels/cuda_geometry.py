@@ -28,7 +28,10 @@ Two modes, chosen per case by :func:`launch_geometry` (no size is refused):
   16 (24 for ssim) bytes per unit, 5 bytes per patch, 8*(3n + 11) bytes of
   log table (shared copy or the kernel's argument), and for the histogram measures
   4*bins bytes per thread (at most 256 KiB) and 4*C*(bins + 1 + n) bytes of
-  reference classes (kl: 4*C*(bins + 1)).
+  reference classes (kl: 4*C*(bins + 1)); for entropy and psnr, 12 bytes per
+  entry of a bitonic sort of 2^ceil(log2 K) entries (shared mode ranks in
+  O(K^2), stream mode sorts in O(K log^2 K)). All told at most about 25 bytes per
+  pixel and channel plus 256 KiB plus the table: linear in the image, whatever K is.
 """
 from __future__ import annotations
 
@@ -60,11 +63,12 @@ PARAM_NAMES = (
     "S", "C", "P", "G", "K", "N", "BINS", "MID", "DESC", "REF", "QS", "NT", "WB", "NW", "NTAB",
     "OFF_TAB", "OFF_RAW", "OFF_Q", "OFF_MASK", "OFF_AUX", "OFF_AUX2", "OFF_PART", "OFF_HIST",
     "OFF_CNT", "OFF_PERM", "OFF_USED", "SMEM", "OFF_TBL", "OFF_CLS", "SPACE", "GMEM",
+    "OFF_SORT", "SORTN",
 )
 # The per-image regions, in the order of enum Region (bit r of params SPACE puts
 # region r in global memory; a test checks the mirror).
 REGIONS = ("tab", "raw", "q", "mask", "aux", "aux2", "part", "hist", "cnt", "perm", "used",
-           "tbl", "cls")
+           "tbl", "cls", "sort")
 TAB_HEADER = 8  # doubles before the log tables (T_HDR)
 
 MAX_HIST_PIXELS = 256  # 4 words of 64 bits per mask (shared mode)
@@ -75,7 +79,7 @@ MAX_INDEX = 2**31 - 1  # the kernel indexes an image's bytes and its scratch wit
 SCRATCH_BYTES = 256 * 2**20
 # Stream mode puts these regions in shared memory first, while they fit a budget
 # that keeps the threads' occupancy (see _stream_layout); the rest go to global.
-STREAM_SMEM_ORDER = ("perm", "used", "tab", "part", "aux", "aux2", "cls", "tbl", "q")
+STREAM_SMEM_ORDER = ("perm", "used", "tab", "part", "aux", "aux2", "cls", "tbl", "sort", "q")
 MAX_THREADS = 256  # __launch_bounds__ of the kernel
 # Images per launch are bounded so that a non-contiguous input is copied to a
 # contiguous one at most this many bytes at a time.
@@ -133,6 +137,7 @@ class Geometry:
     global_regions: frozenset = frozenset()  # regions in global memory
     q_stride: int = 0  # bytes between two units' pixels
     scratch_grid: int = 2**31 - 1  # most blocks whose slices fit SCRATCH_BYTES
+    sort_n: int = 0  # stream mode, standalone measures: sorted entries (power of 2 >= K)
 
     @property
     def kernel(self) -> str:
@@ -174,7 +179,8 @@ class Geometry:
             "OFF_MASK": off["mask"], "OFF_AUX": off["aux"], "OFF_AUX2": off["aux2"],
             "OFF_PART": off["part"], "OFF_HIST": off["hist"], "OFF_CNT": off["cnt"],
             "OFF_PERM": off["perm"], "OFF_USED": off["used"], "SMEM": self.smem_bytes,
-            "OFF_TBL": off["tbl"], "OFF_CLS": off["cls"],
+            "OFF_TBL": off["tbl"], "OFF_CLS": off["cls"], "OFF_SORT": off["sort"],
+            "SORTN": self.sort_n,
             "SPACE": sum(1 << i for i, r in enumerate(REGIONS) if r in self.global_regions),
             "GMEM": self.gmem_bytes,
         }
@@ -359,6 +365,7 @@ def _shared_layout(m, g: int, n: int, channels: int, bins: int, limits: DeviceLi
         "used": k,
         "tbl": 0,
         "cls": 0,
+        "sort": 0,
     }
     offsets, smem = _place(sizes)
     blocks = _blocks_per_sm(threads, smem, limits)
@@ -393,6 +400,7 @@ def _stream_layout(m, image_size: int, k: int, n: int, channels: int, bins: int,
     wb, nw = 0, 0  # the stream-mode instantiation (table mode for the histogram measures)
     threads = min(MAX_THREADS, max(64, _round_up(units, 32)))
     qs = n  # table mode and the moment measures read bytes: no padding
+    sort_n = 1 << (k - 1).bit_length() if m.kind == "standalone" else 0
     sizes = {
         "tab": 8 * table_size(n),  # in shared memory a copy, else the kernel's argument
         "raw": 0,  # the input image itself
@@ -407,6 +415,7 @@ def _stream_layout(m, image_size: int, k: int, n: int, channels: int, bins: int,
         "tbl": 4 * bins * threads if binned else 0,
         "cls": (4 * channels * (bins + 1 + (0 if m.name == "kl" else n))
                 if m.name in ("mi", "je", "kl") else 0),
+        "sort": 12 * sort_n,  # standalone: (key, index) pairs of the bitonic sort
     }
     resident = max(1, min(limits.max_blocks_sm, limits.max_threads_sm // threads))
     budget = min(limits.max_smem_block,
@@ -428,13 +437,14 @@ def _stream_layout(m, image_size: int, k: int, n: int, channels: int, bins: int,
     blocks = max(1, _blocks_per_sm(threads, smem, limits))
     reason = ""
     if image_size * image_size * channels > MAX_INDEX or units * qs > MAX_INDEX \
-            or gmem > MAX_INDEX:
+            or gmem > MAX_INDEX or 12 * sort_n > MAX_INDEX:
         reason = (f"one {image_size}x{image_size}x{channels} image is beyond the kernel's "
                   f"32-bit indices")
     return dict(mask_bits=wb, mask_words=nw, threads=threads, smem_bytes=smem, offsets=offsets,
                 blocks_per_sm=blocks, max_grid=blocks * limits.sm_count, reason=reason,
                 mode="stream", gmem_bytes=gmem, global_regions=global_regions, q_stride=qs,
-                scratch_grid=max(1, SCRATCH_BYTES // gmem) if gmem else 2**31 - 1)
+                scratch_grid=max(1, SCRATCH_BYTES // gmem) if gmem else 2**31 - 1,
+                sort_n=sort_n)
 
 
 def vec_flags(in_ptr: int, out_ptr: int, geometry: Geometry) -> int:

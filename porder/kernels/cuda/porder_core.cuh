@@ -67,7 +67,7 @@ enum Param {
     P_WB, P_NW, P_NTAB,
     P_OFF_TAB, P_OFF_RAW, P_OFF_Q, P_OFF_MASK, P_OFF_AUX, P_OFF_AUX2, P_OFF_PART,
     P_OFF_HIST, P_OFF_CNT, P_OFF_PERM, P_OFF_USED, P_SMEM,
-    P_OFF_TBL, P_OFF_CLS, P_SPACE, P_GMEM,
+    P_OFF_TBL, P_OFF_CLS, P_SPACE, P_GMEM, P_OFF_SORT, P_SORTN,
     P_COUNT
 };
 
@@ -107,6 +107,13 @@ PORDER_HD double p_log10(double x) {
     return log10(x);
 #else
     return std::log10(x);
+#endif
+}
+PORDER_HD double p_nan() {
+#if defined(__CUDA_ARCH__)
+    return __longlong_as_double(0x7FF8000000000000LL);
+#else
+    return std::nan("");
 #endif
 }
 PORDER_HD int popc(u16 x) {
@@ -263,7 +270,7 @@ PORDER_HD bool sorts_before(double a, int i, double b, int j) {
 // kernel's tab argument and a global raw is the input image itself.
 enum Region {
     R_TAB = 0, R_RAW, R_Q, R_MASK, R_AUX, R_AUX2, R_PART, R_HIST, R_CNT, R_PERM, R_USED,
-    R_TBL, R_CLS, R_COUNT
+    R_TBL, R_CLS, R_SORT, R_COUNT
 };
 
 struct Ctx {
@@ -285,6 +292,9 @@ struct Ctx {
     u8* used;
     u32* tbl;  // table mode: bins counters per thread, zero between uses
     int* cls;  // table mode: the reference's value classes per channel
+    int sortn;  // stream mode, standalone: keys sorted (a power of 2 >= K)
+    double* sort_key;  // [sortn] keys, then int [sortn] patch indices
+    int* sort_idx;
 };
 
 // smem: the block's shared memory; gmem: its slice of the global scratch;
@@ -320,6 +330,9 @@ PORDER_HD Ctx make_ctx(const int* p, u8* smem, u8* gmem, const double* tab) {
     x.used = at(R_USED, P_OFF_USED);
     x.tbl = reinterpret_cast<u32*>(at(R_TBL, P_OFF_TBL));
     x.cls = reinterpret_cast<int*>(at(R_CLS, P_OFF_CLS));
+    x.sortn = p[P_SORTN];
+    x.sort_key = reinterpret_cast<double*>(at(R_SORT, P_OFF_SORT));
+    x.sort_idx = reinterpret_cast<int*>(x.sort_key + x.sortn);
     return x;
 }
 
@@ -720,6 +733,36 @@ PORDER_HD void phase_rank(const Ctx& x, int tid, int nt) {
     }
 }
 
+// Stream mode: the same order as phase_rank (sorts_before is a total order:
+// key, then NaN last, then index) by a block-wide bitonic sort of sortn
+// (key, index) pairs, O(K log^2 K / nt) per thread instead of O(K^2 / nt);
+// sortn - K padding entries (NaN, index >= K) sort last.
+PORDER_HD void phase_sort(const Ctx& x, int tid, int nt) {
+    const int N = x.sortn;
+    for (int i = tid; i < N; i += nt) {
+        x.sort_key[i] = i < x.K ? x.part[i] : p_nan();
+        x.sort_idx[i] = i;
+    }
+    block_sync();
+    for (int k = 2; k <= N; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int i = tid; i < N; i += nt) {
+                const int l = i ^ j;
+                if (l <= i) continue;
+                const bool up = (i & k) == 0;
+                const double ki = x.sort_key[i], kl = x.sort_key[l];
+                const int ii = x.sort_idx[i], il = x.sort_idx[l];
+                if (sorts_before(kl, il, ki, ii) == up) {
+                    x.sort_key[i] = kl; x.sort_key[l] = ki;
+                    x.sort_idx[i] = il; x.sort_idx[l] = ii;
+                }
+            }
+            block_sync();
+        }
+    }
+    for (int r = tid; r < x.K; r += nt) x.perm[r] = x.sort_idx[r];
+}
+
 // perm -> global (int64) and the reordered image -> global. vec bit 1: P*C is
 // a multiple of 4 and the output is 4-byte aligned (then every 4 output bytes
 // come from one patch row, at a 4-byte aligned source offset).
@@ -795,7 +838,8 @@ PORDER_HD void run_image(const Ctx& x0, const u8* img, u8* out, i64* perm_out, i
     } else {
         phase_standalone_keys(x, tid, nt);
         block_sync();
-        phase_rank(x, tid, nt);
+        if constexpr (WB == 0) phase_sort(x, tid, nt);
+        else phase_rank(x, tid, nt);
         block_sync();
     }
     phase_gather(x, out, perm_out, vec, tid, nt);
