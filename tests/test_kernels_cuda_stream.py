@@ -138,6 +138,24 @@ def test_stream_memory_bound_of_the_issue_cases():
         assert g.smem_bytes + g.gmem_bytes <= 256 * 256 * (3 * 17 + 5) + 300 * 1024
 
 
+@pytest.mark.parametrize("measure", MEASURES)
+def test_every_case_the_work_bound_admits_runs_fused(measure):
+    """porder.reorder's work bound (check_work, compiled) is what the CUDA path runs now:
+    every size and patch it admits is a fused-kernel case (no generic CuPy fallback, and
+    so no (K, K) matrix past MAX_MATRIX_PATCHES on the GPU)."""
+    from porder.reorder import check_work
+
+    m = porder.get_measure(measure)
+    for size in (32, 48, 64, 96, 128, 224, 256, 512, 1024, 2048, 4096):
+        for patch in (p for p in range(1, size + 1) if size % p == 0):
+            try:
+                check_work(m, patch, size, generic=False)
+            except ValueError:
+                continue
+            g = kg.launch_geometry(measure, size, 3, patch)
+            assert g.supported, f"{measure} {size} p{patch}: {g.reason}"
+
+
 def test_mode_option():
     assert kg.launch_geometry("mi", 32, 3, 8, mode="stream").mode == "stream"
     assert kg.launch_geometry("mi", 32, 3, 8, mode="shared").mode == "shared"

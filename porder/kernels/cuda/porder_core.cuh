@@ -12,9 +12,18 @@
 //
 // Shapes and layout. An image is (S, S, C) uint8, row-major. It has K = G*G
 // patches of P x P pixels (G = S / P), n = P*P pixels each; patch j = r*G + c.
-// A "unit" is one (channel c, patch j) pair, index u = c*K + j. Shared memory
-// (one block = one image) holds, at offsets computed in Python
-// (porder/kernels/cuda_geometry.py, launch_geometry) and passed in the params array:
+// A "unit" is one (channel c, patch j) pair, index u = c*K + j.
+//
+// Two modes (template WB > 0: shared, WB = NW = 0: stream). In shared mode,
+// shared memory (one block = one image) holds all the regions below. In stream
+// mode (images that do not fit) bit r of params[P_SPACE] moves region r to the
+// block's slice of a global scratch: raw is then the input image itself, tab
+// the kernel's table argument, and the histogram measures run in "table mode"
+// (per-thread value tables tbl and the reference's value classes cls instead of
+// mask and cnt; see the table-mode section); the standalone measures sort
+// their keys in sort (bitonic) instead of ranking them. Offsets are computed in
+// Python (porder/kernels/cuda_geometry.py, launch_geometry) and passed in the
+// params array:
 //   tab   double  [8 + 3*(n+1)]   constants, log2(c), KL tables
 //   raw   uint8   [S*S*C]         the image as loaded (the gather reads it)
 //   q     uint8   [C*K][QS]       unit pixels in patch raster order (quantised
@@ -30,6 +39,9 @@
 //   cnt   uint16  [C*K][n]        entropy: count of each pixel's value
 //   perm  int32   [K]             the permutation being built
 //   used  uint8   [K]             chain: patches already placed
+//   tbl   uint32  [NT][bins]      table mode: per-thread value counters
+//   cls   int32   [C][bins+1], [C][n]  table mode: reference value classes
+//   sort  double [SORTN], int32 [SORTN]  stream mode, standalone: bitonic sort
 //
 // Numerics follow porder.measures: exact integer counts and pixel sums; float64
 // only in the final formulas, in the NumPy formulas' order of operations
