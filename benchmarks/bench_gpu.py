@@ -59,7 +59,7 @@ from porder.kernels import cuda as kc  # noqa: E402
 
 MEASURES = ["mi", "je", "kl", "l1", "l2", "ssim", "entropy", "psnr"]
 PATCHES = [4, 8, 16]
-LARGE_CELLS = [(128, 16), (224, 16), (224, 32), (256, 32)]
+LARGE_CELLS = [(128, 16), (224, 16), (224, 32), (256, 32)]  # the cells
 LARGE_MEASURES = ["mi", "je", "kl", "l1", "ssim", "entropy"]
 TARGETS = {("mi", 8): 200_000, ("mi", 4): 100_000}
 
@@ -432,6 +432,10 @@ def large_row(cp, args, row, x, cpu_missing, left) -> None:
         ts = gpu_seconds(cp, lambda: _launch(cp, xs, g), 3)
         row.update(timed_images=n, kernels_s=statistics.median(ts),
                    kernels=n / statistics.median(ts))
+        if g.mode == "shared":  # it fits shared memory (at low occupancy?): stream mode too
+            gs = kc.launch_geometry(m, size, 3, p, limits=kc.device_limits(), mode="stream")
+            row["stream_forced"] = n / statistics.median(
+                gpu_seconds(cp, lambda: _launch(cp, xs, gs), 3))
     except Exception as e:
         row["kernels_error"] = f"{type(e).__name__}: {e}"[:2000]
         log(f"{m} {size} p{p} kernels FAILED: {row['kernels_error']}")
@@ -491,6 +495,8 @@ def print_large(res: dict) -> None:
         ratio = f"{k / gen:,.1f}x" if k and gen else "-"
         same = {True: "yes", False: "NO"}.get(r.get("same"), "-")
         note = r.get("skipped") or r.get("kernels_error", "")[:50] or r.get("check_error", "")[:50]
+        if r.get("stream_forced"):
+            note = note or f"stream mode forced: {_fmt1(r['stream_forced'])} img/s"
         print(f"{r['measure']:8} {str(r['size']) + ' p' + str(r['patch']):>8} "
               f"{r.get('mode', '-'):>7} {_fmt1(k):>10} {_fmt1(gen):>9} "
               f"{_fmt1(r.get('cpu', r.get('numpy'))):>8} {ratio:>9} {same:>5} "

@@ -424,6 +424,7 @@ def fake_gpu(harness, monkeypatch):
     monkeypatch.setattr(kc, "_kernel", kernel)
     monkeypatch.setattr(kc, "_device_arrays", lambda g, d: (g.params(), g.table()))
     monkeypatch.setattr(kc, "_error_flag", lambda d: np.zeros(1, np.int32))
+    monkeypatch.setattr(kc, "_no_scratch", lambda d: np.zeros(1, np.uint8))
     monkeypatch.setattr(kc, "_ptr", lambda a: a.ctypes.data)
     monkeypatch.setattr(kc, "device_limits", lambda: H100)
     return kernels

@@ -176,6 +176,12 @@ def _error_flag(device_id: int):
     return _cupy().zeros(1, dtype=np.int32)
 
 
+@lru_cache(maxsize=None)
+def _no_scratch(device_id: int):
+    """The scratch argument of a shared-mode launch (never read or written)."""
+    return _cupy().zeros(1, dtype=np.uint8)
+
+
 _geometry = lru_cache(maxsize=256)(launch_geometry)
 
 
@@ -242,7 +248,8 @@ def launch(x, geometry: Geometry, out, perm, *, check: bool = False) -> None:
         os_, ps = out[lo:hi], perm[lo:hi]
         grid = geometry.grid(hi - lo, kern.num_regs)
         # stream mode: each block's slice of global scratch (CuPy's pool reuses it)
-        scratch = cp.empty(max(1, geometry.scratch_bytes(grid)), dtype=cp.uint8)
+        scratch = (cp.empty(geometry.scratch_bytes(grid), dtype=cp.uint8)
+                   if geometry.gmem_bytes else _no_scratch(dev))
         kern((grid,), (geometry.threads,),
              (xs, np.int64(hi - lo), np.int32(vec_flags(_ptr(xs), _ptr(os_), geometry)),
               os_, ps, params, table, err, scratch),
