@@ -19,8 +19,21 @@ on the GPU, for every measure at patches 4, 8 and 16 (images/second):
 Targets (issue 13, one H100): mi >= 200,000 img/s at patch 8 and >= 100,000 at
 patch 4; every other pairwise measure within 2x of mi at the same patch.
 
+``--large`` instead measures the kernels at native resolution (issue 21), where
+they run in stream mode (cuda_geometry.py): cells 128 p16, 224 p16, 224 p32
+and 256 p32 (``--cells``) for ``--large-measures`` (default mi, je, kl, l1,
+ssim, entropy) on photo-like images on the GPU: kernels img/s (CUDA events,
+batch sized to about a second), the layout (mode, threads, shared and global
+bytes per block, grid), the generic CuPy path on a few images (the path these
+cases took before: the cliff), and ``same``: the kernels' permutations against
+the compiled CPU kernels (``--large-check`` images; the generic NumPy path when
+numba is missing). It also times mi at 32 p4/p8/p16 in shared mode against
+stream mode forced (``mode='stream'``), the data for choosing the mode by
+geometry. Writes ``bench_gpu_large.json`` (and the same JSON on one line of stderr).
+
 ``--sanitize`` instead runs each kernel once on a few images with the error
-flag checked and compares with NumPy (for compute-sanitizer). Writes
+flag checked and compares with NumPy (for compute-sanitizer); with
+``--large``, the stream-mode cells instead (3 images each). Writes
 ``bench_gpu.json`` to ``--out`` (default ``$OUT``, else benchmarks/results) and
 prints one table last. Every stage is bounded by ``--budget`` seconds.
 """
@@ -46,6 +59,8 @@ from porder.kernels import cuda as kc  # noqa: E402
 
 MEASURES = ["mi", "je", "kl", "l1", "l2", "ssim", "entropy", "psnr"]
 PATCHES = [4, 8, 16]
+LARGE_CELLS = [(128, 16), (224, 16), (224, 32), (256, 32)]  # the issue's cells
+LARGE_MEASURES = ["mi", "je", "kl", "l1", "ssim", "entropy"]
 TARGETS = {("mi", 8): 200_000, ("mi", 4): 100_000}
 
 
@@ -53,15 +68,15 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def photo_like(cp, n: int, seed: int = 0):
-    """(n, 32, 32, 3) uint8 on the GPU: gradients, an edge and noise (bench_core's recipe)."""
+def photo_like(cp, n: int, seed: int = 0, size: int = 32):
+    """(n, size, size, 3) uint8 on the GPU: gradients, an edge and noise (bench_core's recipe)."""
     rs = cp.random.RandomState(seed)
-    y, x = cp.mgrid[0:32, 0:32] / 32.0
+    y, x = cp.mgrid[0:size, 0:size] / float(size)
     base = rs.uniform(0, 255, (n, 1, 1, 3))
     ramp = (rs.uniform(-80, 80, (n, 1, 1, 3)) * x[None, ..., None]
             + rs.uniform(-80, 80, (n, 1, 1, 3)) * y[None, ..., None])
     edge = (x[None] > rs.uniform(0.2, 0.8, (n, 1, 1)))[..., None] * rs.uniform(-60, 60, (n, 1, 1, 3))
-    img = base + ramp + edge + rs.normal(0, 12, (n, 32, 32, 3))
+    img = base + ramp + edge + rs.normal(0, 12, (n, size, size, 3))
     return cp.clip(img, 0, 255).astype(cp.uint8)
 
 
@@ -189,12 +204,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--sanitize", action="store_true", help="correctness pass only (see doc)")
     ap.add_argument("--compile", action="store_true", help="compile the kernels and report")
     ap.add_argument("--quick", action="store_true", help="5,000 images, 3 repeats")
+    ap.add_argument("--large", action="store_true", help="native-resolution cells (see doc)")
+    ap.add_argument("--cells", default=",".join(f"{s}p{p}" for s, p in LARGE_CELLS),
+                    help="--large: SIZEpPATCH cells")
+    ap.add_argument("--large-measures", default=",".join(LARGE_MEASURES))
+    ap.add_argument("--large-check", type=int, default=48,
+                    help="--large: images checked against the CPU kernels per cell")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     measures = args.measures.split(",")
     patches = [int(p) for p in args.patches.split(",")]
     import cupy as cp
 
+    if args.large:
+        cells = [tuple(int(v) for v in c.split("p")) for c in args.cells.split(",")]
+        large_measures = args.large_measures.split(",")
+        if args.sanitize:
+            sys.exit(1 if sanitize_large(cp, large_measures, cells) else 0)
+        return run_large(cp, args, large_measures, cells, t_start)
     if args.sanitize:
         sys.exit(1 if sanitize(cp, measures, patches) else 0)
     if args.compile:
@@ -320,6 +347,170 @@ def measure_row(cp, args, row, x, sub, hsub, cpu_missing, left) -> None:
     if left() > 20:
         h = hsub[:500]
         row["numpy"] = len(h) / wall_seconds(lambda: porder.reorder(h, m, p, backend="generic"))
+
+
+def run_large(cp, args, measures, cells, t_start) -> dict:
+    """--large: the stream-mode cells, and shared vs forced stream mode at 32x32."""
+    def left() -> float:
+        return args.budget - (time.perf_counter() - t_start)
+
+    res = {"device": device_info(cp), "rows": [], "ab": [], "notes": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "bench_gpu_large.json"
+    cpu_missing = cpu_backend()
+    if cpu_missing:
+        res["notes"].append(f"perms checked against the generic NumPy path: {cpu_missing}")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for size, p in cells:
+            x = photo_like(cp, 512, seed=size + p, size=size)
+            x[256:] = (x[256:] // 32) * 32  # a tie-heavier half
+            for m in measures:
+                row = {"measure": m, "size": size, "patch": p}
+                res["rows"].append(row)
+                if left() < 10:
+                    row["skipped"] = "time budget"
+                    continue
+                large_row(cp, args, row, x, cpu_missing, left)
+                out.write_text(json.dumps(res, indent=1, default=str))
+                log(f"{m} {size} p{p} {row.get('mode')}: kernels {row.get('kernels', 0):,.1f} "
+                    f"img/s, generic {row.get('generic', 0):,.1f}, same {row.get('same')}")
+        # shared mode vs stream mode forced, mi at 32x32 (the mode choice by geometry)
+        x = photo_like(cp, 20000)
+        for p in PATCHES:
+            if left() < 10:
+                break
+            ab = {"measure": "mi", "size": 32, "patch": p}
+            for mode in ("shared", "stream"):
+                g = kc.launch_geometry("mi", 32, 3, p, limits=kc.device_limits(), mode=mode)
+                try:
+                    ab[mode] = len(x) / statistics.median(gpu_seconds(
+                        cp, lambda g=g: _launch(cp, x, g), 3))
+                except Exception as e:
+                    ab[mode + "_error"] = f"{type(e).__name__}: {e}"[:300]
+            res["ab"].append(ab)
+            log(f"mi 32 p{p}: shared {ab.get('shared', 0):,.0f} img/s, stream "
+                f"{ab.get('stream', 0):,.0f}")
+    except Interrupted:
+        res["notes"].append(f"interrupted (SIGTERM) after {time.perf_counter() - t_start:.0f} s")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        res["seconds"] = time.perf_counter() - t_start
+        out.write_text(json.dumps(res, indent=1, default=str))
+        # the JSON in the log too (gpu_check.sh brings back a fixed set of files)
+        log("bench_gpu_large.json: " + json.dumps(res, default=str))
+        print_large(res)
+    return res
+
+
+def _launch(cp, x, g):
+    """The fused kernel in geometry g's mode (launch() directly: reorder() picks the mode)."""
+    out = cp.empty(x.shape, dtype=cp.uint8)
+    perm = cp.empty((len(x), g.patches), dtype=cp.int64)
+    kc.launch(x, g, out, perm)
+    return out, perm
+
+
+def large_row(cp, args, row, x, cpu_missing, left) -> None:
+    """One (measure, size, patch) in the mode launch_geometry picks: layout, img/s, same."""
+    m, size, p = row["measure"], row["size"], row["patch"]
+    g = kc.launch_geometry(m, size, 3, p, limits=kc.device_limits())
+    row.update(mode=g.mode, fused=g.supported, kernel=g.kernel, threads=g.threads,
+               smem_bytes=g.smem_bytes, gmem_bytes=g.gmem_bytes, blocks_per_sm=g.blocks_per_sm,
+               grid=g.grid(10**6), global_regions=sorted(g.global_regions))
+    try:
+        t0 = time.perf_counter()
+        _, perm = kc.reorder_batch(x[: args.large_check], porder.get_measure(m), p, bins=256,
+                                   reference=0, descending=porder.get_measure(m).descending,
+                                   check=True)
+        cp.cuda.Device().synchronize()
+        row["first_call_s"] = round(time.perf_counter() - t0, 3)
+        probe = x[:64]
+        t = statistics.median(gpu_seconds(cp, lambda: _launch(cp, probe, g), 1))
+        n = int(min(len(x), max(len(probe), len(probe) / max(t, 1e-9))))
+        xs = x[:n]
+        ts = gpu_seconds(cp, lambda: _launch(cp, xs, g), 3)
+        row.update(timed_images=n, kernels_s=statistics.median(ts),
+                   kernels=n / statistics.median(ts))
+        if g.mode == "shared":  # it fits shared memory (at low occupancy?): stream mode too
+            gs = kc.launch_geometry(m, size, 3, p, limits=kc.device_limits(), mode="stream")
+            row["stream_forced"] = n / statistics.median(
+                gpu_seconds(cp, lambda: _launch(cp, xs, gs), 3))
+    except Exception as e:
+        row["kernels_error"] = f"{type(e).__name__}: {e}"[:2000]
+        log(f"{m} {size} p{p} kernels FAILED: {row['kernels_error']}")
+        return
+    host = cp.asnumpy(x[: args.large_check])
+    if left() > 20:
+        try:
+            backend = "generic" if cpu_missing else "compiled"
+            t0 = time.perf_counter()
+            _, ref = porder.reorder(host, m, p, backend=backend)
+            row["cpu" if backend == "compiled" else "numpy"] = len(host) / (time.perf_counter() - t0)
+            got = cp.asnumpy(perm)
+            bad = np.nonzero((got != ref).any(axis=1))[0]
+            row.update(same=not bad.size, compared=len(host), checked_against=backend)
+            if bad.size:
+                i = int(bad[0])
+                row["first_mismatch"] = {"image": i, "kernels": got[i].tolist(),
+                                         "cpu": ref[i].tolist()}
+        except Exception as e:
+            row["check_error"] = f"{type(e).__name__}: {e}"[:500]
+    if left() > 20:
+        try:  # the generic CuPy path: what these cases ran on before (few images)
+            xs = x[:8]
+            porder.reorder(xs[:2], m, p, device="cuda", backend="generic")
+            t = statistics.median(gpu_seconds(cp, lambda: porder.reorder(
+                xs, m, p, device="cuda", backend="generic"), 1))
+            row["generic"] = len(xs) / t
+        except Exception as e:
+            row["generic_error"] = f"{type(e).__name__}: {e}"[:300]
+
+
+def sanitize_large(cp, measures, cells) -> int:
+    """--large --sanitize: each stream-mode cell on 3 images, flag checked, vs NumPy."""
+    bad = 0
+    for size, p in cells:
+        x = photo_like(cp, 3, seed=5, size=size)
+        x[2] = (x[2] // 64) * 64
+        xh = cp.asnumpy(x)
+        for m in measures:
+            _, perm = kc.reorder_batch(x, porder.get_measure(m), p, bins=256, reference=0,
+                                       descending=porder.get_measure(m).descending, check=True)
+            _, ref = porder.reorder(xh, m, p, backend="generic")
+            same = bool(np.array_equal(cp.asnumpy(perm), ref))
+            bad += not same
+            print(f"sanitize {m} {size} p{p}: {'ok' if same else 'PERMS DIFFER'}", flush=True)
+    return bad
+
+
+def print_large(res: dict) -> None:
+    d = res["device"]
+    print(f"\n{d['name']} ({d['sms']} SMs): fused kernels at native resolution, img/s "
+          f"(generic CuPy on 8 images; perms vs the CPU kernels)")
+    print(f"{'measure':8} {'cell':>8} {'mode':>7} {'kernels':>10} {'generic':>9} {'CPU':>8} "
+          f"{'x generic':>9} {'same':>5} {'smem':>7} {'gmem':>8} {'grid':>5}  note")
+    for r in res["rows"]:
+        k, gen = r.get("kernels"), r.get("generic")
+        ratio = f"{k / gen:,.1f}x" if k and gen else "-"
+        same = {True: "yes", False: "NO"}.get(r.get("same"), "-")
+        note = r.get("skipped") or r.get("kernels_error", "")[:50] or r.get("check_error", "")[:50]
+        if r.get("stream_forced"):
+            note = note or f"stream mode forced: {_fmt1(r['stream_forced'])} img/s"
+        print(f"{r['measure']:8} {str(r['size']) + ' p' + str(r['patch']):>8} "
+              f"{r.get('mode', '-'):>7} {_fmt1(k):>10} {_fmt1(gen):>9} "
+              f"{_fmt1(r.get('cpu', r.get('numpy'))):>8} {ratio:>9} {same:>5} "
+              f"{r.get('smem_bytes', 0):>7} {r.get('gmem_bytes', 0):>8} {r.get('grid', 0):>5}  {note}")
+    for ab in res["ab"]:
+        s, t = ab.get("shared"), ab.get("stream")
+        print(f"mi 32 p{ab['patch']}: shared mode {_fmt(s)} img/s, stream mode forced {_fmt(t)}"
+              + (f" ({t / s:.2f}x)" if s and t else ""))
+    for note in res["notes"]:
+        print("note:", note)
+
+
+def _fmt1(v) -> str:
+    return f"{v:,.1f}" if isinstance(v, (int, float)) else "-"
 
 
 def roofline(args, res) -> None:

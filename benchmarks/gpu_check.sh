@@ -104,9 +104,10 @@ stage install 90 "$OUT/env.txt" "$PY" -m pip install --no-deps --no-build-isolat
 # 3. compile every kernel the paper's cases use (NVRTC log on failure; registers, spills)
 stage compile 150 "$OUT/env.txt" "$PY" benchmarks/bench_gpu.py --compile
 
-# 4. the kernels' GPU tests
-stage pytest-kernels 170 "$OUT/pytest_kernels.log" \
-    "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu tests/test_kernels_cuda.py
+# 4. the kernels' GPU tests (shared mode, and stream mode: any size, issue 21)
+stage pytest-kernels 200 "$OUT/pytest_kernels.log" \
+    "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu tests/test_kernels_cuda.py \
+    tests/test_kernels_cuda_stream.py
 
 # 5. the benchmark (its own budget: what is left, less a minimum for the later stages)
 BENCH_BUDGET=$(( BUDGET - $(elapsed) - 100 ))
@@ -114,6 +115,12 @@ BENCH_BUDGET=$(( BUDGET - $(elapsed) - 100 ))
 (( BENCH_BUDGET < 40 )) && BENCH_BUDGET=40
 stage bench $(( BENCH_BUDGET + 25 )) "$OUT/bench.log" \
     "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget "$BENCH_BUDGET"
+
+# 5a. native resolution (issue 21): the fused kernels in stream mode at 128 p16, 224 p16,
+# 224 p32 and 256 p32 (mi je kl l1 ssim entropy), perms against the CPU kernels, the
+# generic CuPy path they replaced, and shared vs stream mode at 32x32 (JSON in bench.log)
+stage bench-large 110 "$OUT/bench.log" \
+    "$PY" benchmarks/bench_gpu.py --large --budget 95 --out "$(mktemp -d)"
 
 # 5b. training on the GPU: ResNet-18 batch 512 bf16 channels-last, with and without --reorder mi
 stage train 120 "$OUT/train.log" "$PY" benchmarks/bench_train.py --gpu-only
@@ -134,6 +141,9 @@ if [[ -n $SAN ]]; then
     stage racecheck 75 "$OUT/sanitizer.log" "$SAN" --tool racecheck --error-exitcode 3 \
         --print-limit 20 "$PY" benchmarks/bench_gpu.py --sanitize --measures mi,kl,entropy,l2 \
         --patches 4,16
+    stage memcheck-large 60 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 3 \
+        --print-limit 20 "$PY" benchmarks/bench_gpu.py --large --sanitize --cells 64p32,128p16 \
+        --large-measures mi,kl,entropy,ssim
 else
     ROWS+=("sanitizer|skipped: no compute-sanitizer|0")
 fi
@@ -143,7 +153,8 @@ stage pytest-gpu-all 120 "$OUT/pytest_gpu_all.log" \
     "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu tests \
     --ignore=tests/test_kernels_cuda.py --ignore=tests/sources/test_gpu_decode.py
 stage pytest-harness 90 "$OUT/pytest_kernels.log" \
-    "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not gpu" tests/test_kernels_cuda.py
+    "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider -m "not gpu" tests/test_kernels_cuda.py \
+    tests/test_kernels_cuda_stream.py
 
 # Summary, last
 {
@@ -172,7 +183,9 @@ stage pytest-harness 90 "$OUT/pytest_kernels.log" \
     grep -E "^(FAILED|ERROR) tests/sources/test_gpu_decode|deselected in [0-9.]+s|^nvjpeg vs Pillow|^counts |^decode " \
         "$OUT/train.log" | head -n 24
     echo "-- benchmark (full numbers in bench_gpu.json):"
-    awk '/^$/{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$OUT/bench.log" | tail -n 40
+    sed -n '/images 32x32x3 on the GPU/,/^== /{/^== /!p}' "$OUT/bench.log" | tail -n 40
+    echo "-- native resolution, stream mode (JSON: the bench_gpu_large.json line of bench.log):"
+    sed -n '/fused kernels at native resolution/,$p' "$OUT/bench.log" | tail -n 40
 } | tee "$OUT/summary.txt"
 find "$OUT" -maxdepth 1 -type f -empty -delete  # at most 8 files come back from the device
 exit $FAILED

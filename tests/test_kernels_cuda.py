@@ -149,13 +149,17 @@ def test_geometry_of_other_shapes(size, channels, patch, words):
 
 
 def test_geometry_falls_back_with_a_reason():
-    g = kg.launch_geometry("mi", 64, 3, 32)
+    # shared mode says why it cannot take a case; stream mode (the default then) takes it
+    g = kg.launch_geometry("mi", 64, 3, 32, mode="shared")
     assert not g.supported and "256" in g.reason and "patch 16" in g.reason
     assert kg.launch_geometry("l2", 64, 3, 32).supported  # no masks: any patch size
-    big = kg.launch_geometry("mi", 128, 3, 16)
+    big = kg.launch_geometry("mi", 128, 3, 16, mode="shared")
     assert not big.supported and "shared memory" in big.reason
-    assert not kg.launch_geometry("mi", 32, 3, 16, limits=dataclasses.replace(
-        A100, max_smem_block=64 * 1024)).supported
+    small = dataclasses.replace(A100, max_smem_block=64 * 1024)
+    assert not kg.launch_geometry("mi", 32, 3, 16, limits=small, mode="shared").supported
+    for case in (("mi", 64, 3, 32), ("mi", 128, 3, 16)):
+        assert kg.launch_geometry(*case).mode == "stream" and kg.launch_geometry(*case).supported
+    assert kg.launch_geometry("mi", 32, 3, 16, limits=small).mode == "stream"
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -230,10 +234,10 @@ class Harness:
         lib.porder_host_sort_key.restype = ctypes.c_double
         self.lib = lib
 
-    def reorder(self, x, measure, patch, *, bins=256, reference=0, descending=None):
+    def reorder(self, x, measure, patch, *, bins=256, reference=0, descending=None, mode=None):
         n, s, _, c = x.shape
         g = kg.launch_geometry(measure, s, c, patch, bins=bins, reference=reference,
-                               descending=descending)
+                               descending=descending, mode=mode)
         assert g.supported, g.reason
         out = np.full(x.shape, 0xA5, dtype=np.uint8)  # poisoned: every byte must be written
         perm = np.full((n, g.patches), -7, dtype=np.int64)
@@ -245,9 +249,9 @@ class Harness:
         assert rc == 0, f"host harness returned {rc} (-2: wrote past the shared-memory layout)"
         return out, perm
 
-    def scores(self, x, measure, patch, *, bins=256):
+    def scores(self, x, measure, patch, *, bins=256, mode=None):
         n, s, _, c = x.shape
-        g = kg.launch_geometry(measure, s, c, patch, bins=bins)
+        g = kg.launch_geometry(measure, s, c, patch, bins=bins, mode=mode)
         shape = (n, g.patches, g.patches) if measure in kg.PAIRWISE else (n, g.patches)
         out = np.full(shape, np.nan)
         params, table = g.params(), g.table()
@@ -371,7 +375,8 @@ def test_kernel_signature_is_what_launch_passes():
     src = (kg.KERNEL_DIR / kg.KERNEL_SOURCE).read_text()
     sig = re.search(r"porder_reorder\((.*?)\)\s*\{", src, re.S).group(1)
     names = [re.split(r"[\s*]+", a.strip())[-1] for a in sig.split(",")]
-    assert names == ["images", "n_images", "vec", "out", "perm", "params", "tab", "err"]
+    assert names == ["images", "n_images", "vec", "out", "perm", "params", "tab", "err",
+                     "scratch"]
 
 
 class FakeKernel:
@@ -385,8 +390,9 @@ class FakeKernel:
         self.mid, self.wb, self.nw = map(int, re.findall(r"\d+", name))
 
     def __call__(self, grid, block, args, shared_mem=0):
-        images, n_images, vec, out, perm, params, tab, err = args
+        images, n_images, vec, out, perm, params, tab, err, scratch = args
         p = dict(zip(kg.PARAM_NAMES, params.tolist()))
+        assert scratch.dtype == np.uint8 and scratch.size >= grid[0] * p["GMEM"]
         assert block == (p["NT"],) and shared_mem == p["SMEM"] and 1 <= grid[0] <= int(n_images)
         assert shared_mem <= 48 * 1024 or self.max_dynamic_shared_size_bytes >= shared_mem
         assert (p["MID"], p["WB"], p["NW"]) == (self.mid, self.wb, self.nw)
@@ -418,6 +424,7 @@ def fake_gpu(harness, monkeypatch):
     monkeypatch.setattr(kc, "_kernel", kernel)
     monkeypatch.setattr(kc, "_device_arrays", lambda g, d: (g.params(), g.table()))
     monkeypatch.setattr(kc, "_error_flag", lambda d: np.zeros(1, np.int32))
+    monkeypatch.setattr(kc, "_no_scratch", lambda d: np.zeros(1, np.uint8))
     monkeypatch.setattr(kc, "_ptr", lambda a: a.ctypes.data)
     monkeypatch.setattr(kc, "device_limits", lambda: H100)
     return kernels
@@ -458,14 +465,16 @@ def test_reorder_decides_the_fallback(fake_gpu, monkeypatch):
     monkeypatch.setattr(porder.kernels, "backend_module", lambda x: kc)
     x = image_sets(np.random.default_rng(8), n=2)["photo"]
     big = np.concatenate([np.concatenate([x, x], 1)] * 2, 2)  # (2, 64, 64, 3)
-    assert not kc.supports(porder.get_measure("mi"), size=64, channels=3, patch=32, bins=256)
-    out, perm = porder.reorder(big, "mi", 32, backend="compiled")
-    ref_out, ref_perm = porder.reorder(big, "mi", 32, backend="generic")
-    assert np.array_equal(perm, ref_perm) and np.array_equal(out, ref_out)
-    assert not fake_gpu  # nothing compiled or launched
-    with pytest.raises(ValueError, match="do not take this case.*256"):
-        kc.reorder_batch(big, porder.get_measure("mi"), 32, bins=256, reference=0,
+    # mi at patch 32 used to fall back; stream mode takes it now. What is still outside
+    # the fused kernel: an image beyond its 32-bit indices.
+    assert kc.supports(porder.get_measure("mi"), size=64, channels=3, patch=32, bins=256)
+    huge = np.zeros((0, 30000, 30000, 3), np.uint8)
+    assert not kc.supports(porder.get_measure("mi"), size=30000, channels=3, patch=3000,
+                           bins=256)
+    with pytest.raises(ValueError, match="do not take this case.*32-bit"):
+        kc.reorder_batch(huge, porder.get_measure("mi"), 3000, bins=256, reference=0,
                          descending=True)
+    assert not fake_gpu  # nothing compiled or launched
     with pytest.raises(ValueError, match="no CUDA kernel"):
         kc.reorder_batch(big, porder.get_measure("none"), 32, bins=256, reference=0,
                          descending=True)
@@ -473,6 +482,10 @@ def test_reorder_decides_the_fallback(fake_gpu, monkeypatch):
     out, perm = porder.reorder(x, "je", 8, backend="compiled")
     assert np.array_equal(perm, porder.reorder(x, "je", 8, backend="generic")[1])
     assert [k.launches for k in fake_gpu.values()] == [[2]]
+    out, perm = porder.reorder(big, "mi", 32, backend="compiled")  # stream mode
+    ref_out, ref_perm = porder.reorder(big, "mi", 32, backend="generic")
+    assert np.array_equal(perm, ref_perm) and np.array_equal(out, ref_out)
+    assert fake_gpu[kg.launch_geometry("mi", 64, 3, 32).kernel].launches == [2]
 
 
 # ---------------------------------------------------------------------------
@@ -509,7 +522,7 @@ def test_every_cu_compiles_with_nvcc(tmp_path):
     assert not failed, "\n\n".join(failed)
     # every kernel instantiation was assembled for sm_90
     report = (tmp_path / "ptxas.log").read_text()
-    assert report.count("Compiling entry function") == 28
+    assert report.count("Compiling entry function") == 36  # 28 + stream mode of the 8 measures
 
 
 # ---------------------------------------------------------------------------
@@ -660,7 +673,7 @@ def test_gpu_dispatch_and_fallback(cp, seed):
     nout, nperm = porder.reorder(x, "je", 8, backend="generic")
     assert isinstance(perm, cp.ndarray) and perm.dtype == cp.int64
     assert np.array_equal(cp.asnumpy(perm), nperm) and np.array_equal(cp.asnumpy(out), nout)
-    # mi at patch 32 is outside the fused kernels: the generic CuPy path answers
+    # mi at patch 32: the fused kernel in stream mode (table mode)
     big = np.concatenate([np.concatenate([x, x], 1)] * 2, 2)[:4]  # (4, 64, 64, 3)
     out, perm = porder.reorder(cp.asarray(big), "mi", 32, device="cuda", backend="compiled")
     _, nperm = porder.reorder(big, "mi", 32, backend="generic")

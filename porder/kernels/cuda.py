@@ -3,23 +3,31 @@
 One fused kernel (``cuda/reorder.cu``, the algorithm in ``cuda/porder_core.cuh``)
 takes a batch of uint8 images on the GPU to reordered images and int64
 permutations in one launch per chunk, with no host round trip: one thread block
-per image loads it into shared memory, scores, runs the greedy chain (pairwise
-measures) or a stable rank (standalone measures), and writes the reordered
-image. Template instantiations per measure family:
+per image scores, runs the greedy chain (pairwise measures) or a stable rank
+(standalone measures), and writes the reordered image. Two modes, chosen by
+:func:`porder.kernels.cuda_geometry.launch_geometry` from the geometry:
 
-* ``mi``, ``je``, ``kl`` and ``entropy``: per-pixel equality bitmasks (16-bit
-  words at patch 4, 64-bit at patch 8, 4 x 64-bit at patch 16) give every
-  joint count as a popcount; log tables for counts 1..n; marginal statistics
-  once per patch.
-* ``l1``, ``l2``, ``ssim`` and ``psnr``: exact integer pixel sums.
+* **shared** (every 32x32 case; any image whose working set fits one block's
+  shared memory): the image and everything computed from it in shared memory.
+  ``mi``, ``je``, ``kl`` and ``entropy`` use per-pixel equality bitmasks
+  (16-bit words at patch 4, 64-bit at patch 8, 4 x 64-bit at patch 16, so up
+  to 256 pixels per patch) that give every joint count as a popcount.
+* **stream** (anything else: 128 p16, 224 p16/p32, 256 p8, ... any size): the
+  image is read from global memory; what does not fit a shared-memory budget
+  goes to the block's slice of a global scratch that :func:`launch` allocates
+  per launch (bounded per image, the grid cut to ``SCRATCH_BYTES``). The
+  histogram measures run in *table mode*: per-thread value counters and the
+  reference's value classes, O(n + bins) per candidate and channel, any
+  patch size; entropy and psnr sort their keys with a bitonic sort.
+* ``l1``, ``l2``, ``ssim`` and ``psnr``: exact integer pixel sums in both.
 
 Supported (:func:`supports`): any image size, channel count, ``bins`` and
-patch size, with the histogram measures up to 256 pixels per patch (patch
-16), as long as one image's working set fits the GPU's shared memory
-(:func:`porder.kernels.cuda_geometry.launch_geometry` says so, and why not).
-:func:`porder.reorder` runs every other case on the generic CuPy path, which
-gives the same result more slowly; :func:`reorder_batch` itself never falls
-back (the contract of :mod:`porder.kernels`).
+patch size, as long as one image's scratch stays within the kernel's 32-bit
+indices (2 GiB: every case up to 4096x4096 that porder.reorder's work bound
+admits); the generic CuPy path remains for measures without a kernel
+(controls, plugins).
+:func:`reorder_batch` itself never falls back (the contract of
+:mod:`porder.kernels`).
 
 Results equal the NumPy path's: integer counts and sums are exact, float64 is
 used only in the final formulas, in NumPy's order of operations, compiled with
@@ -168,6 +176,12 @@ def _error_flag(device_id: int):
     return _cupy().zeros(1, dtype=np.int32)
 
 
+@lru_cache(maxsize=None)
+def _no_scratch(device_id: int):
+    """The scratch argument of a shared-mode launch (never read or written)."""
+    return _cupy().zeros(1, dtype=np.uint8)
+
+
 _geometry = lru_cache(maxsize=256)(launch_geometry)
 
 
@@ -232,9 +246,13 @@ def launch(x, geometry: Geometry, out, perm, *, check: bool = False) -> None:
         if not xs.flags.c_contiguous:
             xs = cp.ascontiguousarray(xs)
         os_, ps = out[lo:hi], perm[lo:hi]
-        kern((geometry.grid(hi - lo, kern.num_regs),), (geometry.threads,),
+        grid = geometry.grid(hi - lo, kern.num_regs)
+        # stream mode: each block's slice of global scratch (CuPy's pool reuses it)
+        scratch = (cp.empty(geometry.scratch_bytes(grid), dtype=cp.uint8)
+                   if geometry.gmem_bytes else _no_scratch(dev))
+        kern((grid,), (geometry.threads,),
              (xs, np.int64(hi - lo), np.int32(vec_flags(_ptr(xs), _ptr(os_), geometry)),
-              os_, ps, params, table, err),
+              os_, ps, params, table, err, scratch),
              shared_mem=geometry.smem_bytes)
     if check:
         code = int(err[0])
@@ -244,7 +262,8 @@ def launch(x, geometry: Geometry, out, perm, *, check: bool = False) -> None:
 
 def supports(measure, *, size: int, channels: int, patch: int, bins: int) -> bool:
     """Whether the fused kernel computes this case on the current GPU: a built-in formula
-    it implements, and one image's working set within the GPU's shared memory."""
+    it implements (then any size and patch, in shared or stream mode; only an image
+    beyond the kernel's 32-bit indices is refused)."""
     b = as_builtin(get_measure(measure))
     if b is None or b.name not in IMPLEMENTS:
         return False

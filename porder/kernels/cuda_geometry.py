@@ -3,13 +3,35 @@
 What the Python side of the CUDA backend (:mod:`porder.kernels.cuda`) must
 agree on with the C++ layout of ``cuda/porder_core.cuh``: the measure ids
 (``MEASURE_IDS``, the measures the CUDA backend implements) and params
-indices, the threads per block, the shared-memory regions of one image, the
-grid and the images per launch, and the float64 table of constants and logs
-the kernel reads. Which regions a measure needs follows its registry entry
-(``binned``: equality masks or counts) and the kernel's own per-measure
-layout. :func:`launch_geometry` says whether one image of a case fits the
-GPU's shared memory, and why not; the same per-image code runs on the CPU
-through ``cuda/host_harness.cu`` in the tests.
+indices, the threads per block, the memory regions of one image, the grid and
+the images per launch, and the float64 table of constants and logs the kernel
+reads. Which regions a measure needs follows its registry entry (``binned``:
+equality masks, counts or value tables) and the kernel's own per-measure
+layout. The same per-image code runs on the CPU through
+``cuda/host_harness.cu`` in the tests.
+
+Two modes, chosen per case by :func:`launch_geometry` (no size is refused):
+
+* **shared**: one image's whole working set in shared memory (the histogram
+  measures with per-pixel equality masks, up to 256 pixels per patch), when it
+  fits one block: every 32x32 case, for example.
+* **stream**: anything else (128 p16, 224 p16/p32, 256 p8, ...). The kernel
+  reads the image from global memory; the quantised units, per-unit
+  statistics, chain state, log table, reference classes and per-thread value
+  tables go to shared memory while they fit a budget that keeps every thread
+  slot of a multiprocessor (``STREAM_SMEM_ORDER``), the rest to the block's
+  slice of a global scratch the host allocates (``Geometry.gmem_bytes`` per
+  block; the grid is cut so that one launch's scratch stays within
+  ``SCRATCH_BYTES``). The histogram measures run in *table mode* there (no
+  masks: O(n + bins) per candidate and channel, whatever the patch size).
+  Memory per image in flight: C*K*n bytes of units (a copy of the image),
+  16 (24 for ssim) bytes per unit, 5 bytes per patch, 8*(3n + 11) bytes of
+  log table (shared copy or the kernel's argument), and for the histogram measures
+  4*bins bytes per thread (at most 256 KiB) and 4*C*(bins + 1 + n) bytes of
+  reference classes (kl: 4*C*(bins + 1)); for entropy and psnr, 12 bytes per
+  entry of a bitonic sort of 2^ceil(log2 K) entries (shared mode ranks in
+  O(K^2), stream mode sorts in O(K log^2 K)). All told at most about 25 bytes per
+  pixel and channel plus 256 KiB plus the table: linear in the image, whatever K is.
 """
 from __future__ import annotations
 
@@ -40,12 +62,24 @@ PAIRWISE = tuple(m for m in MEASURE_IDS if get_measure(m).kind == "pairwise")
 PARAM_NAMES = (
     "S", "C", "P", "G", "K", "N", "BINS", "MID", "DESC", "REF", "QS", "NT", "WB", "NW", "NTAB",
     "OFF_TAB", "OFF_RAW", "OFF_Q", "OFF_MASK", "OFF_AUX", "OFF_AUX2", "OFF_PART", "OFF_HIST",
-    "OFF_CNT", "OFF_PERM", "OFF_USED", "SMEM",
+    "OFF_CNT", "OFF_PERM", "OFF_USED", "SMEM", "OFF_TBL", "OFF_CLS", "SPACE", "GMEM",
+    "OFF_SORT", "SORTN",
 )
+# The per-image regions, in the order of enum Region (bit r of params SPACE puts
+# region r in global memory; a test checks the mirror).
+REGIONS = ("tab", "raw", "q", "mask", "aux", "aux2", "part", "hist", "cnt", "perm", "used",
+           "tbl", "cls", "sort")
 TAB_HEADER = 8  # doubles before the log tables (T_HDR)
 
-MAX_HIST_PIXELS = 256  # 4 words of 64 bits per mask
-MAX_PATCHES = 65535  # kl stamps the chain step in 16 bits
+MAX_HIST_PIXELS = 256  # 4 words of 64 bits per mask (shared mode)
+MAX_PATCHES = 65535  # kl stamps the chain step in 16 bits (shared mode)
+MAX_INDEX = 2**31 - 1  # the kernel indexes an image's bytes and its scratch with int32
+# Global scratch of one launch in stream mode (one slice per resident block):
+# the grid is cut so that all slices together stay within it (at least one block).
+SCRATCH_BYTES = 256 * 2**20
+# Stream mode puts these regions in shared memory first, while they fit a budget
+# that keeps the threads' occupancy (see _stream_layout); the rest go to global.
+STREAM_SMEM_ORDER = ("perm", "used", "tab", "part", "aux", "aux2", "cls", "tbl", "sort", "q")
 MAX_THREADS = 256  # __launch_bounds__ of the kernel
 # Images per launch are bounded so that a non-contiguous input is copied to a
 # contiguous one at most this many bytes at a time.
@@ -95,6 +129,15 @@ class Geometry:
     images_per_launch: int
     supported: bool
     reason: str
+    # "shared": everything in shared memory (masks for the histogram measures);
+    # "stream": the regions that do not fit in the block's slice of a global
+    # scratch (table mode for the histogram measures: mask_bits = mask_words = 0).
+    mode: str = "shared"
+    gmem_bytes: int = 0  # global scratch per block (per image in flight)
+    global_regions: frozenset = frozenset()  # regions in global memory
+    q_stride: int = 0  # bytes between two units' pixels
+    scratch_grid: int = 2**31 - 1  # most blocks whose slices fit SCRATCH_BYTES
+    sort_n: int = 0  # stream mode, standalone measures: sorted entries (power of 2 >= K)
 
     @property
     def kernel(self) -> str:
@@ -112,7 +155,11 @@ class Geometry:
             per_block = _round_up(registers, 8) * self.threads
             by_regs = max(1, self.regs_per_sm // per_block)
             grid = min(grid, by_regs * (self.max_grid // self.blocks_per_sm))
-        return max(1, min(n_images, grid))
+        return max(1, min(n_images, grid, self.scratch_grid))
+
+    def scratch_bytes(self, grid: int) -> int:
+        """Bytes of global scratch a launch of ``grid`` blocks needs (0 in shared mode)."""
+        return grid * self.gmem_bytes
 
     def chunks(self, n_images: int) -> list[tuple[int, int]]:
         """Image ranges ``[lo, hi)`` of the launches for a batch of ``n_images``."""
@@ -132,12 +179,16 @@ class Geometry:
             "OFF_MASK": off["mask"], "OFF_AUX": off["aux"], "OFF_AUX2": off["aux2"],
             "OFF_PART": off["part"], "OFF_HIST": off["hist"], "OFF_CNT": off["cnt"],
             "OFF_PERM": off["perm"], "OFF_USED": off["used"], "SMEM": self.smem_bytes,
+            "OFF_TBL": off["tbl"], "OFF_CLS": off["cls"], "OFF_SORT": off["sort"],
+            "SORTN": self.sort_n,
+            "SPACE": sum(1 << i for i, r in enumerate(REGIONS) if r in self.global_regions),
+            "GMEM": self.gmem_bytes,
         }
         return np.array([values[name] for name in PARAM_NAMES], dtype=np.int32)
 
     @property
     def unit_stride(self) -> int:
-        return unit_stride(self.pixels)
+        return self.q_stride or unit_stride(self.pixels)
 
     def table(self) -> np.ndarray:
         """The float64 table of constants and logs the kernel reads."""
@@ -208,7 +259,7 @@ def _round_up(x: int, m: int) -> int:
 def launch_geometry(measure: str, image_size: int, channels: int, patch: int, *,
                     bins: int = 256, reference: int = 0, descending: bool | None = None,
                     limits: DeviceLimits | None = None,
-                    chunk_bytes: int = CHUNK_BYTES) -> Geometry:
+                    chunk_bytes: int = CHUNK_BYTES, mode: str | None = None) -> Geometry:
     """Threads, shared-memory layout and grid of the fused kernel; no GPU needed.
 
     Parameters
@@ -226,6 +277,12 @@ def launch_geometry(measure: str, image_size: int, channels: int, patch: int, *,
         The GPU's limits (default: an H100).
     chunk_bytes : int
         Bound on the input bytes of one launch.
+    mode : {None, "shared", "stream"}
+        None: shared mode when one image fits the shared memory (and, for the
+        histogram measures, has at most MAX_HIST_PIXELS pixels per patch),
+        else stream mode. "stream" forces stream mode (tests and benchmarks
+        compare the two); "shared" forces shared mode, unsupported with the
+        reason when the image does not fit.
 
     Returns
     -------
@@ -256,16 +313,47 @@ def launch_geometry(measure: str, image_size: int, channels: int, patch: int, *,
     if not 0 <= reference < k:
         raise ValueError(f"reference patch {reference} is out of range 0..{k - 1}")
     desc = entry.descending if descending is None else bool(descending)
-    wb, nw = mask_shape(m.name, n)
-    units = channels * k
+    common = dict(measure=m.name, image_size=image_size, channels=channels, patch=patch,
+                  bins=int(bins), reference=reference, descending=desc, grid_side=g, patches=k,
+                  pixels=n, regs_per_sm=limits.regs_per_sm,
+                  images_per_launch=max(1, chunk_bytes // (image_size * image_size * channels)))
+    if mode not in (None, "shared", "stream"):
+        raise ValueError(f"mode must be None, 'shared' or 'stream', got {mode!r}")
+    shared = _shared_layout(m, g, n, channels, bins, limits)
+    why = shared.pop("reason")
+    if mode == "shared" or (mode is None and why is None):
+        return Geometry(**common, **shared, supported=why is None, reason=why or "")
+    stream = _stream_layout(m, image_size, k, n, channels, bins, limits)
+    reason = stream.pop("reason")
+    return Geometry(**common, **stream, supported=not reason, reason=reason)
 
+
+def _blocks_per_sm(threads: int, smem: int, limits: DeviceLimits) -> int:
+    per_block = smem + limits.reserved_smem_block
+    return min(limits.max_blocks_sm, limits.max_threads_sm // threads,
+               limits.smem_per_sm // per_block if per_block else limits.max_blocks_sm)
+
+
+def _place(sizes: dict) -> tuple[dict, int]:
+    """Offsets (16-byte aligned, in the order of ``sizes``) and the bytes in all."""
+    offsets, at = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = (at, size)
+        at = _round_up(at + size, _ALIGN)
+    return offsets, at
+
+
+def _shared_layout(m, g: int, n: int, channels: int, bins: int, limits: DeviceLimits) -> dict:
+    """Shared mode: the whole image in shared memory (reason None when it fits)."""
+    k = g * g
+    units = channels * k
+    wb, nw = mask_shape(m.name, n)
     threads = min(MAX_THREADS, max(64, _round_up(units, 32)))
     if m.binned and n >= 128:
         threads = max(threads, 128)  # the mask build is the heavy phase there
-
     sizes = {
         "tab": 8 * table_size(n),
-        "raw": image_size * image_size * channels,
+        "raw": g * g * n * channels,
         "q": units * unit_stride(n),
         "mask": channels * n * k * (wb // 8) * nw if m.name in ("mi", "je", "kl") else 0,
         "aux": 8 * units,
@@ -275,36 +363,88 @@ def launch_geometry(measure: str, image_size: int, channels: int, patch: int, *,
         "cnt": 2 * units * n if m.name == "entropy" else 0,
         "perm": 4 * k,
         "used": k,
+        "tbl": 0,
+        "cls": 0,
+        "sort": 0,
     }
-    offsets, at = {}, 0
-    for name, size in sizes.items():
-        offsets[name] = (at, size)
-        at = _round_up(at + size, _ALIGN)
-    smem = at
-
-    reason = ""
+    offsets, smem = _place(sizes)
+    blocks = _blocks_per_sm(threads, smem, limits)
+    reason = None
+    patch = math.isqrt(n)
     if m.binned and n > MAX_HIST_PIXELS:
-        reason = (f"{m.name} at patch {patch} has {n} pixels per patch; the CUDA kernels "
-                  f"take histogram measures up to {MAX_HIST_PIXELS} (patch 16)")
+        reason = (f"{m.name} at patch {patch} has {n} pixels per patch; the masks of shared "
+                  f"mode take histogram measures up to {MAX_HIST_PIXELS} (patch 16)")
     elif k > MAX_PATCHES:
-        reason = f"{k} patches per image; the CUDA kernels take up to {MAX_PATCHES}"
+        reason = f"{k} patches per image; shared mode takes up to {MAX_PATCHES}"
     elif smem > limits.max_smem_block:
         reason = (f"one image needs {smem} bytes of shared memory for {m.name} at patch "
                   f"{patch}; this GPU allows {limits.max_smem_block} per block")
-    per_block = smem + limits.reserved_smem_block
-    blocks = min(limits.max_blocks_sm, limits.max_threads_sm // threads,
-                 limits.smem_per_sm // per_block if per_block else limits.max_blocks_sm)
-    if not reason and blocks < 1:
+    elif blocks < 1:
         reason = f"one image's {smem} bytes of shared memory do not fit a multiprocessor"
-    blocks = max(blocks, 1)
-    return Geometry(
-        measure=m.name, image_size=image_size, channels=channels, patch=patch, bins=int(bins),
-        reference=reference, descending=desc, grid_side=g, patches=k, pixels=n, mask_bits=wb,
-        mask_words=nw, threads=threads, smem_bytes=smem, offsets=offsets, blocks_per_sm=blocks,
-        max_grid=blocks * limits.sm_count, regs_per_sm=limits.regs_per_sm,
-        images_per_launch=max(1, chunk_bytes // (image_size * image_size * channels)),
-        supported=not reason, reason=reason,
-    )
+    return dict(mask_bits=wb, mask_words=nw, threads=threads, smem_bytes=smem, offsets=offsets,
+                blocks_per_sm=max(blocks, 1), max_grid=max(blocks, 1) * limits.sm_count,
+                reason=reason)
+
+
+def _stream_layout(m, image_size: int, k: int, n: int, channels: int, bins: int,
+                   limits: DeviceLimits) -> dict:
+    """Stream mode: any size. The image is read from global memory (raw is the
+    input, the table is the kernel's argument); the quantised units, per-unit
+    statistics, chain state, per-thread value tables (histogram measures: table
+    mode, no masks) and reference classes go to shared memory in the order
+    STREAM_SMEM_ORDER while they fit a budget that keeps every thread slot of a
+    multiprocessor usable, and to the block's slice of the global scratch
+    otherwise."""
+    units = channels * k
+    binned = m.binned
+    wb, nw = 0, 0  # the stream-mode instantiation (table mode for the histogram measures)
+    threads = min(MAX_THREADS, max(64, _round_up(units, 32)))
+    qs = n  # table mode and the moment measures read bytes: no padding
+    sort_n = 1 << (k - 1).bit_length() if m.kind == "standalone" else 0
+    sizes = {
+        "tab": 8 * table_size(n),  # in shared memory a copy, else the kernel's argument
+        "raw": 0,  # the input image itself
+        "q": units * qs,
+        "mask": 0,
+        "aux": 8 * units,
+        "aux2": 8 * units if m.name == "ssim" else 0,
+        "part": 8 * units,
+        "hist": 0, "cnt": 0,
+        "perm": 4 * k,
+        "used": k,
+        "tbl": 4 * bins * threads if binned else 0,
+        "cls": (4 * channels * (bins + 1 + (0 if m.name == "kl" else n))
+                if m.name in ("mi", "je", "kl") else 0),
+        "sort": 12 * sort_n,  # standalone: (key, index) pairs of the bitonic sort
+    }
+    resident = max(1, min(limits.max_blocks_sm, limits.max_threads_sm // threads))
+    budget = min(limits.max_smem_block,
+                 limits.smem_per_sm // resident - limits.reserved_smem_block)
+    in_smem, used = set(), 0
+    for name in STREAM_SMEM_ORDER:
+        size = _round_up(sizes[name], _ALIGN)
+        if 0 < size and used + size <= budget:
+            in_smem.add(name)
+            used += size
+    smem_sizes = {r: (sizes[r] if r in in_smem else 0) for r in REGIONS}
+    gmem_sizes = {r: (0 if r in in_smem or r == "tab" else sizes[r]) for r in REGIONS}
+    s_off, smem = _place(smem_sizes)
+    g_off, gmem = _place(gmem_sizes)
+    gmem = _round_up(gmem, 256)
+    global_regions = frozenset({"raw"} | ({"tab"} - in_smem)
+                               | {r for r in REGIONS if gmem_sizes[r]})
+    offsets = {r: (g_off[r] if r in global_regions else s_off[r]) for r in REGIONS}
+    blocks = max(1, _blocks_per_sm(threads, smem, limits))
+    reason = ""
+    if image_size * image_size * channels > MAX_INDEX or units * qs > MAX_INDEX \
+            or gmem > MAX_INDEX or 12 * sort_n > MAX_INDEX:
+        reason = (f"one {image_size}x{image_size}x{channels} image is beyond the kernel's "
+                  f"32-bit indices")
+    return dict(mask_bits=wb, mask_words=nw, threads=threads, smem_bytes=smem, offsets=offsets,
+                blocks_per_sm=blocks, max_grid=blocks * limits.sm_count, reason=reason,
+                mode="stream", gmem_bytes=gmem, global_regions=global_regions, q_stride=qs,
+                scratch_grid=max(1, SCRATCH_BYTES // gmem) if gmem else 2**31 - 1,
+                sort_n=sort_n)
 
 
 def vec_flags(in_ptr: int, out_ptr: int, geometry: Geometry) -> int:
@@ -324,4 +464,6 @@ def error_message(code: int) -> str:
         parts.append("kernel template arguments do not match the params")
     if code & 4:
         parts.append("block size does not match the params")
+    if code & 8:
+        parts.append("no global scratch although the params ask for it")
     return "; ".join(parts) or f"unknown error code {code}"

@@ -12,9 +12,18 @@
 //
 // Shapes and layout. An image is (S, S, C) uint8, row-major. It has K = G*G
 // patches of P x P pixels (G = S / P), n = P*P pixels each; patch j = r*G + c.
-// A "unit" is one (channel c, patch j) pair, index u = c*K + j. Shared memory
-// (one block = one image) holds, at offsets computed in Python
-// (porder/kernels/cuda_geometry.py, launch_geometry) and passed in the params array:
+// A "unit" is one (channel c, patch j) pair, index u = c*K + j.
+//
+// Two modes (template WB > 0: shared, WB = NW = 0: stream). In shared mode,
+// shared memory (one block = one image) holds all the regions below. In stream
+// mode (images that do not fit) bit r of params[P_SPACE] moves region r to the
+// block's slice of a global scratch: raw is then the input image itself, tab
+// the kernel's table argument, and the histogram measures run in "table mode"
+// (per-thread value tables tbl and the reference's value classes cls instead of
+// mask and cnt; see the table-mode section); the standalone measures sort
+// their keys in sort (bitonic) instead of ranking them. Offsets are computed in
+// Python (porder/kernels/cuda_geometry.py, launch_geometry) and passed in the
+// params array:
 //   tab   double  [8 + 3*(n+1)]   constants, log2(c), KL tables
 //   raw   uint8   [S*S*C]         the image as loaded (the gather reads it)
 //   q     uint8   [C*K][QS]       unit pixels in patch raster order (quantised
@@ -30,6 +39,9 @@
 //   cnt   uint16  [C*K][n]        entropy: count of each pixel's value
 //   perm  int32   [K]             the permutation being built
 //   used  uint8   [K]             chain: patches already placed
+//   tbl   uint32  [NT][bins]      table mode: per-thread value counters
+//   cls   int32   [C][bins+1], [C][n]  table mode: reference value classes
+//   sort  double [SORTN], int32 [SORTN]  stream mode, standalone: bitonic sort
 //
 // Numerics follow porder.measures: exact integer counts and pixel sums; float64
 // only in the final formulas, in the NumPy formulas' order of operations
@@ -67,6 +79,7 @@ enum Param {
     P_WB, P_NW, P_NTAB,
     P_OFF_TAB, P_OFF_RAW, P_OFF_Q, P_OFF_MASK, P_OFF_AUX, P_OFF_AUX2, P_OFF_PART,
     P_OFF_HIST, P_OFF_CNT, P_OFF_PERM, P_OFF_USED, P_SMEM,
+    P_OFF_TBL, P_OFF_CLS, P_SPACE, P_GMEM, P_OFF_SORT, P_SORTN,
     P_COUNT
 };
 
@@ -106,6 +119,13 @@ PORDER_HD double p_log10(double x) {
     return log10(x);
 #else
     return std::log10(x);
+#endif
+}
+PORDER_HD double p_nan() {
+#if defined(__CUDA_ARCH__)
+    return __longlong_as_double(0x7FF8000000000000LL);
+#else
+    return std::nan("");
 #endif
 }
 PORDER_HD int popc(u16 x) {
@@ -256,9 +276,20 @@ PORDER_HD bool sorts_before(double a, int i, double b, int j) {
 // ---------------------------------------------------------------------------
 // The per-image context: params and the carved shared memory.
 
+// Region ids: bit r of params[P_SPACE] set puts region r in the block's slice
+// of the global scratch instead of shared memory (cuda_geometry.py REGIONS
+// mirrors this order). Two regions are never copied there: a global tab is the
+// kernel's tab argument and a global raw is the input image itself.
+enum Region {
+    R_TAB = 0, R_RAW, R_Q, R_MASK, R_AUX, R_AUX2, R_PART, R_HIST, R_CNT, R_PERM, R_USED,
+    R_TBL, R_CLS, R_SORT, R_COUNT
+};
+
 struct Ctx {
     int S, C, P, G, K, n, bins, mid, qs, nt, ntab;
     bool desc;
+    bool tab_global;  // tab is the kernel's tab argument (not copied)
+    bool raw_input;   // raw is the input image (not copied)
     int ref;
     double* tab;
     u8* raw;
@@ -271,32 +302,102 @@ struct Ctx {
     u16* cnt;
     int* perm;
     u8* used;
+    u32* tbl;  // table mode: bins counters per thread, zero between uses
+    int* cls;  // table mode: the reference's value classes per channel
+    int sortn;  // stream mode, standalone: keys sorted (a power of 2 >= K)
+    double* sort_key;  // [sortn] keys, then int [sortn] patch indices
+    int* sort_idx;
 };
 
-PORDER_HD Ctx make_ctx(const int* p, u8* smem) {
+// smem: the block's shared memory; gmem: its slice of the global scratch;
+// tab: the kernel's (global, read-only) table argument. STREAM (the template's
+// WB == 0) is stream mode, where params[P_SPACE] places each region; in shared
+// mode every pointer is into smem, known as such at compile time (shared-memory
+// loads and stores, no generic addressing).
+template <bool STREAM>
+PORDER_HD Ctx make_ctx(const int* p, u8* smem, u8* gmem, const double* tab) {
     Ctx x;
     x.S = p[P_S]; x.C = p[P_C]; x.P = p[P_P]; x.G = p[P_G]; x.K = p[P_K]; x.n = p[P_N];
     x.bins = p[P_BINS]; x.mid = p[P_MID]; x.qs = p[P_QS]; x.nt = p[P_NT]; x.ntab = p[P_NTAB];
     x.desc = p[P_DESC] != 0;
     x.ref = p[P_REF];
-    x.tab = reinterpret_cast<double*>(smem + p[P_OFF_TAB]);
-    x.raw = smem + p[P_OFF_RAW];
-    x.q = smem + p[P_OFF_Q];
-    x.mask = smem + p[P_OFF_MASK];
-    x.aux = reinterpret_cast<double*>(smem + p[P_OFF_AUX]);
-    x.aux2 = reinterpret_cast<double*>(smem + p[P_OFF_AUX2]);
-    x.part = reinterpret_cast<double*>(smem + p[P_OFF_PART]);
-    x.hist = reinterpret_cast<u32*>(smem + p[P_OFF_HIST]);
-    x.cnt = reinterpret_cast<u16*>(smem + p[P_OFF_CNT]);
-    x.perm = reinterpret_cast<int*>(smem + p[P_OFF_PERM]);
-    x.used = smem + p[P_OFF_USED];
+    const int space = STREAM ? p[P_SPACE] : 0;
+    auto at = [&](int region, int param) -> u8* {
+        if constexpr (!STREAM) return smem + p[param];
+        return (((space >> region) & 1) ? gmem : smem) + p[param];
+    };
+    x.tab_global = ((space >> R_TAB) & 1) != 0;
+    x.raw_input = ((space >> R_RAW) & 1) != 0;
+    x.tab = x.tab_global ? const_cast<double*>(tab)
+                         : reinterpret_cast<double*>(smem + p[P_OFF_TAB]);
+    x.raw = x.raw_input ? nullptr : smem + p[P_OFF_RAW];  // set per image when raw_input
+    x.q = at(R_Q, P_OFF_Q);
+    x.mask = at(R_MASK, P_OFF_MASK);
+    x.aux = reinterpret_cast<double*>(at(R_AUX, P_OFF_AUX));
+    x.aux2 = reinterpret_cast<double*>(at(R_AUX2, P_OFF_AUX2));
+    x.part = reinterpret_cast<double*>(at(R_PART, P_OFF_PART));
+    x.hist = reinterpret_cast<u32*>(at(R_HIST, P_OFF_HIST));
+    x.cnt = reinterpret_cast<u16*>(at(R_CNT, P_OFF_CNT));
+    x.perm = reinterpret_cast<int*>(at(R_PERM, P_OFF_PERM));
+    x.used = at(R_USED, P_OFF_USED);
+    x.tbl = reinterpret_cast<u32*>(at(R_TBL, P_OFF_TBL));
+    x.cls = reinterpret_cast<int*>(at(R_CLS, P_OFF_CLS));
+    x.sortn = p[P_SORTN];
+    x.sort_key = reinterpret_cast<double*>(at(R_SORT, P_OFF_SORT));
+    x.sort_idx = reinterpret_cast<int*>(x.sort_key + x.sortn);
     return x;
 }
 
 PORDER_HD const double* lg_table(const Ctx& x) { return x.tab + T_HDR; }
 PORDER_HD const double* kt_table(const Ctx& x) { return x.tab + T_HDR + (x.n + 1); }
 PORDER_HD const double* kp_table(const Ctx& x) { return x.tab + T_HDR + 2 * (x.n + 1); }
-PORDER_HD u8* unit_q(const Ctx& x, int c, int j) { return x.q + (c * x.K + j) * x.qs; }
+PORDER_HD u8* unit_q(const Ctx& x, int c, int j) { return x.q + (i64)(c * x.K + j) * x.qs; }
+
+// ---------------------------------------------------------------------------
+// Table mode (template WB = NW = 0): the histogram measures without equality
+// masks, for patches of any size. Every thread owns a table of `bins` u32
+// counters (zero between uses: whoever counts into it clears what it counted).
+// Per chain step, the reference's pixels of each channel are grouped by value
+// (a counting sort: cls_start[v] .. cls_start[v+1] index cls_ord, in pixel
+// order); the joint count of a candidate's pixel t is then the count of its
+// value within t's reference class. Work per candidate and channel: O(n +
+// bins), memory: bins counters per thread and (bins + 1 + n) ints per channel.
+
+PORDER_HD u32* thread_table(const Ctx& x, int tid) { return x.tbl + (i64)tid * x.bins; }
+PORDER_HD int* cls_start(const Ctx& x, int c) { return x.cls + c * (x.bins + 1); }
+PORDER_HD int* cls_ord(const Ctx& x, int c) { return x.cls + x.C * (x.bins + 1) + c * x.n; }
+
+// sum_t log2(count of q[t] in q[0..n)), in pixel order (as the masks' popcounts).
+PORDER_HD double table_log_count_sum(const u8* qu, int n, u32* tb, const double* lg) {
+    for (int t = 0; t < n; ++t) tb[qu[t]] += 1u;
+    double L = 0.0;
+    for (int t = 0; t < n; ++t) L += lg[tb[qu[t]]];
+    for (int t = 0; t < n; ++t) tb[qu[t]] = 0u;
+    return L;
+}
+
+// The reference's value classes of every channel (table mode, pairwise
+// histogram measures): kl needs the class sizes only.
+template <int MID>
+PORDER_HD void phase_ref_classes(const Ctx& x, int ref, int tid, int nt) {
+    for (int c = tid; c < x.C; c += nt) {
+        int* st = cls_start(x, c);
+        const u8* qr = unit_q(x, c, ref);
+        for (int v = 0; v <= x.bins; ++v) st[v] = 0;
+        for (int t = 0; t < x.n; ++t) st[qr[t] + 1] += 1;
+        for (int v = 1; v <= x.bins; ++v) st[v] += st[v - 1];  // st[v]: first index of v
+        if constexpr (MID != M_KL) {
+            int* ord = cls_ord(x, c);
+            u32* cur = thread_table(x, tid);  // zero here; offsets within each class
+            for (int t = 0; t < x.n; ++t) {
+                const int v = qr[t];
+                ord[st[v] + (int)cur[v]] = t;
+                cur[v] += 1u;
+            }
+            for (int t = 0; t < x.n; ++t) cur[qr[t]] = 0u;
+        }
+    }
+}
 
 template <int MID> struct Family {
     static const bool hist_pair = MID == M_MI || MID == M_JE || MID == M_KL;
@@ -321,6 +422,7 @@ PORDER_HD double channel_mean(int C, F v) {
 
 // Global image -> raw. vec bit 0: the image address and S*S*C are 4-byte multiples.
 PORDER_HD void phase_load(const Ctx& x, const u8* img, int vec, int tid, int nt) {
+    if (x.raw_input) return;  // raw is img itself
     const int bytes = x.S * x.S * x.C;
     if (vec & 1) {
         for (int i = tid; i < bytes / 4; i += nt) store_u32(x.raw + 4 * i, load_u32(img + 4 * i));
@@ -331,7 +433,7 @@ PORDER_HD void phase_load(const Ctx& x, const u8* img, int vec, int tid, int nt)
 
 // raw -> q (patch raster order per unit, quantised for histogram measures);
 // zeroes the q padding, the kl histogram and the chain state.
-template <int MID>
+template <int MID, int WB>
 PORDER_HD void phase_relayout(const Ctx& x, int tid, int nt) {
     for (int pix = tid; pix < x.S * x.S; pix += nt) {  // one pixel, all its channels
         const int xx = pix % x.S, y = pix / x.S;
@@ -345,8 +447,12 @@ PORDER_HD void phase_relayout(const Ctx& x, int tid, int nt) {
     }
     const int pad = x.qs - x.n;
     for (int e = tid; e < x.C * x.K * pad; e += nt) x.q[(e / pad) * x.qs + x.n + e % pad] = 0;
-    if constexpr (MID == M_KL) {
+    if constexpr (MID == M_KL && WB > 0) {
         for (int e = tid; e < x.C * x.bins; e += nt) x.hist[e] = 0u;
+    }
+    if constexpr (WB == 0 && Family<MID>::quantised) {  // table mode: tables start at zero
+        u32* tb = thread_table(x, tid);
+        for (int v = 0; v < x.bins; ++v) tb[v] = 0u;
     }
     if constexpr (Family<MID>::pairwise) {
         for (int j = tid; j < x.K; j += nt) x.used[j] = (u8)(j == x.ref);
@@ -404,16 +510,36 @@ PORDER_HD void build_ref_hist(const Ctx& x, int ref, u32 stamp, int tid, int nt)
 //   entropy: aux = the unit's entropy
 template <int MID, int WB, int NW>
 PORDER_HD void phase_unit_stats(const Ctx& x, int tid, int nt) {
-    const MaskT<WB, NW>* M = reinterpret_cast<const MaskT<WB, NW>*>(x.mask);
     const double* lg = lg_table(x);
     const double n = (double)x.n;
     for (int u = tid; u < x.C * x.K; u += nt) {
         const int j = u % x.K, c = u / x.K;
-        if constexpr (MID == M_MI) {
+        if constexpr (WB == 0 && (MID == M_MI || MID == M_ENTROPY)) {
+            const double L = table_log_count_sum(unit_q(x, c, j), x.n, thread_table(x, tid), lg);
+            if constexpr (MID == M_MI) x.aux[u] = L;
+            else x.aux[u] = x.tab[T_LOG2N] - L / n;
+        } else if constexpr (WB == 0 && MID == M_KL) {
+            const double* kt = kt_table(x);
+            const double* kp = kp_table(x);
+            const u8* qu = unit_q(x, c, j);
+            u32* tb = thread_table(x, tid);
+            for (int t = 0; t < x.n; ++t) tb[qu[t]] += 1u;
+            double r0 = 0.0;
+            for (int t = 0; t < x.n; ++t) {  // values in order of first occurrence
+                const int a = (int)tb[qu[t]];
+                if (a) {
+                    r0 += kp[a] * (kt[a] - kt[0]);
+                    tb[qu[t]] = 0u;
+                }
+            }
+            x.aux[u] = r0;
+        } else if constexpr (MID == M_MI) {
+            const MaskT<WB, NW>* M = reinterpret_cast<const MaskT<WB, NW>*>(x.mask);
             double L = 0.0;
             for (int t = 0; t < x.n; ++t) L += lg[mask_popc(M[(c * x.n + t) * x.K + j])];
             x.aux[u] = L;
         } else if constexpr (MID == M_KL) {
+            const MaskT<WB, NW>* M = reinterpret_cast<const MaskT<WB, NW>*>(x.mask);
             const double* kt = kt_table(x);
             const double* kp = kp_table(x);
             double r0 = 0.0;
@@ -455,8 +581,40 @@ PORDER_HD void phase_unit_stats(const Ctx& x, int tid, int nt) {
 //   kl:     sum over values v of j: P_v (log2 s - log2(b_v + s)), P_v from ref
 //   l1:     sum |a - b|;  l2: sum (a - b)^2;  ssim: sum a*b
 template <int MID, int WB, int NW>
-PORDER_HD double pair_partial(const Ctx& x, int ref, int j, int c, u32 stamp) {
-    if constexpr (Family<MID>::hist_pair) {
+PORDER_HD double pair_partial(const Ctx& x, int ref, int j, int c, u32 stamp, int tid) {
+    if constexpr (Family<MID>::hist_pair && WB == 0) {
+        const int* st = cls_start(x, c);
+        const u8* qb = unit_q(x, c, j);
+        u32* tb = thread_table(x, tid);
+        if constexpr (MID == M_KL) {
+            const double* kt = kt_table(x);
+            const double* kp = kp_table(x);
+            for (int t = 0; t < x.n; ++t) tb[qb[t]] += 1u;
+            double acc = 0.0;
+            for (int t = 0; t < x.n; ++t) {  // values of j in order of first occurrence
+                const int v = qb[t];
+                const int b = (int)tb[v];
+                if (b) {
+                    acc += kp[st[v + 1] - st[v]] * (kt[0] - kt[b]);
+                    tb[v] = 0u;
+                }
+            }
+            return acc;
+        } else {
+            // Reference classes of size 1 add log2(1) = 0: skipped.
+            const int* ord = cls_ord(x, c);
+            const double* lg = lg_table(x);
+            double L = 0.0;
+            for (int v = 0; v < x.bins; ++v) {
+                const int lo = st[v], hi = st[v + 1];
+                if (hi - lo < 2) continue;
+                for (int i = lo; i < hi; ++i) tb[qb[ord[i]]] += 1u;
+                for (int i = lo; i < hi; ++i) L += lg[tb[qb[ord[i]]]];
+                for (int i = lo; i < hi; ++i) tb[qb[ord[i]]] = 0u;
+            }
+            return L;
+        }
+    } else if constexpr (Family<MID>::hist_pair) {
         const MaskT<WB, NW>* M = reinterpret_cast<const MaskT<WB, NW>*>(x.mask) + c * x.n * x.K;
         if constexpr (MID == M_KL) {
             const double* kt = kt_table(x);
@@ -537,7 +695,7 @@ template <int MID, int WB, int NW>
 PORDER_HD void phase_partials(const Ctx& x, int ref, u32 stamp, int tid, int nt) {
     for (int u = tid; u < x.C * x.K; u += nt) {
         const int j = u % x.K, c = u / x.K;
-        if (!x.used[j]) x.part[u] = pair_partial<MID, WB, NW>(x, ref, j, c, stamp);
+        if (!x.used[j]) x.part[u] = pair_partial<MID, WB, NW>(x, ref, j, c, stamp, tid);
     }
 }
 
@@ -587,58 +745,102 @@ PORDER_HD void phase_rank(const Ctx& x, int tid, int nt) {
     }
 }
 
+// Stream mode: the same order as phase_rank (sorts_before is a total order:
+// key, then NaN last, then index) by a block-wide bitonic sort of sortn
+// (key, index) pairs, O(K log^2 K / nt) per thread instead of O(K^2 / nt);
+// sortn - K padding entries (NaN, index >= K) sort last.
+PORDER_HD void phase_sort(const Ctx& x, int tid, int nt) {
+    const int N = x.sortn;
+    for (int i = tid; i < N; i += nt) {
+        x.sort_key[i] = i < x.K ? x.part[i] : p_nan();
+        x.sort_idx[i] = i;
+    }
+    block_sync();
+    for (int k = 2; k <= N; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int i = tid; i < N; i += nt) {
+                const int l = i ^ j;
+                if (l <= i) continue;
+                const bool up = (i & k) == 0;
+                const double ki = x.sort_key[i], kl = x.sort_key[l];
+                const int ii = x.sort_idx[i], il = x.sort_idx[l];
+                if (sorts_before(kl, il, ki, ii) == up) {
+                    x.sort_key[i] = kl; x.sort_key[l] = ki;
+                    x.sort_idx[i] = il; x.sort_idx[l] = ii;
+                }
+            }
+            block_sync();
+        }
+    }
+    for (int r = tid; r < x.K; r += nt) x.perm[r] = x.sort_idx[r];
+}
+
 // perm -> global (int64) and the reordered image -> global. vec bit 1: P*C is
 // a multiple of 4 and the output is 4-byte aligned (then every 4 output bytes
 // come from one patch row, at a 4-byte aligned source offset).
 PORDER_HD void phase_gather(const Ctx& x, u8* out, i64* perm_out, int vec, int tid, int nt) {
     for (int j = tid; j < x.K; j += nt) perm_out[j] = (i64)x.perm[j];
     const int bytes = x.S * x.S * x.C;
-    const int step = (vec & 2) ? 4 : 1;
+    // 4-byte copies need an aligned source too when raw is the input image (vec bit 0)
+    const bool wide = (vec & 2) && (!x.raw_input || (vec & 1));
+    const int step = wide ? 4 : 1;
     for (int e = tid * step; e < bytes; e += nt * step) {
         const int c = e % x.C, pix = e / x.C;
         const int xx = pix % x.S, y = pix / x.S;
         const int sj = x.perm[(y / x.P) * x.G + xx / x.P];
         const int sy = (sj / x.G) * x.P + y % x.P, sx = (sj % x.G) * x.P + xx % x.P;
         const int src = (sy * x.S + sx) * x.C + c;
-        if (vec & 2) store_u32(out + e, load_u32(x.raw + src));
+        if (wide) store_u32(out + e, load_u32(x.raw + src));
         else out[e] = x.raw[src];
     }
 }
 
 // Load, relayout and per-unit statistics: everything before ordering.
+// x.raw for one image: the input itself when raw_input, else the shared copy.
+PORDER_HD Ctx image_ctx(const Ctx& x, const u8* img) {
+    Ctx y = x;
+    if (x.raw_input) y.raw = const_cast<u8*>(img);  // only read
+    return y;
+}
+
 template <int MID, int WB, int NW>
 PORDER_HD void prepare_image(const Ctx& x, const u8* img, int vec, int tid, int nt) {
     phase_load(x, img, vec, tid, nt);
     block_sync();
-    phase_relayout<MID>(x, tid, nt);
+    phase_relayout<MID, WB>(x, tid, nt);
     block_sync();
-    if constexpr (Family<MID>::hist_pair) {
+    if constexpr (Family<MID>::hist_pair && WB > 0) {
         phase_masks<WB, NW>(x, tid, nt);
         block_sync();
     }
-    if constexpr (MID == M_ENTROPY) {
+    if constexpr (MID == M_ENTROPY && WB > 0) {
         phase_counts<WB, NW>(x, tid, nt);
         block_sync();
     }
     phase_unit_stats<MID, WB, NW>(x, tid, nt);
-    if constexpr (MID == M_KL) build_ref_hist<WB, NW>(x, x.ref, 1u, tid, nt);
+    if constexpr (MID == M_KL && WB > 0) build_ref_hist<WB, NW>(x, x.ref, 1u, tid, nt);
     block_sync();
 }
 
 // The whole per-image pipeline: uint8 image -> reordered image and perm.
 template <int MID, int WB, int NW>
-PORDER_HD void run_image(const Ctx& x, const u8* img, u8* out, i64* perm_out, int vec,
+PORDER_HD void run_image(const Ctx& x0, const u8* img, u8* out, i64* perm_out, int vec,
                          int tid, int nt) {
+    const Ctx x = image_ctx(x0, img);
     prepare_image<MID, WB, NW>(x, img, vec, tid, nt);
     if constexpr (Family<MID>::pairwise) {
         for (int step = 1; step < x.K; ++step) {
             const int ref = x.perm[step - 1];
             const u32 stamp = (u32)step;  // the reference at position step-1 has stamp step
+            if constexpr (Family<MID>::hist_pair && WB == 0) {
+                phase_ref_classes<MID>(x, ref, tid, nt);
+                block_sync();
+            }
             phase_partials<MID, WB, NW>(x, ref, stamp, tid, nt);
             block_sync();
             phase_select<MID>(x, ref, step, tid, nt);
             block_sync();
-            if constexpr (MID == M_KL) {
+            if constexpr (MID == M_KL && WB > 0) {
               if (step + 1 < x.K) {
                 build_ref_hist<WB, NW>(x, x.perm[step], (u32)(step + 1), tid, nt);
                 block_sync();
@@ -648,7 +850,8 @@ PORDER_HD void run_image(const Ctx& x, const u8* img, u8* out, i64* perm_out, in
     } else {
         phase_standalone_keys(x, tid, nt);
         block_sync();
-        phase_rank(x, tid, nt);
+        if constexpr (WB == 0) phase_sort(x, tid, nt);
+        else phase_rank(x, tid, nt);
         block_sync();
     }
     phase_gather(x, out, perm_out, vec, tid, nt);
