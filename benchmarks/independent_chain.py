@@ -1,0 +1,461 @@
+"""An independent implementation of porder's greedy POR chain for ``mi`` and ``je``: the yardstick.
+
+Written from the description in issue 21 ("What made the independent chain
+faster"), without porder's kernels, so that porder's compiled backend has a bar
+to reach at every size. It computes exactly porder's permutations (checked
+against the generic path, :func:`porder.reorder` with ``backend='generic'``, on
+every image a benchmark times: :func:`check`), for porder's defaults only:
+``bins=256`` (each uint8 value its own bin, so no quantisation), reference patch
+0, each measure's own direction (mi: highest first, je: lowest first), scores
+averaged over the C channels, ties after rounding to 9 decimals to the lowest
+patch index.
+
+How one image is ordered (K patches of n = p * p pixels, C channels):
+
+* **Candidates in lanes.** The remaining candidates sit side by side in slots
+  of a candidate-last byte array (row ``c * n + t``: pixel t of channel c of
+  every slot), 32 slots to a 256-bit vector; a used candidate's slot takes the
+  last live slot's column, so the live slots stay dense.
+* **Classes of the reference.** Per channel, the reference's pixels are grouped
+  by value; a pixel unique in the reference has a joint count of 1 with any
+  candidate and is skipped, so only classes of size > 1 are visited. The joint
+  count of pixel t of a class T for candidate j is the number of u in T with
+  ``j[u] == j[t]``: byte-wise equality compares of two 32-byte rows count it
+  for 32 candidates at once, |T|^2 compares per class per 32 candidates
+  (:func:`_class_lanes`, an LLVM vector loop written out as an intrinsic, so
+  that the counts stay in registers).
+* **Products as a proxy.** mi_j = const + log2(P_j / Q_j) / (n C) and je_j =
+  const - log2(P_j) / (n C), with P_j the product of candidate j's joint counts
+  over every pixel of the reference and Q_j the product of j's own counts. The
+  counts are multiplied four at a time in 32-bit lanes (<= 64^4) and folded into
+  a float64 product per candidate, whose binary exponent is moved out into an
+  integer exactly (only exponent bits change) before it can overflow.
+* **Flat areas.** Classes of more than 64 pixels use a scatter table of
+  counters per candidate instead of |T|^2 compares.
+* **Exact ties.** Only candidates whose product is within 2e-9 (in score units:
+  a factor 2^(-2e-9 n C)) of the best one can win or tie after rounding; when
+  there is more than one, each gets its exact score by the generic formula
+  (per channel H(cur) + H(j) - JE from the joint histogram's sum of c log2 c)
+  and the rounded key decides, ties to the lowest index.
+
+Public: :func:`reorder` (images in, reordered images and perms out, on
+``workers`` threads: the compiled loop releases the GIL) and :func:`check`.
+It imports porder only in :func:`check` (the generic path it is held to).
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+W = 32                  # candidate lanes per vector (bytes)
+BIG = 64                # classes over this many pixels use a scatter table
+BAND = 2e-9             # score distance from the best that is scored exactly
+SCALE = 1e9             # porder rounds scores to 9 decimals
+RENORM_PIXELS = 100     # pixels folded between two exponent renormalisations
+_MANT = np.int64(0x000FFFFFFFFFFFFF)
+_ONE_EXP = np.int64(1023 << 52)
+_JIT = {"cache": True, "error_model": "numpy", "boundscheck": False}
+
+
+# --------------------------------------------------------------------------
+# The vector loop: one class of the reference, 32 candidates
+
+
+@intrinsic
+def _class_lanes(typingctx, lanes, rows, r0, s, base, acc, prod, nacc):
+    """Multiply the joint counts of one reference class into 32 candidates' products.
+
+    lanes (R * KP,) uint8: candidate-last pixels; rows[r0 : r0 + s] the byte
+    offsets (row * KP) of the class's pixels; base: the first of the 32 slots.
+    For each pixel a of the class, count over b the slots whose byte b equals
+    their byte a (one <32 x i8> compare and subtract per b), multiply the
+    counts into acc (32,) uint32, and every fourth pixel fold acc into prod
+    (KP,) float64 at base (acc back to 1). Returns the new nacc (pixels in acc).
+    """
+    sig = types.int64(lanes, rows, r0, s, base, acc, prod, nacc)
+
+    def codegen(context, builder, signature, args):
+        lanes_a, rows_a, r0_v, s_v, base_v, acc_a, prod_a, nacc_v = args
+        ty = signature.args
+        ldata = context.make_array(ty[0])(context, builder, lanes_a).data
+        rdata = context.make_array(ty[1])(context, builder, rows_a).data
+        adata = context.make_array(ty[5])(context, builder, acc_a).data
+        pdata = context.make_array(ty[6])(context, builder, prod_a).data
+        i64 = ir.IntType(64)
+        v8 = ir.VectorType(ir.IntType(8), W)
+        v32 = ir.VectorType(ir.IntType(32), W)
+        vd = ir.VectorType(ir.DoubleType(), W)
+        accp = builder.bitcast(adata, v32.as_pointer())
+        prodp = builder.bitcast(builder.gep(pdata, [base_v]), vd.as_pointer())
+        acc_s = cgutils.alloca_once_value(builder, builder.load(accp, align=4))
+        prod_s = cgutils.alloca_once_value(builder, builder.load(prodp, align=8))
+        nacc_s = cgutils.alloca_once_value(builder, nacc_v)
+        ones = ir.Constant(v32, [1] * W)
+
+        def row(i):
+            off = builder.load(builder.gep(rdata, [builder.add(r0_v, i)]))
+            p = builder.gep(ldata, [builder.add(off, base_v)])
+            return builder.load(builder.bitcast(p, v8.as_pointer()), align=1)
+
+        with cgutils.for_range(builder, s_v) as la:
+            va = row(la.index)
+            cnt_s = cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * W))
+            with cgutils.for_range(builder, s_v) as lb:
+                eq = builder.icmp_unsigned("==", va, row(lb.index))
+                builder.store(builder.sub(builder.load(cnt_s), builder.sext(eq, v8)), cnt_s)
+            cnt = builder.zext(builder.load(cnt_s), v32)
+            builder.store(builder.mul(builder.load(acc_s), cnt), acc_s)
+            k = builder.add(builder.load(nacc_s), i64(1))
+            full = builder.icmp_signed("==", k, i64(4))
+            with builder.if_else(full) as (then, other):
+                with then:
+                    f = builder.uitofp(builder.load(acc_s), vd)
+                    builder.store(builder.fmul(builder.load(prod_s), f), prod_s)
+                    builder.store(ones, acc_s)
+                    builder.store(i64(0), nacc_s)
+                with other:
+                    builder.store(k, nacc_s)
+        builder.store(builder.load(acc_s), accp, align=4)
+        builder.store(builder.load(prod_s), prodp, align=8)
+        return builder.load(nacc_s)
+
+    return sig, codegen
+
+
+# --------------------------------------------------------------------------
+# Per image: patches into lanes, marginals, the reference's classes
+
+
+@njit(**_JIT)
+def _split(img, p, q, lanes, KP):
+    """img (S, S, C) -> q (K, C, n) and lanes ((C * n) * KP,), slot k = patch k."""
+    S, C = img.shape[0], img.shape[2]
+    G = S // p
+    n = p * p
+    for gy in range(G):
+        for y in range(p):
+            for gx in range(G):
+                k = gy * G + gx
+                for x in range(p):
+                    t = y * p + x
+                    for c in range(C):
+                        v = img[gy * p + y, gx * p + x, c]
+                        q[k, c, t] = v
+                        lanes[(c * n + t) * KP + k] = v
+
+
+@njit(**_JIT)
+def _frexp_mul(m, e, f):
+    """(m, e) * f with m kept in [1, 2): the product m 2^e of positive floats."""
+    m *= f
+    b = np.int64(np.float64(m).view(np.int64))
+    e += (b >> 52) - 1023
+    m = np.int64((b & _MANT) | _ONE_EXP).view(np.float64)
+    return m, e
+
+
+@njit(**_JIT)
+def _marginals(q, hist, clogc, h, invm, inve):
+    """Entropy h (K, C) in bits and 1/Q (mantissa invm, exponent inve) of every patch.
+
+    Q_k = prod over channels and pixels of patch k's own count of the pixel's
+    value (prod over values of c^c).
+    """
+    K, C, n = q.shape
+    log2n = math.log2(n)
+    for k in range(K):
+        m, e = 1.0, 0
+        for c in range(C):
+            for t in range(n):
+                hist[q[k, c, t]] += 1
+            lsum = 0.0
+            for t in range(n):
+                v = q[k, c, t]
+                g = hist[v]
+                if g:
+                    lsum += clogc[g]
+                    hist[v] = 0
+                    for _ in range(g):
+                        m, e = _frexp_mul(m, e, float(g))
+            h[k, c] = log2n - lsum / n
+        inv = 1.0 / m  # in (0.5, 1]
+        invm[k], inve[k] = _frexp_mul(inv, -e, 1.0)
+
+
+@njit(**_JIT)
+def _classes(q, cur, c, KP, hist, rows, small, big):
+    """The classes of size > 1 of channel c of patch cur, as byte offsets of lane rows.
+
+    rows gets the offsets (c * n + t) * KP grouped by class; small and big
+    (2, n) get (start, size) of the classes of at most BIG pixels and above.
+    Returns (number of small classes, number of big ones).
+    """
+    n = q.shape[2]
+    for t in range(n):
+        hist[q[cur, c, t]] += 1
+    # start of each shared value's class in rows (hist becomes the write position)
+    pos = 0
+    ns = nb = 0
+    for t in range(n):
+        v = q[cur, c, t]
+        g = hist[v]
+        if g > 1:  # first pixel of a shared value: reserve its class
+            if g <= BIG:
+                small[0, ns], small[1, ns] = pos, g
+                ns += 1
+            else:
+                big[0, nb], big[1, nb] = pos, g
+                nb += 1
+            hist[v] = -pos - 1  # negative: next write position, encoded
+            pos += g
+        if hist[v] < 0:
+            w = -hist[v] - 1
+            rows[w] = (c * n + t) * KP
+            hist[v] -= 1
+    for t in range(n):
+        hist[q[cur, c, t]] = 0
+    return ns, nb
+
+
+@njit(**_JIT)
+def _renorm(prod, ex, lo, hi):
+    """Move the binary exponents of prod[lo:hi] into ex exactly (mantissas in [1, 2))."""
+    pb = prod.view(np.int64)
+    for s in range(lo, hi):
+        b = pb[s]
+        ex[s] += (b >> 52) - 1023
+        pb[s] = (b & _MANT) | _ONE_EXP
+
+
+@njit(**_JIT)
+def _scatter(lanes, rows, start, g, base, lim, tab, prod, ex):
+    """A class of more than BIG pixels, one candidate at a time: counts in a table."""
+    for s in range(base, lim):
+        for i in range(start, start + g):
+            tab[lanes[rows[i] + s]] += 1
+        m, e = 1.0, 0
+        for i in range(start, start + g):
+            m, e = _frexp_mul(m, e, float(tab[lanes[rows[i] + s]]))
+        for i in range(start, start + g):
+            tab[lanes[rows[i] + s]] = 0
+        prod[s] *= m
+        ex[s] += e
+
+
+@njit(**_JIT)
+def _exact(q, cur, j, h, clogc, tab, is_mi):
+    """The generic formula: mi or je of candidate j against cur, averaged over channels."""
+    C, n = q.shape[1], q.shape[2]
+    log2n = math.log2(n)
+    acc = 0.0
+    for c in range(C):
+        for t in range(n):
+            tab[np.int64(q[cur, c, t]) * 256 + q[j, c, t]] += 1
+        lsum = 0.0
+        for t in range(n):
+            ix = np.int64(q[cur, c, t]) * 256 + q[j, c, t]
+            g = tab[ix]
+            if g:
+                lsum += clogc[g]
+                tab[ix] = 0
+        je = log2n - lsum / n
+        acc += (h[cur, c] + h[j, c] - je) if is_mi else je
+    return acc / C
+
+
+# --------------------------------------------------------------------------
+# The chain
+
+
+@njit(**_JIT)
+def _chain(img, p, is_mi, clogc, hist, tab, jtab, perm, out):
+    """Greedy chain of one image from patch 0, into perm (K,); out gets the reordered image."""
+    S, C = img.shape[0], img.shape[2]
+    G = S // p
+    K, n = G * G, p * p
+    KP = (K + W - 1) // W * W
+    q = np.empty((K, C, n), np.uint8)
+    lanes = np.zeros(C * n * KP, np.uint8)
+    _split(img, p, q, lanes, KP)
+    h = np.empty((K, C))
+    invm = np.empty(KP)
+    inve = np.zeros(KP, np.int64)
+    _marginals(q, hist, clogc, h, invm, inve)
+    idx = np.arange(KP)  # slot -> patch
+    pos = np.arange(KP)  # patch -> slot
+    small = np.empty((C, 2, n), np.int64)
+    big = np.empty((C, 2, n), np.int64)
+    nsm = np.empty(C, np.int64)
+    nbg = np.empty(C, np.int64)
+    crow = np.empty((C, n), np.int64)
+    acc = np.empty(W, np.uint32)
+    prod = np.empty(KP)
+    ex = np.empty(KP, np.int64)
+    # threshold of the band: a score 2e-9 below the best is a product ratio 2^(-2e-9 n C)
+    band = 2.0 ** (-BAND * n * C)
+    cur = 0
+    m = K
+    for step in range(K):
+        perm[step] = cur
+        # cur leaves the live slots: the last live slot's column takes its place
+        sc, last = pos[cur], m - 1
+        if sc != last:
+            lk = idx[last]
+            for r in range(C * n):
+                lanes[r * KP + sc] = lanes[r * KP + last]
+            invm[sc], inve[sc] = invm[last], inve[last]
+            idx[sc], pos[lk] = lk, sc
+        m -= 1
+        if m == 0:
+            break
+        if m == 1:
+            cur = idx[0]
+            continue
+        for c in range(C):
+            nsm[c], nbg[c] = _classes(q, cur, c, KP, hist, crow[c], small[c], big[c])
+        for base in range(0, m, W):
+            lim = min(m, base + W)
+            for s in range(base, base + W):
+                prod[s] = 1.0
+                ex[s] = 0
+            for s in range(W):
+                acc[s] = 1
+            nacc = 0
+            npx = 0
+            for c in range(C):
+                for i in range(nsm[c]):
+                    g = small[c, 1, i]
+                    nacc = _class_lanes(lanes, crow[c], small[c, 0, i], g, base, acc, prod,
+                                        nacc)
+                    npx += g
+                    if npx >= RENORM_PIXELS:
+                        _renorm(prod, ex, base, base + W)
+                        npx = 0
+            for s in range(W):
+                prod[base + s] *= acc[s]
+            _renorm(prod, ex, base, base + W)
+            for c in range(C):
+                for i in range(nbg[c]):
+                    _scatter(lanes, crow[c], big[c, 0, i], big[c, 1, i], base, lim, tab, prod,
+                             ex)
+                    _renorm(prod, ex, base, lim)
+            if is_mi:
+                for s in range(base, lim):
+                    prod[s] *= invm[s]
+                    ex[s] += inve[s]
+                _renorm(prod, ex, base, lim)
+        # the best product: the largest exponent, then mantissa
+        bs = 0
+        for s in range(1, m):
+            if ex[s] > ex[bs] or (ex[s] == ex[bs] and prod[s] > prod[bs]):
+                bs = s
+        eb, mb = ex[bs], prod[bs]
+        thr = mb * band
+        inband = 0
+        for s in range(m):
+            d = ex[s] - eb
+            if d == 0 and prod[s] >= thr:
+                inband += 1
+            elif d == -1 and prod[s] * 0.5 >= thr:
+                inband += 1
+        if inband == 1:
+            cur = idx[bs]
+            continue
+        best, bkey = -1, -np.inf
+        for s in range(m):
+            d = ex[s] - eb
+            if (d == 0 and prod[s] >= thr) or (d == -1 and prod[s] * 0.5 >= thr):
+                j = idx[s]
+                key = np.rint(_exact(q, cur, j, h, clogc, jtab, is_mi) * SCALE)
+                if not is_mi:
+                    key = -key
+                if best < 0 or key > bkey or (key == bkey and j < best):
+                    best, bkey = j, key
+        cur = best
+    # the reordered image: output patch j is input patch perm[j]
+    for j in range(K):
+        k = perm[j]
+        for y in range(p):
+            for x in range(p):
+                for c in range(C):
+                    out[(j // G) * p + y, (j % G) * p + x, c] = \
+                        img[(k // G) * p + y, (k % G) * p + x, c]
+
+
+@njit(**_JIT, nogil=True)
+def chain_range(images, lo, hi, p, is_mi, clogc, perm, out):
+    """Images lo..hi-1 on the calling thread, GIL released."""
+    hist = np.zeros(256, np.int64)
+    tab = np.zeros(256, np.int64)
+    jtab = np.zeros(65536, np.int64)
+    for i in range(lo, hi):
+        _chain(images[i], p, is_mi, clogc, hist, tab, jtab, perm[i], out[i])
+
+
+# --------------------------------------------------------------------------
+# Python side
+
+_POOLS: dict = {}
+_LOCK = threading.Lock()
+
+
+def _clogc(n: int) -> np.ndarray:
+    c = np.arange(n + 1, dtype=np.float64)
+    t = np.zeros(n + 1)
+    t[1:] = c[1:] * np.log2(c[1:])
+    return t
+
+
+def reorder(images: np.ndarray, measure: str = "mi", patch: int = 16, *, workers: int = 2,
+            chunk: int = 16):
+    """(reordered images, perm) of uint8 images (N, S, S, C) by the mi or je chain.
+
+    ``workers`` threads take chunks of ``chunk`` images in turn (the calling
+    thread is one of them).
+    """
+    if measure not in ("mi", "je"):
+        raise ValueError(f"the independent chain implements mi and je, not {measure!r}")
+    images = np.ascontiguousarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be uint8 (N, S, S, C), got {images.dtype} {images.shape}")
+    n_img, size = images.shape[0], images.shape[1]
+    if size % patch:
+        raise ValueError(f"patch {patch} does not divide {size}")
+    k = (size // patch) ** 2
+    perm = np.empty((n_img, k), np.int64)
+    out = np.empty_like(images)
+    clogc = _clogc(patch * patch)
+    is_mi = measure == "mi"
+    starts = list(range(0, n_img, chunk))
+    if workers <= 1 or len(starts) <= 1:
+        chain_range(images, 0, n_img, patch, is_mi, clogc, perm, out)
+        return out, perm
+    nxt = iter(starts)
+
+    def work():
+        for lo in nxt:  # a shared iterator: each chunk is taken once (next() holds the GIL)
+            chain_range(images, lo, min(n_img, lo + chunk), patch, is_mi, clogc, perm, out)
+
+    threads = [threading.Thread(target=work) for _ in range(workers - 1)]
+    for t in threads:
+        t.start()
+    work()
+    for t in threads:
+        t.join()
+    return out, perm
+
+
+def check(images: np.ndarray, measure: str, patch: int, perm=None) -> int:
+    """Images whose perm differs from porder's generic path (0 when all agree)."""
+    import porder
+
+    if perm is None:
+        perm = reorder(images, measure, patch)[1]
+    ref = porder.reorder(images, measure, patch, backend="generic")[1]
+    return int((np.asarray(ref) != perm).any(axis=1).sum())
