@@ -22,7 +22,7 @@ How one image is ordered (K patches of n = p * p pixels, C channels):
   count of pixel t of a class T for candidate j is the number of u in T with
   ``j[u] == j[t]``: byte-wise equality compares of two 32-byte rows count it
   for 32 candidates at once, |T|^2 compares per class per 32 candidates
-  (:func:`_class_lanes`, an LLVM vector loop written out as an intrinsic, so
+  (:func:`_group_products`, an LLVM vector loop written out as an intrinsic, so
   that the counts stay in registers).
 * **Products as a proxy.** mi_j = const + log2(P_j / Q_j) / (n C) and je_j =
   const - log2(P_j) / (n C), with P_j the product of candidate j's joint counts
@@ -44,6 +44,7 @@ It imports porder only in :func:`check` (the generic path it is held to).
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -57,7 +58,6 @@ W = 32                  # candidate lanes per vector (bytes)
 BIG = 64                # classes over this many pixels use a scatter table
 BAND = 2e-9             # score distance from the best that is scored exactly
 SCALE = 1e9             # porder rounds scores to 9 decimals
-RENORM_PIXELS = 100     # pixels folded between two exponent renormalisations
 _MANT = np.int64(0x000FFFFFFFFFFFFF)
 _ONE_EXP = np.int64(1023 << 52)
 _JIT = {"cache": True, "error_model": "numpy", "boundscheck": False}
@@ -68,62 +68,107 @@ _JIT = {"cache": True, "error_model": "numpy", "boundscheck": False}
 
 
 @intrinsic
-def _class_lanes(typingctx, lanes, rows, r0, s, base, acc, prod, nacc):
-    """Multiply the joint counts of one reference class into 32 candidates' products.
+def _group_products(typingctx, lanes, rows, cstart, csize, ncls, base, prod, ex):
+    """Products of joint counts over the reference's classes of at most BIG pixels,
+    for the 32 candidate slots from base.
 
-    lanes (R * KP,) uint8: candidate-last pixels; rows[r0 : r0 + s] the byte
-    offsets (row * KP) of the class's pixels; base: the first of the 32 slots.
-    For each pixel a of the class, count over b the slots whose byte b equals
-    their byte a (one <32 x i8> compare and subtract per b), multiply the
-    counts into acc (32,) uint32, and every fourth pixel fold acc into prod
-    (KP,) float64 at base (acc back to 1). Returns the new nacc (pixels in acc).
+    lanes (R * KP,) uint8: candidate-last pixels; class i is the pixels whose
+    lane-row byte offsets (row * KP) are rows[cstart[i] : cstart[i] + csize[i]].
+    For each pixel a of a class, count over b the slots whose byte b equals
+    their byte a: one <32 x i8> compare and subtract per b, two pixels a at a
+    time (each row b loaded once for both; two independent chains). Two counts
+    are multiplied in 16 bits (<= 64 * 64), then into a <32 x i32> accumulator,
+    which is folded into the <32 x double> product once it holds four or more
+    counts (at most five: < 2^32, exact). Every 32 folds (< 2^960) and at the
+    end, the products' binary exponents move into the <32 x i64> exponents
+    exactly (mantissas in [1, 2)). Writes prod[base : base + 32] (mantissas)
+    and ex[base : base + 32].
     """
-    sig = types.int64(lanes, rows, r0, s, base, acc, prod, nacc)
+    sig = types.void(lanes, rows, cstart, csize, ncls, base, prod, ex)
 
     def codegen(context, builder, signature, args):
-        lanes_a, rows_a, r0_v, s_v, base_v, acc_a, prod_a, nacc_v = args
+        lanes_a, rows_a, cs_a, cz_a, ncls_v, base_v, prod_a, ex_a = args
         ty = signature.args
-        ldata = context.make_array(ty[0])(context, builder, lanes_a).data
-        rdata = context.make_array(ty[1])(context, builder, rows_a).data
-        adata = context.make_array(ty[5])(context, builder, acc_a).data
-        pdata = context.make_array(ty[6])(context, builder, prod_a).data
+        data = [context.make_array(ty[i])(context, builder, args[i]).data
+                for i in (0, 1, 2, 3, 6, 7)]
+        ldata, rdata, csdata, czdata, pdata, edata = data
         i64 = ir.IntType(64)
         v8 = ir.VectorType(ir.IntType(8), W)
+        v16 = ir.VectorType(ir.IntType(16), W)
         v32 = ir.VectorType(ir.IntType(32), W)
+        v64 = ir.VectorType(i64, W)
         vd = ir.VectorType(ir.DoubleType(), W)
-        accp = builder.bitcast(adata, v32.as_pointer())
         prodp = builder.bitcast(builder.gep(pdata, [base_v]), vd.as_pointer())
-        acc_s = cgutils.alloca_once_value(builder, builder.load(accp, align=4))
-        prod_s = cgutils.alloca_once_value(builder, builder.load(prodp, align=8))
-        nacc_s = cgutils.alloca_once_value(builder, nacc_v)
+        exp_ = builder.bitcast(builder.gep(edata, [base_v]), v64.as_pointer())
         ones = ir.Constant(v32, [1] * W)
+        zero8 = ir.Constant(v8, [0] * W)
+        one8 = ir.Constant(v8, [1] * W)
+        prod_s = cgutils.alloca_once_value(builder, ir.Constant(vd, [1.0] * W))
+        ex_s = cgutils.alloca_once_value(builder, ir.Constant(v64, [0] * W))
+        acc_s = cgutils.alloca_once_value(builder, ones)
+        nacc_s = cgutils.alloca_once_value(builder, i64(0))
+        nfold_s = cgutils.alloca_once_value(builder, i64(0))
+        c1_s = cgutils.alloca_once_value(builder, zero8)
+        c2_s = cgutils.alloca_once_value(builder, zero8)
+        mant = ir.Constant(v64, [0x000FFFFFFFFFFFFF] * W)
+        onexp = ir.Constant(v64, [1023 << 52] * W)
 
-        def row(i):
-            off = builder.load(builder.gep(rdata, [builder.add(r0_v, i)]))
-            p = builder.gep(ldata, [builder.add(off, base_v)])
-            return builder.load(builder.bitcast(p, v8.as_pointer()), align=1)
+        def renorm():
+            b = builder.bitcast(builder.load(prod_s), v64)
+            e = builder.sub(builder.lshr(b, ir.Constant(v64, [52] * W)),
+                            ir.Constant(v64, [1023] * W))
+            builder.store(builder.add(builder.load(ex_s), e), ex_s)
+            b = builder.or_(builder.and_(b, mant), onexp)
+            builder.store(builder.bitcast(b, vd), prod_s)
 
-        with cgutils.for_range(builder, s_v) as la:
-            va = row(la.index)
-            cnt_s = cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * W))
-            with cgutils.for_range(builder, s_v) as lb:
-                eq = builder.icmp_unsigned("==", va, row(lb.index))
-                builder.store(builder.sub(builder.load(cnt_s), builder.sext(eq, v8)), cnt_s)
-            cnt = builder.zext(builder.load(cnt_s), v32)
-            builder.store(builder.mul(builder.load(acc_s), cnt), acc_s)
-            k = builder.add(builder.load(nacc_s), i64(1))
-            full = builder.icmp_signed("==", k, i64(4))
-            with builder.if_else(full) as (then, other):
-                with then:
-                    f = builder.uitofp(builder.load(acc_s), vd)
-                    builder.store(builder.fmul(builder.load(prod_s), f), prod_s)
-                    builder.store(ones, acc_s)
+        def fold():
+            f = builder.uitofp(builder.load(acc_s), vd)
+            builder.store(builder.fmul(builder.load(prod_s), f), prod_s)
+            builder.store(ones, acc_s)
+
+        with cgutils.for_range(builder, ncls_v) as lc:
+            r0 = builder.load(builder.gep(csdata, [lc.index]))
+            s_v = builder.load(builder.gep(czdata, [lc.index]))
+
+            def row(i):
+                off = builder.load(builder.gep(rdata, [builder.add(r0, i)]))
+                p = builder.gep(ldata, [builder.add(off, base_v)])
+                return builder.load(builder.bitcast(p, v8.as_pointer()), align=1)
+
+            npairs = builder.ashr(builder.add(s_v, i64(1)), i64(1))
+            with cgutils.for_range(builder, npairs) as la:
+                a1 = builder.shl(la.index, i64(1))
+                a2 = builder.add(a1, i64(1))
+                has2 = builder.icmp_signed("<", a2, s_v)
+                va1 = row(a1)
+                va2 = row(builder.select(has2, a2, a1))
+                builder.store(zero8, c1_s)
+                builder.store(zero8, c2_s)
+                with cgutils.for_range(builder, s_v) as lb:
+                    vb = row(lb.index)
+                    e1 = builder.sext(builder.icmp_unsigned("==", va1, vb), v8)
+                    e2 = builder.sext(builder.icmp_unsigned("==", va2, vb), v8)
+                    builder.store(builder.sub(builder.load(c1_s), e1), c1_s)
+                    builder.store(builder.sub(builder.load(c2_s), e2), c2_s)
+                c2 = builder.select(has2, builder.load(c2_s), one8)
+                pair = builder.mul(builder.zext(builder.load(c1_s), v16),
+                                   builder.zext(c2, v16))
+                builder.store(builder.mul(builder.load(acc_s), builder.zext(pair, v32)), acc_s)
+                k = builder.add(builder.load(nacc_s), builder.select(has2, i64(2), i64(1)))
+                builder.store(k, nacc_s)
+                with builder.if_then(builder.icmp_signed(">=", k, i64(4))):
+                    fold()
                     builder.store(i64(0), nacc_s)
-                with other:
-                    builder.store(k, nacc_s)
-        builder.store(builder.load(acc_s), accp, align=4)
+                    nf = builder.add(builder.load(nfold_s), i64(1))
+                    builder.store(nf, nfold_s)
+                    with builder.if_then(builder.icmp_signed(">=", nf, i64(32))):
+                        renorm()
+                        builder.store(i64(0), nfold_s)
+        fold()
+        renorm()
         builder.store(builder.load(prod_s), prodp, align=8)
-        return builder.load(nacc_s)
+        builder.store(builder.load(ex_s), exp_, align=8)
+        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -161,7 +206,7 @@ def _frexp_mul(m, e, f):
 
 
 @njit(**_JIT)
-def _marginals(q, hist, clogc, h, invm, inve):
+def _marginals(q, hist, clogc, cpm, cpe, h, invm, inve):
     """Entropy h (K, C) in bits and 1/Q (mantissa invm, exponent inve) of every patch.
 
     Q_k = prod over channels and pixels of patch k's own count of the pixel's
@@ -181,45 +226,45 @@ def _marginals(q, hist, clogc, h, invm, inve):
                 if g:
                     lsum += clogc[g]
                     hist[v] = 0
-                    for _ in range(g):
-                        m, e = _frexp_mul(m, e, float(g))
+                    m *= cpm[g]
+                    e += cpe[g]
+            m, e = _frexp_mul(m, e, 1.0)
             h[k, c] = log2n - lsum / n
         inv = 1.0 / m  # in (0.5, 1]
         invm[k], inve[k] = _frexp_mul(inv, -e, 1.0)
 
 
 @njit(**_JIT)
-def _classes(q, cur, c, KP, hist, rows, small, big):
-    """The classes of size > 1 of channel c of patch cur, as byte offsets of lane rows.
+def _classes(q, cur, KP, hist, rows, cstart, csize, bstart, bsize):
+    """The classes of size > 1 of every channel of patch cur, as byte offsets of lane rows.
 
-    rows gets the offsets (c * n + t) * KP grouped by class; small and big
-    (2, n) get (start, size) of the classes of at most BIG pixels and above.
-    Returns (number of small classes, number of big ones).
+    rows gets the offsets (c * n + t) * KP grouped by class; (cstart, csize)
+    the classes of at most BIG pixels, (bstart, bsize) those above. Returns
+    (number of small classes, number of big ones).
     """
-    n = q.shape[2]
-    for t in range(n):
-        hist[q[cur, c, t]] += 1
-    # start of each shared value's class in rows (hist becomes the write position)
+    C, n = q.shape[1], q.shape[2]
     pos = 0
     ns = nb = 0
-    for t in range(n):
-        v = q[cur, c, t]
-        g = hist[v]
-        if g > 1:  # first pixel of a shared value: reserve its class
-            if g <= BIG:
-                small[0, ns], small[1, ns] = pos, g
-                ns += 1
-            else:
-                big[0, nb], big[1, nb] = pos, g
-                nb += 1
-            hist[v] = -pos - 1  # negative: next write position, encoded
-            pos += g
-        if hist[v] < 0:
-            w = -hist[v] - 1
-            rows[w] = (c * n + t) * KP
-            hist[v] -= 1
-    for t in range(n):
-        hist[q[cur, c, t]] = 0
+    for c in range(C):
+        for t in range(n):
+            hist[q[cur, c, t]] += 1
+        for t in range(n):
+            v = q[cur, c, t]
+            g = hist[v]
+            if g > 1:  # first pixel of a shared value: reserve its class
+                if g <= BIG:
+                    cstart[ns], csize[ns] = pos, g
+                    ns += 1
+                else:
+                    bstart[nb], bsize[nb] = pos, g
+                    nb += 1
+                hist[v] = -pos - 1  # negative: the next write position, encoded
+                pos += g
+            if hist[v] < 0:
+                rows[-hist[v] - 1] = (c * n + t) * KP
+                hist[v] -= 1
+        for t in range(n):
+            hist[q[cur, c, t]] = 0
     return ns, nb
 
 
@@ -234,18 +279,37 @@ def _renorm(prod, ex, lo, hi):
 
 
 @njit(**_JIT)
-def _scatter(lanes, rows, start, g, base, lim, tab, prod, ex):
-    """A class of more than BIG pixels, one candidate at a time: counts in a table."""
-    for s in range(base, lim):
-        for i in range(start, start + g):
-            tab[lanes[rows[i] + s]] += 1
-        m, e = 1.0, 0
-        for i in range(start, start + g):
-            m, e = _frexp_mul(m, e, float(tab[lanes[rows[i] + s]]))
-        for i in range(start, start + g):
-            tab[lanes[rows[i] + s]] = 0
-        prod[s] *= m
-        ex[s] += e
+def _scatter(lanes, rows, start, g, base, tab, cpm, cpe, pm, pe, prod, ex):
+    """A class of more than BIG pixels, for the 32 slots from base: counts in tables.
+
+    The class's product of joint counts for a candidate is prod over its values
+    v in the class of c_v^c_v (c_v: the pixels of the class where it has v),
+    with c^c read as mantissa cpm[c] and exponent cpe[c] (cpm[0] = 1, cpe[0] =
+    0). tab (256 * W,) uint16 holds one counter per value and lane (v * W +
+    lane, so that the 32 lanes of a row never share one), zero in and out; pm
+    (W,) float64 and pe (W,) int64 are scratch.
+    """
+    for ln in range(W):
+        pm[ln] = 1.0
+        pe[ln] = 0
+    for i in range(start, start + g):
+        r = rows[i] + base
+        for ln in range(W):
+            tab[np.int64(lanes[r + ln]) * W + ln] += 1
+    for i in range(start, start + g):
+        r = rows[i] + base
+        for ln in range(W):  # each value's c^c once: its counter is cleared when read
+            ix = np.int64(lanes[r + ln]) * W + ln
+            c = tab[ix]
+            tab[ix] = 0
+            pm[ln] *= cpm[c]
+            pe[ln] += cpe[c]
+        if (i - start) % 512 == 511:  # a product of 512 mantissas in [1, 2) fits
+            _renorm(pm, pe, 0, W)
+    for ln in range(W):
+        prod[base + ln] *= pm[ln]
+        ex[base + ln] += pe[ln]
+    _renorm(prod, ex, base, base + W)
 
 
 @njit(**_JIT)
@@ -274,7 +338,7 @@ def _exact(q, cur, j, h, clogc, tab, is_mi):
 
 
 @njit(**_JIT)
-def _chain(img, p, is_mi, clogc, hist, tab, jtab, perm, out):
+def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, jtab, perm, out):
     """Greedy chain of one image from patch 0, into perm (K,); out gets the reordered image."""
     S, C = img.shape[0], img.shape[2]
     G = S // p
@@ -286,17 +350,18 @@ def _chain(img, p, is_mi, clogc, hist, tab, jtab, perm, out):
     h = np.empty((K, C))
     invm = np.empty(KP)
     inve = np.zeros(KP, np.int64)
-    _marginals(q, hist, clogc, h, invm, inve)
+    _marginals(q, hist, clogc, cpm, cpe, h, invm, inve)
     idx = np.arange(KP)  # slot -> patch
     pos = np.arange(KP)  # patch -> slot
-    small = np.empty((C, 2, n), np.int64)
-    big = np.empty((C, 2, n), np.int64)
-    nsm = np.empty(C, np.int64)
-    nbg = np.empty(C, np.int64)
-    crow = np.empty((C, n), np.int64)
-    acc = np.empty(W, np.uint32)
+    rows = np.empty(C * n, np.int64)
+    cstart = np.empty(C * n, np.int64)
+    csize = np.empty(C * n, np.int64)
+    bstart = np.empty(C * n, np.int64)
+    bsize = np.empty(C * n, np.int64)
     prod = np.empty(KP)
     ex = np.empty(KP, np.int64)
+    pm = np.empty(W)
+    pe = np.empty(W, np.int64)
     # threshold of the band: a score 2e-9 below the best is a product ratio 2^(-2e-9 n C)
     band = 2.0 ** (-BAND * n * C)
     cur = 0
@@ -317,34 +382,13 @@ def _chain(img, p, is_mi, clogc, hist, tab, jtab, perm, out):
         if m == 1:
             cur = idx[0]
             continue
-        for c in range(C):
-            nsm[c], nbg[c] = _classes(q, cur, c, KP, hist, crow[c], small[c], big[c])
+        ns, nb = _classes(q, cur, KP, hist, rows, cstart, csize, bstart, bsize)
         for base in range(0, m, W):
             lim = min(m, base + W)
-            for s in range(base, base + W):
-                prod[s] = 1.0
-                ex[s] = 0
-            for s in range(W):
-                acc[s] = 1
-            nacc = 0
-            npx = 0
-            for c in range(C):
-                for i in range(nsm[c]):
-                    g = small[c, 1, i]
-                    nacc = _class_lanes(lanes, crow[c], small[c, 0, i], g, base, acc, prod,
-                                        nacc)
-                    npx += g
-                    if npx >= RENORM_PIXELS:
-                        _renorm(prod, ex, base, base + W)
-                        npx = 0
-            for s in range(W):
-                prod[base + s] *= acc[s]
-            _renorm(prod, ex, base, base + W)
-            for c in range(C):
-                for i in range(nbg[c]):
-                    _scatter(lanes, crow[c], big[c, 0, i], big[c, 1, i], base, lim, tab, prod,
-                             ex)
-                    _renorm(prod, ex, base, lim)
+            _group_products(lanes, rows, cstart, csize, ns, base, prod, ex)
+            for i in range(nb):
+                _scatter(lanes, rows, bstart[i], bsize[i], base, tab, cpm, cpe, pm, pe, prod,
+                         ex)
             if is_mi:
                 for s in range(base, lim):
                     prod[s] *= invm[s]
@@ -378,24 +422,28 @@ def _chain(img, p, is_mi, clogc, hist, tab, jtab, perm, out):
                 if best < 0 or key > bkey or (key == bkey and j < best):
                     best, bkey = j, key
         cur = best
-    # the reordered image: output patch j is input patch perm[j]
+    # the reordered image: output patch j is input patch perm[j], a row of p * C bytes at a time
+    w = p * C
+    a = img.reshape(S * S * C)
+    b = out.reshape(S * S * C)
     for j in range(K):
         k = perm[j]
-        for y in range(p):
-            for x in range(p):
-                for c in range(C):
-                    out[(j // G) * p + y, (j % G) * p + x, c] = \
-                        img[(k // G) * p + y, (k % G) * p + x, c]
+        so = (k // G) * p * S * C + (k % G) * w
+        do = (j // G) * p * S * C + (j % G) * w
+        for _y in range(p):
+            b[do : do + w] = a[so : so + w]
+            so += S * C
+            do += S * C
 
 
 @njit(**_JIT, nogil=True)
-def chain_range(images, lo, hi, p, is_mi, clogc, perm, out):
+def chain_range(images, lo, hi, p, is_mi, clogc, cpm, cpe, perm, out):
     """Images lo..hi-1 on the calling thread, GIL released."""
     hist = np.zeros(256, np.int64)
-    tab = np.zeros(256, np.int64)
+    tab = np.zeros(256 * W, np.uint16)
     jtab = np.zeros(65536, np.int64)
     for i in range(lo, hi):
-        _chain(images[i], p, is_mi, clogc, hist, tab, jtab, perm[i], out[i])
+        _chain(images[i], p, is_mi, clogc, cpm, cpe, hist, tab, jtab, perm[i], out[i])
 
 
 # --------------------------------------------------------------------------
@@ -405,11 +453,24 @@ _POOLS: dict = {}
 _LOCK = threading.Lock()
 
 
+@functools.lru_cache(maxsize=None)
 def _clogc(n: int) -> np.ndarray:
     c = np.arange(n + 1, dtype=np.float64)
     t = np.zeros(n + 1)
     t[1:] = c[1:] * np.log2(c[1:])
     return t
+
+
+@functools.lru_cache(maxsize=None)
+def _powers(n: int):
+    """c^c for c in 0..n as float64 mantissas in [1, 2) and int64 exponents (from exact ints)."""
+    cpm, cpe = np.ones(n + 1), np.zeros(n + 1, np.int64)
+    for c in range(1, n + 1):
+        v = c**c
+        e = v.bit_length() - 1
+        cpm[c] = v / 2**e if e < 1000 else (v >> (e - 60)) / 2**60
+        cpe[c] = e
+    return cpm, cpe
 
 
 def reorder(images: np.ndarray, measure: str = "mi", patch: int = 16, *, workers: int = 2,
@@ -431,16 +492,18 @@ def reorder(images: np.ndarray, measure: str = "mi", patch: int = 16, *, workers
     perm = np.empty((n_img, k), np.int64)
     out = np.empty_like(images)
     clogc = _clogc(patch * patch)
+    cpm, cpe = _powers(patch * patch)
     is_mi = measure == "mi"
     starts = list(range(0, n_img, chunk))
     if workers <= 1 or len(starts) <= 1:
-        chain_range(images, 0, n_img, patch, is_mi, clogc, perm, out)
+        chain_range(images, 0, n_img, patch, is_mi, clogc, cpm, cpe, perm, out)
         return out, perm
     nxt = iter(starts)
 
     def work():
         for lo in nxt:  # a shared iterator: each chunk is taken once (next() holds the GIL)
-            chain_range(images, lo, min(n_img, lo + chunk), patch, is_mi, clogc, perm, out)
+            chain_range(images, lo, min(n_img, lo + chunk), patch, is_mi, clogc, cpm, cpe,
+                        perm, out)
 
     threads = [threading.Thread(target=work) for _ in range(workers - 1)]
     for t in threads:
