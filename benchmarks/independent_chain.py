@@ -135,26 +135,10 @@ def _group_products(typingctx, lanes, rows, cstart, csize, ncls, base, prod, ex)
                 p = builder.gep(ldata, [builder.add(off, base_v)])
                 return builder.load(builder.bitcast(p, v8.as_pointer()), align=1)
 
-            npairs = builder.ashr(builder.add(s_v, i64(1)), i64(1))
-            with cgutils.for_range(builder, npairs) as la:
-                a1 = builder.shl(la.index, i64(1))
-                a2 = builder.add(a1, i64(1))
-                has2 = builder.icmp_signed("<", a2, s_v)
-                va1 = row(a1)
-                va2 = row(builder.select(has2, a2, a1))
-                builder.store(zero8, c1_s)
-                builder.store(zero8, c2_s)
-                with cgutils.for_range(builder, s_v) as lb:
-                    vb = row(lb.index)
-                    e1 = builder.sext(builder.icmp_unsigned("==", va1, vb), v8)
-                    e2 = builder.sext(builder.icmp_unsigned("==", va2, vb), v8)
-                    builder.store(builder.sub(builder.load(c1_s), e1), c1_s)
-                    builder.store(builder.sub(builder.load(c2_s), e2), c2_s)
-                c2 = builder.select(has2, builder.load(c2_s), one8)
-                pair = builder.mul(builder.zext(builder.load(c1_s), v16),
-                                   builder.zext(c2, v16))
-                builder.store(builder.mul(builder.load(acc_s), builder.zext(pair, v32)), acc_s)
-                k = builder.add(builder.load(nacc_s), builder.select(has2, i64(2), i64(1)))
+            def take(factor, ncounts):
+                """acc *= factor (ncounts counts of <= 64: acc had at most 3, so < 2^32)."""
+                builder.store(builder.mul(builder.load(acc_s), factor), acc_s)
+                k = builder.add(builder.load(nacc_s), ncounts)
                 builder.store(k, nacc_s)
                 with builder.if_then(builder.icmp_signed(">=", k, i64(4))):
                     fold()
@@ -164,6 +148,48 @@ def _group_products(typingctx, lanes, rows, cstart, csize, ncls, base, prod, ex)
                     with builder.if_then(builder.icmp_signed(">=", nf, i64(32))):
                         renorm()
                         builder.store(i64(0), nfold_s)
+
+            def eq(x, y):
+                return builder.sext(builder.icmp_unsigned("==", x, y), v8)  # -1 where equal
+
+            is2 = builder.icmp_signed("==", s_v, i64(2))
+            is3 = builder.icmp_signed("==", s_v, i64(3))
+            with builder.if_else(is2) as (two, other):
+                with two:  # both counts 2 where the bytes are equal, else 1: a factor 4 or 1
+                    e = builder.icmp_unsigned("==", row(i64(0)), row(i64(1)))
+                    take(builder.select(e, ir.Constant(v32, [4] * W), ones), i64(2))
+                with other:
+                    with builder.if_else(is3) as (three, general):
+                        with three:  # three compares give the three counts
+                            x0, x1, x2 = row(i64(0)), row(i64(1)), row(i64(2))
+                            e01, e02, e12 = eq(x0, x1), eq(x0, x2), eq(x1, x2)
+                            c0 = builder.sub(builder.sub(one8, e01), e02)
+                            c1 = builder.sub(builder.sub(one8, e01), e12)
+                            c2 = builder.sub(builder.sub(one8, e02), e12)
+                            f = builder.mul(builder.zext(c0, v16), builder.zext(c1, v16))
+                            f = builder.mul(builder.zext(f, v32), builder.zext(c2, v32))
+                            take(f, i64(3))
+                        with general:
+                            npairs = builder.ashr(builder.add(s_v, i64(1)), i64(1))
+                            with cgutils.for_range(builder, npairs) as la:
+                                a1 = builder.shl(la.index, i64(1))
+                                a2 = builder.add(a1, i64(1))
+                                has2 = builder.icmp_signed("<", a2, s_v)
+                                va1 = row(a1)
+                                va2 = row(builder.select(has2, a2, a1))
+                                builder.store(zero8, c1_s)
+                                builder.store(zero8, c2_s)
+                                with cgutils.for_range(builder, s_v) as lb:
+                                    vb = row(lb.index)
+                                    builder.store(builder.sub(builder.load(c1_s), eq(va1, vb)),
+                                                  c1_s)
+                                    builder.store(builder.sub(builder.load(c2_s), eq(va2, vb)),
+                                                  c2_s)
+                                c2 = builder.select(has2, builder.load(c2_s), one8)
+                                pair = builder.mul(builder.zext(builder.load(c1_s), v16),
+                                                   builder.zext(c2, v16))
+                                take(builder.zext(pair, v32),
+                                     builder.select(has2, i64(2), i64(1)))
         fold()
         renorm()
         builder.store(builder.load(prod_s), prodp, align=8)
@@ -183,16 +209,19 @@ def _split(img, p, q, lanes, KP):
     S, C = img.shape[0], img.shape[2]
     G = S // p
     n = p * p
-    for gy in range(G):
-        for y in range(p):
-            for gx in range(G):
-                k = gy * G + gx
+    flat = img.reshape(S * S * C)
+    K = G * G
+    for k in range(K):
+        o = (k // G) * p * S * C + (k % G) * p * C
+        for c in range(C):
+            for y in range(p):
+                r = o + y * S * C + c
                 for x in range(p):
-                    t = y * p + x
-                    for c in range(C):
-                        v = img[gy * p + y, gx * p + x, c]
-                        q[k, c, t] = v
-                        lanes[(c * n + t) * KP + k] = v
+                    q[k, c, y * p + x] = flat[r + x * C]
+    for r in range(C * n):  # the transpose, a lane row at a time
+        c, t = r // n, r % n
+        for k in range(K):
+            lanes[r * KP + k] = q[k, c, t]
 
 
 @njit(**_JIT)
@@ -235,10 +264,11 @@ def _marginals(q, hist, clogc, cpm, cpe, h, invm, inve):
 
 
 @njit(**_JIT)
-def _classes(q, cur, KP, hist, rows, cstart, csize, bstart, bsize):
+def _classes(q, cur, KP, hist, rows, pix, cstart, csize, bstart, bsize):
     """The classes of size > 1 of every channel of patch cur, as byte offsets of lane rows.
 
-    rows gets the offsets (c * n + t) * KP grouped by class; (cstart, csize)
+    rows gets the offsets (c * n + t) * KP grouped by class and pix the pixels
+    c * n + t in the same order; (cstart, csize)
     the classes of at most BIG pixels, (bstart, bsize) those above. Returns
     (number of small classes, number of big ones).
     """
@@ -262,6 +292,7 @@ def _classes(q, cur, KP, hist, rows, cstart, csize, bstart, bsize):
                 pos += g
             if hist[v] < 0:
                 rows[-hist[v] - 1] = (c * n + t) * KP
+                pix[-hist[v] - 1] = c * n + t
                 hist[v] -= 1
         for t in range(n):
             hist[q[cur, c, t]] = 0
@@ -313,22 +344,42 @@ def _scatter(lanes, rows, start, g, base, tab, cpm, cpe, pm, pe, prod, ex):
 
 
 @njit(**_JIT)
-def _exact(q, cur, j, h, clogc, tab, is_mi):
-    """The generic formula: mi or je of candidate j against cur, averaged over channels."""
+def _class_logs(qj, pix, start, g, tab, clogc):
+    """Sum of c log2 c over the cells of the joint histogram within one reference class:
+    c the number of the class's pixels where candidate j (qj (C * n,)) has one value."""
+    lsum = 0.0
+    for i in range(start, start + g):
+        tab[qj[pix[i]]] += 1
+    for i in range(start, start + g):
+        v = qj[pix[i]]
+        c = tab[v]
+        if c:
+            lsum += clogc[c]
+            tab[v] = 0
+    return lsum
+
+
+@njit(**_JIT)
+def _exact(q, q2, cur, j, h, clogc, tab, pix, cstart, csize, ns, bstart, bsize, nb, lsum, is_mi):
+    """The generic formula: mi or je of candidate j against cur, averaged over channels.
+
+    Per channel JE = log2 n - (sum over joint-histogram cells of c log2 c) / n; a
+    cell holds pixels of one reference class only, and a pixel unique in the
+    reference is a cell of 1 (adds 0), so the sum runs over the reference's
+    classes (:func:`_classes`). mi = H(cur) + H(j) - JE.
+    """
     C, n = q.shape[1], q.shape[2]
+    qj = q2[j]
     log2n = math.log2(n)
+    for c in range(C):
+        lsum[c] = 0.0
+    for i in range(ns):
+        lsum[pix[cstart[i]] // n] += _class_logs(qj, pix, cstart[i], csize[i], tab, clogc)
+    for i in range(nb):
+        lsum[pix[bstart[i]] // n] += _class_logs(qj, pix, bstart[i], bsize[i], tab, clogc)
     acc = 0.0
     for c in range(C):
-        for t in range(n):
-            tab[np.int64(q[cur, c, t]) * 256 + q[j, c, t]] += 1
-        lsum = 0.0
-        for t in range(n):
-            ix = np.int64(q[cur, c, t]) * 256 + q[j, c, t]
-            g = tab[ix]
-            if g:
-                lsum += clogc[g]
-                tab[ix] = 0
-        je = log2n - lsum / n
+        je = log2n - lsum[c] / n
         acc += (h[cur, c] + h[j, c] - je) if is_mi else je
     return acc / C
 
@@ -338,7 +389,7 @@ def _exact(q, cur, j, h, clogc, tab, is_mi):
 
 
 @njit(**_JIT)
-def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, jtab, perm, out):
+def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, perm, out):
     """Greedy chain of one image from patch 0, into perm (K,); out gets the reordered image."""
     S, C = img.shape[0], img.shape[2]
     G = S // p
@@ -347,6 +398,7 @@ def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, jtab, perm, out):
     q = np.empty((K, C, n), np.uint8)
     lanes = np.zeros(C * n * KP, np.uint8)
     _split(img, p, q, lanes, KP)
+    q2 = q.reshape(K, C * n)
     h = np.empty((K, C))
     invm = np.empty(KP)
     inve = np.zeros(KP, np.int64)
@@ -354,6 +406,8 @@ def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, jtab, perm, out):
     idx = np.arange(KP)  # slot -> patch
     pos = np.arange(KP)  # patch -> slot
     rows = np.empty(C * n, np.int64)
+    pix = np.empty(C * n, np.int64)
+    lsum = np.empty(C)
     cstart = np.empty(C * n, np.int64)
     csize = np.empty(C * n, np.int64)
     bstart = np.empty(C * n, np.int64)
@@ -382,7 +436,7 @@ def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, jtab, perm, out):
         if m == 1:
             cur = idx[0]
             continue
-        ns, nb = _classes(q, cur, KP, hist, rows, cstart, csize, bstart, bsize)
+        ns, nb = _classes(q, cur, KP, hist, rows, pix, cstart, csize, bstart, bsize)
         for base in range(0, m, W):
             lim = min(m, base + W)
             _group_products(lanes, rows, cstart, csize, ns, base, prod, ex)
@@ -416,7 +470,9 @@ def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, jtab, perm, out):
             d = ex[s] - eb
             if (d == 0 and prod[s] >= thr) or (d == -1 and prod[s] * 0.5 >= thr):
                 j = idx[s]
-                key = np.rint(_exact(q, cur, j, h, clogc, jtab, is_mi) * SCALE)
+                sc = _exact(q, q2, cur, j, h, clogc, hist, pix, cstart, csize, ns, bstart, bsize, nb,
+                            lsum, is_mi)
+                key = np.rint(sc * SCALE)
                 if not is_mi:
                     key = -key
                 if best < 0 or key > bkey or (key == bkey and j < best):
@@ -431,7 +487,8 @@ def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, jtab, perm, out):
         so = (k // G) * p * S * C + (k % G) * w
         do = (j // G) * p * S * C + (j % G) * w
         for _y in range(p):
-            b[do : do + w] = a[so : so + w]
+            for x in range(w):
+                b[do + x] = a[so + x]
             so += S * C
             do += S * C
 
@@ -441,9 +498,8 @@ def chain_range(images, lo, hi, p, is_mi, clogc, cpm, cpe, perm, out):
     """Images lo..hi-1 on the calling thread, GIL released."""
     hist = np.zeros(256, np.int64)
     tab = np.zeros(256 * W, np.uint16)
-    jtab = np.zeros(65536, np.int64)
     for i in range(lo, hi):
-        _chain(images[i], p, is_mi, clogc, cpm, cpe, hist, tab, jtab, perm[i], out[i])
+        _chain(images[i], p, is_mi, clogc, cpm, cpe, hist, tab, perm[i], out[i])
 
 
 # --------------------------------------------------------------------------
