@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import time
 
 import numpy as np
 from llvmlite import ir
@@ -578,3 +579,162 @@ def check(images: np.ndarray, measure: str, patch: int, perm=None) -> int:
         perm = reorder(images, measure, patch)[1]
     ref = porder.reorder(images, measure, patch, backend="generic")[1]
     return int((np.asarray(ref) != perm).any(axis=1).sum())
+
+
+# --------------------------------------------------------------------------
+# Where the chain's time goes (bench_native's profile and limit)
+
+
+@njit(**_JIT)
+def _replay(img, p, perm, upto, clogc, cpm, cpe, hist, tab):
+    """The chain's work on one image up to stage ``upto``, following a known perm:
+    0 split and marginals, 1 + slot moves and the reference's classes, 2 + the
+    vector products, 3 + the scatter tables, 4 + the best product of each step."""
+    S, C = img.shape[0], img.shape[2]
+    G = S // p
+    K, n = G * G, p * p
+    KP = (K + W - 1) // W * W
+    q = np.empty((K, C, n), np.uint8)
+    lanes = np.zeros(C * n * KP, np.uint8)
+    _split(img, p, q, lanes, KP)
+    h = np.empty((K, C))
+    invm = np.empty(KP)
+    inve = np.zeros(KP, np.int64)
+    _marginals(q, hist, clogc, cpm, cpe, h, invm, inve)
+    if upto == 0:
+        return 0.0
+    idx = np.arange(KP)
+    pos = np.arange(KP)
+    rows = np.empty(C * n, np.int64)
+    pix = np.empty(C * n, np.int64)
+    cstart = np.empty(C * n, np.int64)
+    csize = np.empty(C * n, np.int64)
+    bstart = np.empty(C * n, np.int64)
+    bsize = np.empty(C * n, np.int64)
+    prod = np.ones(KP)
+    ex = np.zeros(KP, np.int64)
+    pm = np.empty(W)
+    pe = np.empty(W, np.int64)
+    m = K
+    tot = 0.0
+    for step in range(K):
+        cur = perm[step]
+        sc, last = pos[cur], m - 1
+        if sc != last:
+            lk = idx[last]
+            for r in range(C * n):
+                lanes[r * KP + sc] = lanes[r * KP + last]
+            invm[sc], inve[sc] = invm[last], inve[last]
+            idx[sc], pos[lk] = lk, sc
+        m -= 1
+        if m <= 1:
+            break
+        ns, nb = _classes(q, cur, KP, hist, rows, pix, cstart, csize, bstart, bsize)
+        if upto == 1:
+            continue
+        for base in range(0, m, W):
+            _group_products(lanes, rows, cstart, csize, ns, base, prod, ex)
+            if upto >= 3:
+                for i in range(nb):
+                    _scatter(lanes, rows, bstart[i], bsize[i], base, tab, cpm, cpe, pm, pe,
+                             prod, ex)
+        if upto >= 4:
+            bs = 0
+            for s in range(1, m):
+                if ex[s] > ex[bs] or (ex[s] == ex[bs] and prod[s] > prod[bs]):
+                    bs = s
+            tot += prod[bs]
+    return tot
+
+
+@njit(**_JIT)
+def _replay_all(images, p, perms, upto, clogc, cpm, cpe):
+    hist = np.zeros(256, np.int64)
+    tab = np.zeros(256 * W, np.uint16)
+    t = 0.0
+    for i in range(images.shape[0]):
+        t += _replay(images[i], p, perms[i], upto, clogc, cpm, cpe, hist, tab)
+    return t
+
+
+def stage_times(images: np.ndarray, measure: str, patch: int, repeats: int = 3) -> dict:
+    """Microseconds per image of the chain's stages on one thread (best of ``repeats``),
+    each the difference of two replays of the chain's own order (:func:`_replay`)."""
+    n = patch * patch
+    clogc = _clogc(n)
+    cpm, cpe = _powers(n)
+    perms = reorder(images, measure, patch, workers=1)[1]
+
+    def best(fn) -> float:
+        fn()
+        b = math.inf
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            fn()
+            b = min(b, time.thread_time() - t0)
+        return b / len(images) * 1e6
+
+    cum = [best(lambda u=u: _replay_all(images, patch, perms, u, clogc, cpm, cpe))
+           for u in range(5)]
+    full = best(lambda: reorder(images, measure, patch, workers=1))
+    names = ["split_and_marginals", "moves_and_classes", "vector_products", "scatter_tables",
+             "best_product"]
+    out = {names[0]: cum[0]}
+    for i in range(1, 5):  # differences of separately timed runs: 0 when within noise
+        out[names[i]] = max(0.0, cum[i] - cum[i - 1])
+    out["band_exact_and_gather"] = max(0.0, full - cum[4])
+    out["total"] = full
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def class_work(images: np.ndarray, patch: int, perms: np.ndarray) -> dict:
+    """Per image, what the chain's vector loop has to do, from the reference's class sizes:
+    32-lane compares (sum over steps of ceil(m / 32) * sum of s^2 over classes of 2..BIG
+    pixels), folded pixels (ceil(m / 32) * pixels in those classes) and scatter-table
+    pixel-lanes (32 ceil(m / 32) * pixels in larger classes); m the candidates left."""
+    N, S, C = images.shape[0], images.shape[1], images.shape[3]
+    G = S // patch
+    K = G * G
+    pt = images.reshape(N, G, patch, G, patch, C).transpose(0, 1, 3, 5, 2, 4)
+    pt = pt.reshape(N, K, C, patch * patch)
+    counts = np.zeros((N, K, C, 256), np.int64)
+    np.add.at(counts, (np.arange(N)[:, None, None, None], np.arange(K)[None, :, None, None],
+                       np.arange(C)[None, None, :, None], pt), 1)
+    small = (counts > 1) & (counts <= BIG)
+    sq = (counts**2 * small).sum(axis=(2, 3))  # (N, K)
+    px = (counts * small).sum(axis=(2, 3))
+    bigpx = (counts * (counts > BIG)).sum(axis=(2, 3))
+    m = K - 1 - np.arange(K)
+    groups = -(-m // W)
+    ref = np.take_along_axis
+    return {"compares": float((groups * ref(sq, perms, 1)).sum(1).mean()),
+            "folded_pixels": float((groups * ref(px, perms, 1)).sum(1).mean()),
+            "scatter_pixel_lanes": float((groups * W * ref(bigpx, perms, 1)).sum(1).mean()),
+            "classes_2_to_64_sum_sq_per_patch_channel": float(sq.mean() / C),
+            "shared_pixels_per_patch_channel": float((px + bigpx).mean() / C)}
+
+
+@njit(**_JIT)
+def _compare_loop(lanes, rows, cstart, csize, reps, prod, ex):
+    for _ in range(reps):
+        _group_products(lanes, rows, cstart, csize, 1, 0, prod, ex)
+    return prod[0]
+
+
+def compare_rate(seconds: float = 0.3) -> float:
+    """32-lane compares per second of one core in the chain's vector loop: one class of
+    64 pixels, in cache (the loop's own throughput, folds included)."""
+    rng = np.random.default_rng(0)
+    lanes = rng.integers(0, 4, 64 * W, dtype=np.uint8)
+    rows = np.arange(64, dtype=np.int64) * W
+    cs, cz = np.zeros(1, np.int64), np.full(1, 64, np.int64)
+    prod, ex = np.ones(W), np.zeros(W, np.int64)
+    _compare_loop(lanes, rows, cs, cz, 1, prod, ex)
+    reps = 1000
+    while True:
+        t0 = time.thread_time()
+        _compare_loop(lanes, rows, cs, cz, reps, prod, ex)
+        dt = time.thread_time() - t0
+        if dt >= seconds:
+            return reps * 64 * 64 / dt
+        reps *= 2
