@@ -80,11 +80,11 @@ ALONE = ("kl", "l1", "l2", "ssim")
 # Images timed per (size, patch), quick and full; the generic path checks at most
 # GENERIC_CAP of them (it takes 10-20 s an image at 256 p8).
 COUNTS = {"quick": {32: 1000, 64: 64, 128: 16, 224: 6, 256: 4},
-          "full": {32: 8000, 64: 600, 128: 120, 224: 32, 256: 16}}
+          "full": {32: 4000, 64: 400, 128: 64, 224: 24, 256: 8}}
 PATCH_SCALE = {(224, 32): 2, (256, 32): 2, (256, 8): 0.5}
 GENERIC_CAP = {"quick": {32: 10**9, 64: 10**9, 128: 4, 224: 2, 256: 1},
                "full": {32: 10**9, 64: 10**9, 128: 10**9, 224: 10**9, 256: 10**9}}
-GENERIC_CAP_SLOW = {(256, 8): {"quick": 1, "full": 4}}
+GENERIC_CAP_SLOW = {(256, 8): {"quick": 1, "full": 2}}
 
 
 # --------------------------------------------------------------------------
