@@ -403,7 +403,8 @@ def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, perm, out):
     h = np.empty((K, C))
     invm = np.empty(KP)
     inve = np.zeros(KP, np.int64)
-    _marginals(q, hist, clogc, cpm, cpe, h, invm, inve)
+    if is_mi:  # je needs neither the entropies nor the candidates' own counts
+        _marginals(q, hist, clogc, cpm, cpe, h, invm, inve)
     idx = np.arange(KP)  # slot -> patch
     pos = np.arange(KP)  # patch -> slot
     rows = np.empty(C * n, np.int64)
@@ -479,19 +480,30 @@ def _chain(img, p, is_mi, clogc, cpm, cpe, hist, tab, perm, out):
                 if best < 0 or key > bkey or (key == bkey and j < best):
                     best, bkey = j, key
         cur = best
-    # the reordered image: output patch j is input patch perm[j], a row of p * C bytes at a time
+    # the reordered image: output patch j is input patch perm[j]
     w = p * C
     a = img.reshape(S * S * C)
     b = out.reshape(S * S * C)
-    for j in range(K):
+    if w % 8 == 0:
+        _copy_rows(a.view(np.uint64), b.view(np.uint64), perm, G, p, S * C // 8, w // 8)
+    elif w % 4 == 0:
+        _copy_rows(a.view(np.uint32), b.view(np.uint32), perm, G, p, S * C // 4, w // 4)
+    else:
+        _copy_rows(a, b, perm, G, p, S * C, w)
+
+
+@njit(**_JIT)
+def _copy_rows(a, b, perm, G, p, rowlen, w):
+    """b patch j = a patch perm[j], in words: a patch row is w words, an image row rowlen."""
+    for j in range(G * G):
         k = perm[j]
-        so = (k // G) * p * S * C + (k % G) * w
-        do = (j // G) * p * S * C + (j % G) * w
+        so = (k // G) * p * rowlen + (k % G) * w
+        do = (j // G) * p * rowlen + (j % G) * w
         for _y in range(p):
             for x in range(w):
                 b[do + x] = a[so + x]
-            so += S * C
-            do += S * C
+            so += rowlen
+            do += rowlen
 
 
 @njit(**_JIT, nogil=True)
