@@ -16,6 +16,14 @@ Every model works for any ``in_size`` >= 8; the spatial size of feature maps
 never drops below 2x2 before global pooling, so batch norm also trains with a
 batch of one image (the paper's online training).
 
+Larger inputs get a strided stem (:func:`stem_stride`): the first conv takes
+stride 2 from ``in_size`` 96, and a 3x3 stride-2 max-pool follows the stem from
+192, as ImageNet's ResNet does, so the body works on maps of 48-95 px (224 ->
+56, 256 -> 64) instead of the whole image. At 32x32 (and below 96) nothing
+changes; the parameters (names, shapes) are the same at every size. Measured on
+the CPU (docs/large-images.md, batch 8, width 0.125): a step at 224 takes 10.6x
+(ResNet), 7.4x (VGG) and 16x (Inception) as long without it.
+
 Every model records in ``fm_points`` where a feature-map reordering layer may
 go (name -> submodule path and map side); :mod:`porder.train.fm` inserts them.
 """
@@ -29,6 +37,38 @@ from torch import nn
 def _ch(n: int, width: float) -> int:
     """Channel count ``n`` scaled by ``width`` (at least 1)."""
     return max(1, int(round(n * width)))
+
+
+#: ``in_size`` from which the stem's first conv has stride 2, and from which a
+#: 3x3 stride-2 max-pool follows the stem (:func:`stem_stride`).
+STRIDE2_FROM, POOL_FROM = 96, 192
+
+
+def stem_stride(in_size: int) -> int:
+    """How much the stem shrinks an ``in_size`` input: 1 below 96, 2 below 192, else 4."""
+    return 1 if in_size < STRIDE2_FROM else 2 if in_size < POOL_FROM else 4
+
+
+def _half(s: int) -> int:
+    """Side after a padded stride-2 3x3 conv or max-pool (``padding=1``)."""
+    return (s - 1) // 2 + 1
+
+
+def _stem_conv(cin: int, cout: int, in_size: int) -> tuple[nn.Sequential, int]:
+    """The first conv of a network (3x3, stride 2 from :data:`STRIDE2_FROM`) -> (module,
+    output side); the stem's max-pool is appended to the conv of the stem that ends it."""
+    if stem_stride(in_size) == 1:
+        return conv_bn(cin, cout), in_size
+    return conv_bn(cin, cout, 3, 2), _half(in_size)
+
+
+def _pooled(block: nn.Sequential, side: int, in_size: int) -> tuple[nn.Sequential, int]:
+    """``block`` with the stem's 3x3 stride-2 max-pool appended when ``in_size`` needs it
+    (from :data:`POOL_FROM`; a parameter-free module, so the state dict's names stay)."""
+    if stem_stride(in_size) < 4:
+        return block, side
+    block.append(nn.MaxPool2d(3, 2, 1))
+    return block, _half(side)
 
 
 def conv_bn(cin: int, cout: int, kernel=3, stride=1, padding=None) -> nn.Sequential:
@@ -61,7 +101,9 @@ class VGG(nn.Module):
 
     The 2x2 max-pool between blocks is skipped when it would shrink the map
     below 2x2 (so at 32x32 all four pools run: 32-16-8-4-2, and block 5 works
-    on 2x2 maps; at 16x16 the last one is skipped). Global average pooling and
+    on 2x2 maps; at 16x16 the last one is skipped). From 96 px the first conv
+    is strided, from 192 a max-pool follows it (:func:`stem_stride`: 224 ->
+    56-28-14-7-4). Global average pooling and
     one linear layer replace the 3 fully connected layers of the ImageNet model,
     as in the usual CIFAR variant.
     """
@@ -75,7 +117,12 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 s //= 2
             for c in block:
-                layers.append(conv_bn(cin, _ch(c, width)))
+                if layers:
+                    layers.append(conv_bn(cin, _ch(c, width)))
+                else:                                      # the stem: strided for large inputs
+                    conv, s = _stem_conv(cin, _ch(c, width), in_size)
+                    conv, s = _pooled(conv, s, in_size)
+                    layers.append(conv)
                 cin = _ch(c, width)
                 if not points:
                     points["stem"] = ("features.0", s)
@@ -109,18 +156,21 @@ class ResNet(nn.Module):
     """ResNet-18: 3x3 stride-1 stem, no max-pool, stages of 2 basic blocks.
 
     Stages 2-4 halve the map (32-32-16-8-4 at 32x32); a stride is dropped when
-    it would shrink the map below 2x2.
+    it would shrink the map below 2x2. From 96 px the stem conv has stride 2,
+    from 192 a 3x3 stride-2 max-pool follows it (:func:`stem_stride`: 224 ->
+    56-56-28-14-7, ImageNet ResNet-18's maps).
     """
 
     def __init__(self, num_classes: int, in_size: int = 32, width: float = 1.0):
         super().__init__()
         c0 = _ch(64, width)
-        self.stem = conv_bn(3, c0)
-        blocks, cin, s = [], c0, in_size
+        stem, s = _stem_conv(3, c0, in_size)
+        self.stem, s = _pooled(stem, s, in_size)
+        blocks, cin = [], c0
         self.fm_points = {"stem": ("stem", s)}         # see trainspec.FM_POINTS: not the last stage
         for i, c in enumerate((64, 128, 256, 512)):
             stride = 2 if i and s >= 4 else 1
-            s //= stride
+            s = _half(s) if stride == 2 else s         # a padded 3x3 stride-2 conv: odd sides round up
             cout = _ch(c, width)
             blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
             cin = cout
@@ -229,13 +279,18 @@ class Inception(nn.Module):
       factorisation (16x16) -> grid reduction -> 2 x Inception-E (8x8), the
       published block sequence; reductions use padding=1 so S halves exactly;
     * no auxiliary classifier; global average pooling, dropout 0.5 and one
-      linear layer, as in v3's head.
+      linear layer, as in v3's head;
+    * larger inputs: from 96 px the first stem conv has stride 2, from 192 a
+      3x3 stride-2 max-pool follows the third (ImageNet's v3 pools there too),
+      so the Inception-A blocks see 48-95 px maps (:func:`stem_stride`).
     """
 
     def __init__(self, num_classes: int, in_size: int = 32, width: float = 1.0):
         super().__init__()
         c = lambda n: _ch(n, width)
-        self.stem = nn.Sequential(conv_bn(3, c(32)), conv_bn(c(32), c(32)), conv_bn(c(32), c(64)),
+        first, s = _stem_conv(3, c(32), in_size)
+        third, s = _pooled(conv_bn(c(32), c(64)), s, in_size)
+        self.stem = nn.Sequential(first, conv_bn(c(32), c(32)), third,
                                   conv_bn(c(64), c(80), 1), conv_bn(c(80), c(192)))
         blocks, cin = [], c(192)
         for pool in (32, 64, 64):
@@ -252,9 +307,8 @@ class Inception(nn.Module):
             b, cin = inception_e(cin, width)
             blocks.append(b)
         self.blocks = nn.Sequential(*blocks)
-        half = lambda n: (n - 1) // 2 + 1              # the padded stride-2 reductions
-        self.fm_points = {"stem": ("stem", in_size), "stage1": ("blocks.2", in_size),
-                          "stage2": ("blocks.7", half(in_size))}   # see trainspec.FM_POINTS
+        self.fm_points = {"stem": ("stem", s), "stage1": ("blocks.2", s),  # the padded stride-2
+                          "stage2": ("blocks.7", _half(s))}   # reductions; trainspec.FM_POINTS
         self.drop = nn.Dropout(0.5)
         self.fc = nn.Linear(cin, num_classes)
         _init(self)
