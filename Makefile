@@ -12,7 +12,7 @@ PY ?= $(VENV)/bin/python
 endif
 BENCH_OUT ?= benchmarks/results
 
-.PHONY: install venv demo test bench lint docs clean gpu-check
+.PHONY: install venv demo test bench lint docs clean gpu-check gpu-paper
 
 venv:
 ifndef VIRTUAL_ENV
@@ -48,6 +48,12 @@ bench: install
 # porder itself without dependencies: such machines are often offline.
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The paper's whole experiment (compare --preset paper: Inception, batch 1, 10,000 steps,
+# 84 runs in lockstep) on a GPU, on the CIFAR-10 subset of benchmarks/cifar_subset.py in
+# gpu-data/cifar10-20k (carried to the device); under 10 minutes is the target.
+gpu-paper:
+	bash benchmarks/gpu_paper.sh
 
 lint: install
 	$(PY) -m ruff check porder tests benchmarks
