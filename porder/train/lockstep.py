@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import epoch_order
-from .batches import Data, Prefetch, get_batch
+from .batches import Prefetch, get_batch
 from .checkpoint import rng_state, set_rng_state
 from .config import TrainConfig, TrainResult
 from .device import autocast, resolve_device, sync, torch_settings
@@ -66,7 +66,6 @@ from .distributed import dist_env
 from .loop import (
     UNTRAINED,
     Run,
-    TrainingDiverged,
     _memory_hint,
     _remove_unstarted_run,
     interval_stats,

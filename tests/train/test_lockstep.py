@@ -13,9 +13,8 @@ import math
 import pytest
 import torch
 
-from porder.train import TrainConfig, read_metrics, train
+from porder.train import TrainConfig, loop, metrics, read_metrics, train
 from porder.train import lockstep as ls
-from porder.train import loop, metrics
 from porder.train.checkpoint import CHECKPOINT
 from porder.train.loop import TrainingDiverged
 
