@@ -66,15 +66,15 @@ from .distributed import dist_env
 from .loop import (
     UNTRAINED,
     Run,
-    _memory_hint,
-    _remove_unstarted_run,
     interval_stats,
     load_data,
     loss_input,
+    memory_hint,
     open_run,
+    remove_unstarted_run,
     step_loss_field,
 )
-from .models import VGG, BasicBlock, Inception, ResNet, _Cat, _Split, build_model
+from .models import VGG, BasicBlock, Inception, ResNet, build_model
 
 # Options that must be equal for runs to share a group (seed, cache, reorder, patch,
 # bins, order_seed and fm_reorder may differ: they act on each model's own data).
@@ -194,9 +194,10 @@ class StackedNet:
                                 mod.count_include_pad, mod.divisor_override)
         if isinstance(mod, nn.Identity):
             return x
-        if isinstance(mod, _Cat):
+        kids = set(mod._modules)
+        if kids == {"branches"}:               # models._Cat: branches concatenated
             return self._cat([sub(f"branches.{i}", x) for i in range(len(mod.branches))])
-        if isinstance(mod, _Split):
+        if kids == {"head", "a", "b"}:         # models._Split: a head, then two branches
             h = sub("head", x)
             return self._cat([sub("a", h), sub("b", h)])
         if isinstance(mod, BasicBlock):
@@ -419,7 +420,7 @@ def _progress(progress, i: int):
 
 def _close(lock, out: Path, remove: bool) -> None:
     if remove:
-        _remove_unstarted_run(out)
+        remove_unstarted_run(out)
     if lock is not None:
         lock.release(remove_folder=True)
 
@@ -484,7 +485,7 @@ def _advance(part: list, stop: int, device: str) -> None:
                 x = torch.stack([g[0] for g in got], 1)                # (B, M, 3, S, S)
                 x = x.view(x.shape[0], -1, *x.shape[3:])               # (B, M*3, S, S)
                 y = torch.stack([g[1] for g in got])                   # (M, B)
-                with _memory_hint(f"training {m} {cfg.arch} models in lockstep (--batch-size "
+                with memory_hint(f"training {m} {cfg.arch} models in lockstep (--batch-size "
                                   f"{cfg.batch_size}, --width {cfg.width:g})",
                                   "train fewer runs at once (or lower --batch-size)"):
                     with autocast(device, cfg):
@@ -562,7 +563,7 @@ def _evaluate(net: StackedNet, runs: list, device: str) -> list[tuple[float, flo
     chunk = max(1, -(-cfg.eval_batch // m))
     loss = torch.zeros(m, dtype=torch.float64, device=runs[0].data.test_x.device)
     correct = torch.zeros(m, dtype=torch.int64, device=loss.device)
-    with _memory_hint(f"evaluating {m} {cfg.arch} models in lockstep at --width {cfg.width:g}",
+    with memory_hint(f"evaluating {m} {cfg.arch} models in lockstep at --width {cfg.width:g}",
                       "train fewer runs at once (or lower --width)"):
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)

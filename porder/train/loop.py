@@ -185,7 +185,7 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
                 return run_steps(run)
     except BaseException:
         if fresh:
-            _remove_unstarted_run(out)
+            remove_unstarted_run(out)
         raise
     finally:
         if lock is not None:
@@ -353,7 +353,7 @@ class Run:
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
         """One Adam step on ``x`` (B, 3, S, S), ``y`` (B,): the logits (B, classes) and the loss."""
         cfg = self.cfg
-        with _memory_hint(f"training the {cfg.arch} model (--batch-size {cfg.batch_size}, "
+        with memory_hint(f"training the {cfg.arch} model (--batch-size {cfg.batch_size}, "
                           f"--width {cfg.width:g})", "lower --batch-size (or --width)"):
             with autocast(self.device, cfg):
                 logits = self.net(x)                     # (B, classes)
@@ -376,7 +376,7 @@ class Run:
         """
         cfg = self.cfg
         self.check_finite(stats)
-        with _memory_hint(f"evaluating the {cfg.arch} model at --width {cfg.width:g}",
+        with memory_hint(f"evaluating the {cfg.arch} model at --width {cfg.width:g}",
                           "lower --width"):
             row = self.test_row(stats, evaluation)
         self.check_finite(row)
@@ -470,7 +470,7 @@ class Run:
 
 def load_data(path, cfg: TrainConfig, device: str) -> Data:
     """The file's splits on ``device``, reordered on the fly as ``cfg`` says."""
-    with _memory_hint(f"loading '{path}' onto {device}",
+    with memory_hint(f"loading '{path}' onto {device}",
                       "the file does not fit; use a smaller file or another --device"):
         return Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
                     order_seed=cfg.order_seed)
@@ -484,7 +484,7 @@ def loss_input(logits: torch.Tensor) -> torch.Tensor:
 
 def _model(cfg: TrainConfig, num_classes: int, size: int, device: str, env: DistEnv):
     """The network of a run, on its device, with its feature-map reordering layers."""
-    with _memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}",
+    with memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}",
                       "lower --width"):
         model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width)
         insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
@@ -549,7 +549,7 @@ def step_loss_field(losses: list) -> list:
     return [float(f"{v:.6g}") for v in losses]
 
 
-def _remove_unstarted_run(out: Path) -> None:
+def remove_unstarted_run(out: Path) -> None:
     """Remove a run folder this run made, if nothing resumable was written to it."""
     if not out.is_dir() or (out / CHECKPOINT).exists():
         return
@@ -574,7 +574,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 @contextmanager
-def _memory_hint(what: str, advice: str):
+def memory_hint(what: str, advice: str):
     """Out of memory while doing ``what`` -> one-line ValueError: ``"out of memory {what}; {advice}"``."""
     try:
         yield
