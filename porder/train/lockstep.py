@@ -460,7 +460,17 @@ def _train(members: list, device: str) -> None:
 
 def _advance(part: list, stop: int, device: str) -> None:
     """Train ``part`` (all at one step) in lockstep up to step ``stop``, or until one of
-    them diverges (the others then go on in a new stretch)."""
+    them diverges (the others then go on in a new stretch). An error of the group's
+    step (out of memory) stops every member: it is each one's result."""
+    try:
+        _stretch(part, stop, device)
+    except Exception as e:
+        for mb in part:
+            if mb.error is None:
+                mb.error = e
+
+
+def _stretch(part: list, stop: int, device: str) -> None:
     runs = [mb.run for mb in part]
     cfg = runs[0].cfg
     m, step = len(runs), runs[0].step
@@ -475,53 +485,48 @@ def _advance(part: list, stop: int, device: str) -> None:
     def fetch(s):
         return [mb.batch(s) for mb in part]
 
-    try:
-        with Prefetch(fetch, step, stop) as batches:
-            interval = _GroupInterval(m, device)
-            reported = time.perf_counter()
-            while step < stop:
-                got, waited = batches.get(step)
-                interval.waited += waited
-                x = torch.stack([g[0] for g in got], 1)                # (B, M, 3, S, S)
-                x = x.view(x.shape[0], -1, *x.shape[3:])               # (B, M*3, S, S)
-                y = torch.stack([g[1] for g in got])                   # (M, B)
-                with memory_hint(f"training {m} {cfg.arch} models in lockstep (--batch-size "
-                                  f"{cfg.batch_size}, --width {cfg.width:g})",
-                                  "train fewer runs at once (or lower --batch-size)"):
-                    with autocast(device, cfg):
-                        logits = net.forward(x, True)                  # (M, B, classes)
-                        losses = F.cross_entropy(loss_input(logits).flatten(0, 1), y.flatten(),
-                                                 reduction="none").view(m, -1).mean(1)   # (M,)
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(losses.sum()).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                step += 1
+    with Prefetch(fetch, step, stop) as batches:
+        interval = _GroupInterval(m, device)
+        reported = time.perf_counter()
+        while step < stop:
+            got, waited = batches.get(step)
+            interval.waited += waited
+            x = torch.stack([g[0] for g in got], 1)                # (B, M, 3, S, S)
+            x = x.view(x.shape[0], -1, *x.shape[3:])               # (B, M*3, S, S)
+            y = torch.stack([g[1] for g in got])                   # (M, B)
+            with memory_hint(f"training {m} {cfg.arch} models in lockstep (--batch-size "
+                             f"{cfg.batch_size}, --width {cfg.width:g})",
+                             "train fewer runs at once (or lower --batch-size)"):
+                with autocast(device, cfg):
+                    logits = net.forward(x, True)                  # (M, B, classes)
+                    losses = F.cross_entropy(loss_input(logits).flatten(0, 1), y.flatten(),
+                                             reduction="none").view(m, -1).mean(1)   # (M,)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(losses.sum()).backward()
+                scaler.step(opt)
+                scaler.update()
+            step += 1
+            for r in runs:
+                r.step = step
+            interval.add(logits, losses, y)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                net.copy_to([r.model for r in runs])
+                _unstack_optimizer(net, opt, [r.opt for r in runs], [r.model for r in runs])
                 for r in runs:
-                    r.step = step
-                interval.add(logits, losses, y)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    net.copy_to([r.model for r in runs])
-                    _unstack_optimizer(net, opt, [r.opt for r in runs], [r.model for r in runs])
-                    for r in runs:
-                        if scaler.is_enabled():
-                            r.scaler.load_state_dict(scaler.state_dict())
-                    _record(part, interval.stats(), interval.started, device, net)
-                    _report(part)
-                    if any(mb.error is not None for mb in part):
-                        return
-                    interval = _GroupInterval(m, device)
-                elif any(r.progress for r in runs):
-                    now = time.perf_counter()
-                    running = now - reported > 0.5
-                    if running:
-                        reported = now
-                    for i, r in enumerate(runs):
-                        r.report(interval.running(i) if running else None)
-    except Exception as e:   # the group's step failed (out of memory): every member stops
-        for mb in part:
-            if mb.error is None:
-                mb.error = e
+                    if scaler.is_enabled():
+                        r.scaler.load_state_dict(scaler.state_dict())
+                _record(part, interval.stats(), interval.started, device, net)
+                _report(part)
+                if any(mb.error is not None for mb in part):
+                    return
+                interval = _GroupInterval(m, device)
+            elif any(r.progress for r in runs):
+                now = time.perf_counter()
+                running = now - reported > 0.5
+                if running:
+                    reported = now
+                for i, r in enumerate(runs):
+                    r.report(interval.running(i) if running else None)
 
 
 def _report(members: list) -> None:
