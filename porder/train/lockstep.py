@@ -105,12 +105,12 @@ class StackedNet:
     def __init__(self, models: Sequence[nn.Module], generators: Sequence[torch.Generator]):
         self.m = len(models)
         self.base = models[0]
+        params = [dict(mm.named_parameters()) for mm in models]
+        buffers = [dict(mm.named_buffers()) for mm in models]
         with torch.no_grad():
-            self.params = {n: torch.stack([dict(mm.named_parameters())[n].detach()
-                                           for mm in models]).requires_grad_()
-                           for n, _ in self.base.named_parameters()}
-            self.buffers = {n: torch.stack([dict(mm.named_buffers())[n] for mm in models])
-                            for n, _ in self.base.named_buffers()}
+            self.params = {n: torch.stack([p[n].detach() for p in params]).requires_grad_()
+                           for n in params[0]}
+            self.buffers = {n: torch.stack([b[n] for b in buffers]) for n in buffers[0]}
         self.generators = list(generators)
         # fm-reorder layers: submodule path -> each model's layer there (or None)
         self.fm: dict[str, list] = {}
@@ -247,9 +247,9 @@ def _stack_optimizer(net: StackedNet, opts: Sequence[torch.optim.Optimizer],
                      models: Sequence[nn.Module], lr: float) -> torch.optim.Optimizer:
     """One Adam over the stacked parameters, with the runs' Adam states stacked."""
     opt = torch.optim.Adam(list(net.params.values()), lr=lr, fused=True)
-    names = [n for n, _ in models[0].named_parameters()]
-    for n in names:
-        states = [o.state.get(dict(mm.named_parameters())[n]) for o, mm in zip(opts, models)]
+    params = [dict(mm.named_parameters()) for mm in models]
+    for n in net.params:
+        states = [o.state.get(p[n]) for o, p in zip(opts, params)]
         if all(not s for s in states):
             continue
         if any(not s for s in states):
@@ -263,13 +263,13 @@ def _stack_optimizer(net: StackedNet, opts: Sequence[torch.optim.Optimizer],
 
 def _unstack_optimizer(net: StackedNet, opt, opts, models) -> None:
     """Write each run's slice of the group's Adam state into its own optimizer."""
+    params = [dict(mm.named_parameters()) for mm in models]
     for n in net.params:
         st = opt.state.get(net.params[n])
         if not st:
             continue
-        for i, (o, mm) in enumerate(zip(opts, models)):
-            p = dict(mm.named_parameters())[n]
-            o.state[p] = {"step": st["step"].clone(), "exp_avg": st["exp_avg"][i].clone(),
+        for i, o in enumerate(opts):
+            o.state[params[i][n]] = {"step": st["step"].clone(), "exp_avg": st["exp_avg"][i].clone(),
                           "exp_avg_sq": st["exp_avg_sq"][i].clone()}
 
 
