@@ -29,7 +29,17 @@ and per-run dropout streams cannot run under vmap without custom rules.
 Measured (VGG width 0.125, 32x32, M = 16, forward + backward, 1 thread,
 process time, best of 3, this 2-core machine under load): batch 1: one after
 another 50.5 ms, vmap 37.9 ms, stacked 32.6 ms; batch 32: 391 ms, 442 ms,
-321 ms. See ``benchmarks/bench_lockstep.py`` for the whole trainer.
+321 ms. Unfold + bmm instead of grouped convolutions: 1.1-4.6x slower per layer
+except on 4x4 maps. Channels-last maps: slower at batch 1, faster from batch 16
+(:data:`CHANNELS_LAST_BATCH`).
+
+Speed (``benchmarks/bench_lockstep.py --quick``, 1 thread, process time, VGG
+width 0.125, 32x32): batch 1, 16 runs: 179 images/s one after another, 403 in
+lockstep (2.25x; M = 1, 2, 4, 8, 16: 0.85, 0.85, 1.3, 2.1, 2.25x); batch 32:
+1048 and 1280 (1.22x). What bounds it on a CPU: at batch 1 a run alone is not
+overhead-bound here (its convolutions are ~60% of its step), and oneDNN's
+grouped convolutions with 8-64 channels a group run at about the speed of the
+same convolutions done one model at a time at batch 32.
 
 Equivalence: on the CPU in float64, the runs of a group have the per-step
 losses of the same runs trained alone to ~1e-12 relative
