@@ -25,9 +25,13 @@ RTOL = 1e-9
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """Two files per image side (8: quick; 16 for Inception, whose float64 losses at
+    8x8, with 2x2 maps and single-channel layers at width 1/32, drift apart to 1e-7
+    by step 50 from rounding alone)."""
     d = tmp_path_factory.mktemp("data")
-    return [write_file(d / "a.h5", n_train=40, n_test=12, size=8, seed=0),
-            write_file(d / "b.h5", n_train=40, n_test=12, size=8, seed=1)]
+    return {size: [write_file(d / f"a{size}.h5", n_train=40, n_test=12, size=size, seed=0),
+                   write_file(d / f"b{size}.h5", n_train=40, n_test=12, size=size, seed=1)]
+            for size in (8, 16)}
 
 
 @pytest.fixture
@@ -47,6 +51,7 @@ def no_plot(rows, path, title=""):
 
 
 WIDTH = {"vgg": 1 / 16, "resnet": 1 / 16, "inception": 1 / 32}
+SIZE = {"vgg": 8, "resnet": 8, "inception": 16}
 
 
 def cfg(arch="vgg", **kw):
@@ -58,6 +63,7 @@ def cfg(arch="vgg", **kw):
 def jobs_of(files, arch, root, fm=True, **kw):
     """4 runs: two files, four seeds; with ``fm``, two of them with a feature-map layer."""
     specs = [[], ["stem:mi:4"], [], ["stem:random:4"]] if fm else [[]] * 4
+    files = files[SIZE[arch]]
     return [(files[i % 2], cfg(arch, seed=i, fm_reorder=specs[i], **kw), root / f"run{i}")
             for i in range(4)]
 
@@ -152,7 +158,7 @@ def test_a_diverging_run_stops_and_the_others_go_on(files, tmp_path, float64, mo
 def test_group_checks(files, tmp_path):
     jobs = jobs_of(files, "vgg", tmp_path, fm=False)
     with pytest.raises(ValueError, match="must share"):
-        ls.train_group([jobs[0], (files[0], cfg("vgg", lr=0.1), tmp_path / "x")])
+        ls.train_group([jobs[0], (files[8][0], cfg("vgg", lr=0.1), tmp_path / "x")])
     assert ls.lockstep_key(cfg(seed=1, fm_reorder=["stem:mi:4"]), "cpu") == \
         ls.lockstep_key(cfg(seed=2), "cpu")
     one = ls.group_bytes(cfg(), 1, size=32, num_classes=10)
