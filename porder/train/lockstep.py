@@ -36,7 +36,8 @@ except on 4x4 maps. Channels-last maps: slower at batch 1, faster from batch 16
 Speed (``benchmarks/bench_lockstep.py --quick``, 1 thread, process time, VGG
 width 0.125, 32x32): batch 1, 16 runs: 179 images/s one after another, 403 in
 lockstep (2.25x; M = 1, 2, 4, 8, 16: 0.85, 0.85, 1.3, 2.1, 2.25x); batch 32:
-1048 and 1280 (1.22x). What bounds it on a CPU: at batch 1 a run alone is not
+1048 and 1280 (1.22x). A second run, on a quieter machine: 2.62x (M = 1..16:
+0.91, 1.19, 1.75, 1.92, 2.62) and 1.38x. What bounds it on a CPU: at batch 1 a run alone is not
 overhead-bound here (its convolutions are ~60% of its step), and oneDNN's
 grouped convolutions with 8-64 channels a group run at about the speed of the
 same convolutions done one model at a time at batch 32.
