@@ -67,9 +67,14 @@ def estimate_times(plan: Plan, *, threads: Optional[int] = None,
         plan.speeds[key] = speed
     for r in todo:
         sp = plan.speeds[(r.arch, tuple(r.fm))]
-        evals = evaluations_left(r.at_step, s["steps"], s["eval_every"], fresh=r.state == "new")
         r.seconds = ((s["steps"] - r.at_step) * s["batch_size"] / sp["train"]
-                     + evals * n_test / sp["eval"])
+                     + eval_images_left(r, s, n_test) / sp["eval"])
+    grouping = getattr(plan, "grouping", None)
+    for g in (grouping.groups if grouping is not None else []):
+        if g.lockstep:
+            _estimate_group(plan, g, threads=threads, log=log)
+        else:
+            g.seconds = g.runs[0].seconds
     build = [c for c in plan.caches if c.state != "ready"]
     if build:
         log(f"timing porder.reorder on {REORDER_SAMPLE} random images for {len(build)} "
@@ -84,6 +89,45 @@ def estimate_times(plan: Plan, *, threads: Optional[int] = None,
                    f"scaled to {n_images} images; decoding the source not included"),
     }
     return plan
+
+
+def eval_images_left(r, settings: dict, n_test: int) -> int:
+    """Test images run ``r`` still evaluates: ``eval_images`` (or the whole split) per curve
+    point, the whole split at the last step."""
+    evals = evaluations_left(r.at_step, settings["steps"], settings["eval_every"],
+                             fresh=r.state == "new")
+    k = min(settings.get("eval_images") or n_test, n_test)
+    return 0 if evals == 0 else (evals - 1) * k + n_test
+
+
+def _estimate_group(plan: Plan, g, *, threads: Optional[int], log) -> None:
+    """A lockstep group's time: steps left x the group's step time + its evaluations.
+
+    The group's step is estimated as one model's step on the group's whole batch (M x
+    batch size images, :func:`porder.train.timing.time_steps`): the same arithmetic as
+    M models on their own batches, with the per-layer overhead paid once, as in lockstep.
+    Evaluations cost what they cost alone, M times (the same images per model).
+    """
+    from ..train import timing
+
+    s, n_test = plan.settings, plan.counts["test"]
+    r0 = g.runs[0]
+    key = (r0.arch, tuple(r0.fm), g.m)
+    if key not in plan.timings:
+        cfg = run_config(s, r0.arch, 0, list(r0.fm), threads=threads)
+        cfg.batch_size = g.m * s["batch_size"]
+        log(f"timing a few steps of {network_name(r0.arch, r0.fm)} at batch {cfg.batch_size} "
+            f"(a lockstep group of {g.m}) for the estimate ...")
+        plan.timings[key] = (cfg, timing.time_steps(cfg, num_classes=plan.counts["classes"],
+                                                    size=s["size"]))
+    t = plan.timings[key][1]
+    eval_s = 1.0 / plan.speeds[(r0.arch, tuple(r0.fm))]["eval"]
+    steps_left = s["steps"] - min(r.at_step for r in g.runs)
+    g.seconds = steps_left * t.step_s + sum(eval_images_left(r, s, n_test) for r in g.runs) * eval_s
+    g.how = (f"{1e3 * t.step_s:.1f} ms per lockstep step of {g.m}, estimated as one model's "
+             f"step at batch {g.m * s['batch_size']} (median of {t.steps_timed})")
+    for r in g.runs:                     # each run's share, so that the runs sum to the total
+        r.seconds = g.seconds / g.m
 
 
 def step_timing(plan: Plan, arch: str, fm=(), *, threads: Optional[int] = None):
