@@ -132,8 +132,8 @@ def make_groups(plan: Plan, lockstep: str = "auto", *, threads: Optional[int] = 
     per_data = data_bytes(plan)
     size_of = lambda cfg, m: group_bytes(cfg, m, size=s["size"],
                                          num_classes=plan.counts["classes"]) + m * per_data
-    first = {}                                     # key -> index of its first run in todo
-    for key, (cfg, runs) in by_key.items():
+    first = {}                                     # group -> index of its first run in todo
+    for cfg, runs in by_key.values():
         m = _largest_m(lambda k: size_of(cfg, k), min(len(runs), g.max_group), g.budget)
         if len(runs) > 1 and m < 2:
             need = size_of(cfg, 2)
