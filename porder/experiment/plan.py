@@ -124,9 +124,10 @@ class Plan:
                  f"  each: {s['steps']} steps, batch {s['batch_size']}, Adam lr {s['lr']}, "
                  f"width {s['width']}, eval every {s['eval_every']}, {s['size']}x{s['size']} "
                  f"images, device {s['device']}",
-                 *([f"  curve points on {s['eval_images']} held-out test images (a fixed "
-                    "subset), the last step on the whole test split"]
-                   if s.get("eval_images") else []),
+                 *([f"  curve points on {s['eval_images']} of the {self.counts['test']} test "
+                    "images (a fixed subset), the last step on all of them"]
+                   if s.get("eval_images") and s["eval_images"] < self.counts.get("test", 0)
+                   else []),
                  "caches:"]
         for c in self.caches:
             lines.append(f"  {c.state:<7} {c.path}{eta(c)}")
