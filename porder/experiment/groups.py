@@ -148,7 +148,8 @@ def make_groups(plan: Plan, lockstep: str = "auto", *, threads: Optional[int] = 
             groups = [Group([r], False, size_of(cfg, 1)) for r in runs]
         else:
             n = -(-len(runs) // max(m, 1))         # groups, as equal as they can be
-            cut = [len(runs) * i // n for i in range(n + 1)]
+            q, extra = divmod(len(runs), n)        # the first `extra` take one more
+            cut = [i * q + min(i, extra) for i in range(n + 1)]
             groups = [Group(runs[a:b], True) for a, b in zip(cut, cut[1:])]
             for grp in groups:
                 grp.bytes = size_of(cfg, grp.m)
