@@ -67,8 +67,11 @@ class Data:
         # patches, so every ordering of a dataset is normalised identically.
         mean, std = channel_stats_of(train["images"], source=f"'{path}'")
         dev = torch.device(device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+        # Inputs in torch's default dtype: float32, or float64 where a caller (the
+        # equivalence tests) set it, so that float64 models get float64 inputs.
+        self.dtype = torch.get_default_dtype()
+        self.mean = torch.tensor(mean, dtype=self.dtype, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=self.dtype, device=dev).view(1, 3, 1, 1)
         self.train_x = torch.from_numpy(train["images"]).to(dev)   # (N, S, S, 3) uint8
         self.train_y = torch.from_numpy(train["labels"]).to(dev)   # (N,) int64
         self.test_x = test_x.to(dev)                                # (M, S, S, 3) uint8
@@ -76,7 +79,7 @@ class Data:
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S) (channels-last on CUDA)."""
-        x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        x = (images.permute(0, 3, 1, 2).to(self.dtype) - self.mean) / self.std
         if x.is_cuda:  # NHWC memory is what tensor cores want; the permute already is
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
@@ -103,7 +106,7 @@ def reorder_tensor(images: torch.Tensor, index: torch.Tensor, *, measure: str, p
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int, *, rank: int = 0,
-                  world_size: int = 1) -> torch.Tensor:
+                  world_size: int = 1, order=epoch_order) -> torch.Tensor:
     """Training-set indices of the batch of (0-based) ``step``: (batch_size / world_size,) int64.
 
     Epoch e visits all n images in the order :func:`porder.data.epoch_order`
@@ -114,32 +117,35 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, *, rank: int = 
     gets its slice ``[rank * b, (rank + 1) * b)`` of it, ``b = batch_size /
     world_size``: the slices of all ranks are disjoint and, concatenated in rank
     order, are the single-process batch. ValueError unless ``world_size``
-    divides ``batch_size``.
+    divides ``batch_size``. ``order``: :func:`porder.data.epoch_order` or a cache of it
+    (the lockstep trainer keeps one per run: the shared cache holds 4 epochs).
     """
     if batch_size % world_size:
         raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} "
                          f"processes; use a multiple of {world_size}")
     if world_size > 1:
         b = batch_size // world_size
-        return batch_indices(step, n, batch_size, seed)[rank * b:(rank + 1) * b]
+        return batch_indices(step, n, batch_size, seed, order=order)[rank * b:(rank + 1) * b]
     pos = step * batch_size
     parts = []
     while batch_size > 0:
         epoch, off = divmod(pos, n)
         take = min(batch_size, n - off)
-        parts.append(epoch_order(n, seed, epoch)[off:off + take])
+        parts.append(order(n, seed, epoch)[off:off + take])
         pos += take
         batch_size -= take
     return torch.cat(parts)
 
 
-def get_batch(data: Data, step: int, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1):
+def get_batch(data: Data, step: int, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1,
+              order=epoch_order):
     """The inputs (B, 3, S, S) float and labels (B,) int64 of (0-based) ``step``.
 
-    With ``world_size`` processes, B = batch_size / world_size: rank's slice of the step's batch.
+    With ``world_size`` processes, B = batch_size / world_size: rank's slice of the step's
+    batch. ``order``: as for :func:`batch_indices`.
     """
     idx = batch_indices(step, len(data.train_y), cfg.batch_size, cfg.seed, rank=rank,
-                        world_size=world_size)
+                        world_size=world_size, order=order)
     dev_idx = idx.to(data.train_x.device)
     images = data.train_x[dev_idx]                             # (B, S, S, 3) uint8
     if data.reorder_opts is not None:

@@ -108,7 +108,7 @@ def evaluate(model, data: Data, cfg: TrainConfig, device: str, *, rank: int = 0,
         y = test_y[lo:hi]
         with autocast(device, cfg):
             logits = model(x)
-        loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        loss += F.cross_entropy(loss_input(logits), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
     model.train()
     n = len(test_y)
@@ -174,30 +174,7 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
                          f"{env.world_size}")
     device = resolve_device(cfg.device)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"run folder '{out}' is a file; give a folder with --out")
-    # The writer (rank 0) holds the run folder's lock from here to the end: a
-    # second `train` into the same folder fails at once instead of interleaving.
-    lock = lock_folder(out, what=f"run folder '{out}'") if env.rank == 0 else None
-    try:
-        if not resume and ((out / CHECKPOINT).exists() or (out / METRICS).exists()):
-            raise ValueError(f"'{out}' already holds a run; pass --resume to continue it "
-                             "or choose another --out")
-        meta = read_meta(path)
-        n_train = meta["splits"].get("train", 0)
-        if 0 < n_train < cfg.batch_size:
-            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split "
-                             f"of '{path}' ({n_train} images); use at most {n_train}")
-        ckpt = load_checkpoint(out, cfg, meta, path) if resume else None
-        # What identifies the file's bytes, recorded in every checkpoint (by rank 0): a
-        # resume reuses the state it checked; a fresh run hashes the file once here.
-        state = ckpt.get("file_state") if ckpt is not None else None
-        if state is None and env.rank == 0:
-            state = file_state(path)
-    except BaseException:
-        if lock is not None:
-            lock.release(remove_folder=True)  # a refused run leaves no empty folder
-        raise
+    lock, meta, ckpt, state = open_run(path, cfg, out, resume=resume, writer=env.rank == 0)
     threads = cfg.threads
     if env.active and threads is None and device == "cpu":   # the ranks of a machine share it
         threads = max(1, (os.cpu_count() or 1) // env.local_world_size)
@@ -219,6 +196,42 @@ def train(path, cfg: TrainConfig, out, *, resume: bool = False,
     finally:
         if lock is not None:
             lock.release(remove_folder=True)
+
+
+def open_run(path, cfg: TrainConfig, out: Path, *, resume: bool, writer: bool = True):
+    """Check and lock run folder ``out`` and read what a run needs to start there.
+
+    Returns ``(lock, meta, ckpt, state)``: the folder's lock (None when not
+    ``writer``; the caller releases it), the file's :func:`read_meta`, the
+    checkpoint to resume (None: a fresh run) and what identifies the file's
+    bytes (:func:`.checkpoint.file_state`). ValueError as :func:`train`; a
+    refused run leaves no empty folder behind.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run folder '{out}' is a file; give a folder with --out")
+    # The writer (rank 0) holds the run folder's lock from here to the end: a
+    # second `train` into the same folder fails at once instead of interleaving.
+    lock = lock_folder(out, what=f"run folder '{out}'") if writer else None
+    try:
+        if not resume and ((out / CHECKPOINT).exists() or (out / METRICS).exists()):
+            raise ValueError(f"'{out}' already holds a run; pass --resume to continue it "
+                             "or choose another --out")
+        meta = read_meta(path)
+        n_train = meta["splits"].get("train", 0)
+        if 0 < n_train < cfg.batch_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split "
+                             f"of '{path}' ({n_train} images); use at most {n_train}")
+        ckpt = load_checkpoint(out, cfg, meta, path) if resume else None
+        # What identifies the file's bytes, recorded in every checkpoint (by rank 0): a
+        # resume reuses the state it checked; a fresh run hashes the file once here.
+        state = ckpt.get("file_state") if ckpt is not None else None
+        if state is None and writer:
+            state = file_state(path)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_folder=True)  # a refused run leaves no empty folder
+        raise
+    return lock, meta, ckpt, state
 
 
 def run_steps(run: "Run") -> TrainResult:
@@ -282,12 +295,11 @@ class Run:
     @classmethod
     def start(cls, path, cfg: TrainConfig, out: Path, device: str, meta: dict,
               ckpt: Optional[dict], progress: Optional[Progress], env: DistEnv,
-              state: Optional[dict] = None) -> "Run":
-        """Load the data, build the model and optimizer, resume ``ckpt`` (if any), write config.json."""
-        with _memory_hint(f"loading '{path}' onto {device}",
-                          "the file does not fit; use a smaller file or another --device"):
-            data = Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
-                        order_seed=cfg.order_seed)
+              state: Optional[dict] = None, *, data: Optional[Data] = None) -> "Run":
+        """Load the data (unless given: ``data``, loaded by :func:`load_data`), build the
+        model and optimizer, resume ``ckpt`` (if any), write config.json."""
+        if data is None:
+            data = load_data(path, cfg, device)
         torch.manual_seed(cfg.seed)
         model = _model(cfg, len(data.classes), data.size, device, env)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
@@ -351,7 +363,7 @@ class Run:
                           f"--width {cfg.width:g})", "lower --batch-size (or --width)"):
             with autocast(self.device, cfg):
                 logits = self.net(x)                     # (B, classes)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(loss_input(logits), y)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
@@ -359,17 +371,20 @@ class Run:
         self.step += 1
         return logits, loss
 
-    def record(self, stats: dict, started: Optional[float] = None) -> None:
+    def record(self, stats: dict, started: Optional[float] = None,
+               evaluation: Optional[tuple] = None) -> None:
         """Evaluate, append this step's row and write the checkpoint.
 
         ``stats``: the row's training fields; ``started``: when the interval
-        they cover began (None for the untrained model's row).
+        they cover began (None for the untrained model's row); ``evaluation``:
+        ``(test_loss, test_acc, eval_s)`` when already evaluated (lockstep
+        groups evaluate their models together), else evaluated here.
         """
         cfg = self.cfg
         self.check_finite(stats)
         with _memory_hint(f"evaluating the {cfg.arch} model at --width {cfg.width:g}",
                           "lower --width"):
-            row = self.test_row(stats)
+            row = self.test_row(stats, evaluation)
         self.check_finite(row)
         self.rows.append(row)
         if started is not None:
@@ -378,16 +393,21 @@ class Run:
         self.checkpoint()
         self.last_good = self.step
 
-    def test_row(self, stats: dict) -> dict:
-        """The metrics row of this step: ``stats`` and the whole test split's loss and accuracy."""
+    def test_row(self, stats: dict, evaluation: Optional[tuple] = None) -> dict:
+        """The metrics row of this step: ``stats`` and the whole test split's loss and
+        accuracy (``evaluation``: already measured, see :meth:`record`)."""
         t0 = time.perf_counter()
         env = self.env
         if env.active:  # rank 0's BN running statistics everywhere, as DDP's next forward does
             for b in self.model.buffers():
                 dist.broadcast(b, 0)
-        test_loss, test_acc = evaluate(self.model, self.data, self.cfg, self.device,
-                                       rank=env.rank, world_size=env.world_size,
-                                       full=self.step >= self.cfg.steps)
+        if evaluation is None:
+            test_loss, test_acc = evaluate(self.model, self.data, self.cfg, self.device,
+                                           rank=env.rank, world_size=env.world_size,
+                                           full=self.step >= self.cfg.steps)
+        else:
+            test_loss, test_acc, eval_s = evaluation
+            t0 -= eval_s
         row = {"step": self.step, "epoch": self.step * self.cfg.batch_size / len(self.data.train_y),
                **stats, "test_loss": test_loss, "test_acc": test_acc}
         if env.active:
@@ -455,6 +475,20 @@ class Run:
                            device=self.device, rank=env.rank, world_size=env.world_size)
 
 
+def load_data(path, cfg: TrainConfig, device: str) -> Data:
+    """The file's splits on ``device``, reordered on the fly as ``cfg`` says."""
+    with _memory_hint(f"loading '{path}' onto {device}",
+                      "the file does not fit; use a smaller file or another --device"):
+        return Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
+                    order_seed=cfg.order_seed)
+
+
+def loss_input(logits: torch.Tensor) -> torch.Tensor:
+    """The logits the loss is computed on: float32 from mixed precision, float64 kept
+    (models built in float64, as the equivalence tests do)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _model(cfg: TrainConfig, num_classes: int, size: int, device: str, env: DistEnv):
     """The network of a run, on its device, with its feature-map reordering layers."""
     with _memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}",
@@ -500,15 +534,26 @@ class Interval:
             stats = all_reduce_stats(self.loss_sum, self.correct, self.seen, self.waited, dt,
                                      env.world_size)
         else:
-            stats = {"train_loss": self.loss_sum.item() / self.seen,
-                     "train_acc": self.correct.item() / self.seen,
-                     "images_per_s": self.seen / dt, "wall_s": None, "data_wait": self.waited / dt}
+            stats = interval_stats(self.loss_sum.item(), self.correct.item(), self.seen,
+                                   self.waited, dt)
         per_step = torch.stack(self.losses).double()      # (steps since the last row,)
         if env.active:  # each rank's loss is over its equal slice: the mean is global
             dist.all_reduce(per_step)
             per_step /= env.world_size
-        stats["train_loss_steps"] = [float(f"{v:.6g}") for v in per_step.tolist()]
+        stats["train_loss_steps"] = step_loss_field(per_step.tolist())
         return stats
+
+
+def interval_stats(loss_sum: float, correct: int, seen: int, waited: float, dt: float) -> dict:
+    """A row's training fields from an interval's sums: ``seen`` images in ``dt`` seconds,
+    ``waited`` of them waiting for batches."""
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
+            "images_per_s": seen / dt, "wall_s": None, "data_wait": waited / dt}
+
+
+def step_loss_field(losses: list) -> list:
+    """``train_loss_steps``: each step's loss, to 6 significant digits."""
+    return [float(f"{v:.6g}") for v in losses]
 
 
 def _remove_unstarted_run(out: Path) -> None:
