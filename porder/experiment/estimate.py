@@ -103,29 +103,28 @@ def eval_images_left(r, settings: dict, n_test: int) -> int:
 def _estimate_group(plan: Plan, g, *, threads: Optional[int], log) -> None:
     """A lockstep group's time: steps left x the group's step time + its evaluations.
 
-    The group's step is estimated as one model's step on the group's whole batch (M x
-    batch size images, :func:`porder.train.timing.time_steps`): the same arithmetic as
-    M models on their own batches, with the per-layer overhead paid once, as in lockstep.
-    Evaluations cost what they cost alone, M times (the same images per model).
+    The group's step is measured: a few steps of M stacked models on random inputs
+    (:func:`porder.train.group_timing.time_group_steps`, once per network and M).
+    Evaluations cost what they cost alone, M times (each model scores its own copy of
+    the images; batched across the group, so this errs long).
     """
-    from ..train import timing
+    from ..train import group_timing
 
     s, n_test = plan.settings, plan.counts["test"]
     r0 = g.runs[0]
     key = (r0.arch, tuple(r0.fm), g.m)
     if key not in plan.timings:
         cfg = run_config(s, r0.arch, 0, list(r0.fm), threads=threads)
-        cfg.batch_size = g.m * s["batch_size"]
-        log(f"timing a few steps of {network_name(r0.arch, r0.fm)} at batch {cfg.batch_size} "
-            f"(a lockstep group of {g.m}) for the estimate ...")
-        plan.timings[key] = (cfg, timing.time_steps(cfg, num_classes=plan.counts["classes"],
-                                                    size=s["size"]))
+        log(f"timing a few lockstep steps of {g.m} {network_name(r0.arch, r0.fm)} models "
+            f"for the estimate ...")
+        plan.timings[key] = (cfg, group_timing.time_group_steps(
+            cfg, g.m, num_classes=plan.counts["classes"], size=s["size"]))
     t = plan.timings[key][1]
     eval_s = 1.0 / plan.speeds[(r0.arch, tuple(r0.fm))]["eval"]
     steps_left = s["steps"] - min(r.at_step for r in g.runs)
     g.seconds = steps_left * t.step_s + sum(eval_images_left(r, s, n_test) for r in g.runs) * eval_s
-    g.how = (f"{1e3 * t.step_s:.1f} ms per lockstep step of {g.m}, estimated as one model's "
-             f"step at batch {g.m * s['batch_size']} (median of {t.steps_timed})")
+    g.how = (f"{1e3 * t.step_s:.1f} ms per lockstep step of {g.m} {r0.arch} models (median of "
+             f"{t.steps_timed} steps of {g.m} x {s['batch_size']} random inputs, measured)")
     for r in g.runs:                     # each run's share, so that the runs sum to the total
         r.seconds = g.seconds / g.m
 

@@ -32,14 +32,14 @@ from .plan import Plan, run_config
 LOCKSTEP_MODES = ("auto", "on", "off")
 
 # Most models in one group, per device, and why:
-# cpu: 16, because on 2 cores the speed-up of lockstep over training one after another
-#   grows with M while the batched step is dominated by per-layer overhead, and by
-#   M = 16 (batch 1, VGG width 0.125) each step is large enough that larger M gains
-#   little (benchmarks/bench_lockstep.py); smaller groups also mean an interrupted
-#   group loses less and a comparison's first results come sooner.
+# cpu: 32, because the CPU cost of a lockstep step per model stops falling there: VGG
+#   width 0.125, batch 1, 32x32, 1 thread (process time, best of 4): 4.5 ms alone, and
+#   per model 2.00 ms at M = 8, 1.81 at 16, 1.48 at 21, 1.46 at 28, 1.42 at 42; larger
+#   groups would only delay a comparison's first finished runs and lose more to an
+#   interruption (84 runs of the paper presets: 3 groups of 28).
 # cuda: 128, because a GPU keeps gaining from larger batched steps far longer (the
 #   paper preset's 84 runs of one architecture fit one group); memory is the real limit.
-MAX_GROUP = {"cpu": 16, "cuda": 128}
+MAX_GROUP = {"cpu": 32, "cuda": 128}
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import porder.train.lockstep as lockstep_mod
+import porder.train.group_timing as group_timing
 import porder.train.timing as timing
 from porder.cli.train import compare as compare_cmd
 from porder.experiment import compare, make_plan
@@ -41,7 +42,8 @@ def _bytes(plan, m):
 
 @pytest.fixture
 def fake_times(monkeypatch):
-    """A training step costs 10 ms per image of its batch plus 5 ms; evaluation 1 ms an image."""
+    """A training step costs 10 ms per image of its batch (all models of a lockstep group)
+    plus 5 ms; evaluation 1 ms an image."""
     batches = []
 
     def time_steps(cfg, *, num_classes, size, **kw):
@@ -49,7 +51,13 @@ def fake_times(monkeypatch):
         return StepTiming(step_s=0.005 + 0.01 * cfg.batch_size, eval_image_s=0.001,
                           steps_timed=3, warmup=2, eval_images=32, device="cpu", threads=1)
 
+    def time_group_steps(cfg, m, *, num_classes, size, **kw):
+        batches.append((m, cfg.batch_size))
+        return StepTiming(step_s=0.005 + 0.01 * m * cfg.batch_size, eval_image_s=float("nan"),
+                          steps_timed=3, warmup=1, eval_images=0, device="cpu", threads=1)
+
     monkeypatch.setattr(timing, "time_steps", time_steps)
+    monkeypatch.setattr(group_timing, "time_group_steps", time_group_steps)
     return batches
 
 
@@ -104,14 +112,14 @@ def test_dry_run_shows_the_groups_with_memory_and_time(tmp_path, fake_times):
             "--device", "cpu", "-j", "1", "--no-progress", "--dry-run"]
     r = CliRunner().invoke(compare_cmd, args)
     assert r.exit_code == 0, r.output
-    assert "lockstep: auto; 1 group of models trained together, at most 16 per group" in r.output
+    assert "lockstep: auto; 1 group of models trained together, at most 32 per group" in r.output
     assert "  group 1: vgg M=6 in lockstep, memory est. " in r.output
     assert "none/s0, mi-p8/s0, random-p8/s0, none/s1, mi-p8/s1, random-p8/s1" in r.output
-    # one model's step at the group's batch of 6 x 8 images: 0.485 s; 4 steps, and each run
-    # evaluates 4 test images 3 times (1 ms each): 4 x 0.485 + 6 x 12 x 0.001 = 2.012 s
-    assert fake_times == [8, 48]
-    assert "485.0 ms per lockstep step of 6, estimated as one model's step at batch 48" \
-        in r.output
+    # a step of the group of 6 x 8 images: 0.485 s; 4 steps, and each run evaluates 4 test
+    # images 3 times (1 ms each): 4 x 0.485 + 6 x 12 x 0.001 = 2.012 s
+    assert fake_times == [8, (6, 8)]
+    assert "485.0 ms per lockstep step of 6 vgg models (median of 3 steps of 6 x 8 random " \
+        "inputs, measured)" in r.output
     assert ", est. 2 s:" in r.output and "+ 6 runs to train (~2 s)" in r.output
     js = CliRunner().invoke(compare_cmd, args + ["--json"])
     plan = json.loads(js.stdout)
@@ -274,3 +282,10 @@ def test_paper_cpu_keeps_the_papers_structure():
     # what shrank says so, against the paper's value
     for key in ("archs", "width", "steps"):
         assert PAPER_CPU[key].value != PAPER[key].value and PAPER_CPU[key].chosen, key
+
+
+def test_a_group_step_is_measured():
+    cfg = TrainConfig(arch="vgg", width=1 / 16, batch_size=2, device="cpu", threads=1,
+                      fm_reorder=["stem:mi:4"])
+    t = group_timing.time_group_steps(cfg, 3, num_classes=4, size=16, min_time=0.05)
+    assert t.step_s > 0 and t.steps_timed >= 1 and t.device == "cpu" and t.threads == 1
