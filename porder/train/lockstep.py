@@ -153,7 +153,7 @@ class StackedNet:
         return out
 
     def _module(self, mod, name, x):
-        sub = lambda child, h: self._walk(getattr(mod, child), f"{name}.{child}", h)  # noqa: E731
+        sub = lambda child, h: self._walk(mod.get_submodule(child), f"{name}.{child}", h)  # noqa: E731
         if isinstance(mod, nn.Sequential):
             for child in mod._modules:
                 x = sub(child, x)

@@ -1,0 +1,124 @@
+"""Lockstep training (``porder.train.lockstep.train_group``) against runs trained one after another.
+
+What it measures: training images/second (forward, backward, Adam step, batch
+preparation; evaluation, start-up and figures excluded: the rate is the one
+``metrics.jsonl`` records in ``images_per_s``) of VGG at width 0.125 on 32x32
+images, for the runs of a comparison (one seed each, two caches) trained
+
+* alone, one after another with ``porder.train.train`` (every run has the same
+  rate, so ``--quick`` times 4 of the 16 runs);
+* in lockstep, M models in one step (``train_group``), M = 1, 2, 4, 8, 16.
+
+at batch 1 (the paper's online training) and batch 32. The machine is shared, so
+the two are measured interleaved in one process, ``--repeats`` times, and the
+speed-up reported is the median of the per-repeat ratios. Targets (issue 22):
+>= 8x at batch 1 with M = 16, >= 1.5x at batch 32.
+
+The data are two porder files of 2,048 random 32x32 images of 10 classes
+(``bench_train.make_file``; the speed of a step does not depend on the pixels).
+Prints JSON; ``--out DIR`` also writes ``DIR/lockstep.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks._report import report as write_report  # noqa: E402
+from benchmarks.bench_train import make_file  # noqa: E402
+
+
+def _config(batch: int, seed: int, steps: int, warm: int, threads):
+    from porder.train import TrainConfig
+
+    return TrainConfig(arch="vgg", width=0.125, batch_size=batch, steps=warm + steps,
+                       eval_every=warm, device="cpu", seed=seed, threads=threads)
+
+
+def _rate(rows) -> float:
+    """Images/s of one run over its measured interval (the rows after the warm-up row)."""
+    return rows[-1]["images_per_s"]
+
+
+def alone(files, batch, runs, steps, warm, threads, root) -> float:
+    """Images/s of ``runs`` runs trained one after another (their training time summed)."""
+    from porder.train import train
+
+    images = seconds = 0.0
+    for i in range(runs):
+        res = train(files[i % 2], _config(batch, i, steps, warm, threads),
+                    root / f"alone-{time.monotonic_ns()}")
+        rate = _rate(res.rows)
+        images += steps * batch
+        seconds += steps * batch / rate
+    return images / seconds
+
+
+def lockstep(files, batch, m, steps, warm, threads, root) -> float:
+    """Images/s of ``m`` runs trained in lockstep (the group's images over its time)."""
+    from porder.train.lockstep import train_group
+
+    tag = time.monotonic_ns()
+    jobs = [(files[i % 2], _config(batch, i, steps, warm, threads), root / f"ls-{tag}-{i}")
+            for i in range(m)]
+    results = train_group(jobs)
+    bad = [r for r in results if isinstance(r, BaseException)]
+    if bad:
+        raise bad[0]
+    return sum(_rate(r.rows) for r in results)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer steps, runs and repeats")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (all cores)")
+    args = ap.parse_args(argv)
+    import torch
+
+    from porder.train import metrics
+
+    metrics.plot_curves = lambda rows, path, title="": None     # figures are not training
+    quick = args.quick
+    repeats = args.repeats or (2 if quick else 3)
+    runs = 4 if quick else 16
+    plan = {1: dict(steps=60 if quick else 200, warm=10), 32: dict(steps=8 if quick else 30, warm=3)}
+    ms = (1, 2, 4, 8, 16)
+    out = {"what": "training images/s, VGG width 0.125, 32x32, CPU; alone = runs one after "
+                   "another, lockstep = train_group", "threads": args.threads or os.cpu_count(),
+           "torch": torch.__version__, "runs_alone_timed": runs, "repeats": repeats,
+           "batches": {}}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        files = [make_file(root / "a.h5"), make_file(root / "b.h5")]
+        for batch, p in plan.items():
+            curve = {m: [] for m in (ms if batch == 1 else (16,))}
+            alone_rates, ratios = [], []
+            for _ in range(repeats):
+                a = alone(files, batch, runs, p["steps"], p["warm"], args.threads, root)
+                alone_rates.append(a)
+                for m in curve:
+                    curve[m].append(lockstep(files, batch, m, p["steps"], p["warm"],
+                                             args.threads, root) / a)
+                ratios.append(curve[16][-1])
+            out["batches"][str(batch)] = {
+                "steps_timed": p["steps"], "alone_images_per_s": round(statistics.median(alone_rates), 1),
+                "lockstep16_images_per_s": round(statistics.median(alone_rates) *
+                                                 statistics.median(ratios), 1),
+                "speedup_16": round(statistics.median(ratios), 2),
+                "speedup_vs_m": {str(m): round(statistics.median(v), 2) for m, v in curve.items()},
+                "target": 8.0 if batch == 1 else 1.5}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return write_report(out, args.out, "lockstep.json")
+
+
+if __name__ == "__main__":
+    main()
