@@ -10,8 +10,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import porder.train.lockstep as lockstep_mod
 import porder.train.group_timing as group_timing
+import porder.train.lockstep as lockstep_mod
 import porder.train.timing as timing
 from porder.cli.train import compare as compare_cmd
 from porder.experiment import compare, make_plan
