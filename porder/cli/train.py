@@ -49,6 +49,7 @@ SHARED_OPTIONS = {
                                           help="CPU threads porder uses (torch's threads) "
                                                "[default: all cores].")),
     "progress": (("--progress/--no-progress",), dict(default=None)),
+    "eval_images": (("--eval-images",), dict(type=IntRange(min=1), default=None, metavar="N")),
 }
 
 
@@ -187,6 +188,10 @@ class TrainProgress:
 @shared_option("batch_size", help="Images per step; 1 = online training, as in the paper.")
 @shared_option("steps", help="Optimizer steps.")
 @shared_option("eval_every", default=100, help="Steps between test evaluations and checkpoints.")
+@shared_option("eval_images",
+               help="Test images of the evaluations before the last step: a fixed seeded "
+                    "subset of the test split (the same for any --seed); the last step is "
+                    "evaluated on the whole split [default: the whole split every time].")
 @option("--seed", type=SEED, default=0, show_default=True,
         help="Seed of the weights, the batch order and dropout.")
 @shared_option("device", help="cpu, cuda, or auto: CUDA when torch sees a GPU (`porder info`).")
@@ -208,8 +213,8 @@ class TrainProgress:
 @shared_option("progress",
                help="Progress bar [default: on a terminal; a line per evaluation otherwise].")
 @json_option
-def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, out, resume,
-          measure, patch, bins, fm_reorder, workers, progress, as_json):
+def train(file, arch, width, lr, batch_size, steps, eval_every, eval_images, seed, device, out,
+          resume, measure, patch, bins, fm_reorder, workers, progress, as_json):
     """Train a CNN with Adam and cross-entropy on a porder HDF5 FILE.
 
     Evaluates on FILE's test split every --eval-every steps and writes
@@ -256,7 +261,8 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
         out = str(Path("runs") / f"{Path(file).stem}-{arch}{tag}-seed{seed}")
     cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
                       eval_every=eval_every, seed=seed, device=device, reorder=measure,
-                      patch=patch, bins=bins, threads=workers, fm_reorder=fm)
+                      patch=patch, bins=bins, threads=workers, fm_reorder=fm,
+                      eval_images=eval_images)
     compile_s = _compile_first(device, [measure] if measure else [], fm) if rank == 0 else None
     # One reporter for a torchrun job: rank 0's; other ranks print only their errors.
     hint = (f" (a smaller --width than {width:g}, e.g. 0.25, is much faster on a CPU)"
@@ -378,10 +384,10 @@ def _list_option(kind, name, plural, example, check=None):
         show_default=True, help="Held-out share for sources without a test split.")
 @shared_option("device", help="cpu, cuda, or auto: the networks train on CUDA when torch "
                "sees a GPU, the caches are made on it when CuPy sees one (`porder info`).")
-@option("--eval-images", type=IntRange(min=1), default=None, metavar="N",
-        help="Test images of each curve point: a fixed seeded subset of the test split, the "
-             "same for every run; the last step is evaluated on the whole split [default: "
-             "the whole split every time].")
+@shared_option("eval_images",
+               help="Test images of each curve point: a fixed seeded subset of the test "
+                    "split, the same for every run; the last step is evaluated on the whole "
+                    "split [default: the whole split every time].")
 @option("--lockstep", type=click.Choice(["auto", "on", "off"]), default="auto",
         show_default=True,
         help="Train runs in groups of M models in lockstep, one batched step for all M "
