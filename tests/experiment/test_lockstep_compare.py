@@ -280,7 +280,7 @@ def test_paper_cpu_keeps_the_papers_structure():
             if s.chosen:
                 assert " because " in s.chosen, key
     # what shrank says so, against the paper's value
-    for key in ("archs", "width", "steps"):
+    for key in ("archs", "width", "steps"):  # shrunk
         assert PAPER_CPU[key].value != PAPER[key].value and PAPER_CPU[key].chosen, key
 
 
