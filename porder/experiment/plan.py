@@ -164,7 +164,7 @@ class Plan:
         if trains:
             k = self.settings.get("eval_images")
             images = (f"({k} test images per curve point, {n['test']} at the last step)"
-                      if k else f"x {n['test']} test images")
+                      if k and k < n["test"] else f"x {n['test']} test images")
             lines.append(f"  a run: steps left x step time + evaluations left {images} x "
                          "time per image")
         if groups:
