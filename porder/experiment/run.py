@@ -211,7 +211,10 @@ def _train_runs(plan: Plan, log, progress_for, *, threads, lockstep) -> dict:
                 _close(prog)
             r.state = "done"
             continue
-        results = _train_group(plan, g, cfgs, progress_for)
+        r0 = g.runs[0]
+        desc = (f"[group {together.index(g) + 1}/{len(together)}: {g.m} runs] {r0.arch} "
+                f"{r0.label} seed {r0.seed}" + (" ..." if g.m > 1 else ""))
+        results = _train_group(plan, g, cfgs, progress_for, desc)
         for r, res in zip(g.runs, results, strict=True):
             if isinstance(res, BaseException):
                 if not isinstance(res, ValueError):   # not a run's own failure: stop here
@@ -229,23 +232,23 @@ def _train_runs(plan: Plan, log, progress_for, *, threads, lockstep) -> dict:
     return rows_of
 
 
-def _train_group(plan: Plan, g, cfgs, progress_for) -> list:
-    """:func:`porder.train.lockstep.train_group` on group ``g``: one progress reporter per
-    run, each told its own steps."""
+def _train_group(plan: Plan, g, cfgs, progress_for, desc: str) -> list:
+    """:func:`porder.train.lockstep.train_group` on group ``g``, with one progress reporter
+    for the group (``progress_for(desc)``), told the steps and rows of the group's first run
+    (every run of a group is at the same step)."""
     from ..train.lockstep import train_group
 
-    progs = [progress_for(_desc(plan, r)) if progress_for else None for r in g.runs]
+    prog = progress_for(desc) if progress_for else None
 
     def progress(i, step, total, stats):
-        if progs[i] is not None:
-            progs[i](step, total, stats)
+        if i == 0:
+            prog(step, total, stats)
 
     try:
         return train_group([(r.cache, cfg, r.dir) for r, cfg in zip(g.runs, cfgs, strict=True)],
-                           resume=True, progress=progress if progress_for else None)
+                           resume=True, progress=progress if prog is not None else None)
     finally:
-        for p in progs:
-            _close(p)
+        _close(prog)
 
 
 def _close(prog) -> None:

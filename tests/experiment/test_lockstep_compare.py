@@ -184,14 +184,19 @@ class Stop(Exception):
 def test_interrupted_lockstep_compare_resumes(tmp_path):
     kw = dict(KW, measures=["mi"], patches=[8], seeds=1, threads=1)
 
+    descs = []
+
     def killer(desc):
+        descs.append(desc)
+
         def progress(step, total, stats):
-            if desc.startswith("[2/2]") and step == 3:
+            if step == 3:
                 raise Stop
         return progress
 
     with pytest.raises(Stop):
         compare(SOURCE, tmp_path / "cut", lockstep="on", progress_for=killer, **kw)
+    assert descs == ["[group 1/1: 2 runs] vgg none seed 0 ..."]    # one reporter per group
     plan = make_plan(SOURCE, tmp_path / "cut", **{k: v for k, v in kw.items()
                                                    if k != "threads"})
     assert all(r.state in ("resume", "done") for r in plan.runs)
