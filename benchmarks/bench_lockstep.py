@@ -16,6 +16,10 @@ speed-up reported is the median of the per-repeat ratios. Targets (issue 22):
 
 The data are two porder files of 2,048 random 32x32 images of 10 classes
 (``bench_train.make_file``; the speed of a step does not depend on the pixels).
+One torch thread by default (``--threads``): under load, two threads on two shared
+cores make every small op of a batch-1 run wait (measured: alone at batch 1 fell
+from ~270 to 36 images/s), which flatters lockstep.
+
 Prints JSON; ``--out DIR`` also writes ``DIR/lockstep.json``.
 """
 from __future__ import annotations
@@ -79,7 +83,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer steps, runs and repeats")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (all cores)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core machine two threads "
+                         "wait on each other at every small op, and the alone runs suffer most)")
     args = ap.parse_args(argv)
     import torch
 
@@ -93,6 +99,7 @@ def main(argv=None) -> dict:
     ms = (1, 2, 4, 8, 16)
     out = {"what": "training images/s, VGG width 0.125, 32x32, CPU; alone = runs one after "
                    "another, lockstep = train_group", "threads": args.threads or os.cpu_count(),
+           "cpus": os.cpu_count(),
            "torch": torch.__version__, "runs_alone_timed": runs, "repeats": repeats,
            "batches": {}}
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ["bench_core", "bench_kernels", "bench_equivalence", "bench_reorder", "bench_e2e", "bench_train",
-           "bench_scale"]
+           "bench_scale", "bench_lockstep"]
 
 
 def load(name):

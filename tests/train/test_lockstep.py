@@ -26,8 +26,8 @@ RTOL = 1e-9
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    return [write_file(d / "a.h5", n_train=40, n_test=12, size=16, seed=0),
-            write_file(d / "b.h5", n_train=40, n_test=12, size=16, seed=1)]
+    return [write_file(d / "a.h5", n_train=40, n_test=12, size=8, seed=0),
+            write_file(d / "b.h5", n_train=40, n_test=12, size=8, seed=1)]
 
 
 @pytest.fixture
@@ -160,3 +160,20 @@ def test_group_checks(files, tmp_path):
     assert isinstance(results[0], ValueError) and "is a file" in str(results[0])
     assert all(r.rows[-1]["step"] == 2 for r in results[1:])
     assert (tmp_path / "run1" / "curves.png").stat().st_size > 1000
+
+
+def test_stacked_memory_layouts_agree(float64):
+    """Channels-last maps (large batches, CUDA) give the NCHW result: Inception's
+    concatenations and a feature-map layer included."""
+    from porder.train.fm import insert_fm_reorder
+    from porder.train.models import build_model
+
+    torch.manual_seed(0)
+    models = [insert_fm_reorder(build_model("inception", num_classes=3, in_size=8, width=1 / 32),
+                                specs) for specs in ([], ["stem:mi:4"])]
+    x = torch.randn(5, 6, 8, 8)
+    outs = []
+    for cl in (False, True):
+        net = ls.StackedNet(models, [torch.Generator().manual_seed(1) for _ in models])
+        outs.append(net.forward(x, True, channels_last=cl))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
