@@ -281,7 +281,7 @@ def _subset_note(settings: dict, meta: dict) -> str:
             f"{k} of the {n} test images, the same for every run; the last step on all "
             f"{n}: final accuracies, and the targets taken from the baseline's final "
             f"accuracy, are whole-split figures, while the step where a run crosses a "
-            f"target, and the AUC, are read from the subset curve.")
+            f"target, the best accuracy and the AUC are read from the subset curve.")
 
 
 def write_markdown(path, plan: Plan, runs, means, stds, meta: dict, figures,
