@@ -68,6 +68,10 @@ class Grouping:
     max_group: Optional[int] = None
     notes: list = field(default_factory=list)   # one line per decision worth saying
 
+    def describe(self) -> list:
+        """The groups as text lines (``--dry-run``): :func:`describe_groups`."""
+        return describe_groups(self)
+
 
 def check_lockstep(mode: str) -> str:
     if mode not in LOCKSTEP_MODES:

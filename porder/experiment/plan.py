@@ -144,9 +144,7 @@ class Plan:
             lines.append("nothing left to train")
         else:
             if self.grouping is not None:
-                from .groups import describe_groups
-
-                lines += describe_groups(self.grouping)
+                lines += self.grouping.describe()
             if self.measured:
                 lines += self._describe_estimate()
         return "\n".join(lines)
