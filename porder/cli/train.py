@@ -49,6 +49,7 @@ SHARED_OPTIONS = {
                                           help="CPU threads porder uses (torch's threads) "
                                                "[default: all cores].")),
     "progress": (("--progress/--no-progress",), dict(default=None)),
+    "eval_images": (("--eval-images",), dict(type=IntRange(min=1), default=None, metavar="N")),
 }
 
 
@@ -187,6 +188,10 @@ class TrainProgress:
 @shared_option("batch_size", help="Images per step; 1 = online training, as in the paper.")
 @shared_option("steps", help="Optimizer steps.")
 @shared_option("eval_every", default=100, help="Steps between test evaluations and checkpoints.")
+@shared_option("eval_images",
+               help="Test images of the evaluations before the last step: a fixed seeded "
+                    "subset of the test split (the same for any --seed); the last step is "
+                    "evaluated on the whole split [default: the whole split every time].")
 @option("--seed", type=SEED, default=0, show_default=True,
         help="Seed of the weights, the batch order and dropout.")
 @shared_option("device", help="cpu, cuda, or auto: CUDA when torch sees a GPU (`porder info`).")
@@ -208,8 +213,8 @@ class TrainProgress:
 @shared_option("progress",
                help="Progress bar [default: on a terminal; a line per evaluation otherwise].")
 @json_option
-def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, out, resume,
-          measure, patch, bins, fm_reorder, workers, progress, as_json):
+def train(file, arch, width, lr, batch_size, steps, eval_every, eval_images, seed, device, out,
+          resume, measure, patch, bins, fm_reorder, workers, progress, as_json):
     """Train a CNN with Adam and cross-entropy on a porder HDF5 FILE.
 
     Evaluates on FILE's test split every --eval-every steps and writes
@@ -256,7 +261,8 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, seed, device, ou
         out = str(Path("runs") / f"{Path(file).stem}-{arch}{tag}-seed{seed}")
     cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
                       eval_every=eval_every, seed=seed, device=device, reorder=measure,
-                      patch=patch, bins=bins, threads=workers, fm_reorder=fm)
+                      patch=patch, bins=bins, threads=workers, fm_reorder=fm,
+                      eval_images=eval_images)
     compile_s = _compile_first(device, [measure] if measure else [], fm) if rank == 0 else None
     # One reporter for a torchrun job: rank 0's; other ranks print only their errors.
     hint = (f" (a smaller --width than {width:g}, e.g. 0.25, is much faster on a CPU)"
@@ -340,10 +346,11 @@ def _list_option(kind, name, plural, example, check=None):
 @option("-o", "--out", type=click.Path(file_okay=False), required=True,
         help="Output folder: caches, runs, summary.csv/md and figures (run the same "
              "command again to resume in it).")
-@option("--preset", type=click.Choice(["paper"]), default=None,
-        help="The paper's Fig. 4 experiment: Inception, batch 1, 10,000 steps, every "
-             "measure with none and random, patches 4,8,16, ... (--dry-run prints every value "
-             "and its source). Options given explicitly override it.")
+@option("--preset", type=click.Choice(["paper", "paper-cpu"]), default=None,
+        help="paper: the paper's Fig. 4 experiment: Inception, batch 1, 10,000 steps, every "
+             "measure with none and random, patches 4,8,16, 3 seeds, ...; paper-cpu: the same "
+             "structure shrunk to finish on a 2-core CPU within the hour (--dry-run prints "
+             "every value and its reason). Options given explicitly override it.")
 @option("-m", "--measures", default="none,mi", show_default=True, metavar="LIST",
         callback=_list_option(str, "measure", "measures", "none,mi",
                               lambda m: m in MEASURES or m.startswith("fm:")),
@@ -377,17 +384,29 @@ def _list_option(kind, name, plural, example, check=None):
         show_default=True, help="Held-out share for sources without a test split.")
 @shared_option("device", help="cpu, cuda, or auto: the networks train on CUDA when torch "
                "sees a GPU, the caches are made on it when CuPy sees one (`porder info`).")
+@shared_option("eval_images",
+               help="Test images of each curve point: a fixed seeded subset of the test "
+                    "split, the same for every run; the last step is evaluated on the whole "
+                    "split [default: the whole split every time].")
+@option("--lockstep", type=click.Choice(["auto", "on", "off"]), default="auto",
+        show_default=True,
+        help="Train runs in groups of M models in lockstep, one batched step for all M "
+             "(auto: when runs share architecture, width, batch size, steps and device; M "
+             "fits the memory: a share of the free RAM, or of the GPU's free memory). off: "
+             "one after another. on: as auto, but fail when no group of two fits. Results "
+             "and run folders are the same either way.")
 @shared_option("workers")
 @option("--dry-run", is_flag=True,
         help="Check the source and the runs already in OUT, print the plan (with the "
-             "preset's values) with the estimated time of each cache to build and each run "
-             "to train on this machine and their total, and stop (exit 1 on a conflict).")
+             "preset's values and the lockstep groups: runs, M, memory) with the estimated "
+             "time of each cache to build and each group and run to train on this machine "
+             "and their total, and stop (exit 1 on a conflict).")
 @shared_option("progress", help="Progress bars [default: on a terminal; plain lines otherwise].")
 @json_option
 @click.pass_context
 def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, width, lr,
-            batch_size, eval_every, size, bins, test_fraction, device, workers, dry_run,
-            progress, as_json):
+            batch_size, eval_every, size, bins, test_fraction, device, eval_images, lockstep,
+            workers, dry_run, progress, as_json):
     """Run the paper's comparison: train on SOURCE reordered by each measure.
 
     SOURCE is reordered once per (measure, patch) into OUT/data/*.h5; every
@@ -400,19 +419,24 @@ def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, wi
     95% t intervals and a verdict (faster, slower, no detectable difference).
     Run the same command again to resume an interrupted comparison.
 
+    Runs that share architecture, width, batch size, steps and device train in
+    lockstep (--lockstep): M models per batched step, each with its own weights,
+    optimizer, batch order, data and run folder.
+
     \b
     Examples:
       porder compare cifar-100-python.tar.gz -m none,mi,entropy -p 4,8,16 -o cmp
       porder compare dogs-vs-cats/ -m none,mi,random --seeds 3 --width 0.125 -o dvc
       porder compare dogs-vs-cats/ -m none,mi,fm:stem:mi:4 -a resnet -o fm
       porder compare cifar-100-python.tar.gz --preset paper -o paper --dry-run
+      porder compare digits --preset paper-cpu -o paper-cpu
       porder compare synthetic:2000:4 -o demo --steps 200 --dry-run --json
     """
     from ..experiment import compare as run_compare
 
     opts = dict(measures=measures, patches=patches, archs=archs, seeds=seeds, steps=steps,
                 width=width, lr=lr, batch_size=batch_size, eval_every=eval_every, size=size,
-                bins=bins, test_fraction=test_fraction)
+                bins=bins, test_fraction=test_fraction, eval_images=eval_images)
     given = {k: v for k, v in opts.items() if _given(ctx, k)}
     if preset is not None:
         from ..experiment.preset import preset_values
@@ -425,7 +449,7 @@ def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, wi
         compile_s = None if dry_run else _compile_for_caches(device, opts["measures"])
         result = run_compare(
             source, out, **opts, device=device, threads=workers, dry_run=dry_run,
-            log=log, progress_for=lambda desc: TrainProgress(tty, desc=desc,
+            lockstep=lockstep, log=log, progress_for=lambda desc: TrainProgress(tty, desc=desc,
                                                              eval_every=opts["eval_every"],
                                                              batch_size=opts["batch_size"]),
             cache_progress=CacheProgress(tty))
@@ -468,7 +492,13 @@ def _report_plan(plan, preset, given, out, as_json: bool) -> None:
 
 def plan_json(plan) -> dict:
     """``compare --dry-run --json``: what a comparison would build and train, and what is done."""
+    g = plan.grouping
+    groups = None if g is None else [
+        {"runs": [str(r.dir) for r in grp.runs], "m": grp.m, "lockstep": grp.lockstep,
+         "bytes": grp.bytes, "seconds": grp.seconds} for grp in g.groups]
     return {"dry_run": True, "source": plan.source, "out": plan.out, "settings": plan.settings,
+            "lockstep": None if g is None else g.mode, "groups": groups,
+            "memory_budget": None if g is None else g.budget,
             "caches": [{"measure": c.measure, "patch": c.patch, "path": c.path,
                         "state": c.state, "seconds": c.seconds} for c in plan.caches],
             "runs": [{"arch": r.arch, "measure": r.measure, "patch": r.patch, "seed": r.seed,

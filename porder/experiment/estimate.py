@@ -67,9 +67,14 @@ def estimate_times(plan: Plan, *, threads: Optional[int] = None,
         plan.speeds[key] = speed
     for r in todo:
         sp = plan.speeds[(r.arch, tuple(r.fm))]
-        evals = evaluations_left(r.at_step, s["steps"], s["eval_every"], fresh=r.state == "new")
         r.seconds = ((s["steps"] - r.at_step) * s["batch_size"] / sp["train"]
-                     + evals * n_test / sp["eval"])
+                     + eval_images_left(r, s, n_test) / sp["eval"])
+    grouping = getattr(plan, "grouping", None)
+    for g in (grouping.groups if grouping is not None else []):
+        if g.lockstep:
+            _estimate_group(plan, g, threads=threads, log=log)
+        else:
+            g.seconds = g.runs[0].seconds
     build = [c for c in plan.caches if c.state != "ready"]
     if build:
         log(f"timing porder.reorder on {REORDER_SAMPLE} random images for {len(build)} "
@@ -84,6 +89,44 @@ def estimate_times(plan: Plan, *, threads: Optional[int] = None,
                    f"scaled to {n_images} images; decoding the source not included"),
     }
     return plan
+
+
+def eval_images_left(r, settings: dict, n_test: int) -> int:
+    """Test images run ``r`` still evaluates: ``eval_images`` (or the whole split) per curve
+    point, the whole split at the last step."""
+    evals = evaluations_left(r.at_step, settings["steps"], settings["eval_every"],
+                             fresh=r.state == "new")
+    k = min(settings.get("eval_images") or n_test, n_test)
+    return 0 if evals == 0 else (evals - 1) * k + n_test
+
+
+def _estimate_group(plan: Plan, g, *, threads: Optional[int], log) -> None:
+    """A lockstep group's time: steps left x the group's step time + its evaluations.
+
+    The group's step is measured: a few steps of M stacked models on random inputs
+    (:func:`porder.train.group_timing.time_group_steps`, once per network and M).
+    Evaluations cost what they cost alone, M times (each model scores its own copy of
+    the images; batched across the group, so this errs long).
+    """
+    from ..train import group_timing
+
+    s, n_test = plan.settings, plan.counts["test"]
+    r0 = g.runs[0]
+    key = (r0.arch, tuple(r0.fm), g.m)
+    if key not in plan.timings:
+        cfg = run_config(s, r0.arch, 0, list(r0.fm), threads=threads)
+        log(f"timing a few lockstep steps of {g.m} {network_name(r0.arch, r0.fm)} models "
+            f"for the estimate ...")
+        plan.timings[key] = (cfg, group_timing.time_group_steps(
+            cfg, g.m, num_classes=plan.counts["classes"], size=s["size"]))
+    t = plan.timings[key][1]
+    eval_s = 1.0 / plan.speeds[(r0.arch, tuple(r0.fm))]["eval"]
+    steps_left = s["steps"] - min(r.at_step for r in g.runs)
+    g.seconds = steps_left * t.step_s + sum(eval_images_left(r, s, n_test) for r in g.runs) * eval_s
+    g.how = (f"{1e3 * t.step_s:.1f} ms per lockstep step of {g.m} {r0.arch} models (median of "
+             f"{t.steps_timed} steps of {g.m} x {s['batch_size']} random inputs, measured)")
+    for r in g.runs:                     # each run's share, so that the runs sum to the total
+        r.seconds = g.seconds / g.m
 
 
 def step_timing(plan: Plan, arch: str, fm=(), *, threads: Optional[int] = None):
@@ -104,11 +147,14 @@ def step_timing(plan: Plan, arch: str, fm=(), *, threads: Optional[int] = None):
 
 def reorder_seconds(measure: str, patch: int, *, size: int, bins: int) -> float:
     """Seconds :func:`porder.reorder` takes per image, timed on :data:`REORDER_SAMPLE`
-    random ``size`` x ``size`` RGB images (the same images for every call)."""
+    random ``size`` x ``size`` RGB images (the same images for every call), after a call
+    on two of them (the compiled kernels' first compile, once per process, is not a cost
+    per image)."""
     from .. import reorder
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (REORDER_SAMPLE, size, size, 3), dtype=np.uint8)  # (n, S, S, 3)
+    reorder(images[:2], measure, patch, bins=bins)   # the kernels' first compile is not timed
     t0 = time.perf_counter()
     reorder(images, measure, patch, bins=bins)
     return (time.perf_counter() - t0) / REORDER_SAMPLE

@@ -89,6 +89,8 @@ class Plan:
     speeds: dict = field(default_factory=dict)   # (arch, fm specs) -> {train, eval img/s, how}
     timings: dict = field(default_factory=dict)  # (arch, fm specs) -> (TrainConfig, StepTiming)
     measured: dict = field(default_factory=dict)  # device, load (average, CPUs), caches (how)
+    # Set by porder.experiment.groups.make_groups: how the runs left train (lockstep groups).
+    grouping: Optional[object] = None
 
     @property
     def conflicts(self) -> list:
@@ -122,6 +124,10 @@ class Plan:
                  f"  each: {s['steps']} steps, batch {s['batch_size']}, Adam lr {s['lr']}, "
                  f"width {s['width']}, eval every {s['eval_every']}, {s['size']}x{s['size']} "
                  f"images, device {s['device']}",
+                 *([f"  curve points on {s['eval_images']} of the {self.counts['test']} test "
+                    "images (a fixed subset), the last step on all of them"]
+                   if s.get("eval_images") and s["eval_images"] < self.counts.get("test", 0)
+                   else []),
                  "caches:"]
         for c in self.caches:
             lines.append(f"  {c.state:<7} {c.path}{eta(c)}")
@@ -136,8 +142,11 @@ class Plan:
                          "-o, delete their folders, or give the options they were made with")
         elif not self.todo:
             lines.append("nothing left to train")
-        elif self.measured:
-            lines += self._describe_estimate()
+        else:
+            if self.grouping is not None:
+                lines += self.grouping.describe()
+            if self.measured:
+                lines += self._describe_estimate()
         return "\n".join(lines)
 
     def _describe_estimate(self) -> list:
@@ -148,9 +157,17 @@ class Plan:
         lines = [f"how the times were found ({n['train']} train / {n['test']} test images, "
                  f"{n['classes']} classes; training on {m['device']}):"]
         lines += [f"  {sp['how']}" for sp in self.speeds.values()]
+        groups = [g for g in (self.grouping.groups if self.grouping else []) if g.lockstep]
+        lines += [f"  {how}" for how in dict.fromkeys(g.how for g in groups)]
         if trains:
-            lines.append(f"  a run: steps left x step time + evaluations left x {n['test']} test "
-                         "images x time per image")
+            k = self.settings.get("eval_images")
+            images = (f"({k} test images per curve point, {n['test']} at the last step)"
+                      if k and k < n["test"] else f"x {n['test']} test images")
+            lines.append(f"  a run: steps left x step time + evaluations left {images} x "
+                         "time per image")
+        if groups:
+            lines.append("  a lockstep group: steps left x its step time + the evaluations "
+                         "of its runs; each of its runs is listed with its share (1/M)")
         if builds:
             lines.append(f"  a cache: {m['caches']}")
         parts = [f"{len(items)} {noun}{'' if len(items) == 1 else 's'} {verb} "
@@ -236,12 +253,14 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
               patches: Sequence[int] = (8,), archs: Sequence[str] = ("vgg",),
               seeds=3, steps: int = 1000, width: float = 0.25, lr: float = 1e-3,
               batch_size: int = 32, eval_every: int = 50, size: int = 32, bins: int = 256,
-              test_fraction: float = 0.1, device: str = "auto") -> Plan:
+              test_fraction: float = 0.1, device: str = "auto",
+              eval_images: Optional[int] = None) -> Plan:
     """Which caches to build and which runs to train, and what is already done.
 
     ``seeds`` is a count (seeds 0..n-1) or a list. ``none`` is added as the
     baseline when missing; it does not depend on the patch size, so it is
-    cached and trained once per arch x seed.
+    cached and trained once per arch x seed. ``eval_images``: test images of each
+    curve point (a fixed subset, ``TrainConfig.eval_images``; None: all of them).
     """
     from ..pipeline import CacheSpec
     from ..train.config import TrainConfig
@@ -285,8 +304,10 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
                     steps=steps, width=width, lr=lr, batch_size=batch_size,
                     eval_every=eval_every, size=size, bins=bins, test_fraction=test_fraction,
                     device=device)
+    if eval_images is not None:        # absent when unset: compare.json as before
+        settings["eval_images"] = eval_images
     TrainConfig(arch=archs[0], width=width, lr=lr, batch_size=batch_size, steps=steps,
-                eval_every=eval_every, device=device).validate()
+                eval_every=eval_every, device=device, eval_images=eval_images).validate()
     plan = Plan(source=source, out=out, settings=settings)
     from ..train.device import resolve_device
 
@@ -351,7 +372,7 @@ def run_config(settings: dict, arch: str, seed: int, fm: Sequence[str] = (),
     return TrainConfig(arch=arch, width=settings["width"], lr=settings["lr"],
                        batch_size=settings["batch_size"], steps=settings["steps"],
                        eval_every=settings["eval_every"], seed=seed, device=settings["device"],
-                       threads=threads, **extra)
+                       threads=threads, eval_images=settings.get("eval_images"), **extra)
 
 
 def _source_counts(source: str, *, size: int, test_fraction: float) -> dict:

@@ -272,6 +272,18 @@ def _pm(m, s, fmt):
     return fmt(m) if s is None else f"{fmt(m)} ± {fmt(s)}"
 
 
+def _subset_note(settings: dict, meta: dict) -> str:
+    """What the steps-to and AUC columns read when curve points use a test subset."""
+    k, n = settings.get("eval_images"), meta.get("test")
+    if not k or not n or k >= n:
+        return ""
+    return (f" Curve points before the last step are evaluated on a fixed seeded subset of "
+            f"{k} of the {n} test images, the same for every run; the last step on all "
+            f"{n}: final accuracies, and the targets taken from the baseline's final "
+            f"accuracy, are whole-split figures, while the step where a run crosses a "
+            f"target, the best accuracy and the AUC are read from the subset curve.")
+
+
 def write_markdown(path, plan: Plan, runs, means, stds, meta: dict, figures,
                    comparisons: Optional[Sequence[dict]] = None) -> None:
     st = plan.settings
@@ -329,7 +341,8 @@ def write_markdown(path, plan: Plan, runs, means, stds, meta: dict, figures,
         "Steps-to columns average the seeds that reached the target ((k/n) when not all "
         "did; \"never\" when none did); the resolution is the evaluation interval. "
         "Speed-up = steps to 95% of `none` (same seed) / steps to 95% of the run. AUC = "
-        "area under test accuracy against steps, divided by the step range.",
+        "area under test accuracy against steps, divided by the step range."
+        + _subset_note(st, meta),
         "",
         "## Per run",
         "",

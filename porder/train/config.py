@@ -16,9 +16,12 @@ from ..trainspec import ARCHS, DEVICES, FM_POINTS, MAX_SEED, MAX_WIDTH, parse_fm
 TIMING_FIELDS = ("images_per_s", "wall_s", "data_wait", "eval_s")
 # Config fields that must match to resume a run (the rest may change: steps, device, ...).
 IDENTITY = ("arch", "width", "lr", "batch_size", "eval_every", "seed", "reorder", "patch",
-            "bins", "order_seed", "amp", "fm_reorder")
+            "bins", "order_seed", "amp", "fm_reorder", "eval_images")
 # The value an IDENTITY field had before it existed (runs saved by an older porder).
-IDENTITY_DEFAULTS = {"fm_reorder": []}
+IDENTITY_DEFAULTS = {"fm_reorder": [], "eval_images": None}
+# Seed of the held-out evaluation subset (eval_images): one subset for every run of a file,
+# whatever the run's seed, so that runs compared seed by seed are scored on the same images.
+EVAL_SUBSET_SEED = 0
 
 # progress(step, total_steps, stats): stats is None (cheap tick), or a dict with the
 # running "loss"/"acc" of the current interval, or an evaluation row ("test_acc" in it).
@@ -42,6 +45,9 @@ class TrainConfig:
     bins: int = 256                 # histogram bins for `reorder`
     order_seed: int = 0             # seed of the `random` control for `reorder`
     eval_batch: int = 500           # images per forward pass when evaluating
+    # test images of the curve points (a fixed, seeded subset: eval_indices); the last
+    # step is always evaluated on the whole test split (None: the whole split every time)
+    eval_images: Optional[int] = None
     amp: bool = True                # mixed precision on CUDA (bfloat16, or float16 + scaling)
     deterministic: bool = True      # deterministic kernels (same seed -> same metrics)
     threads: Optional[int] = None   # CPU threads for torch (None: all cores)
@@ -63,6 +69,10 @@ class TrainConfig:
         if not _finite(self.width) or not 0 < self.width <= MAX_WIDTH:
             raise ValueError(f"width (--width) must be a finite number with 0 < width <= "
                              f"{MAX_WIDTH:g}, got {self.width!r}")
+        if self.eval_images is not None and (isinstance(self.eval_images, bool) or not isinstance(
+                self.eval_images, int) or self.eval_images < 1):
+            raise ValueError(f"eval_images must be None (the whole test split) or at least 1, "
+                             f"got {self.eval_images!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be at least 1, got {self.threads!r}")
         for name in ("seed", "order_seed"):
@@ -90,6 +100,23 @@ class TrainConfig:
                                  f"{sp.point!r}; give one per point")
         self.fm_reorder = [str(sp) for sp in specs]
         return self
+
+
+def eval_indices(n_test: int, eval_images: Optional[int]):
+    """The test images a curve point is evaluated on: None for all ``n_test`` of them, else
+    the sorted indices (k,) of a fixed random subset of ``k = eval_images`` of them.
+
+    The subset depends only on ``n_test`` and ``k`` (seeded with :data:`EVAL_SUBSET_SEED`),
+    so every run on a file of that size, and every run of a comparison, sees the same
+    images; the last step of a run is evaluated on the whole split (:func:`evaluate`
+    in :mod:`.loop`).
+    """
+    if eval_images is None or eval_images >= n_test:
+        return None
+    import numpy as np
+
+    rng = np.random.default_rng(EVAL_SUBSET_SEED)
+    return np.sort(rng.permutation(n_test)[:eval_images])                  # (k,)
 
 
 def identity_diff(saved: dict, cfg: TrainConfig) -> list[str]:

@@ -71,7 +71,7 @@ from torch import nn
 from ..data import epoch_order
 from .batches import Prefetch, get_batch
 from .checkpoint import rng_state, set_rng_state
-from .config import TrainConfig, TrainResult
+from .config import TrainConfig, TrainResult, eval_indices
 from .device import autocast, resolve_device, sync, torch_settings
 from .distributed import dist_env
 from .loop import (
@@ -90,7 +90,7 @@ from .models import VGG, BasicBlock, Inception, ResNet, build_model
 # Options that must be equal for runs to share a group (seed, cache, reorder, patch,
 # bins, order_seed and fm_reorder may differ: they act on each model's own data).
 KEY_FIELDS = ("arch", "width", "batch_size", "steps", "eval_every", "lr", "amp",
-              "deterministic", "threads", "eval_batch")
+              "deterministic", "threads", "eval_batch", "eval_images")
 
 
 def lockstep_key(cfg: TrainConfig, device: str) -> tuple:
@@ -570,11 +570,16 @@ def _evaluate(net: StackedNet, runs: list, device: str) -> list[tuple[float, flo
     models evaluated together (about ``eval_batch`` images per forward pass)."""
     cfg = runs[0].cfg
     n = len(runs[0].data.test_y)
+    full = runs[0].step >= cfg.steps                     # the last step: the whole split
     if any(len(r.data.test_y) != n for r in runs):      # test splits of other sizes: alone
         from .loop import evaluate
 
         net.copy_to([r.model for r in runs])
-        return [evaluate(r.model, r.data, r.cfg, device) for r in runs]
+        return [evaluate(r.model, r.data, r.cfg, device, full=full) for r in runs]
+    subset = None if full else eval_indices(n, cfg.eval_images)   # (k,) or None
+    pick = None if subset is None else torch.from_numpy(subset).to(runs[0].data.test_y.device)
+    if pick is not None:
+        n = len(pick)
     m = len(runs)
     chunk = max(1, -(-cfg.eval_batch // m))
     loss = torch.zeros(m, dtype=torch.float64, device=runs[0].data.test_x.device)
@@ -583,9 +588,10 @@ def _evaluate(net: StackedNet, runs: list, device: str) -> list[tuple[float, flo
                       "train fewer runs at once (or lower --width)"):
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
-            x = torch.stack([r.data.to_input(r.data.test_x[lo:hi]) for r in runs], 1)
+            idx = slice(lo, hi) if pick is None else pick[lo:hi]
+            x = torch.stack([r.data.to_input(r.data.test_x[idx]) for r in runs], 1)
             x = x.view(x.shape[0], -1, *x.shape[3:])                   # (b, M*3, S, S)
-            y = torch.stack([r.data.test_y[lo:hi] for r in runs])      # (M, b)
+            y = torch.stack([r.data.test_y[idx] for r in runs])        # (M, b)
             with autocast(device, cfg):
                 logits = net.forward(x, False)                         # (M, b, classes)
             per = F.cross_entropy(loss_input(logits).flatten(0, 1), y.flatten(),

@@ -68,7 +68,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import Progress, TrainConfig, TrainResult, effective_config
+from .config import Progress, TrainConfig, TrainResult, effective_config, eval_indices
 from .device import autocast, resolve_device, sync, torch_settings
 from .distributed import (
     DistEnv,
@@ -85,27 +85,33 @@ from .models import build_model
 
 @torch.no_grad()
 def evaluate(model, data: Data, cfg: TrainConfig, device: str, *, rank: int = 0,
-             world_size: int = 1) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on the whole test split.
+             world_size: int = 1, full: bool = True) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the test split: the whole split when ``full``
+    or ``cfg.eval_images`` is None, else its fixed subset (:func:`.config.eval_indices`).
 
     With ``world_size`` processes (a process group initialised), each rank
-    evaluates its :func:`shard_range` of the split and the sums of loss and
-    correct answers are all-reduced: every rank returns the whole split's metrics.
+    evaluates its :func:`shard_range` of the images and the sums of loss and
+    correct answers are all-reduced: every rank returns the same metrics.
     """
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=data.test_x.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.test_x.device)
-    start, stop = shard_range(len(data.test_y), (rank, world_size))
+    test_x, test_y = data.test_x, data.test_y                 # (M, S, S, 3), (M,)
+    subset = None if full else eval_indices(len(test_y), cfg.eval_images)
+    if subset is not None:
+        pick = torch.from_numpy(subset).to(test_y.device)
+        test_x, test_y = test_x[pick], test_y[pick]            # (k, S, S, 3), (k,)
+    start, stop = shard_range(len(test_y), (rank, world_size))
     for lo in range(start, stop, cfg.eval_batch):
         hi = min(lo + cfg.eval_batch, stop)
-        x = data.to_input(data.test_x[lo:hi])
-        y = data.test_y[lo:hi]
+        x = data.to_input(test_x[lo:hi])
+        y = test_y[lo:hi]
         with autocast(device, cfg):
             logits = model(x)
         loss += F.cross_entropy(loss_input(logits), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
     model.train()
-    n = len(data.test_y)
+    n = len(test_y)
     if world_size > 1:
         sums = torch.stack([loss, correct.double()])   # counts < 2**53: exact in float64
         dist.all_reduce(sums)
@@ -397,7 +403,8 @@ class Run:
                 dist.broadcast(b, 0)
         if evaluation is None:
             test_loss, test_acc = evaluate(self.model, self.data, self.cfg, self.device,
-                                           rank=env.rank, world_size=env.world_size)
+                                           rank=env.rank, world_size=env.world_size,
+                                           full=self.step >= self.cfg.steps)
         else:
             test_loss, test_acc, eval_s = evaluation
             t0 -= eval_s

@@ -1,0 +1,94 @@
+"""How long one step of a lockstep group takes on this device: a short measurement.
+
+:func:`time_group_steps` builds M models of a run's network, stacks them as
+:func:`porder.train.lockstep.train_group` does (:class:`~porder.train.lockstep.StackedNet`:
+channel-stacked activations, grouped convolutions, one Adam over the stacked
+parameters) and times a few steps on random inputs, as
+:func:`porder.train.timing.time_steps` times one model's step; ``compare --dry-run``
+multiplies it by the steps of each lockstep group. Measured rather than derived from
+one model's step at the group's batch (M x batch size images): on this CPU that
+proxy came out 0.6-0.9x the real group step (VGG width 0.125, batch 1, M = 2..16).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .device import autocast, resolve_device, sync, torch_settings
+from .fm import insert_fm_reorder
+from .lockstep import StackedNet
+from .models import build_model
+from .timing import StepTiming
+
+
+def time_group_steps(cfg: TrainConfig, m: int, *, num_classes: int, size: int,
+                     warmup: int = 1, min_time: float = 1.0, max_steps: int = 10) -> StepTiming:
+    """Median seconds of one lockstep step of ``m`` models of ``cfg``'s network.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The runs' options (arch, width, batch size, fm_reorder, device, threads, amp).
+    m : int
+        Models in the group.
+    num_classes, size : int
+        Classes and image side S of the data.
+    warmup, min_time, max_steps
+        As :func:`porder.train.timing.time_steps` (steps run first and not timed;
+        timed steps until ``min_time`` seconds and 3 steps, or ``max_steps``).
+
+    Returns
+    -------
+    StepTiming
+        ``step_s`` is the group's step (M models, ``batch_size`` images each);
+        ``eval_image_s`` is not measured here (NaN).
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    with torch_settings(device, cfg.deterministic, cfg.threads), torch.random.fork_rng(
+            devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        models = []
+        for _ in range(m):
+            model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width)
+            models.append(insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins,
+                                            seed=cfg.order_seed).to(device))
+        net = StackedNet(models, [torch.Generator(device=device).manual_seed(i)
+                                  for i in range(m)])
+        opt = torch.optim.Adam(list(net.params.values()), lr=cfg.lr)
+        x = torch.randn(cfg.batch_size, m * 3, size, size, device=device)   # (B, M*3, S, S)
+        y = torch.randint(0, num_classes, (m, cfg.batch_size), device=device)  # (M, B)
+
+        def step():
+            with autocast(device, cfg):
+                logits = net.forward(x, True)                              # (M, B, classes)
+                losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                         reduction="none").view(m, -1).mean(1)   # (M,)
+            opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            opt.step()
+            sync(device)
+
+        warm = 0
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            step()
+            warm += 1
+            if time.perf_counter() - t0 > min_time:
+                break
+        times, t_start = [], time.perf_counter()
+        while len(times) < max_steps:
+            elapsed = time.perf_counter() - t_start
+            if times and elapsed >= min_time and (len(times) >= 3 or elapsed >= 3 * min_time):
+                break
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        threads = torch.get_num_threads()
+    return StepTiming(step_s=statistics.median(times), eval_image_s=float("nan"),
+                      steps_timed=len(times), warmup=warm, eval_images=0, device=device,
+                      threads=threads)
