@@ -64,6 +64,9 @@ _JIT = {"cache": True, "error_model": "numpy"}
 BAND_STEPS = 4.0
 # Candidate lanes are padded to a multiple of this (whole vectors, no tails).
 LANES = 16
+# Candidates compared at once in the value-class chain of mi/je (byte lanes: one
+# 32-byte vector).
+CL = 32
 # Pixels per exact int32 block of pixel sums: SUM_BLOCK * 255**2 < 2**31.
 SUM_BLOCK = 32768
 _U1 = np.uint64(1)
@@ -102,6 +105,81 @@ def trailing_zeros(typingctx, x):
         return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
     return x(x), codegen
+
+
+def _row_ptr(context, builder, aty, aval, row, vty):
+    """Pointer (vty*) to row ``row`` of the C-contiguous 2D array aval of type aty."""
+    a = context.make_array(aty)(context, builder, value=aval)
+    base = builder.bitcast(a.data, ir.IntType(8).as_pointer())
+    off = builder.mul(row, builder.extract_value(a.strides, 0))
+    return builder.bitcast(builder.gep(base, [off]), vty.as_pointer())
+
+
+@intrinsic
+def _class_row(typingctx, Qb, rows, o, sz, ra, cb, pr):
+    """cb[pr, :CL] = for each byte lane s, the number of rows r in rows[o:o + sz]
+    with Qb[r, s] == Qb[ra, s] (Qb, cb 2D uint8, C-contiguous, CL columns; sz <= 255).
+
+    One CL-byte vector compare and subtract per row (numba leaves constant
+    CL-lane loops with stores scalar: it cannot tell Qb and cb apart).
+    """
+    sig = types.void(Qb, rows, o, sz, ra, cb, pr)
+
+    def codegen(context, builder, signature, args):
+        qv, rv, ov, szv, rav, cbv, prv = args
+        i64 = ir.IntType(64)
+        vty = ir.VectorType(ir.IntType(8), CL)
+        x = builder.load(_row_ptr(context, builder, signature.args[0], qv, rav, vty), align=1)
+        rdata = context.make_array(signature.args[1])(context, builder, value=rv).data
+        pre = builder.block
+        loop = builder.append_basic_block("class_row.loop")
+        done = builder.append_basic_block("class_row.done")
+        zero = ir.Constant(vty, None)
+        builder.cbranch(builder.icmp_signed(">", szv, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        i = builder.phi(i64)
+        acc = builder.phi(vty)
+        i.add_incoming(ir.Constant(i64, 0), pre)
+        acc.add_incoming(zero, pre)
+        rb = builder.load(builder.gep(rdata, [builder.add(ov, i)]))
+        v = builder.load(_row_ptr(context, builder, signature.args[0], qv, rb, vty), align=1)
+        acc2 = builder.add(acc, builder.zext(builder.icmp_unsigned("==", x, v), vty))
+        i2 = builder.add(i, ir.Constant(i64, 1))
+        i.add_incoming(i2, loop)
+        acc.add_incoming(acc2, loop)
+        builder.cbranch(builder.icmp_signed("<", i2, szv), loop, done)
+        builder.position_at_end(done)
+        res = builder.phi(vty)
+        res.add_incoming(zero, pre)
+        res.add_incoming(acc2, loop)
+        builder.store(res, _row_ptr(context, builder, signature.args[5], cbv, prv, vty), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _mul_counts(typingctx, cb, pv):
+    """pv[:CL] *= the product of the four byte counts cb[0:4, :CL] (exact in 32 bits),
+    lane by lane (cb 2D uint8 and pv 1D float64, C-contiguous)."""
+    sig = types.void(cb, pv)
+
+    def codegen(context, builder, signature, args):
+        cbv, pvv = args
+        v8, v16, v32 = (ir.VectorType(ir.IntType(b), CL) for b in (8, 16, 32))
+        vd = ir.VectorType(ir.DoubleType(), CL)
+        r = [builder.zext(builder.load(_row_ptr(context, builder, signature.args[0], cbv,
+                                                ir.Constant(ir.IntType(64), k), v8), align=1), v16)
+             for k in range(4)]
+        a = builder.zext(builder.mul(r[0], r[1]), v32)
+        b = builder.zext(builder.mul(r[2], r[3]), v32)
+        f = builder.uitofp(builder.mul(a, b), vd)
+        data = context.make_array(signature.args[1])(context, builder, value=pvv).data
+        ptr = builder.bitcast(data, vd.as_pointer())
+        builder.store(builder.fmul(builder.load(ptr, align=8), f), ptr, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # --------------------------------------------------------------------------
@@ -208,7 +286,7 @@ def _drop(idx, pos, k, m):
 # The chain: one driver, the scoring of each measure passed in
 
 
-def _chain_of(fill, take, exact=None):
+def _chain_of(fill, take, exact=None, lanes=LANES):
     """The greedy chain of one measure family, its scoring given as njit functions:
 
     * ``fill(ls, xs, cur, idx, m, descending, scale, val, vbits, ex)``: the
@@ -242,7 +320,7 @@ def _chain_of(fill, take, exact=None):
 
     @njit(error_model="numpy", inline="always")
     def chain(ls, xs, flip, band, rescale, K, reference, descending, scale, perm, abort):
-        KP = (K + LANES - 1) // LANES * LANES
+        KP = (K + lanes - 1) // lanes * lanes
         idx = np.arange(K)
         pos = np.arange(K)
         val = np.empty(KP, np.float64)
@@ -564,7 +642,12 @@ def _fill_masks(ls, xs, cur, idx, m, descending, scale, prod, pbits, ex):
 _chain_masks = _chain_of(_fill_masks, _take_cols, _score_masks)
 
 # --------------------------------------------------------------------------
-# mi / je, patches of more than 64 pixels: joint counts in a dense table
+# mi / je, patches of more than 64 pixels: value classes of the reference in byte lanes
+
+# A class of the reference of more pixels than this counts with a table per lane
+# (compares grow as its size squared); at most 255 (counts are bytes).
+CLASS_COMPARE_MAX = 128
+
 
 
 @njit(**_JIT)
@@ -618,28 +701,200 @@ def _score_dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, cur, j):
 
 
 @njit(**_JIT, inline="always")
-def _fill_dense(ls, xs, cur, idx, m, descending, scale, val, vbits, ex):
-    """fill of :func:`_chain_of` for mi/je above 64 pixels: every candidate's key.
+def _score_classes(xs, cur, j):
+    """exact of :func:`_chain_of`: mi or je of candidate j against cur (:func:`_score_dense`).
 
     xs = (q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint).
     """
     q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint = xs
-    for s in range(m):
-        sc = _score_dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, cur, idx[s])
-        val[s] = _key(sc, descending, scale)
-
-
-_chain_dense = _chain_of(_fill_dense, _take_none)
+    return _score_dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, cur, j)
 
 
 @njit(**_JIT)
-def _dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, reference, descending, scale,
-           perm, abort):
-    """The mi/je chain above 64 pixels (a function of its own: inlined into _mi_je
-    beside the lanes, its loops compile to 4% more instructions)."""
+def _class_lanes(q, is_mi, hist, every):
+    """Lane data of mi/je above 64 pixels: (Q3, rm, re) for :func:`_fill_classes`.
+
+    Q3 (KP / CL, C * n, CL) uint8: bins in blocks of CL candidate lanes, row
+    c * n + t (candidate k at Q3[k // CL, :, k % CL]); rm (KP,) float64 and
+    re (KP,) int64: each candidate's factor 1/Q_j (mi; 1 for je) as
+    rm * 2^re, rm in (1, 2], Q_j the product of j's own counts over its
+    pixels (exponents taken out every ``every`` factors, exactly: no
+    overflow whatever n); hist (>= bins,) int32 scratch, zero in and out.
+    """
+    K, C, n = q.shape
+    NB = (K + CL - 1) // CL
+    Q3 = np.zeros((NB, C * n, CL), np.uint8)
+    rm = np.ones(NB * CL, np.float64)
+    re = np.zeros(NB * CL, np.int64)
+    for k in range(K):
+        kb, kl = k // CL, k % CL
+        for c in range(C):
+            for t in range(n):
+                Q3[kb, c * n + t, kl] = q[k, c, t]
+    if not is_mi:
+        return Q3, rm, re
+    for k in range(K):
+        r, e = 1.0, 0
+        for c in range(C):
+            for t in range(n):
+                hist[q[k, c, t]] += 1
+            for t in range(n):
+                r *= hist[q[k, c, t]]
+                if (t + 1) % every == 0:
+                    r, e2 = math.frexp(r)
+                    e += e2
+            for t in range(n):
+                hist[q[k, c, t]] = 0
+            r, e2 = math.frexp(r)
+            e += e2
+        rm[k] = 1.0 / r  # r in [0.5, 1)
+        re[k] = -e
+    return Q3, rm, re
+
+
+@njit(**_JIT, inline="always")
+def _classes_of(q, cur, c, hist, rows, starts):
+    """The value classes of more than one pixel of patch cur, channel c.
+
+    Class i is rows[starts[i]:starts[i + 1]], the lane rows c * n + t of its
+    pixels; returns the number of classes. hist (>= bins,) int32 scratch,
+    zero in and out (while placing, hist[v] < 0 is -2 - the next free slot).
+    """
+    n = q.shape[2]
+    for t in range(n):
+        hist[q[cur, c, t]] += 1
+    ncls, o = 0, 0
+    for t in range(n):
+        v = q[cur, c, t]
+        hv = hist[v]
+        if hv > 1:  # the first pixel of a shared value opens its class
+            starts[ncls] = o
+            ncls += 1
+            rows[o] = c * n + t
+            hist[v] = -(o + 1) - 1
+            o += hv
+        elif hv < 0:
+            rows[-hv - 1] = c * n + t
+            hist[v] = hv - 1
+    starts[ncls] = o
+    for t in range(n):
+        hist[q[cur, c, t]] = 0
+    return ncls
+
+
+@njit(**_JIT)
+def _table_class(Qb, rows, o, sz, tabl, pv, pb, ev, every):
+    """pv[s] *= each pixel's count in the large class rows[o:o + sz], in lane s of Qb.
+
+    Counters per lane in tabl (>= bins, CL) int32 scratch, zero in and out;
+    exponents out (:func:`_renorm` on pb, ev) before, and every ``every`` factors.
+    """
+    _renorm(pb, ev, CL)  # up to 2^512 from the compares before
+    for i in range(sz):
+        r = rows[o + i]
+        for s in range(CL):
+            tabl[Qb[r, s], s] += 1
+    for i in range(sz):
+        r = rows[o + i]
+        for s in range(CL):
+            pv[s] *= tabl[Qb[r, s], s]
+        if (i + 1) % every == 0:
+            _renorm(pb, ev, CL)
+    for i in range(sz):
+        r = rows[o + i]
+        for s in range(CL):
+            tabl[Qb[r, s], s] = 0
+    _renorm(pb, ev, CL)
+
+
+@njit(**_JIT)
+def _block_products(Qb, rows, starts, ncls, cb, tabl, pv, pb, ev, every):
+    """pv (CL,) *= the joint counts of one channel's classes in the lane block Qb (R, CL)
+    (see :func:`_fill_classes`; pb, ev: pv's bits and exponents).
+
+    A pixel's count is in byte row cb[pend]; four rows are multiplied at a time,
+    exponents taken out every 16 times (2^512 at most) and at the end.
+    """
+    pend, groups = 0, 0
+    for i in range(ncls):
+        o, sz = starts[i], starts[i + 1] - starts[i]
+        if sz > CLASS_COMPARE_MAX:
+            _table_class(Qb, rows, o, sz, tabl, pv, pb, ev, every)
+            continue
+        for a in range(sz):
+            _class_row(Qb, rows, o, sz, rows[o + a], cb, pend)
+            pend += 1
+            if pend == 4:
+                _mul_counts(cb, pv)
+                pend = 0
+                groups += 1
+                if groups == 16:
+                    _renorm(pb, ev, CL)
+                    groups = 0
+    if pend:
+        for r in range(pend, 4):
+            for s in range(CL):
+                cb[r, s] = 1
+        _mul_counts(cb, pv)
+    _renorm(pb, ev, CL)
+
+
+@njit(**_JIT, inline="always")
+def _fill_classes(ls, xs, cur, idx, m, descending, scale, prod, pbits, ex):
+    """fill of :func:`_chain_of` for mi/je above 64 pixels: products of joint counts.
+
+    The pixels of cur fall in value classes per channel; a pixel alone in
+    its class counts 1. In a class, the joint count of a pixel in lane s is
+    the number of the class's pixels where candidate s has the same value:
+    byte compares of CL lanes at once (class size^2 per block of lanes),
+    four counts multiplied into prod per pass; a class over
+    ``CLASS_COMPARE_MAX`` pixels counts with a table per lane instead
+    (:func:`_table_class`). prod starts at 1/Q_j (mi) or 1 (je), exponents
+    go to ex exactly.
+    """
+    Q3, rm, re, cb, tabl, rows, starts, hist, every = ls
+    q = xs[0]
+    C = q.shape[1]
+    nb = (m + CL - 1) // CL
+    for s in range(nb * CL):
+        prod[s] = rm[s]
+        ex[s] = re[s]
+    for c in range(C):
+        ncls = _classes_of(q, cur, c, hist, rows, starts)
+        for blk in range(nb):
+            b0 = blk * CL
+            _block_products(Q3[blk], rows, starts, ncls, cb, tabl, prod[b0:b0 + CL],
+                            pbits[b0:b0 + CL], ex[b0:b0 + CL], every)
+
+
+@njit(**_JIT, inline="always")
+def _take_classes(ls, idx, pos, k, m):
+    """take of :func:`_chain_of` for :func:`_fill_classes`: the last live slot's lane
+    data moves into patch k's slot."""
+    Q3, rm, re = ls[0], ls[1], ls[2]
+    s, last = pos[k], m - 1
+    if s != last:
+        sb, sl, lb, ll = s // CL, s % CL, last // CL, last % CL
+        for r in range(Q3.shape[1]):
+            Q3[sb, r, sl] = Q3[lb, r, ll]
+        rm[s] = rm[last]
+        re[s] = re[last]
+
+
+_chain_classes = _chain_of(_fill_classes, _take_classes, _score_classes, CL)
+
+
+@njit(**_JIT)
+def _classes(q, is_mi, bins, nu, nucnt, h, clogc, log2n, hist, joint, flip, band, reference,
+             descending, scale, perm, abort):
+    """The mi/je chain above 64 pixels: value classes of the reference in byte lanes."""
+    K, C, n = q.shape
+    every = max(1, int(900 // math.ceil(math.log2(n + 1))))  # counts <= n
+    Q3, rm, re = _class_lanes(q, is_mi, hist, every)
+    ls = (Q3, rm, re, np.empty((4, CL), np.uint8), np.zeros((256, CL), np.int32),
+          np.empty(n, np.int64), np.empty(n + 1, np.int64), hist, every)
     xs = (q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint)
-    _chain_dense(xs, xs, False, 1.0, False, q.shape[0], reference, descending, scale, perm,
-                 abort)
+    _chain_classes(ls, xs, flip, band, True, K, reference, descending, scale, perm, abort)
 
 @njit(**_JIT)
 def _mi_je(q, is_mi, bins, reference, descending, ltab, clogc, log2n, tab, hist, joint, scale,
@@ -664,8 +919,8 @@ def _mi_je(q, is_mi, bins, reference, descending, ltab, clogc, log2n, tab, hist,
                      flip, band, every > 0, K, reference, descending, scale, perm, abort)
     else:
         _marginals(q, nu, nucnt, h, ltab, log2n, hist)
-        _dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, reference, descending, scale,
-               perm, abort)
+        _classes(q, is_mi, bins, nu, nucnt, h, clogc, log2n, hist, joint, flip, band, reference,
+                 descending, scale, perm, abort)
 
 
 # --------------------------------------------------------------------------
