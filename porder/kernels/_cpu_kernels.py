@@ -44,6 +44,7 @@ from collections import namedtuple
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 # Measure codes shared with cpu.py.
@@ -116,67 +117,87 @@ def _row_ptr(context, builder, aty, aval, row, vty):
 
 
 @intrinsic
-def _class_row(typingctx, Qb, rows, o, sz, ra, cb, pr):
-    """cb[pr, :CL] = for each byte lane s, the number of rows r in rows[o:o + sz]
-    with Qb[r, s] == Qb[ra, s] (Qb, cb 2D uint8, C-contiguous, CL columns; sz <= 255).
+def _channel_product(typingctx, Qb, rows, starts, ncls, G, pv, ev):
+    """pv[:CL] *= the joint counts of one channel's value classes, lane by lane.
 
-    One CL-byte vector compare and subtract per row (numba leaves constant
-    CL-lane loops with stores scalar: it cannot tell Qb and cb apart).
+    Class i is the rows rows[starts[i]:starts[i + 1]] of the lane block Qb (R, CL)
+    uint8 (C-contiguous); a class of more than ``CLASS_COMPARE_MAX`` pixels is
+    left to :func:`_table_class`. A pixel's count in lane s is the number of its
+    class's rows r with Qb[r, s] equal to its own (itself included: a byte).
+    Per class, its rows are copied to G (>= CLASS_COMPARE_MAX + 3, CL) uint8
+    scratch, then four pixels' counts at a time take one pass over the class's
+    rows (one CL-byte load, four compares and four adds per row), are multiplied
+    in 32 bits (rows past the class count 1) and into the products, kept in
+    registers; exponents go to ev (CL,) int64 exactly (:func:`_renorm`) every
+    16 passes (2^512 at most) and at the end; pv (CL,) float64 in [1, 2) in and out.
     """
-    sig = types.void(Qb, rows, o, sz, ra, cb, pr)
+    sig = types.void(Qb, rows, starts, ncls, G, pv, ev)
 
     def codegen(context, builder, signature, args):
-        qv, rv, ov, szv, rav, cbv, prv = args
         i64 = ir.IntType(64)
-        vty = ir.VectorType(ir.IntType(8), CL)
-        x = builder.load(_row_ptr(context, builder, signature.args[0], qv, rav, vty), align=1)
-        rdata = context.make_array(signature.args[1])(context, builder, value=rv).data
-        pre = builder.block
-        loop = builder.append_basic_block("class_row.loop")
-        done = builder.append_basic_block("class_row.done")
-        zero = ir.Constant(vty, None)
-        builder.cbranch(builder.icmp_signed(">", szv, ir.Constant(i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        i = builder.phi(i64)
-        acc = builder.phi(vty)
-        i.add_incoming(ir.Constant(i64, 0), pre)
-        acc.add_incoming(zero, pre)
-        rb = builder.load(builder.gep(rdata, [builder.add(ov, i)]))
-        v = builder.load(_row_ptr(context, builder, signature.args[0], qv, rb, vty), align=1)
-        acc2 = builder.add(acc, builder.zext(builder.icmp_unsigned("==", x, v), vty))
-        i2 = builder.add(i, ir.Constant(i64, 1))
-        i.add_incoming(i2, loop)
-        acc.add_incoming(acc2, loop)
-        builder.cbranch(builder.icmp_signed("<", i2, szv), loop, done)
-        builder.position_at_end(done)
-        res = builder.phi(vty)
-        res.add_incoming(zero, pre)
-        res.add_incoming(acc2, loop)
-        builder.store(res, _row_ptr(context, builder, signature.args[5], cbv, prv, vty), align=1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _mul_counts(typingctx, cb, pv):
-    """pv[:CL] *= the product of the four byte counts cb[0:4, :CL] (exact in 32 bits),
-    lane by lane (cb 2D uint8 and pv 1D float64, C-contiguous)."""
-    sig = types.void(cb, pv)
-
-    def codegen(context, builder, signature, args):
-        cbv, pvv = args
-        v8, v16, v32 = (ir.VectorType(ir.IntType(b), CL) for b in (8, 16, 32))
+        v8, v16, v32, v64 = (ir.VectorType(ir.IntType(b), CL) for b in (8, 16, 32, 64))
         vd = ir.VectorType(ir.DoubleType(), CL)
-        r = [builder.zext(builder.load(_row_ptr(context, builder, signature.args[0], cbv,
-                                                ir.Constant(ir.IntType(64), k), v8), align=1), v16)
-             for k in range(4)]
-        a = builder.zext(builder.mul(r[0], r[1]), v32)
-        b = builder.zext(builder.mul(r[2], r[3]), v32)
-        f = builder.uitofp(builder.mul(a, b), vd)
-        data = context.make_array(signature.args[1])(context, builder, value=pvv).data
-        ptr = builder.bitcast(data, vd.as_pointer())
-        builder.store(builder.fmul(builder.load(ptr, align=8), f), ptr, align=8)
+
+        def data(k, ty):
+            a = context.make_array(signature.args[k])(context, builder, value=args[k])
+            return builder.bitcast(a.data, ty.as_pointer())
+
+        def const(v, ty=i64):
+            return ir.Constant(ty, v)
+
+        qb, rdata, sdata, g = data(0, v8), data(1, i64), data(2, i64), data(4, v8)
+        pptr, eptr = data(5, vd), data(6, v64)
+        prod = cgutils.alloca_once(builder, vd)
+        expo = cgutils.alloca_once(builder, v64)
+        since = cgutils.alloca_once(builder, i64)
+        acc = [cgutils.alloca_once(builder, v8) for _ in range(4)]
+        builder.store(builder.load(pptr, align=8), prod)
+        builder.store(builder.load(eptr, align=8), expo)
+        builder.store(const(0), since)
+
+        def renorm():
+            bits = builder.bitcast(builder.load(prod), v64)
+            e = builder.sub(builder.lshr(bits, const([52] * CL, v64)), const([1023] * CL, v64))
+            builder.store(builder.add(builder.load(expo), e), expo)
+            m = builder.and_(bits, const([int(_MANTISSA)] * CL, v64))
+            builder.store(builder.bitcast(builder.or_(m, const([1023 << 52] * CL, v64)), vd),
+                          prod)
+
+        with cgutils.for_range(builder, args[3]) as lc:
+            o = builder.load(builder.gep(sdata, [lc.index]))
+            sz = builder.sub(builder.load(builder.gep(sdata, [builder.add(lc.index, const(1))])), o)
+            with cgutils.if_likely(builder, builder.icmp_signed("<=", sz,
+                                                                const(CLASS_COMPARE_MAX))):
+                with cgutils.for_range(builder, sz) as lp:  # the class's rows to G
+                    r = builder.load(builder.gep(rdata, [builder.add(o, lp.index)]))
+                    builder.store(builder.load(builder.gep(qb, [r]), align=1),
+                                  builder.gep(g, [lp.index]), align=1)
+                groups = builder.ashr(builder.add(sz, const(3)), const(2))
+                with cgutils.for_range(builder, groups) as lg:
+                    a0 = builder.shl(lg.index, const(2))
+                    x = [builder.load(builder.gep(g, [builder.add(a0, const(j))]), align=1)
+                         for j in range(4)]
+                    for j in range(4):
+                        builder.store(const(None, v8), acc[j])
+                    with cgutils.for_range(builder, sz) as lb:
+                        v = builder.load(builder.gep(g, [lb.index]), align=1)
+                        for j in range(4):
+                            eq = builder.zext(builder.icmp_unsigned("==", x[j], v), v8)
+                            builder.store(builder.add(builder.load(acc[j]), eq), acc[j])
+                    c = [builder.zext(builder.select(
+                        builder.icmp_signed("<", builder.add(a0, const(j)), sz),
+                        builder.load(acc[j]), const([1] * CL, v8)), v16) for j in range(4)]
+                    f = builder.uitofp(builder.mul(builder.zext(builder.mul(c[0], c[1]), v32),
+                                                   builder.zext(builder.mul(c[2], c[3]), v32)), vd)
+                    builder.store(builder.fmul(builder.load(prod), f), prod)
+                    n16 = builder.add(builder.load(since), const(1))
+                    builder.store(n16, since)
+                    with cgutils.if_unlikely(builder, builder.icmp_signed("==", n16, const(16))):
+                        renorm()
+                        builder.store(const(0), since)
+        renorm()
+        builder.store(builder.load(prod), pptr, align=8)
+        builder.store(builder.load(expo), eptr, align=8)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -711,15 +732,15 @@ def _score_classes(xs, cur, j):
 
 
 @njit(**_JIT)
-def _class_lanes(q, is_mi, hist, every):
+def _class_lanes(q, is_mi, h, log2n):
     """Lane data of mi/je above 64 pixels: (Q3, rm, re) for :func:`_fill_classes`.
 
     Q3 (KP / CL, C * n, CL) uint8: bins in blocks of CL candidate lanes, row
     c * n + t (candidate k at Q3[k // CL, :, k % CL]); rm (KP,) float64 and
     re (KP,) int64: each candidate's factor 1/Q_j (mi; 1 for je) as
-    rm * 2^re, rm in (1, 2], Q_j the product of j's own counts over its
-    pixels (exponents taken out every ``every`` factors, exactly: no
-    overflow whatever n); hist (>= bins,) int32 scratch, zero in and out.
+    rm * 2^re, rm in [1, 2), from its entropies h (K, C): log2 Q_j, the log of
+    the product of j's own counts over its pixels, is n (log2 n - H_j,c) summed
+    over the channels (good to 1e-12 of a band 1e6 times wider).
     """
     K, C, n = q.shape
     NB = (K + CL - 1) // CL
@@ -731,24 +752,14 @@ def _class_lanes(q, is_mi, hist, every):
         for c in range(C):
             for t in range(n):
                 Q3[kb, c * n + t, kl] = q[k, c, t]
-    if not is_mi:
-        return Q3, rm, re
-    for k in range(K):
-        r, e = 1.0, 0
-        for c in range(C):
-            for t in range(n):
-                hist[q[k, c, t]] += 1
-            for t in range(n):
-                r *= hist[q[k, c, t]]
-                if (t + 1) % every == 0:
-                    r, e2 = math.frexp(r)
-                    e += e2
-            for t in range(n):
-                hist[q[k, c, t]] = 0
-            r, e2 = math.frexp(r)
-            e += e2
-        rm[k] = 1.0 / r  # r in [0.5, 1)
-        re[k] = -e
+    if is_mi:
+        for k in range(K):
+            lq = 0.0
+            for c in range(C):
+                lq += n * (log2n - h[k, c])
+            e = math.floor(-lq)
+            rm[k] = 2.0 ** (-lq - e)
+            re[k] = np.int64(e)
     return Q3, rm, re
 
 
@@ -757,19 +768,20 @@ def _classes_of(q, cur, c, hist, rows, starts):
     """The value classes of more than one pixel of patch cur, channel c.
 
     Class i is rows[starts[i]:starts[i + 1]], the lane rows c * n + t of its
-    pixels; returns the number of classes. hist (>= bins,) int32 scratch,
+    pixels; returns the number of classes and the largest size. hist (>= bins,) int32 scratch,
     zero in and out (while placing, hist[v] < 0 is -2 - the next free slot).
     """
     n = q.shape[2]
     for t in range(n):
         hist[q[cur, c, t]] += 1
-    ncls, o = 0, 0
+    ncls, o, biggest = 0, 0, 0
     for t in range(n):
         v = q[cur, c, t]
         hv = hist[v]
         if hv > 1:  # the first pixel of a shared value opens its class
             starts[ncls] = o
             ncls += 1
+            biggest = max(biggest, hv)
             rows[o] = c * n + t
             hist[v] = -(o + 1) - 1
             o += hv
@@ -779,7 +791,7 @@ def _classes_of(q, cur, c, hist, rows, starts):
     starts[ncls] = o
     for t in range(n):
         hist[q[cur, c, t]] = 0
-    return ncls
+    return ncls, biggest
 
 
 @njit(**_JIT)
@@ -808,35 +820,16 @@ def _table_class(Qb, rows, o, sz, tabl, pv, pb, ev, every):
 
 
 @njit(**_JIT)
-def _block_products(Qb, rows, starts, ncls, cb, tabl, pv, pb, ev, every):
+def _block_products(Qb, rows, starts, ncls, biggest, G, tabl, pv, pb, ev, every):
     """pv (CL,) *= the joint counts of one channel's classes in the lane block Qb (R, CL)
-    (see :func:`_fill_classes`; pb, ev: pv's bits and exponents).
-
-    A pixel's count is in byte row cb[pend]; four rows are multiplied at a time,
-    exponents taken out every 16 times (2^512 at most) and at the end.
-    """
-    pend, groups = 0, 0
-    for i in range(ncls):
-        o, sz = starts[i], starts[i + 1] - starts[i]
-        if sz > CLASS_COMPARE_MAX:
-            _table_class(Qb, rows, o, sz, tabl, pv, pb, ev, every)
-            continue
-        for a in range(sz):
-            _class_row(Qb, rows, o, sz, rows[o + a], cb, pend)
-            pend += 1
-            if pend == 4:
-                _mul_counts(cb, pv)
-                pend = 0
-                groups += 1
-                if groups == 16:
-                    _renorm(pb, ev, CL)
-                    groups = 0
-    if pend:
-        for r in range(pend, 4):
-            for s in range(CL):
-                cb[r, s] = 1
-        _mul_counts(cb, pv)
-    _renorm(pb, ev, CL)
+    (see :func:`_fill_classes`; pb, ev: pv's bits and exponents; biggest: the
+    largest class size)."""
+    _channel_product(Qb, rows, starts, ncls, G, pv, ev)
+    if biggest > CLASS_COMPARE_MAX:
+        for i in range(ncls):
+            o, sz = starts[i], starts[i + 1] - starts[i]
+            if sz > CLASS_COMPARE_MAX:
+                _table_class(Qb, rows, o, sz, tabl, pv, pb, ev, every)
 
 
 @njit(**_JIT, inline="always")
@@ -852,7 +845,7 @@ def _fill_classes(ls, xs, cur, idx, m, descending, scale, prod, pbits, ex):
     (:func:`_table_class`). prod starts at 1/Q_j (mi) or 1 (je), exponents
     go to ex exactly.
     """
-    Q3, rm, re, cb, tabl, rows, starts, hist, every = ls
+    Q3, rm, re, G, tabl, rows, starts, hist, every = ls
     q = xs[0]
     C = q.shape[1]
     nb = (m + CL - 1) // CL
@@ -860,10 +853,10 @@ def _fill_classes(ls, xs, cur, idx, m, descending, scale, prod, pbits, ex):
         prod[s] = rm[s]
         ex[s] = re[s]
     for c in range(C):
-        ncls = _classes_of(q, cur, c, hist, rows, starts)
+        ncls, biggest = _classes_of(q, cur, c, hist, rows, starts)
         for blk in range(nb):
             b0 = blk * CL
-            _block_products(Q3[blk], rows, starts, ncls, cb, tabl, prod[b0:b0 + CL],
+            _block_products(Q3[blk], rows, starts, ncls, biggest, G, tabl, prod[b0:b0 + CL],
                             pbits[b0:b0 + CL], ex[b0:b0 + CL], every)
 
 
@@ -890,9 +883,10 @@ def _classes(q, is_mi, bins, nu, nucnt, h, clogc, log2n, hist, joint, flip, band
     """The mi/je chain above 64 pixels: value classes of the reference in byte lanes."""
     K, C, n = q.shape
     every = max(1, int(900 // math.ceil(math.log2(n + 1))))  # counts <= n
-    Q3, rm, re = _class_lanes(q, is_mi, hist, every)
-    ls = (Q3, rm, re, np.empty((4, CL), np.uint8), np.zeros((256, CL), np.int32),
-          np.empty(n, np.int64), np.empty(n + 1, np.int64), hist, every)
+    Q3, rm, re = _class_lanes(q, is_mi, h, log2n)
+    ls = (Q3, rm, re, np.empty((CLASS_COMPARE_MAX + 3, CL), np.uint8),
+          np.zeros((256, CL), np.int32), np.empty(n, np.int64), np.empty(n + 1, np.int64), hist,
+          every)
     xs = (q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint)
     _chain_classes(ls, xs, flip, band, True, K, reference, descending, scale, perm, abort)
 
