@@ -151,6 +151,8 @@ def _channel_product(typingctx, Qb, rows, starts, ncls, G, pv, ev):
         expo = cgutils.alloca_once(builder, v64)
         since = cgutils.alloca_once(builder, i64)
         acc = [cgutils.alloca_once(builder, v8) for _ in range(4)]
+        small = cgutils.alloca_once_value(builder, const([1] * CL, v32))
+        sbits = cgutils.alloca_once_value(builder, const(0))
         builder.store(builder.load(pptr, align=8), prod)
         builder.store(builder.load(eptr, align=8), expo)
         builder.store(const(0), since)
@@ -163,11 +165,52 @@ def _channel_product(typingctx, Qb, rows, starts, ncls, G, pv, ev):
             builder.store(builder.bitcast(builder.or_(m, const([1023 << 52] * CL, v64)), vd),
                           prod)
 
+        def times(f):  # prod *= f (<CL x double>), exponents out every 16 times
+            builder.store(builder.fmul(builder.load(prod), f), prod)
+            n16 = builder.add(builder.load(since), const(1))
+            builder.store(n16, since)
+            with cgutils.if_unlikely(builder, builder.icmp_signed("==", n16, const(16))):
+                renorm()
+                builder.store(const(0), since)
+
+        def fold():
+            times(builder.uitofp(builder.load(small), vd))
+            builder.store(const([1] * CL, v32), small)
+            builder.store(const(0), sbits)
+
+        def take_small(f, bits):  # small *= f (f < 2^bits); folded before 2^32
+            builder.store(builder.mul(builder.load(small), f), small)
+            nb = builder.add(builder.load(sbits), const(bits))
+            builder.store(nb, sbits)
+            with builder.if_then(builder.icmp_signed(">", nb, const(27))):
+                fold()
+
+        def row(o, i):
+            r = builder.load(builder.gep(rdata, [builder.add(o, const(i))]))
+            return builder.load(builder.gep(qb, [r]), align=1)
+
+        def eq(x, y):  # 1 where equal, lane by lane
+            return builder.zext(builder.icmp_unsigned("==", x, y), v8)
+
         with cgutils.for_range(builder, args[3]) as lc:
             o = builder.load(builder.gep(sdata, [lc.index]))
             sz = builder.sub(builder.load(builder.gep(sdata, [builder.add(lc.index, const(1))])), o)
-            with cgutils.if_likely(builder, builder.icmp_signed("<=", sz,
-                                                                const(CLASS_COMPARE_MAX))):
+            is2 = builder.icmp_signed("==", sz, const(2))
+            is3 = builder.icmp_signed("==", sz, const(3))
+            general = builder.and_(builder.icmp_signed("<=", sz, const(CLASS_COMPARE_MAX)),
+                                   builder.not_(builder.or_(is2, is3)))
+            with builder.if_then(is2):  # both counts 2 where the two bytes are equal: 4 or 1
+                e = builder.icmp_unsigned("==", row(o, 0), row(o, 1))
+                take_small(builder.select(e, const([4] * CL, v32), const([1] * CL, v32)), 3)
+            with builder.if_then(is3):  # three compares give the three counts (<= 27)
+                x0, x1, x2 = row(o, 0), row(o, 1), row(o, 2)
+                e01, e02, e12 = eq(x0, x1), eq(x0, x2), eq(x1, x2)
+                one = const([1] * CL, v8)
+                c0 = builder.zext(builder.add(builder.add(one, e01), e02), v16)
+                c1 = builder.zext(builder.add(builder.add(one, e01), e12), v16)
+                c2 = builder.zext(builder.add(builder.add(one, e02), e12), v32)
+                take_small(builder.mul(builder.zext(builder.mul(c0, c1), v32), c2), 5)
+            with builder.if_then(general):
                 with cgutils.for_range(builder, sz) as lp:  # the class's rows to G
                     r = builder.load(builder.gep(rdata, [builder.add(o, lp.index)]))
                     builder.store(builder.load(builder.gep(qb, [r]), align=1),
@@ -182,19 +225,14 @@ def _channel_product(typingctx, Qb, rows, starts, ncls, G, pv, ev):
                     with cgutils.for_range(builder, sz) as lb:
                         v = builder.load(builder.gep(g, [lb.index]), align=1)
                         for j in range(4):
-                            eq = builder.zext(builder.icmp_unsigned("==", x[j], v), v8)
-                            builder.store(builder.add(builder.load(acc[j]), eq), acc[j])
+                            builder.store(builder.add(builder.load(acc[j]), eq(x[j], v)), acc[j])
                     c = [builder.zext(builder.select(
                         builder.icmp_signed("<", builder.add(a0, const(j)), sz),
                         builder.load(acc[j]), const([1] * CL, v8)), v16) for j in range(4)]
-                    f = builder.uitofp(builder.mul(builder.zext(builder.mul(c[0], c[1]), v32),
-                                                   builder.zext(builder.mul(c[2], c[3]), v32)), vd)
-                    builder.store(builder.fmul(builder.load(prod), f), prod)
-                    n16 = builder.add(builder.load(since), const(1))
-                    builder.store(n16, since)
-                    with cgutils.if_unlikely(builder, builder.icmp_signed("==", n16, const(16))):
-                        renorm()
-                        builder.store(const(0), since)
+                    times(builder.uitofp(builder.mul(builder.zext(builder.mul(c[0], c[1]), v32),
+                                                     builder.zext(builder.mul(c[2], c[3]), v32)),
+                                         vd))
+        fold()
         renorm()
         builder.store(builder.load(prod), pptr, align=8)
         builder.store(builder.load(expo), eptr, align=8)
