@@ -782,7 +782,7 @@ def _class_lanes(q, is_mi, h, log2n):
     """
     K, C, n = q.shape
     NB = (K + CL - 1) // CL
-    Q3 = np.zeros((NB, C * n, CL), np.uint8)
+    Q3 = np.empty((NB, C * n, CL), np.uint8)  # padding lanes: any bytes (never read back)
     rm = np.ones(NB * CL, np.float64)
     re = np.zeros(NB * CL, np.int64)
     for k in range(K):
@@ -922,9 +922,9 @@ def _classes(q, is_mi, bins, nu, nucnt, h, clogc, log2n, hist, joint, flip, band
     K, C, n = q.shape
     every = max(1, int(900 // math.ceil(math.log2(n + 1))))  # counts <= n
     Q3, rm, re = _class_lanes(q, is_mi, h, log2n)
-    ls = (Q3, rm, re, np.empty((CLASS_COMPARE_MAX + 3, CL), np.uint8),
-          np.zeros((256, CL), np.int32), np.empty(n, np.int64), np.empty(n + 1, np.int64), hist,
-          every)
+    tabl = joint[bins * bins:bins * bins + 256 * CL].reshape((256, CL))  # zero in and out
+    ls = (Q3, rm, re, np.empty((CLASS_COMPARE_MAX + 3, CL), np.uint8), tabl,
+          np.empty(n, np.int64), np.empty(n + 1, np.int64), hist, every)
     xs = (q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint)
     _chain_classes(ls, xs, flip, band, True, K, reference, descending, scale, perm, abort)
 
@@ -1459,7 +1459,7 @@ def reorder_range(images, lo, hi, code, p, bins, reference, descending, qtab, lt
     code: a measure code; qtab (256,) uint8 value -> bin; ltab, clogc, plp, lt
     (n + 1,): log2 c, c log2 c and KL's P log2 P, log2 P of a count c;
     consts: the measures' :data:`Constants`; hist (256,) int32, tab (1024,)
-    uint64, joint (bins**2 or 1,) int32 and cntT (C * bins * KP or 1,) uint8:
+    uint64, joint (bins**2 + 256 * CL or 1,) int32 and cntT (C * bins * KP or 1,) uint8:
     zeroed scratch of this thread; out (N, S, S, C) uint8 and perm (N, K)
     int64 are written. abort (1,) uint8: set to 1 by another thread to stop; the
     chains poll it once per step, so a run ends within one step of one image,

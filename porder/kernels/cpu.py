@@ -161,11 +161,12 @@ def _arguments(measure, p: int, bins: int, reference: int, descending: bool) -> 
 
 def _scratch(code: int, n: int, bins: int, c: int, k: int) -> tuple:
     """One thread's zeroed scratch for ``reorder_range`` (the kernels leave it zeroed):
-    hist, tab, and joint (dense mi/je) and cnt_t (kl in lanes) where the measure needs them."""
+    hist, tab, and joint (mi/je above 64 pixels: the exact scores' joint table, then the
+    counters per lane of large classes) and cnt_t (kl in lanes) where the measure needs them."""
     dense = code in (_k.MI, _k.JE) and n > 64
     lanes = code == _k.KL and n <= 64
     return (np.zeros(256, dtype=np.int32), np.zeros(1024, dtype=np.uint64),
-            np.zeros(bins * bins if dense else 1, dtype=np.int32),
+            np.zeros(bins * bins + 256 * _k.CL if dense else 1, dtype=np.int32),
             np.zeros(c * bins * (-(-k // _k.LANES) * _k.LANES) if lanes else 1, dtype=np.uint8))
 
 
