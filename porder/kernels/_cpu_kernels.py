@@ -703,6 +703,9 @@ _chain_masks = _chain_of(_fill_masks, _take_cols, _score_masks)
 # --------------------------------------------------------------------------
 # mi / je, patches of more than 64 pixels: value classes of the reference in byte lanes
 
+# Up to this many patches (32x32 p16), mi/je above 64 pixels score every candidate
+# exactly instead (the lanes' set-up costs more than a few steps save).
+DENSE_MAX_K = 4
 # A class of the reference of more pixels than this counts with a table per lane
 # (compares grow as its size squared); at most 255 (counts are bytes).
 CLASS_COMPARE_MAX = 128
@@ -767,6 +770,32 @@ def _score_classes(xs, cur, j):
     """
     q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint = xs
     return _score_dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, cur, j)
+
+
+@njit(**_JIT, inline="always")
+def _fill_dense(ls, xs, cur, idx, m, descending, scale, val, vbits, ex):
+    """fill of :func:`_chain_of` for mi/je above 64 pixels and few patches: every
+    candidate's key (exact scores: :func:`_score_dense`).
+
+    xs = (q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint).
+    """
+    q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint = xs
+    for s in range(m):
+        sc = _score_dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, cur, idx[s])
+        val[s] = _key(sc, descending, scale)
+
+
+_chain_dense = _chain_of(_fill_dense, _take_none)
+
+
+@njit(**_JIT)
+def _dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, reference, descending, scale,
+           perm, abort):
+    """The mi/je chain above 64 pixels up to ``DENSE_MAX_K`` patches: exact scores of
+    every candidate (fewer instructions than the lanes' set-up when a step has a few)."""
+    xs = (q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint)
+    _chain_dense(xs, xs, False, 1.0, False, q.shape[0], reference, descending, scale, perm,
+                 abort)
 
 
 @njit(**_JIT)
@@ -931,7 +960,8 @@ def _classes(q, is_mi, bins, nu, nucnt, h, clogc, log2n, hist, joint, flip, band
 @njit(**_JIT)
 def _mi_je(q, is_mi, bins, reference, descending, ltab, clogc, log2n, tab, hist, joint, scale,
            perm, abort):
-    """The mi/je chain: bitmask lanes up to 64 pixels, a dense table above."""
+    """The mi/je chain: bitmask lanes up to 64 pixels, value classes in byte lanes above
+    (exact scores for a few patches)."""
     K, C, n = q.shape
     nu = np.empty((K, C, n), np.int32)
     nucnt = np.empty((K, C), np.int32)
@@ -951,8 +981,12 @@ def _mi_je(q, is_mi, bins, reference, descending, ltab, clogc, log2n, tab, hist,
                      flip, band, every > 0, K, reference, descending, scale, perm, abort)
     else:
         _marginals(q, nu, nucnt, h, ltab, log2n, hist)
-        _classes(q, is_mi, bins, nu, nucnt, h, clogc, log2n, hist, joint, flip, band, reference,
-                 descending, scale, perm, abort)
+        if K <= DENSE_MAX_K:
+            _dense(q, bins, nu, nucnt, h, clogc, log2n, is_mi, joint, reference, descending,
+                   scale, perm, abort)
+        else:
+            _classes(q, is_mi, bins, nu, nucnt, h, clogc, log2n, hist, joint, flip, band,
+                     reference, descending, scale, perm, abort)
 
 
 # --------------------------------------------------------------------------
