@@ -9,7 +9,11 @@ its patch scores in the same loop, and the reordered image is gathered there
 too. ``mi`` and ``je`` count co-located pixel pairs with per-pixel equality
 bitmasks and a popcount (16-bit masks up to 4x4 patches, 64-bit up to 8x8;
 pixels whose bin is unique within the reference patch count 1 and are
-skipped), ``kl`` reads candidate-last bin counts; for these three a product of
+skipped); above 64 pixels (native resolution: 224x224 at 16x16 patches) by
+the reference's value classes, compared for 32 candidates at once in byte
+lanes (classes of over 128 pixels by counters per lane; exact scores of
+every candidate at 4 patches or fewer). ``kl`` reads candidate-last bin
+counts; for these three a product of
 counts orders the candidates, and only the few candidates near the best get an
 exact score (details in ``_cpu_kernels``). Permutations are identical to the
 generic NumPy path: scores rounded to ``porder.ordering.DECIMALS`` decimals,
