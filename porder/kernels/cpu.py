@@ -9,7 +9,11 @@ its patch scores in the same loop, and the reordered image is gathered there
 too. ``mi`` and ``je`` count co-located pixel pairs with per-pixel equality
 bitmasks and a popcount (16-bit masks up to 4x4 patches, 64-bit up to 8x8;
 pixels whose bin is unique within the reference patch count 1 and are
-skipped), ``kl`` reads candidate-last bin counts; for these three a product of
+skipped); above 64 pixels (native resolution: 224x224 at 16x16 patches) by
+the reference's value classes, compared for 32 candidates at once in byte
+lanes (classes of over 128 pixels by counters per lane; exact scores of
+every candidate at 4 patches or fewer). ``kl`` reads candidate-last bin
+counts; for these three a product of
 counts orders the candidates, and only the few candidates near the best get an
 exact score (details in ``_cpu_kernels``). Permutations are identical to the
 generic NumPy path: scores rounded to ``porder.ordering.DECIMALS`` decimals,
@@ -161,11 +165,12 @@ def _arguments(measure, p: int, bins: int, reference: int, descending: bool) -> 
 
 def _scratch(code: int, n: int, bins: int, c: int, k: int) -> tuple:
     """One thread's zeroed scratch for ``reorder_range`` (the kernels leave it zeroed):
-    hist, tab, and joint (dense mi/je) and cnt_t (kl in lanes) where the measure needs them."""
+    hist, tab, and joint (mi/je above 64 pixels: the exact scores' joint table, then the
+    counters per lane of large classes) and cnt_t (kl in lanes) where the measure needs them."""
     dense = code in (_k.MI, _k.JE) and n > 64
     lanes = code == _k.KL and n <= 64
     return (np.zeros(256, dtype=np.int32), np.zeros(1024, dtype=np.uint64),
-            np.zeros(bins * bins if dense else 1, dtype=np.int32),
+            np.zeros(bins * bins + 256 * _k.CL if dense else 1, dtype=np.int32),
             np.zeros(c * bins * (-(-k // _k.LANES) * _k.LANES) if lanes else 1, dtype=np.uint8))
 
 
