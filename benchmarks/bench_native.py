@@ -21,10 +21,10 @@ the ratios of one run, not the absolute figures):
   except where the generic path takes minutes: its count is in each row).
 * **Per-stage profile at 224 p16 (mi, one thread, resized photos).** porder's
   kernel stages, each timed alone over the same images by calling porder's
-  numba kernels in a loop (split into quantised patches, marginals, the chain
-  = scoring + bookkeeping, gather); scoring alone is every exact score the
-  chain computes, replayed in the chain's own order, and bookkeeping is the
-  chain minus that. Private kernel names: when porder's kernels change, the
+  numba kernels in a loop (split into quantised patches, marginals, the whole
+  mi chain as ``reorder_range`` runs it, marginals included, and the chain
+  without them: the reference's classes, the lane products, the band's exact
+  scores; gather). Private kernel names: when porder's kernels change, the
   rows that no longer apply say so. The HDF5 write is the writer thread's busy
   seconds per image of the ``--size 224`` end-to-end run. The independent
   chain's own stages are given beside it (split and marginals, the
@@ -241,21 +241,13 @@ def porder_stages(x: np.ndarray, patch: int) -> dict:
                 k._marginals(q[i], nu[i], nuc[i], h[i], ltab, log2n, hist)
 
         @njit(cache=True)
-        def chain_all(q, nu, nuc, h, clogc, log2n, joint, scale, perm):
+        def chain_all(q, ltab, clogc, log2n, tab, hist, joint, scale, perm):
+            # porder's whole mi chain as reorder_range runs it (value-class lanes above 64
+            # pixels, marginals included)
             go = np.zeros(1, np.uint8)
             for i in range(q.shape[0]):
-                k._dense(q[i], 256, nu[i], nuc[i], h[i], clogc, log2n, True, joint, 0, True,
-                         scale, perm[i], go)
-
-        @njit(cache=True)
-        def scores_all(q, nu, nuc, h, clogc, log2n, joint, perm):
-            acc = 0.0
-            for i in range(q.shape[0]):
-                for step in range(perm.shape[1] - 2):  # the chain scores m > 1 candidates
-                    for jj in range(step + 1, perm.shape[1]):
-                        acc += k._score_dense(q[i], 256, nu[i], nuc[i], h[i], clogc, log2n,
-                                              True, joint, perm[i, step], perm[i, jj])
-            return acc
+                k._mi_je(q[i], True, 256, 0, True, ltab, clogc, log2n, tab, hist, joint, scale,
+                         perm[i], go)
 
         @njit(cache=True)
         def gather_all(x, perm, p, out):
@@ -270,16 +262,15 @@ def porder_stages(x: np.ndarray, patch: int) -> dict:
         h = np.empty((n_img, kk, c))
         perm = np.empty((n_img, kk), np.int64)
         out = np.empty_like(x)
-        hist, joint = np.zeros(256, np.int32), np.zeros(65536, np.int32)
+        hist, tab = np.zeros(256, np.int32), np.zeros(1024, np.uint64)
+        joint = np.zeros(65536 + 256 * k.CL, np.int32)   # cpu._scratch's size for mi above 64 px
         res = {"split_quantise": _best_us(lambda: split_all(x, patch, qtab, q), n_img),
                "marginals": _best_us(lambda: marginals_all(q, nu, nuc, h, ltab, log2n, hist),
                                      n_img),
-               "chain": _best_us(lambda: chain_all(q, nu, nuc, h, clogc, log2n, joint,
+               "chain": _best_us(lambda: chain_all(q, ltab, clogc, log2n, tab, hist, joint,
                                                    _CONSTANTS.round_scale, perm), n_img)}
-        res["scoring"] = _best_us(lambda: scores_all(q, nu, nuc, h, clogc, log2n, joint, perm),
-                                  n_img)
-        # what the chain does beside scoring (keys, argmax, slots); 0 when within noise
-        res["chain_bookkeeping"] = round(max(0.0, res["chain"] - res["scoring"]), 1)
+        # the chain's own work beside the marginals it starts with (classes, lanes, band)
+        res["chain_without_marginals"] = round(max(0.0, res["chain"] - res["marginals"]), 1)
         res["gather"] = _best_us(lambda: gather_all(x, perm, patch, out), n_img)
         same = bool((perm == porder.reorder(x, "mi", patch, workers=1)[1]).all())
         res["replayed_perms_equal_porder"] = same
