@@ -41,11 +41,11 @@ from benchmarks._report import report as write_report  # noqa: E402
 from benchmarks.bench_train import make_file  # noqa: E402
 
 
-def _config(batch: int, seed: int, steps: int, warm: int, threads):
+def _config(batch: int, seed: int, steps: int, warm: int, threads, device: str = "cpu"):
     from porder.train import TrainConfig
 
     return TrainConfig(arch="vgg", width=0.125, batch_size=batch, steps=warm + steps,
-                       eval_every=warm, device="cpu", seed=seed, threads=threads)
+                       eval_every=warm, device=device, seed=seed, threads=threads)
 
 
 def _rate(rows) -> float:
@@ -53,13 +53,13 @@ def _rate(rows) -> float:
     return rows[-1]["images_per_s"]
 
 
-def alone(files, batch, runs, steps, warm, threads, root) -> float:
+def alone(files, batch, runs, steps, warm, threads, root, device="cpu") -> float:
     """Images/s of ``runs`` runs trained one after another (their training time summed)."""
     from porder.train import train
 
     images = seconds = 0.0
     for i in range(runs):
-        res = train(files[i % 2], _config(batch, i, steps, warm, threads),
+        res = train(files[i % 2], _config(batch, i, steps, warm, threads, device),
                     root / f"alone-{time.monotonic_ns()}")
         rate = _rate(res.rows)
         images += steps * batch
@@ -67,12 +67,12 @@ def alone(files, batch, runs, steps, warm, threads, root) -> float:
     return images / seconds
 
 
-def lockstep(files, batch, m, steps, warm, threads, root) -> float:
+def lockstep(files, batch, m, steps, warm, threads, root, device="cpu") -> float:
     """Images/s of ``m`` runs trained in lockstep (the group's images over its time)."""
     from porder.train.lockstep import train_group
 
     tag = time.monotonic_ns()
-    jobs = [(files[i % 2], _config(batch, i, steps, warm, threads), root / f"ls-{tag}-{i}")
+    jobs = [(files[i % 2], _config(batch, i, steps, warm, threads, device), root / f"ls-{tag}-{i}")
             for i in range(m)]
     results = train_group(jobs)
     bad = [r for r in results if isinstance(r, BaseException)]
@@ -92,7 +92,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine two threads "
                          "wait on each other at every small op, and the alone runs suffer most)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where both sides train (cuda: timed by the wall clock, the loops "
+                         "synchronise the device)")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        args.clock = "wall"   # CPU time says nothing of the GPU's
     import types
 
     import torch
@@ -109,8 +114,9 @@ def main(argv=None) -> dict:
     runs = 4 if quick else 16
     plan = {1: dict(steps=60 if quick else 200, warm=10), 32: dict(steps=8 if quick else 30, warm=3)}
     ms = (1, 2, 4, 8, 16)
-    out = {"what": "training images/s, VGG width 0.125, 32x32, CPU; alone = runs one after "
-                   "another, lockstep = train_group", "threads": args.threads or os.cpu_count(),
+    out = {"what": "training images/s, VGG width 0.125, 32x32; alone = runs one after "
+                   "another, lockstep = train_group", "device": args.device,
+           "threads": args.threads or os.cpu_count(),
            "cpus": os.cpu_count(), "clock": args.clock,
            "torch": torch.__version__, "runs_alone_timed": runs, "repeats": repeats,
            "batches": {}}
@@ -122,11 +128,12 @@ def main(argv=None) -> dict:
             curve = {m: [] for m in (ms if batch == 1 else (16,))}
             alone_rates, ratios = [], []
             for _ in range(repeats):
-                a = alone(files, batch, runs, p["steps"], p["warm"], args.threads, root)
+                a = alone(files, batch, runs, p["steps"], p["warm"], args.threads, root,
+                          args.device)
                 alone_rates.append(a)
                 for m in curve:
                     curve[m].append(lockstep(files, batch, m, p["steps"], p["warm"],
-                                             args.threads, root) / a)
+                                             args.threads, root, args.device) / a)
                 ratios.append(curve[16][-1])
             out["batches"][str(batch)] = {
                 "steps_timed": p["steps"], "alone_images_per_s": round(statistics.median(alone_rates), 1),

@@ -7,8 +7,8 @@
 # JPEG decoding on the GPU (--decoder nvjpeg) with Pillow's, run
 # compute-sanitizer, and keep logs and JSON under $OUT (default
 # ./gpu-check-out; 8 files). Each stage runs under `timeout`, even when an
-# earlier one failed, within GPU_CHECK_BUDGET seconds in all (default 400:
-# 6 minutes 40 s); a failed stage prints the end of its log at once. One
+# earlier one failed, within GPU_CHECK_BUDGET seconds in all (default 470:
+# 7 minutes 50 s); a failed stage prints the end of its log at once. One
 # summary is printed last. GPU_CHECK_SKIP=name,name skips stages by name.
 #
 #   bash benchmarks/gpu_check.sh          # or: make gpu-check
@@ -48,7 +48,7 @@ fi
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-400}
+BUDGET=${GPU_CHECK_BUDGET:-470}
 T0=$(date +%s)
 export PY
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # this checkout, installed or not
@@ -131,6 +131,41 @@ stage profile 60 "$OUT/train.log" "$PY" benchmarks/profile_gpu_reorder.py
 stage nvjpeg-tests 40 "$OUT/train.log" \
     "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider -m gpu -s tests/sources/test_gpu_decode.py
 stage nvjpeg-bench 55 "$OUT/train.log" "$PY" benchmarks/bench_gpu_decode.py --budget 40
+
+# 5d. lockstep training on the GPU (issue 22): 16 VGG runs one after another against the
+# same runs in lockstep, batch 1 and 32, and the speed-up curve over M (JSON in train.log)
+stage lockstep 90 "$OUT/train.log" "$PY" benchmarks/bench_lockstep.py --device cuda --quick
+
+# 5e. Nsight Systems timelines (GPU issue, item 6): `porder reorder --device cuda` on 50,000
+# CIFAR-sized images, and a short lockstep run; their kernel, API and memory-copy
+# summaries (nsys stats) go to train.log (the .nsys-rep files stay on the device: at
+# most 8 files come back)
+NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys \
+       2> /dev/null | head -n 1)
+if [[ -n $NSYS ]]; then
+    TL=$(mktemp -d)
+    stage nsys-reorder 60 "$OUT/train.log" "$NSYS" profile --force-overwrite true -t cuda,nvtx,osrt \
+        -o "$TL/reorder" "$PY" -m porder reorder --device cuda -m mi -p 8 --no-progress \
+        --overwrite synthetic:50000 "$TL/reorder.h5"
+    stage nsys-lockstep 60 "$OUT/train.log" "$NSYS" profile --force-overwrite true -t cuda,nvtx,osrt \
+        -o "$TL/lockstep" "$PY" -c "
+import sys; sys.argv = ['bench_lockstep']
+sys.path.insert(0, 'benchmarks')
+import bench_lockstep as b, tempfile, pathlib
+from porder.train.lockstep import train_group
+with tempfile.TemporaryDirectory() as d:
+    root = pathlib.Path(d)
+    files = [b.make_file(root / 'a.h5'), b.make_file(root / 'b.h5')]
+    print('lockstep img/s', b.lockstep(files, 1, 16, 200, 10, None, root, 'cuda'))
+"
+    for r in reorder lockstep; do
+        [[ -f $TL/$r.nsys-rep ]] || continue
+        "$NSYS" stats -q --report cuda_gpu_kern_sum,cuda_api_sum,cuda_gpu_mem_time_sum \
+            "$TL/$r.nsys-rep" >> "$OUT/train.log" 2>&1
+    done
+else
+    ROWS+=("nsys|skipped: no nsys|0")
+fi
 
 # 6. compute-sanitizer: out-of-bounds accesses and shared-memory races in the kernels
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
