@@ -662,3 +662,19 @@ def test_an_unreadable_image_is_one_store_error(cache, tmp_path):
     with pytest.raises(StoreError, match=rf"^cannot read '{path}': Can't read data \(inflate\(\) "
                                          rf"failed\) \(the file is damaged or not a porder file\)$"):
         ds[1]
+
+
+def test_streamed_blocks_join_small_chunks(tmp_path):
+    """A streamed block is whole chunks: one chunk of 1 MiB or more (32x32 files, as before),
+    several when chunks are small (files above 32x32 keep chunks within 1 MiB)."""
+    import h5py
+
+    from porder.data import STREAM_BLOCK_BYTES, _block_rows
+
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        big = f.create_dataset("a", (4096, 32, 32, 3), np.uint8, chunks=(512, 32, 32, 3))
+        small = f.create_dataset("b", (600, 224, 224, 3), np.uint8, chunks=(6, 224, 224, 3))
+        assert _block_rows(big) == 512
+        rows = _block_rows(small)
+        assert rows % 6 == 0 and rows > 6
+        assert rows * 224 * 224 * 3 <= STREAM_BLOCK_BYTES
