@@ -136,8 +136,6 @@ def estimate_bytes(rows: int, size: int, k: int) -> int:
     return int(rows) * row + META_BYTES
 
 
-
-
 class Writer:
     """Append reordered batches to a new porder file, one batch at a time.
 

@@ -13,6 +13,14 @@ from porder.backend import cuda_available
 REPO = Path(__file__).resolve().parents[1]
 
 
+def case_failures(results: list[dict], seconds: float) -> list[str]:
+    """One line per fuzz case a worker reported problems for or that took over ``seconds``."""
+    failures = [f"case {r['case']} ({r['what']}): exit {r['code']}: {'; '.join(r['problems'])}"
+                f": {r['output'][-300:]!r}" for r in results if r["problems"]]
+    return failures + [f"case {r['case']} ({r['what']}): took {r['seconds']:.1f} s"
+                       for r in results if r["seconds"] > seconds]
+
+
 def run_fuzz_worker(module: str, *args) -> list[dict]:
     """Run the seeded fuzz worker ``tests.<module>`` in a subprocess and return its JSON rows.
 

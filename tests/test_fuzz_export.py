@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from .conftest import run_fuzz_worker, small_cache
+from .conftest import case_failures, run_fuzz_worker, small_cache
 
 CASES = 48            # half corrupted caches (6 of each corruption), half hostile folders
 SECONDS = 20.0        # per export: generous bounded time on a loaded machine
@@ -25,10 +25,7 @@ def test_export_over_corrupted_caches_and_hostile_folders(tmp_path, seed):
     rows = run_fuzz_worker("fuzz_export", base, work, seed, CASES)
     results = [r for r in rows if "code" in r]
     assert len(results) == CASES
-    failures = [f"case {r['case']} ({r['what']}): exit {r['code']}: {'; '.join(r['problems'])}"
-                f": {r['output'][-300:]!r}" for r in results if r["problems"]]
-    failures += [f"case {r['case']} ({r['what']}): took {r['seconds']:.1f} s"
-                 for r in results if r["seconds"] > SECONDS]
+    failures = case_failures(results, SECONDS)
     assert not failures, "\n".join(failures)
     # the fuzz reaches both ends: exports written (onto earlier ones too) and refusals
     codes = Counter((r["case"] % 2, r["code"]) for r in results)

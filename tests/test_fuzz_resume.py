@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from .conftest import run_fuzz_worker
+from .conftest import case_failures, run_fuzz_worker
 
 CASES = 22            # 2 of each of the 11 kinds of mutation
 SECONDS = 20.0        # per resume: generous bounded time on a loaded machine
@@ -22,10 +22,7 @@ def test_resume_over_mutated_runs_and_caches(tmp_path, seed):
     rows = run_fuzz_worker("fuzz_resume", tmp_path, seed, CASES)
     results = [r for r in rows if "code" in r]
     assert len(results) == CASES
-    failures = [f"case {r['case']} ({r['what']}): exit {r['code']}: {'; '.join(r['problems'])}"
-                f": {r['output'][-300:]!r}" for r in results if r["problems"]]
-    failures += [f"case {r['case']} ({r['what']}): took {r['seconds']:.1f} s"
-                 for r in results if r["seconds"] > SECONDS]
+    failures = case_failures(results, SECONDS)
     assert not failures, "\n".join(failures)
     # the fuzz reaches both ends: runs finished and resumes refused
     codes = Counter(r["code"] for r in results)

@@ -12,17 +12,15 @@ proxy came out 0.6-0.9x the real group step (VGG width 0.125, batch 1, M = 2..16
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig
-from .device import autocast, resolve_device, sync, torch_settings
+from .device import resolve_device, sync, torch_settings
 from .fm import insert_fm_reorder
-from .lockstep import StackedNet
+from .lockstep import StackedNet, group_step
 from .models import build_model
-from .timing import StepTiming
+from .timing import StepTiming, timed_steps
 
 
 def time_group_steps(cfg: TrainConfig, m: int, *, num_classes: int, size: int,
@@ -63,31 +61,13 @@ def time_group_steps(cfg: TrainConfig, m: int, *, num_classes: int, size: int,
         x = torch.randn(cfg.batch_size, m * 3, size, size, device=device)   # (B, M*3, S, S)
         y = torch.randint(0, num_classes, (m, cfg.batch_size), device=device)  # (M, B)
 
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+
         def step():
-            with autocast(device, cfg):
-                logits = net.forward(x, True)                              # (M, B, classes)
-                losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                         reduction="none").view(m, -1).mean(1)   # (M,)
-            opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            opt.step()
+            group_step(net, opt, scaler, x, y, cfg, device)
             sync(device)
 
-        warm = 0
-        for _ in range(warmup):
-            t0 = time.perf_counter()
-            step()
-            warm += 1
-            if time.perf_counter() - t0 > min_time:
-                break
-        times, t_start = [], time.perf_counter()
-        while len(times) < max_steps:
-            elapsed = time.perf_counter() - t_start
-            if times and elapsed >= min_time and (len(times) >= 3 or elapsed >= 3 * min_time):
-                break
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+        times, warm = timed_steps(step, warmup=warmup, min_time=min_time, max_steps=max_steps)
         threads = torch.get_num_threads()
     return StepTiming(step_s=statistics.median(times), eval_image_s=float("nan"),
                       steps_timed=len(times), warmup=warm, eval_images=0, device=device,

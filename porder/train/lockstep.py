@@ -280,8 +280,9 @@ def _unstack_optimizer(net: StackedNet, opt, opts, models) -> None:
         if not st:
             continue
         for i, o in enumerate(opts):
-            o.state[params[i][n]] = {"step": st["step"].clone(), "exp_avg": st["exp_avg"][i].clone(),
-                          "exp_avg_sq": st["exp_avg_sq"][i].clone()}
+            o.state[params[i][n]] = {"step": st["step"].clone(),
+                                     "exp_avg": st["exp_avg"][i].clone(),
+                                     "exp_avg_sq": st["exp_avg_sq"][i].clone()}
 
 
 # --------------------------------------------------------------------------- memory
@@ -508,14 +509,7 @@ def _stretch(part: list, stop: int, device: str) -> None:
             with memory_hint(f"training {m} {cfg.arch} models in lockstep (--batch-size "
                              f"{cfg.batch_size}, --width {cfg.width:g})",
                              "train fewer runs at once (or lower --batch-size)"):
-                with autocast(device, cfg):
-                    logits = net.forward(x, True)                  # (M, B, classes)
-                    losses = F.cross_entropy(loss_input(logits).flatten(0, 1), y.flatten(),
-                                             reduction="none").view(m, -1).mean(1)   # (M,)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(losses.sum()).backward()
-                scaler.step(opt)
-                scaler.update()
+                logits, losses = group_step(net, opt, scaler, x, y, cfg, device)
             step += 1
             for r in runs:
                 r.step = step
@@ -538,6 +532,21 @@ def _stretch(part: list, stop: int, device: str) -> None:
                     reported = now
                 for i, r in enumerate(runs):
                     r.report(interval.running(i) if running else None)
+
+
+def group_step(net: StackedNet, opt, scaler, x: torch.Tensor, y: torch.Tensor,
+               cfg: TrainConfig, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Adam step of the group on inputs ``x`` (B, M*3, S, S) and labels ``y`` (M, B):
+    (logits (M, B, classes), each model's mean loss (M,))."""
+    with autocast(device, cfg):
+        logits = net.forward(x, True)                                  # (M, B, classes)
+        losses = F.cross_entropy(loss_input(logits).flatten(0, 1), y.flatten(),
+                                 reduction="none").view(net.m, -1).mean(1)   # (M,)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(losses.sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    return logits, losses
 
 
 def _report(members: list) -> None:

@@ -54,6 +54,29 @@ def _step(model, opt, x, y, device: str, cfg: TrainConfig) -> None:
     opt.step()
 
 
+def timed_steps(step, *, warmup: int, min_time: float, max_steps: int) -> tuple[list, int]:
+    """Run ``step()`` (which synchronises the device) ``warmup`` times untimed (fewer when
+    one takes more than ``min_time``), then timed until ``min_time`` seconds have passed
+    and 3 steps were timed (1 step when it alone takes ``3 * min_time``), or
+    ``max_steps`` were timed: (seconds of each timed step, warm-up steps run)."""
+    warm = 0
+    for _ in range(warmup):          # a step slower than min_time is warm-up enough
+        t0 = time.perf_counter()
+        step()
+        warm += 1
+        if time.perf_counter() - t0 > min_time:
+            break
+    times, t_start = [], time.perf_counter()
+    while len(times) < max_steps:    # >= min_time seconds and >= 3 steps, or 1 slow step
+        elapsed = time.perf_counter() - t_start
+        if times and elapsed >= min_time and (len(times) >= 3 or elapsed >= 3 * min_time):
+            break
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times, warm
+
+
 def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2,
                min_time: float = 1.0, max_steps: int = 20,
                eval_images: int = 32) -> StepTiming:
@@ -97,23 +120,12 @@ def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2
         x = torch.randn(cfg.batch_size, 3, size, size, device=device)    # (B, 3, S, S)
         y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
         model.train()
-        warm = 0
-        for _ in range(warmup):          # a step slower than min_time is warm-up enough
-            t0 = time.perf_counter()
+
+        def step():
             _step(model, opt, x, y, device, cfg)
             sync(device)
-            warm += 1
-            if time.perf_counter() - t0 > min_time:
-                break
-        times, t_start = [], time.perf_counter()
-        while len(times) < max_steps:    # >= min_time seconds and >= 3 steps, or 1 slow step
-            elapsed = time.perf_counter() - t_start
-            if times and elapsed >= min_time and (len(times) >= 3 or elapsed >= 3 * min_time):
-                break
-            t0 = time.perf_counter()
-            _step(model, opt, x, y, device, cfg)
-            sync(device)
-            times.append(time.perf_counter() - t0)
+
+        times, warm = timed_steps(step, warmup=warmup, min_time=min_time, max_steps=max_steps)
         model.eval()
         with torch.no_grad(), autocast(device, cfg):
             model(torch.randn(2, 3, size, size, device=device))          # warm-up

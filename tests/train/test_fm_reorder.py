@@ -63,12 +63,7 @@ def stand_in(monkeypatch):
     return StandIn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shape_at(model, path, x):

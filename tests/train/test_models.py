@@ -9,12 +9,7 @@ from porder.train.models import MODELS, build_model, count_parameters
 ARCHS = sorted(MODELS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead (and noise on a busy CPU)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("size", [32, 16])
