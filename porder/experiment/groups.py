@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .plan import Plan, run_config
+from ..output import human_bytes
+from .plan import Plan, duration, run_config
 
 LOCKSTEP_MODES = ("auto", "on", "off")
 
@@ -143,10 +144,10 @@ def make_groups(plan: Plan, lockstep: str = "auto", *, threads: Optional[int] = 
             need = size_of(cfg, 2)
             if lockstep == "on":
                 raise ValueError(f"--lockstep on: a group of two {cfg.arch} models needs about "
-                                 f"{mib(need)}, more than the budget of {mib(g.budget)} "
+                                 f"{human_bytes(need)}, more than the budget of {human_bytes(g.budget)} "
                                  f"({g.budget_how}); use --lockstep auto or off, or a smaller "
                                  f"--width or --batch-size")
-            g.notes.append(f"{cfg.arch}: a group of two needs about {mib(need)}, more than "
+            g.notes.append(f"{cfg.arch}: a group of two needs about {human_bytes(need)}, more than "
                            f"the budget: its runs train one after another")
         if m < 2 and lockstep == "auto":
             groups = [Group([r], False, size_of(cfg, 1)) for r in runs]
@@ -178,13 +179,6 @@ def _largest_m(size_of, most: int, budget: int) -> int:
     return lo
 
 
-def mib(n: Optional[float]) -> str:
-    """'12 MiB', '1.5 GiB'."""
-    if n is None:
-        return "?"
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
 def describe_groups(g: Grouping) -> list:
     """The groups as text lines (``--dry-run``)."""
     if g.mode == "off":
@@ -192,18 +186,12 @@ def describe_groups(g: Grouping) -> list:
     together = [grp for grp in g.groups if grp.lockstep]
     lines = [f"lockstep: {g.mode}; {len(together)} group{'s' if len(together) != 1 else ''} "
              f"of models trained together, at most {g.max_group} per group, each within "
-             f"{mib(g.budget)} ({g.budget_how}):"]
+             f"{human_bytes(g.budget)} ({g.budget_how}):"]
     for i, grp in enumerate(g.groups, 1):
         r0 = grp.runs[0]
         what = (f"M={grp.m} in lockstep" if grp.lockstep else "alone")
-        eta = "" if grp.seconds is None else f", est. {_duration(grp.seconds)}"
-        lines.append(f"  group {i}: {r0.arch} {what}, memory est. {mib(grp.bytes)}{eta}: "
+        eta = "" if grp.seconds is None else f", est. {duration(grp.seconds)}"
+        lines.append(f"  group {i}: {r0.arch} {what}, memory est. {human_bytes(grp.bytes)}{eta}: "
                      + ", ".join(f"{r.label}/s{r.seed}" for r in grp.runs))
     lines += [f"  {n}" for n in g.notes]
     return lines
-
-
-def _duration(seconds):
-    from .plan import duration
-
-    return duration(seconds)
