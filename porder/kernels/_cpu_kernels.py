@@ -116,14 +116,6 @@ def trailing_zeros(typingctx, x):
     return x(x), codegen
 
 
-def _row_ptr(context, builder, aty, aval, row, vty):
-    """Pointer (vty*) to row ``row`` of the C-contiguous 2D array aval of type aty."""
-    a = context.make_array(aty)(context, builder, value=aval)
-    base = builder.bitcast(a.data, ir.IntType(8).as_pointer())
-    off = builder.mul(row, builder.extract_value(a.strides, 0))
-    return builder.bitcast(builder.gep(base, [off]), vty.as_pointer())
-
-
 def _ir_class_counts(builder, qb, rdata, g, acc, o, sz, eq, times):
     """IR of :func:`_channel_product` for one class of sz > 3 pixels at rows[o:o + sz]:
     its rows copied to g, then four pixels' counts per pass over them (acc: four
