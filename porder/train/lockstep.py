@@ -77,6 +77,7 @@ from .distributed import dist_env
 from .loop import (
     UNTRAINED,
     Run,
+    evaluate,
     interval_stats,
     load_data,
     loss_input,
@@ -581,8 +582,6 @@ def _evaluate(net: StackedNet, runs: list, device: str) -> list[tuple[float, flo
     n = len(runs[0].data.test_y)
     full = runs[0].step >= cfg.steps                     # the last step: the whole split
     if any(len(r.data.test_y) != n for r in runs):      # test splits of other sizes: alone
-        from .loop import evaluate
-
         net.copy_to([r.model for r in runs])
         return [evaluate(r.model, r.data, r.cfg, device, full=full) for r in runs]
     subset = None if full else eval_indices(n, cfg.eval_images)   # (k,) or None
