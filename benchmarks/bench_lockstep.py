@@ -23,6 +23,19 @@ One torch thread by default (``--threads``): under load, two threads on two shar
 cores make every small op of a batch-1 run wait (measured: alone at batch 1 fell
 from ~270 to 36 images/s), which flatters lockstep.
 
+The ceiling (batch 1, M = 16; ``ceiling`` in the JSON): the most lockstep could
+gain on this machine. A lockstep step cannot take less than its convolutions'
+matrix products plus its Adam step, so the benchmark times exactly those, with
+the same clock and threads: every convolution's three GEMMs (forward, weight
+gradient, input gradient; the first layer has no input gradient) as ``torch.bmm``
+over the 16 models at the layer's shapes, in the faster of the two operand
+orders, and one fused Adam step over 16 models' parameters, best of 5 each.
+Everything else a step does (im2col, BatchNorm, ReLU, max-pool, the loss, batch
+preparation) counts as free. ``speedup`` is then (16 images / that time) over the
+alone rate: a lockstep implementation with GEMM-based convolutions that ran
+every GEMM as fast as MKL's batched GEMM runs it, and did nothing else, would
+reach it and no more.
+
 Prints JSON; ``--out DIR`` also writes ``DIR/lockstep.json``.
 """
 from __future__ import annotations
@@ -79,6 +92,73 @@ def lockstep(files, batch, m, steps, warm, threads, root, device="cpu") -> float
     if bad:
         raise bad[0]
     return sum(_rate(r.rows) for r in results)
+
+
+def _best(fn, clock, repeats: int = 5, n: int = 20) -> float:
+    """Best seconds per call of ``fn`` over ``repeats`` rounds of ``n`` calls (after a warm-up)."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = clock()
+        for _ in range(n):
+            fn()
+        best = min(best, (clock() - t) / n)
+    return best
+
+
+def conv_gemms(model, size: int = 32, batch: int = 1) -> list[tuple[int, int, int]]:
+    """The (rows, inner, cols) of every GEMM a training step of ``model`` does for its
+    convolutions on (batch, 3, size, size) inputs: forward (Cout, K) @ (K, N), weight
+    gradient (Cout, N) @ (N, K), input gradient (K, Cout) @ (Cout, N), with K = Cin/groups
+    * kh * kw and N = batch * output pixels; no input gradient for the first layer."""
+    import torch
+    from torch import nn
+
+    convs = []
+
+    def hook(mod, args, out):
+        convs.append((mod, out.shape[0] * out.shape[2] * out.shape[3]))
+
+    handles = [mod.register_forward_hook(hook) for mod in model.modules()
+               if isinstance(mod, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(batch, 3, size, size))
+    for h in handles:
+        h.remove()
+    shapes = []
+    for i, (mod, n) in enumerate(convs):
+        k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        shapes += [(mod.out_channels, k, n), (mod.out_channels, n, k)]
+        if i:
+            shapes.append((k, mod.out_channels, n))
+    return shapes
+
+
+def ceiling(alone_rate: float, clock, m: int = 16, batch: int = 1) -> dict:
+    """The speed-up over ``alone_rate`` of a lockstep step of ``m`` models that did only
+    its convolutions' GEMMs (batched over the models) and its Adam step (module docstring)."""
+    import torch
+
+    from porder.train.models import build_model
+
+    model = build_model("vgg", num_classes=10, in_size=32, width=0.125)
+    gemm = 0.0
+    for rows, inner, cols in conv_gemms(model, batch=batch):
+        a, b = torch.randn(m, rows, inner), torch.randn(m, inner, cols)
+        at, bt = torch.randn(m, cols, inner), torch.randn(m, inner, rows)   # (AB)^T = B^T A^T
+        gemm += min(_best(lambda: torch.bmm(a, b), clock), _best(lambda: torch.bmm(at, bt), clock))
+    params = [torch.zeros(m, *p.shape, requires_grad=True) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(params, lr=1e-4, fused=True)
+    adam = _best(opt.step, clock, n=5)
+    rate = m * batch / (gemm + adam)
+    return {"m": m, "batch": batch, "gemm_ms": round(gemm * 1e3, 3),
+            "gemm_gflop_per_s": round(sum(2 * m * r * i * c for r, i, c in
+                                          conv_gemms(model, batch=batch)) / gemm / 1e9, 1),
+            "adam_ms": round(adam * 1e3, 3), "images_per_s": round(rate, 1),
+            "speedup": round(rate / alone_rate, 2)}
 
 
 def main(argv=None) -> dict:
@@ -142,6 +222,11 @@ def main(argv=None) -> dict:
                 "speedup_16": round(statistics.median(ratios), 2),
                 "speedup_vs_m": {str(m): round(statistics.median(v), 2) for m, v in curve.items()},
                 "target": 8.0 if batch == 1 else 1.5}
+            if batch == 1 and args.device == "cpu":
+                torch.set_num_threads(args.threads or os.cpu_count())
+                out["ceiling"] = ceiling(statistics.median(alone_rates),
+                                         time.process_time if args.clock == "process"
+                                         else time.perf_counter)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return write_report(out, args.out, "lockstep.json")
 

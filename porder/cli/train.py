@@ -395,7 +395,8 @@ def _list_option(kind, name, plural, example, check=None):
              "fits the memory: a share of the free RAM, or of the GPU's free memory). off: "
              "one after another. on: as auto, but fail when no group of two fits. Results "
              "and run folders are the same either way.")
-@shared_option("workers")
+@shared_option("workers", help="CPU threads porder uses: the caches' decoding and scoring, "
+                                "and torch's threads for training [default: all cores].")
 @option("--dry-run", is_flag=True,
         help="Check the source and the runs already in OUT, print the plan (with the "
              "preset's values and the lockstep groups: runs, M, memory) with the estimated "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 from ..output import lock_folder
@@ -62,7 +62,8 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
         Cache options (as for ``porder reorder``).
     device : {'cpu', 'cuda', 'auto'}
     threads : int, optional
-        CPU threads for torch (default: all cores).
+        CPU threads: the caches' decoding and scoring workers, and torch's threads
+        for training (default: all cores).
     dry_run : bool
         Only plan: return the :class:`Plan` without building or training, with
         its lockstep groups (``plan.grouping``) and the estimated time of each
@@ -148,7 +149,9 @@ def _compare(plan: Plan, log, progress_for, cache_progress, *, device, threads, 
             log(f"cache {c.path}: reusing")
             continue
         log(f"cache {c.path}: {'resuming' if c.state == 'resume' else 'building'}")
-        build_cache(c.spec, progress=cache_progress)
+        # -j reaches the caches' decoding and scoring too, not only torch
+        build_cache(c.spec if threads is None else replace(c.spec, workers=threads),
+                    progress=cache_progress)
         c.state = "ready"
     if cache_progress is not None and hasattr(cache_progress, "close"):
         cache_progress.close()

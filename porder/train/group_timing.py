@@ -18,7 +18,7 @@ import torch
 from .config import TrainConfig
 from .device import resolve_device, sync, torch_settings
 from .fm import insert_fm_reorder
-from .lockstep import StackedNet, group_step
+from .lockstep import StackedNet, group_adam, group_step
 from .models import build_model
 from .timing import StepTiming, timed_steps
 
@@ -57,7 +57,7 @@ def time_group_steps(cfg: TrainConfig, m: int, *, num_classes: int, size: int,
                                             seed=cfg.order_seed).to(device))
         net = StackedNet(models, [torch.Generator(device=device).manual_seed(i)
                                   for i in range(m)])
-        opt = torch.optim.Adam(list(net.params.values()), lr=cfg.lr)
+        opt = group_adam(net, cfg.lr)
         x = torch.randn(cfg.batch_size, m * 3, size, size, device=device)   # (B, M*3, S, S)
         y = torch.randint(0, num_classes, (m, cfg.batch_size), device=device)  # (M, B)
 

@@ -255,10 +255,16 @@ class StackedNet:
         return torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2))
 
 
+def group_adam(net: StackedNet, lr: float) -> torch.optim.Optimizer:
+    """The group's optimizer: one Adam over the stacked parameters, fused as a run's own
+    (:class:`porder.train.loop.Run`), so M Adams elementwise."""
+    return torch.optim.Adam(list(net.params.values()), lr=lr, fused=True)
+
+
 def _stack_optimizer(net: StackedNet, opts: Sequence[torch.optim.Optimizer],
                      models: Sequence[nn.Module], lr: float) -> torch.optim.Optimizer:
-    """One Adam over the stacked parameters, with the runs' Adam states stacked."""
-    opt = torch.optim.Adam(list(net.params.values()), lr=lr, fused=True)
+    """:func:`group_adam`, with the runs' Adam states stacked."""
+    opt = group_adam(net, lr)
     params = [dict(mm.named_parameters()) for mm in models]
     for n in net.params:
         states = [o.state.get(p[n]) for o, p in zip(opts, params)]

@@ -238,3 +238,21 @@ def test_defaults_agree_between_the_cli_and_the_library():
     assert "compare defaults to 0.25" in text(train_cmd)
     # One grammar (issue 19): --device defaults to auto in every command.
     assert defaults(reorder_cmd)["device"] == defaults(train_cmd)["device"] == cli["device"] == "auto"
+
+
+def test_workers_reach_the_cache_builds(tmp_path, monkeypatch):
+    """`compare -j N` sets the caches' decoding and scoring workers, not only torch's threads."""
+    import porder.pipeline as pipeline
+
+    seen = []
+    real = pipeline.build_cache
+
+    def spy(spec, **kw):
+        seen.append(spec.workers)
+        return real(spec, **kw)
+
+    monkeypatch.setattr(pipeline, "build_cache", spy)
+    args = [SOURCE, "-o", str(tmp_path / "cmp"), "-m", "mi", "-p", "8", "--seeds", "1", *TINY]
+    r = CliRunner().invoke(compare_cmd, args)            # TINY has -j 1
+    assert r.exit_code == 0, r.output
+    assert seen == [1, 1]          # none and mi-p8, each built with one worker
