@@ -17,6 +17,9 @@ from .measures import get_measure
 
 #: The CNNs of :mod:`porder.train.models` (``porder train --arch``).
 ARCHS = ("vgg", "resnet", "inception")
+#: How the networks normalise: BatchNorm (the published networks) or GroupNorm (no batch
+#: statistics; ``porder.train.models.to_group_norm``).
+NORMS = ("batch", "group")
 #: Where the networks train: ``auto`` is CUDA when torch sees a GPU.
 DEVICES = ("cpu", "cuda", "auto")
 #: Largest ``--width``: 16 x the published channel counts (VGG's last layers: 8,192 channels).

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..measures import MEASURES
-from ..trainspec import ARCHS, DEVICES, FM_POINTS_HELP, MAX_WIDTH, split_items
+from ..trainspec import ARCHS, DEVICES, FM_POINTS_HELP, MAX_WIDTH, NORMS, split_items
 from .common import (
     SEED,
     FiniteFloat,
@@ -50,6 +50,12 @@ SHARED_OPTIONS = {
                                                "[default: all cores].")),
     "progress": (("--progress/--no-progress",), dict(default=None)),
     "eval_images": (("--eval-images",), dict(type=IntRange(min=1), default=None, metavar="N")),
+    "norm": (("--norm",), dict(
+        type=click.Choice(NORMS), default="batch", show_default=True,
+        help="The networks' normalisation layers: batch (BatchNorm, the published networks) "
+             "or group (GroupNorm, 32 groups: no batch statistics). At batch size 1 BatchNorm "
+             "normalises each image by its own statistics and VGG and Inception stay at "
+             "chance (ResNet learns); GroupNorm learns at any batch size.")),
 }
 
 
@@ -184,6 +190,7 @@ class TrainProgress:
 @shared_option("width", default=1.0, help="Channel multiplier: 1.0 = the published networks, "
                "as in the paper; 0.125-0.25 trains many times faster on a CPU (compare "
                "defaults to 0.25: it trains many runs).")
+@shared_option("norm")
 @shared_option("lr")
 @shared_option("batch_size", help="Images per step; 1 = online training, as in the paper.")
 @shared_option("steps", help="Optimizer steps.")
@@ -213,7 +220,7 @@ class TrainProgress:
 @shared_option("progress",
                help="Progress bar [default: on a terminal; a line per evaluation otherwise].")
 @json_option
-def train(file, arch, width, lr, batch_size, steps, eval_every, eval_images, seed, device, out,
+def train(file, arch, width, norm, lr, batch_size, steps, eval_every, eval_images, seed, device, out,
           resume, measure, patch, bins, fm_reorder, workers, progress, as_json):
     """Train a CNN with Adam and cross-entropy on a porder HDF5 FILE.
 
@@ -235,7 +242,7 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, eval_images, see
     \b
     Examples:
       porder train c100-mi8.h5 --arch vgg --width 0.25 --steps 2000
-      porder train c100-mi8.h5 --arch inception --batch-size 1 --lr 1e-4
+      porder train c100-mi8.h5 --arch inception --batch-size 1 --lr 1e-4 --norm group
       porder train baseline.h5 --measure mi --patch 4 -o runs/mi4
       porder train c100-mi8.h5 -o runs/vgg --resume --json
       porder train none.h5 --arch resnet --fm-reorder stem:mi:4,stage2:mi:4
@@ -262,7 +269,7 @@ def train(file, arch, width, lr, batch_size, steps, eval_every, eval_images, see
     cfg = TrainConfig(arch=arch, width=width, lr=lr, batch_size=batch_size, steps=steps,
                       eval_every=eval_every, seed=seed, device=device, reorder=measure,
                       patch=patch, bins=bins, threads=workers, fm_reorder=fm,
-                      eval_images=eval_images)
+                      eval_images=eval_images, norm=norm)
     compile_s = _compile_first(device, [measure] if measure else [], fm) if rank == 0 else None
     # One reporter for a torchrun job: rank 0's; other ranks print only their errors.
     hint = (f" (a smaller --width than {width:g}, e.g. 0.25, is much faster on a CPU)"
@@ -373,6 +380,7 @@ def _list_option(kind, name, plural, example, check=None):
 @shared_option("width", default=0.25, help="Channel multiplier of every network; 0.25, not "
                "train's 1.0 (the published size), because a comparison trains measures x "
                "patches x seeds runs.")
+@shared_option("norm")
 @shared_option("lr")
 @shared_option("batch_size", help="Images per step (1 = online training).")
 @shared_option("eval_every", default=50, help="Steps between test evaluations; 50, not train's "
@@ -405,7 +413,7 @@ def _list_option(kind, name, plural, example, check=None):
 @shared_option("progress", help="Progress bars [default: on a terminal; plain lines otherwise].")
 @json_option
 @click.pass_context
-def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, width, lr,
+def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, width, norm, lr,
             batch_size, eval_every, size, bins, test_fraction, device, eval_images, lockstep,
             workers, dry_run, progress, as_json):
     """Run the paper's comparison: train on SOURCE reordered by each measure.
@@ -437,7 +445,7 @@ def compare(ctx, source, out, preset, measures, patches, archs, seeds, steps, wi
 
     opts = dict(measures=measures, patches=patches, archs=archs, seeds=seeds, steps=steps,
                 width=width, lr=lr, batch_size=batch_size, eval_every=eval_every, size=size,
-                bins=bins, test_fraction=test_fraction, eval_images=eval_images)
+                bins=bins, test_fraction=test_fraction, eval_images=eval_images, norm=norm)
     given = {k: v for k, v in opts.items() if _given(ctx, k)}
     if preset is not None:
         from ..experiment.preset import preset_values

@@ -123,7 +123,8 @@ class Plan:
                  f" seeds {', '.join(map(str, s['seeds']))}",
                  f"  each: {s['steps']} steps, batch {s['batch_size']}, Adam lr {s['lr']}, "
                  f"width {s['width']}, eval every {s['eval_every']}, {s['size']}x{s['size']} "
-                 f"images, device {s['device']}",
+                 f"images, device {s['device']}"
+                 f"{', GroupNorm' if s.get('norm') == 'group' else ''}",
                  *([f"  curve points on {s['eval_images']} of the {self.counts['test']} test "
                     "images (a fixed subset), the last step on all of them"]
                    if s.get("eval_images") and s["eval_images"] < self.counts.get("test", 0)
@@ -254,13 +255,14 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
               seeds=3, steps: int = 1000, width: float = 0.25, lr: float = 1e-3,
               batch_size: int = 32, eval_every: int = 50, size: int = 32, bins: int = 256,
               test_fraction: float = 0.1, device: str = "auto",
-              eval_images: Optional[int] = None) -> Plan:
+              eval_images: Optional[int] = None, norm: str = "batch") -> Plan:
     """Which caches to build and which runs to train, and what is already done.
 
     ``seeds`` is a count (seeds 0..n-1) or a list. ``none`` is added as the
     baseline when missing; it does not depend on the patch size, so it is
     cached and trained once per arch x seed. ``eval_images``: test images of each
     curve point (a fixed subset, ``TrainConfig.eval_images``; None: all of them).
+    ``norm``: the networks' normalisation (``TrainConfig.norm``).
     """
     from ..pipeline import CacheSpec
     from ..train.config import TrainConfig
@@ -306,8 +308,11 @@ def make_plan(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
                     device=device)
     if eval_images is not None:        # absent when unset: compare.json as before
         settings["eval_images"] = eval_images
+    if norm != "batch":                # likewise
+        settings["norm"] = norm
     TrainConfig(arch=archs[0], width=width, lr=lr, batch_size=batch_size, steps=steps,
-                eval_every=eval_every, device=device, eval_images=eval_images).validate()
+                eval_every=eval_every, device=device, eval_images=eval_images,
+                norm=norm).validate()
     plan = Plan(source=source, out=out, settings=settings)
     from ..train.device import resolve_device
 
@@ -372,7 +377,8 @@ def run_config(settings: dict, arch: str, seed: int, fm: Sequence[str] = (),
     return TrainConfig(arch=arch, width=settings["width"], lr=settings["lr"],
                        batch_size=settings["batch_size"], steps=settings["steps"],
                        eval_every=settings["eval_every"], seed=seed, device=settings["device"],
-                       threads=threads, eval_images=settings.get("eval_images"), **extra)
+                       threads=threads, eval_images=settings.get("eval_images"),
+                       norm=settings.get("norm", "batch"), **extra)
 
 
 def _source_counts(source: str, *, size: int, test_fraction: float) -> dict:

@@ -37,7 +37,7 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
             steps: int = 1000, width: float = 0.25, lr: float = 1e-3, batch_size: int = 32,
             eval_every: int = 50, size: int = 32, bins: int = 256, test_fraction: float = 0.1,
             device: str = "auto", threads: Optional[int] = None, dry_run: bool = False,
-            lockstep: str = "auto", eval_images: Optional[int] = None,
+            lockstep: str = "auto", eval_images: Optional[int] = None, norm: str = "batch",
             log: Optional[Log] = None,
             progress_for: Optional[Callable] = None,
             cache_progress: Optional[Callable] = None):
@@ -80,6 +80,9 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
         Test images of each curve point: a fixed seeded subset of the test
         split, the same for every run (the last step is always evaluated on
         the whole split). None: the whole split at every point.
+    norm : str
+        ``batch`` (BatchNorm) or ``group`` (GroupNorm) in every network
+        (``TrainConfig.norm``; see :func:`porder.train.models.to_group_norm`).
     log : callable(str), optional
         Receives one line per stage.
     progress_for : callable(description) -> Progress, optional
@@ -104,7 +107,7 @@ def compare(source: str, out, *, measures: Sequence[str] = ("none", "mi"),
     options = dict(measures=measures, patches=patches, archs=archs, seeds=seeds, steps=steps,
                    width=width, lr=lr, batch_size=batch_size, eval_every=eval_every, size=size,
                    bins=bins, test_fraction=test_fraction, device=device,
-                   eval_images=eval_images)
+                   eval_images=eval_images, norm=norm)
     if dry_run:
         plan = make_plan(source, out, **options)
         if not plan.conflicts:      # a plan that cannot go on is not worth timing

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..trainspec import ARCHS, DEVICES, FM_POINTS, MAX_SEED, MAX_WIDTH, parse_fm_spec
+from ..trainspec import ARCHS, DEVICES, FM_POINTS, MAX_SEED, MAX_WIDTH, NORMS, parse_fm_spec
 
 # Metrics fields that measure time, not learning: they differ between runs.
 TIMING_FIELDS = ("images_per_s", "wall_s", "data_wait", "eval_s")
 # Config fields that must match to resume a run (the rest may change: steps, device, ...).
 IDENTITY = ("arch", "width", "lr", "batch_size", "eval_every", "seed", "reorder", "patch",
-            "bins", "order_seed", "amp", "fm_reorder", "eval_images")
+            "bins", "order_seed", "amp", "fm_reorder", "eval_images", "norm")
 # The value an IDENTITY field had before it existed (runs saved by an older porder).
-IDENTITY_DEFAULTS = {"fm_reorder": [], "eval_images": None}
+IDENTITY_DEFAULTS = {"fm_reorder": [], "eval_images": None, "norm": "batch"}
 # Seed of the held-out evaluation subset (eval_images): one subset for every run of a file,
 # whatever the run's seed, so that runs compared seed by seed are scored on the same images.
 EVAL_SUBSET_SEED = 0
@@ -34,6 +34,7 @@ class TrainConfig:
 
     arch: str = "vgg"               # one of ARCHS (models.MODELS): vgg | resnet | inception
     width: float = 1.0              # channel multiplier (1.0 = the published widths)
+    norm: str = "batch"             # batch (BatchNorm) | group (GroupNorm: models.to_group_norm)
     lr: float = 1e-3                # Adam learning rate (betas 0.9/0.999, no weight decay)
     batch_size: int = 32            # images per step; 1 = online training, as in the paper
     steps: int = 1000               # optimizer steps (one batch each)
@@ -60,6 +61,9 @@ class TrainConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of "
                              f"{', '.join(ARCHS)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown normalisation (--norm) {self.norm!r}; choose one of "
+                             f"{', '.join(NORMS)}")
         for name in ("batch_size", "steps", "eval_every", "eval_batch", "patch", "bins"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -52,7 +52,8 @@ def time_group_steps(cfg: TrainConfig, m: int, *, num_classes: int, size: int,
         torch.manual_seed(cfg.seed)
         models = []
         for _ in range(m):
-            model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width)
+            model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width,
+                                norm=cfg.norm)
             models.append(insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins,
                                             seed=cfg.order_seed).to(device))
         net = StackedNet(models, [torch.Generator(device=device).manual_seed(i)

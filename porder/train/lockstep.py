@@ -9,18 +9,19 @@ run folder gets exactly what :func:`porder.train.train` writes (config.json,
 metrics.jsonl, checkpoint.pt in the same format, result.json, curves.png), so a
 run started in lockstep resumes alone and the other way round.
 
-Mechanism: models stacked along channels. Activations are (B, M*C, H, W), model
-m's channels in block m; a convolution is one grouped convolution (groups = M)
-over the stacked weights (M, Cout, Cin, k, k); BatchNorm is per channel, so one
-``F.batch_norm`` over the M*C channels with the stacked running statistics is
-M BatchNorms exactly (each model's statistics over its own batch); pooling and
-ReLU act per channel; concatenations (Inception's branches) concatenate per
-model; the classifier is one ``bmm``. Parameters are leaves (M, ...) and one
-Adam over them is M Adams elementwise (same step count, same bias correction).
-Dropout masks are drawn per model from its own generator, in the order and shape
-torch's CPU dropout draws them alone, so on the CPU each model's masks are those
-of its run trained alone; a ``--fm-reorder`` layer is applied to its model's
-channel block.
+Mechanism: models stacked along channels. Activations are (B, M*C, H, W), model m's
+channels in block m; a convolution is one grouped convolution (groups = M) over the
+stacked weights (M, Cout, Cin, k, k); BatchNorm is per channel, so one
+``F.batch_norm`` over the M*C channels with the stacked running statistics is M
+BatchNorms exactly (each model's statistics over its own batch); GroupNorm (``--norm
+group``) is one ``F.group_norm`` with M times the groups (each model's groups lie
+within its channel block); pooling and ReLU act per channel; concatenations
+(Inception's branches) concatenate per model; the classifier is one ``bmm``.
+Parameters are leaves (M, ...) and one Adam over them is M Adams elementwise (same
+step count, same bias correction). Dropout masks are drawn per model from its own
+generator, in the order and shape torch's CPU dropout draws them alone, so on the
+CPU each model's masks are those of its run trained alone; a ``--fm-reorder`` layer
+is applied to its model's channel block.
 
 Why not ``torch.func`` (``stack_module_state`` + ``functional_call`` + ``vmap``):
 vmap's convolution rule builds the same grouped convolution, with a batching
@@ -90,7 +91,7 @@ from .models import VGG, BasicBlock, Inception, ResNet, build_model
 
 # Options that must be equal for runs to share a group (seed, cache, reorder, patch,
 # bins, order_seed and fm_reorder may differ: they act on each model's own data).
-KEY_FIELDS = ("arch", "width", "batch_size", "steps", "eval_every", "lr", "amp",
+KEY_FIELDS = ("arch", "width", "norm", "batch_size", "steps", "eval_every", "lr", "amp",
               "deterministic", "threads", "eval_batch", "eval_images")
 
 
@@ -196,6 +197,9 @@ class StackedNet:
                                 self.params[name + ".weight"].view(-1),
                                 self.params[name + ".bias"].view(-1),
                                 self.training, mod.momentum, mod.eps)
+        if isinstance(mod, nn.GroupNorm):     # groups never straddle two models' blocks
+            return F.group_norm(x, mod.num_groups * self.m, self.params[name + ".weight"].view(-1),
+                                self.params[name + ".bias"].view(-1), mod.eps)
         if isinstance(mod, nn.ReLU):
             return F.relu(x, inplace=mod.inplace)
         if isinstance(mod, nn.MaxPool2d):
@@ -302,7 +306,7 @@ def group_bytes(cfg: TrainConfig, m: int, *, size: int, num_classes: int) -> int
     ``eval_batch`` images (its largest map, three times). Float32 (4 bytes), or
     the default dtype's size. Counted on a model built on the meta device.
     """
-    n_params, acts, largest = _model_counts(cfg.arch, cfg.width, size, num_classes)
+    n_params, acts, largest = _model_counts(cfg.arch, cfg.width, size, num_classes, cfg.norm)
     item = torch.empty((), dtype=torch.get_default_dtype()).element_size()
     train = 4 * n_params * m + 2 * acts * cfg.batch_size * m
     evaluation = 3 * largest * max(cfg.eval_batch, m)
@@ -310,10 +314,11 @@ def group_bytes(cfg: TrainConfig, m: int, *, size: int, num_classes: int) -> int
 
 
 @functools.lru_cache(maxsize=32)
-def _model_counts(arch: str, width: float, size: int, num_classes: int) -> tuple[int, int, int]:
+def _model_counts(arch: str, width: float, size: int, num_classes: int,
+                  norm: str = "batch") -> tuple[int, int, int]:
     """(parameters, activation values per image summed over modules, largest map per image)."""
     with torch.device("meta"):
-        model = build_model(arch, num_classes=num_classes, in_size=size, width=width)
+        model = build_model(arch, num_classes=num_classes, in_size=size, width=width, norm=norm)
         sizes = []
         hooks = [mod.register_forward_hook(lambda _m, _i, out: sizes.append(out[0].numel()))
                  for mod in model.modules() if not list(mod.children())]

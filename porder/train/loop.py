@@ -493,7 +493,8 @@ def _model(cfg: TrainConfig, num_classes: int, size: int, device: str, env: Dist
     """The network of a run, on its device, with its feature-map reordering layers."""
     with memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}",
                       "lower --width"):
-        model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width)
+        model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width,
+                            norm=cfg.norm)
         insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
         if env.active and device == "cuda":   # batch statistics of the global batch
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -111,7 +111,8 @@ def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2
     with torch_settings(device, cfg.deterministic, cfg.threads), torch.random.fork_rng(
             devices=[torch.cuda.current_device()] if device == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width)
+        model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width,
+                            norm=cfg.norm)
         model = insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins,
                                   seed=cfg.order_seed).to(device)
         if device == "cuda":

@@ -67,3 +67,36 @@ def test_cli_choices_match_models():
     from porder.cli.train import ARCHS as CLI_ARCHS
 
     assert sorted(CLI_ARCHS) == ARCHS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_group_norm_replaces_every_batch_norm(arch):
+    from porder.train.models import group_count
+
+    torch.manual_seed(0)
+    bn = build_model(arch, num_classes=10, in_size=16, width=0.125)
+    torch.manual_seed(0)
+    gn = build_model(arch, num_classes=10, in_size=16, width=0.125, norm="group")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in gn.modules())
+    norms = [m for m in gn.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules())
+    assert all(m.num_groups == group_count(m.num_channels) for m in norms)
+    # the same draws: every convolution and linear weight equal, BatchNorm's buffers gone
+    gp, bp = dict(gn.named_parameters()), dict(bn.named_parameters())
+    assert gp.keys() == bp.keys() and all(torch.equal(gp[k], bp[k]) for k in gp)
+    assert not any(k.endswith("running_mean") for k in gn.state_dict())
+    # no batch statistics: an image's output does not depend on the rest of its batch
+    gn.train()
+    for m in gn.modules():
+        if isinstance(m, torch.nn.Dropout):     # Inception's head: masks differ by batch
+            m.eval()
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(gn(x)[:1], gn(x[:1]))
+
+
+def test_group_count():
+    from porder.train.models import group_count
+
+    assert [group_count(c) for c in (64, 48, 24, 10, 7, 1)] == [32, 16, 8, 2, 1, 1]
+    with pytest.raises(ValueError, match="unknown normalisation 'layer'"):
+        build_model("vgg", num_classes=2, norm="layer")

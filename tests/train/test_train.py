@@ -287,3 +287,29 @@ def test_train_progress_after_resume_counts_only_new_steps(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[1] == "d: 1.00 steps/s, 10 img/s: the 2000 steps will take about 25.0 min in " \
                      "all, 24.8 min from now (hint)"
+
+
+def test_norm_option(tmp_path):
+    """--norm group trains, is recorded, and decides whether a run resumes; an older run's
+    config without the field counts as BatchNorm."""
+    from porder.train.config import identity_diff
+
+    with pytest.raises(ValueError, match=r"unknown normalisation \(--norm\) 'layer'"):
+        cfg(norm="layer").validate()
+    from dataclasses import asdict
+
+    old = {k: v for k, v in asdict(cfg()).items() if k != "norm"}      # a run saved before
+    assert identity_diff(old, cfg()) == [] and identity_diff(old, cfg(norm="group")) == ["norm"]
+    path = write_file(tmp_path / "d.h5")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(train_cmd, [str(path), "-o", str(out), "--norm", "group", "--width",
+                                       "0.0625", "--steps", "2", "--eval-every", "1", "-b", "4",
+                                       "--device", "cpu", "-j", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["config"]["norm"] == "group"
+    model = torch.load(out / CHECKPOINT, weights_only=True)["model"]
+    assert not any(k.endswith("running_var") for k in model)
+    r = CliRunner().invoke(train_cmd, [str(path), "-o", str(out), "--resume", "--steps", "3",
+                                       "--width", "0.0625", "-b", "4", "--eval-every", "1",
+                                       "--device", "cpu", "-j", "1", "--no-progress"])
+    assert r.exit_code != 0 and "norm" in r.output
