@@ -181,8 +181,13 @@ def _mean_std(mean, std) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Normalize:
-    """``(x - mean) / std`` per channel, in float32, on the 0..255 scale: the
-    normalisation of ``output='float'`` and ``porder train``, as a transform.
+    """``(x - mean) / std`` per channel, on the 0..255 scale: the normalisation of
+    ``output='float'`` and ``porder train``, as a transform.
+
+    The one implementation of it: :class:`PorderDataset` (``output='float'``),
+    :class:`BatchLoader` and ``porder train`` (:class:`porder.train.batches.Data`)
+    all call :meth:`apply` (one image or a batch, channels first) or :meth:`batch`
+    (a stored uint8 batch to a model's input).
 
     A picklable callable for the end of a ``transforms.Compose``: after
     photometric transforms on the uint8 image it gives exactly the numbers
@@ -192,19 +197,28 @@ class Normalize:
     ----------
     mean, std : sequence of 3 floats
         R, G, B on the 0..255 scale, std > 0 (e.g. :func:`channel_stats`).
+    dtype : torch.dtype, optional
+        A floating dtype the result is computed and returned in: float32
+        (default); ``porder train`` passes torch's default dtype (float64 in
+        the equivalence tests, so that float64 models get float64 inputs).
 
     Notes
     -----
     Takes a tensor (3, H, W) or (N, 3, H, W), uint8 or real, on any device;
-    returns float32 ``(x.float() - mean) / std``. :meth:`from_file` uses a
-    file's training statistics, as ``output='float'`` does.
+    returns ``(x.to(dtype) - mean) / std``, mean and std rounded to ``dtype``.
+    :meth:`from_file` uses a file's training statistics, as ``output='float'``
+    does.
     """
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, *, dtype=torch.float32):
         mean, std = _mean_std(mean, std)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"Normalize needs a floating dtype (torch.float32, ...), got "
+                             f"{dtype!r}")
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self._tensors = {}           # device -> (mean, std) float32 (3, 1, 1)
+        self.dtype = dtype
+        self._tensors = {}           # device -> (mean, std) in dtype, (3, 1, 1)
 
     @classmethod
     def from_file(cls, path) -> Normalize:
@@ -219,26 +233,43 @@ class Normalize:
             raise ValueError(f"Normalize takes real images, got dtype {x.dtype}")
         return self.apply(x)
 
-    def apply(self, x):
-        """:meth:`__call__` without its checks of ``x`` (the Dataset's own images)."""
-        t = self._tensors.get(x.device)
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as tensors (3, 1, 1) of :attr:`dtype` on ``device`` (made once per device)."""
+        device = torch.device(device)
+        t = self._tensors.get(device)
         if t is None:
-            t = self._tensors[x.device] = tuple(
-                torch.tensor(v, dtype=torch.float32, device=x.device).view(3, 1, 1)
+            t = self._tensors[device] = tuple(
+                torch.tensor(v, dtype=self.dtype, device=device).view(3, 1, 1)
                 for v in (self.mean, self.std))
-        return (x.float() - t[0]) / t[1]
+        return t
+
+    def apply(self, x):
+        """:meth:`__call__` without its checks of ``x`` (the callers' own images)."""
+        mean, std = self.tensors(x.device)
+        return (x.to(self.dtype) - mean) / std
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """A stored batch, uint8 (B, S, S, 3), as a model's input (B, 3, S, S): normalised,
+        contiguous on a CPU, channels-last memory on CUDA (NHWC is what tensor cores want,
+        and the permuted batch already is). The values are the same either way."""
+        x = images.permute(0, 3, 1, 2)                              # (B, 3, S, S) view
+        if x.is_cuda:
+            return self.apply(x).contiguous(memory_format=torch.channels_last)
+        # On a CPU the float ops run many times faster on contiguous memory.
+        return self.apply(x.contiguous())
 
     def __getstate__(self):
-        return {"mean": self.mean, "std": self.std}
+        return {"mean": self.mean, "std": self.std, "dtype": self.dtype}
 
     def __setstate__(self, state):
-        self.__init__(state["mean"], state["std"])
+        self.__init__(state["mean"], state["std"], dtype=state.get("dtype", torch.float32))
 
     def __repr__(self) -> str:
         def fmt(v):
             return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
-        return f"Normalize(mean={fmt(self.mean)}, std={fmt(self.std)})"
+        dtype = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
+        return f"Normalize(mean={fmt(self.mean)}, std={fmt(self.std)}{dtype})"
 
 
 def _check(split: str, output: str) -> None:
@@ -433,6 +464,54 @@ def _loader_device(device) -> torch.device:
     return dev
 
 
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``: the array itself on a CPU, copied through
+    pinned memory (asynchronously) to a GPU."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def read_rows(path, dataset, index) -> np.ndarray:
+    """Rows ``index`` of an open HDF5 dataset of a porder file, in the order asked.
+
+    Parameters
+    ----------
+    path : path-like
+        The file, for errors (one :class:`~porder.store.StoreError` naming it).
+    dataset : h5py.Dataset
+        E.g. ``f["train/images"]`` (N, S, S, 3).
+    index : int array (B,)
+        Rows in any order, repeats allowed, each in 0..N-1.
+
+    Returns
+    -------
+    array (B, ...) of the dataset's dtype
+
+    Notes
+    -----
+    HDF5 reads a selection in increasing order: the distinct rows are read
+    sorted, each run of consecutive rows in one read straight into the
+    result, then put in the order asked (a copy only when that differs).
+    Memory: the rows read, once (twice when reordered).
+    """
+    index = np.asarray(index, dtype=np.int64).reshape(-1)                  # (B,)
+    rows, inverse = np.unique(index, return_inverse=True)                  # (R,) sorted
+    out = np.empty((len(rows), *dataset.shape[1:]), dataset.dtype)         # (R, ...)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= dataset.shape[0]):
+        raise IndexError(f"rows {rows[0]}..{rows[-1]} of '{path}' asked for; it has "
+                         f"{dataset.shape[0]}")
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1                           # run starts
+    with reading(path):
+        for a, b in zip(np.r_[0, cut], np.r_[cut, len(rows)]):
+            if b > a:
+                dataset.read_direct(out, np.s_[rows[a]:rows[b - 1] + 1], np.s_[a:b])
+    if len(rows) == len(index) and np.array_equal(rows, index):
+        return out
+    return out[inverse.reshape(-1)]
+
+
 # ------------------------------------------------------------------ device batches
 class BatchLoader:
     """Whole batches of one split of a porder file, on the device, for speed.
@@ -538,13 +617,10 @@ class BatchLoader:
         self._classes = len(self.classes)
         self.n = int(meta["splits"][split])
         self.epoch = 0
-        self.mean = self.std = None
+        self.mean = self.std = self._normalize = None
         if output == "float":
             self.mean, self.std = _stats(self.path, mean, std)
-            self._mean_t = torch.tensor(self.mean, dtype=torch.float32,
-                                        device=self.device).view(1, 3, 1, 1)
-            self._std_t = torch.tensor(self.std, dtype=torch.float32,
-                                       device=self.device).view(1, 3, 1, 1)
+            self._normalize = Normalize(self.mean, self.std)
         self._x = self._y = None       # the whole split on the device (buffer=None)
 
     def __len__(self) -> int:
@@ -568,20 +644,12 @@ class BatchLoader:
 
     def _convert(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, S, S, 3) on the device -> (B, 3, S, S) output (porder train's to_input)."""
-        x = images.permute(0, 3, 1, 2)                              # (B, 3, S, S) view
         if self.output == "uint8":
-            return x.contiguous()
-        if x.is_cuda:   # NHWC memory, as porder train feeds its models on CUDA
-            x = (x.float() - self._mean_t) / self._std_t
-            return x.contiguous(memory_format=torch.channels_last)
-        # On a CPU the float ops run many times faster on contiguous memory; same values.
-        return (x.contiguous().float() - self._mean_t) / self._std_t
+            return images.permute(0, 3, 1, 2).contiguous()
+        return self._normalize.batch(images)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return to_device(a, self.device)
 
     def _load_all(self) -> None:
         if self._x is not None:

@@ -94,24 +94,23 @@ def evaluate(model, data: Data, cfg: TrainConfig, device: str, *, rank: int = 0,
     correct answers are all-reduced: every rank returns the same metrics.
     """
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=data.test_x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=data.test_x.device)
-    test_x, test_y = data.test_x, data.test_y                 # (M, S, S, 3), (M,)
-    subset = None if full else eval_indices(len(test_y), cfg.eval_images)
-    if subset is not None:
-        pick = torch.from_numpy(subset).to(test_y.device)
-        test_x, test_y = test_x[pick], test_y[pick]            # (k, S, S, 3), (k,)
-    start, stop = shard_range(len(test_y), (rank, world_size))
+    loss = torch.zeros((), dtype=torch.float64, device=data.test_y.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.test_y.device)
+    subset = None if full else eval_indices(len(data.test_y), cfg.eval_images)
+    pick = None if subset is None else torch.from_numpy(subset).to(data.test_y.device)  # (k,)
+    n = len(data.test_y) if pick is None else len(pick)
+    start, stop = shard_range(n, (rank, world_size))
     for lo in range(start, stop, cfg.eval_batch):
+        # Block by block: a test split streamed from the file is read eval_batch images at a time.
         hi = min(lo + cfg.eval_batch, stop)
-        x = data.to_input(test_x[lo:hi])
-        y = test_y[lo:hi]
+        idx = slice(lo, hi) if pick is None else pick[lo:hi]
+        x = data.to_input(data.test_x[idx])                    # (b, 3, S, S)
+        y = data.test_y[idx]                                   # (b,)
         with autocast(device, cfg):
             logits = model(x)
         loss += F.cross_entropy(loss_input(logits), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
     model.train()
-    n = len(test_y)
     if world_size > 1:
         sums = torch.stack([loss, correct.double()])   # counts < 2**53: exact in float64
         dist.all_reduce(sums)
