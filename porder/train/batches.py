@@ -36,12 +36,22 @@ MEMORY_SHARE = 0.25
 
 
 def data_budget(device) -> tuple[int, str]:
-    """(bytes of images :class:`Data` may hold on ``device``, how that was found, in words):
-    :data:`MEMORY_SHARE` of the RAM available now; on CUDA, of the GPU's free memory when
-    that is less (a split held on the GPU passes through the host as it is read)."""
+    """(bytes of images :class:`Data` may hold on ``device``, how that was found, in words).
+
+    :data:`MEMORY_SHARE` of the RAM available now, shared among the processes torchrun
+    started on this machine (``LOCAL_WORLD_SIZE``: each holds its own copy); on CUDA, of
+    the GPU's free memory when that is less (a split held on the GPU passes through the
+    host as it is read).
+    """
     from .memory import _available_ram
 
     free, where = _available_ram(), "the RAM available now"
+    try:
+        procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        procs = 1
+    if procs > 1:
+        free, where = free // procs, f"{where} / {procs} processes"
     dev = torch.device(device)
     if dev.type == "cuda":
         gpu, _ = torch.cuda.mem_get_info(dev)

@@ -190,6 +190,9 @@ def test_the_budget_is_a_share_of_the_available_ram(monkeypatch):
     assert batches.data_budget("cpu") == (2 * 2**30, "25% of the RAM available now (8.0 GiB)")
     monkeypatch.setattr(batches, "MEMORY_SHARE", 0.5)
     assert batches.data_budget("cpu")[0] == 4 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")     # torchrun: 4 processes, 4 copies
+    assert batches.data_budget("cpu") == (2**30, "50% of the RAM available now / 4 processes "
+                                                 "(2.0 GiB)")
 
 
 # ------------------------------------------------------------------ one normalisation
