@@ -78,7 +78,8 @@ from .validate import check_perm_row, check_rows, reading, whole
 
 OUTPUTS = ("uint8", "float")
 VAR_FLOOR = 1e-6      # std = sqrt(max(var, VAR_FLOOR)), as porder train
-STATS_ROWS = 4096     # images per chunk when summing: the same sums as porder train, bit for bit
+STATS_ROWS = 4096     # images per chunk when summing (a chunk of an array; of a file, below)
+STATS_BYTES = 64 * 2**20   # at most this many bytes of images per chunk read from a file
 
 
 # ------------------------------------------------------------------ normalisation
@@ -87,8 +88,9 @@ def channel_stats(path) -> tuple[np.ndarray, np.ndarray]:
 
     The numbers ``porder train`` normalises with: sums over every pixel of every
     training image in float64, ``mean = E[x]``, ``std = sqrt(max(E[x^2] -
-    mean^2, 1e-6))``. Read in chunks of 4,096 images (bounded memory); cached
-    per file (path, size and modification time) within a process.
+    mean^2, 1e-6))`` (:func:`channel_stats_of`). Read in chunks of at most
+    4,096 images and 64 MiB (bounded memory); cached per file (path, size and
+    modification time) within a process.
 
     Returns
     -------
@@ -108,7 +110,10 @@ def channel_stats(path) -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=16)
 def _channel_stats(path: str, mtime_ns: int, size: int):
-    chunks = iter_split(path, "train", rows=STATS_ROWS, perm=False)
+    with open_file(path) as f:
+        row = int(np.prod(f["train/images"].shape[1:], dtype=np.int64))     # bytes an image
+    rows = max(1, min(STATS_ROWS, STATS_BYTES // max(1, row)))
+    chunks = iter_split(path, "train", rows=rows, perm=False)
     return channel_stats_of((c["images"] for _, c in chunks), source=f"'{path}'")
 
 
@@ -116,17 +121,14 @@ def channel_stats_of(images, *, source: str = "the file") -> tuple[np.ndarray, n
     """Per-channel mean and std of uint8 images (0..255 scale).
 
     The one computation behind :func:`channel_stats` and ``porder train``:
-    sums over every pixel, :data:`STATS_ROWS` images at a time (exact integer
-    sums of each chunk, from histograms: bounded memory at any image size),
-    accumulated in float64, ``mean = E[x]``, ``std = sqrt(max(E[x^2] - mean^2,
-    1e-6))``.
+    ``mean = E[x]``, ``std = sqrt(max(E[x^2] - mean^2, 1e-6))`` over every
+    pixel of every image.
 
     Parameters
     ----------
     images : uint8 array (N, S, S, 3), or an iterable of uint8 arrays (m, S, S, 3)
-        The images, or the images in chunks of :data:`STATS_ROWS` (an array
-        is cut into them). The chunks fix the order of summation: the same
-        images give bit-identical numbers, whether from memory or a file.
+        The images, or the images in chunks of any size (an array is cut into
+        chunks of :data:`STATS_ROWS`).
     source : str
         What holds the images, for the error.
 
@@ -138,49 +140,58 @@ def channel_stats_of(images, *, source: str = "the file") -> tuple[np.ndarray, n
     ------
     ValueError
         There are no images.
+
+    Notes
+    -----
+    The sums of x and x^2 are exact integers (counted from a histogram of the
+    256 values of each channel, 2**18 pixels at a time: a few MB of memory at
+    any image size), rounded to float64 once, so the same images give the same
+    numbers bit for bit however they are chunked, from memory or from a file.
+    Those are the numbers of summing the pixels in float64, in any order, as
+    porder did before (exact while the sums stay below 2**53: 2.7 million
+    images at 224x224).
     """
     chunks = images
     if isinstance(images, np.ndarray):
         chunks = (images[lo:lo + STATS_ROWS] for lo in range(0, len(images), STATS_ROWS))
-    s1 = np.zeros(3)
-    s2 = np.zeros(3)
+    s1 = [0, 0, 0]           # Python numbers: exact integers for uint8 images
+    s2 = [0, 0, 0]
     n = 0
     for chunk in chunks:
         c1, c2, m = _chunk_sums(chunk)
-        s1 += c1
-        s2 += c2
+        s1 = [a + b for a, b in zip(s1, c1)]
+        s2 = [a + b for a, b in zip(s2, c2)]
         n += m
     if n == 0:
         raise ValueError(f"{source} has no training images to normalise with; use "
                          "output='uint8', or pass mean= and std=")
+    s1 = np.array([float(v) for v in s1])                                   # (3,) float64
+    s2 = np.array([float(v) for v in s2])
     mean = s1 / n
     return mean, np.sqrt(np.maximum(s2 / n - mean ** 2, VAR_FLOOR))
 
 
-_VALUES = np.arange(256, dtype=np.int64)                          # (256,)
 _CHANNEL = np.array([0, 256, 512], dtype=np.intp)                 # (3,) bin offsets
 _PIXELS = 2**18                                                   # pixels counted at a time
 
 
-def _chunk_sums(chunk) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-channel sums of x and x^2 (float64 (3,) each) over a chunk's pixels, and their count.
+def _chunk_sums(chunk) -> tuple[list, list, int]:
+    """Per-channel sums of x and x^2 over a chunk's pixels (3 numbers each), and their count.
 
-    uint8 chunks: exact integers, from a histogram of the 256 values of each channel
-    counted 2**18 pixels at a time (memory: a few MB, whatever the chunk). Equal, bit for
-    bit, to summing the pixels in float64 in any order while the sums stay below 2**53
-    (every partial sum is then an exact integer): a chunk of 4,096 images up to 5,800 px.
-    Other dtypes: summed in float64.
+    uint8 chunks: exact Python integers, from a histogram of the 256 values of each channel
+    counted :data:`_PIXELS` pixels at a time. Other dtypes: float64 sums.
     """
     c = np.asarray(chunk).reshape(-1, 3)                                   # (P, 3)
     if c.dtype != np.uint8:
         f = c.astype(np.float64)
-        return f.sum(0), (f * f).sum(0), c.shape[0]
+        return f.sum(0).tolist(), (f * f).sum(0).tolist(), c.shape[0]
     counts = np.zeros(768, np.int64)                                       # (3 * 256,)
     for lo in range(0, len(c), _PIXELS):
         counts += np.bincount((c[lo:lo + _PIXELS] + _CHANNEL).ravel(), minlength=768)
-    counts = counts.reshape(3, 256)
-    return ((counts @ _VALUES).astype(np.float64),
-            (counts @ (_VALUES * _VALUES)).astype(np.float64), c.shape[0])
+    counts = counts.reshape(3, 256).tolist()
+    values = range(256)
+    return ([sum(k * v for k, v in zip(row, values)) for row in counts],
+            [sum(k * v * v for k, v in zip(row, values)) for row in counts], c.shape[0])
 
 
 def _stats(path, mean, std) -> tuple[np.ndarray, np.ndarray]:

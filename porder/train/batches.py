@@ -3,12 +3,12 @@ held there or read from the file batch by batch, the deterministic batch order,
 batches reordered on the fly (``--measure``), and batches prepared one step ahead
 (:class:`Prefetch`).
 
-A split is held in memory (a uint8 tensor on the device) when it fits a budget,
-:data:`MEMORY_SHARE` of the memory free when the run starts (the RAM available
-on a CPU, the device's free memory on CUDA), and streamed otherwise: its images
-stay in the file and each batch's are read when it is prepared
-(:class:`FileImages`). Either way a step gets the same images, bit for bit, so a
-run's metrics do not depend on where its data lives.
+A split is held in memory (a uint8 tensor on the device) when it fits a budget
+(:func:`data_budget`: :data:`MEMORY_SHARE` of the memory free when the run
+starts), and streamed otherwise: its images stay in the file and each batch's
+are read when the batch is prepared (:class:`FileImages`), the test split's as
+each block is evaluated. Either way a step gets the same images, bit for bit,
+so a run's metrics do not depend on where its data lives.
 """
 from __future__ import annotations
 
@@ -108,10 +108,8 @@ class FileImages:
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, slice):
             index = np.arange(*key.indices(len(self)))                         # (B,)
-        elif isinstance(key, (torch.Tensor, np.ndarray)) and key.ndim == 1 and (
-                not key.dtype.is_floating_point if isinstance(key, torch.Tensor)
-                else key.dtype.kind in "iu"):
-            index = key.cpu().numpy() if isinstance(key, torch.Tensor) else key
+        elif _indices(key):
+            index = key.cpu().numpy() if isinstance(key, torch.Tensor) else key       # (B,)
             index = np.where(index < 0, index + len(self), index)
         else:
             raise TypeError(f"FileImages takes a slice or integer indices (B,), got {key!r}")
@@ -130,6 +128,14 @@ class FileImages:
 
     def __repr__(self) -> str:
         return f"FileImages('{self.path}', {self.split!r}, {len(self)} images on {self.device})"
+
+
+def _indices(key) -> bool:
+    """Whether ``key`` is a 1-D tensor or array of integers (not booleans)."""
+    if isinstance(key, torch.Tensor):
+        return key.ndim == 1 and not (key.dtype.is_floating_point or key.dtype.is_complex
+                                      or key.dtype == torch.bool)
+    return isinstance(key, np.ndarray) and key.ndim == 1 and key.dtype.kind in "iu"
 
 
 class Data:

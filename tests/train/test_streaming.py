@@ -87,8 +87,9 @@ def test_file_images_index_like_a_tensor(tiny):
                 torch.tensor([39, 0, 17, 17, 18, 19, 3]), np.array([4, -1]),
                 torch.tensor([], dtype=torch.int64)):
         assert torch.equal(fi[key], images[key]), key
-    with pytest.raises(TypeError, match="slice or integer indices"):
-        fi[torch.tensor([1.0])]
+    for bad in (torch.tensor([1.0]), torch.tensor([True, False]), np.array([[1]]), 3):
+        with pytest.raises(TypeError, match="slice or integer indices"):
+            fi[bad]
     fi.close()
     assert torch.equal(fi[1:4], images[1:4])                              # reopened
 
@@ -220,3 +221,19 @@ def test_one_normalisation_bit_for_bit(tiny):
 
     back = pickle.loads(pickle.dumps(Normalize(mean, std, dtype=torch.float64)))
     assert back.dtype == torch.float64 and back.mean == tuple(mean)
+
+
+def test_channel_stats_are_exact_whatever_the_chunks(tmp_path, monkeypatch):
+    """The statistics a streamed run reads from the file in chunks of at most STATS_BYTES
+    are those of the images held in memory, and of summing every pixel in float64."""
+    import porder.data as data
+
+    path = write_file(tmp_path / "s.h5", n_train=37, n_test=2, size=32)
+    images = read_split(path, "train")["images"]                          # (37, 32, 32, 3)
+    px = images.reshape(-1, 3).astype(np.float64)
+    mean = px.sum(0) / len(px)                                            # float64, as before
+    std = np.sqrt(np.maximum((px * px).sum(0) / len(px) - mean ** 2, data.VAR_FLOOR))
+    monkeypatch.setattr(data, "STATS_BYTES", 5 * 32 * 32 * 3)            # 5 images a read
+    for got in (data.channel_stats(path), data.channel_stats_of(images),
+                data.channel_stats_of(images[i:i + 3] for i in range(0, 37, 3))):
+        assert got[0].tobytes() == mean.tobytes() and got[1].tobytes() == std.tobytes()
