@@ -6,8 +6,9 @@ batch 32, one thread, the last evaluation on the whole test split) with the spli
 in memory and streamed from the file (:class:`porder.train.batches.Data`), each mode in
 a process of its own, run back to back (peak RSS is a process's high-water mark):
 
-* ``peak_rss_mb``: the process's peak resident memory (``resource.getrusage``), torch and
-  the model included;
+* ``peak_rss_data_mb``: the process's peak resident memory (``resource.getrusage``) after
+  making the :class:`Data` and preparing ``steps`` batches three times, before any model;
+* ``peak_rss_mb``: the same at the end, after training (model, activations, evaluation);
 * ``load_s``: seconds to make the :class:`Data` (reading the splits when held);
 * ``images_per_s``, ``data_wait``: of the training steps after the first (the row that
   ``porder train`` writes; steps whose batches are read while the step before trains);
@@ -79,6 +80,7 @@ def child(path: str, mode: str, steps: int, batch: int) -> dict:
         for s in range(steps):
             get_batch(data, s, cfg)
         best = min(best, (time.perf_counter() - t0) / steps)
+    data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     data.close()
     del data
     with tempfile.TemporaryDirectory() as d:
@@ -88,7 +90,7 @@ def child(path: str, mode: str, steps: int, batch: int) -> dict:
     row = res.rows[-1]
     return {"mode": mode, "load_s": round(load_s, 2), "batch_ms": round(1e3 * best, 1),
             "images_per_s": round(row["images_per_s"], 1), "data_wait": round(row["data_wait"], 3),
-            "train_run_s": round(run_s, 1),
+            "train_run_s": round(run_s, 1), "peak_rss_data_mb": round(data_rss),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
