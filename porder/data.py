@@ -45,15 +45,16 @@ naming the file, the split and the row, never a wrong image.
 
 Normalisation (``output="float"``) is exactly ``porder train``'s: per-channel
 mean and standard deviation of the file's *training* images, all pixels of
-all images, computed in float64 (:func:`channel_stats`), ``std =
+all images, from exact sums (:func:`channel_stats`), ``std =
 sqrt(max(E[x^2] - E[x]^2, 1e-6))`` on the 0..255 scale, then ``(x - mean) /
-std`` in float32. Reordering only moves patches, so every ordering of a
-dataset gets the same statistics; the test split is normalised with the
-training statistics.
+std`` in float32 (:class:`Normalize`, the one implementation). Reordering
+only moves patches, so every ordering of a dataset gets the same statistics;
+the test split is normalised with the training statistics.
 
 This module is also the one home of what ``porder train`` shares with the
-loaders: the channel statistics (:func:`channel_stats_of`), the epoch order
-(:func:`epoch_order`) and torch's reading of device names
+loaders: the channel statistics (:func:`channel_stats_of`), the normalisation
+(:class:`Normalize`), the epoch order (:func:`epoch_order`), reading rows by
+index (:func:`read_rows`) and torch's reading of device names
 (:func:`resolve_torch_device`, over :func:`porder.backend.resolve_device`).
 
 torch is imported by this module (and :mod:`porder.train`, :mod:`porder.nn`)

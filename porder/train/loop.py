@@ -1,8 +1,9 @@
 """Adam + softmax cross-entropy training on a porder HDF5 file: one loop.
 
-The whole file is loaded once (uint8, on the GPU when training there); each
-step takes a batch by index, converts it to normalised float on the device and
-runs one Adam step. Batches are prepared one step ahead on a background thread,
+The file's splits are held in memory (uint8, on the GPU when training there)
+when they fit, and read from the file batch by batch otherwise (:mod:`.batches`);
+each step takes a batch by index, converts it to normalised float on the device
+and runs one Adam step. Batches are prepared one step ahead on a background thread,
 so the loop only waits for data when preparing a batch (``--measure`` on the
 fly) is slower than a training step; the share of step time spent waiting is
 reported as ``data_wait``.
@@ -475,7 +476,8 @@ class Run:
 
 
 def load_data(path, cfg: TrainConfig, device: str) -> Data:
-    """The file's splits on ``device``, reordered on the fly as ``cfg`` says."""
+    """The file's splits on ``device`` (held in memory or streamed from the file, as
+    :class:`.batches.Data` decides), reordered on the fly as ``cfg`` says."""
     with memory_hint(f"loading '{path}' onto {device}",
                       "the file does not fit; use a smaller file or another --device"):
         return Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,
