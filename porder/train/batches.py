@@ -43,9 +43,9 @@ def data_budget(device) -> tuple[int, str]:
     the GPU's free memory when that is less (a split held on the GPU passes through the
     host as it is read).
     """
-    from .memory import _available_ram
+    from .memory import available_ram
 
-    free, where = _available_ram(), "the RAM available now"
+    free, where = available_ram(), "the RAM available now"
     try:
         procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:

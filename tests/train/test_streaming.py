@@ -184,10 +184,10 @@ def test_auto_holds_what_fits_the_budget_and_streams_the_rest(tiny, monkeypatch)
     assert Data(tiny, device="cpu", in_memory=True).budget is None
 
 
-def test_the_budget_is_a_share_of_the_available_ram(monkeypatch):
+def test_the_budget_is_a_share_of_theavailable_ram(monkeypatch):
     from porder.train import memory
 
-    monkeypatch.setattr(memory, "_available_ram", lambda: 8 * 2**30)
+    monkeypatch.setattr(memory, "available_ram", lambda: 8 * 2**30)
     assert batches.data_budget("cpu") == (2 * 2**30, "25% of the RAM available now (8.0 GiB)")
     monkeypatch.setattr(batches, "MEMORY_SHARE", 0.5)
     assert batches.data_budget("cpu")[0] == 4 * 2**30
