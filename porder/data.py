@@ -45,15 +45,16 @@ naming the file, the split and the row, never a wrong image.
 
 Normalisation (``output="float"``) is exactly ``porder train``'s: per-channel
 mean and standard deviation of the file's *training* images, all pixels of
-all images, computed in float64 (:func:`channel_stats`), ``std =
+all images, from exact sums (:func:`channel_stats`), ``std =
 sqrt(max(E[x^2] - E[x]^2, 1e-6))`` on the 0..255 scale, then ``(x - mean) /
-std`` in float32. Reordering only moves patches, so every ordering of a
-dataset gets the same statistics; the test split is normalised with the
-training statistics.
+std`` in float32 (:class:`Normalize`, the one implementation). Reordering
+only moves patches, so every ordering of a dataset gets the same statistics;
+the test split is normalised with the training statistics.
 
 This module is also the one home of what ``porder train`` shares with the
-loaders: the channel statistics (:func:`channel_stats_of`), the epoch order
-(:func:`epoch_order`) and torch's reading of device names
+loaders: the channel statistics (:func:`channel_stats_of`), the normalisation
+(:class:`Normalize`), the epoch order (:func:`epoch_order`), reading rows by
+index (:func:`read_rows`) and torch's reading of device names
 (:func:`resolve_torch_device`, over :func:`porder.backend.resolve_device`).
 
 torch is imported by this module (and :mod:`porder.train`, :mod:`porder.nn`)
@@ -78,7 +79,8 @@ from .validate import check_perm_row, check_rows, reading, whole
 
 OUTPUTS = ("uint8", "float")
 VAR_FLOOR = 1e-6      # std = sqrt(max(var, VAR_FLOOR)), as porder train
-STATS_ROWS = 4096     # images per chunk when summing: the same sums as porder train, bit for bit
+STATS_ROWS = 4096     # images per chunk when summing (a chunk of an array; of a file, below)
+STATS_BYTES = 64 * 2**20   # at most this many bytes of images per chunk read from a file
 
 
 # ------------------------------------------------------------------ normalisation
@@ -87,8 +89,9 @@ def channel_stats(path) -> tuple[np.ndarray, np.ndarray]:
 
     The numbers ``porder train`` normalises with: sums over every pixel of every
     training image in float64, ``mean = E[x]``, ``std = sqrt(max(E[x^2] -
-    mean^2, 1e-6))``. Read in chunks of 4,096 images (bounded memory); cached
-    per file (path, size and modification time) within a process.
+    mean^2, 1e-6))`` (:func:`channel_stats_of`). Read in chunks of at most
+    4,096 images and 64 MiB (bounded memory); cached per file (path, size and
+    modification time) within a process.
 
     Returns
     -------
@@ -108,7 +111,10 @@ def channel_stats(path) -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=16)
 def _channel_stats(path: str, mtime_ns: int, size: int):
-    chunks = iter_split(path, "train", rows=STATS_ROWS, perm=False)
+    with open_file(path) as f:
+        row = int(np.prod(f["train/images"].shape[1:], dtype=np.int64))     # bytes an image
+    rows = max(1, min(STATS_ROWS, STATS_BYTES // max(1, row)))
+    chunks = iter_split(path, "train", rows=rows, perm=False)
     return channel_stats_of((c["images"] for _, c in chunks), source=f"'{path}'")
 
 
@@ -116,15 +122,14 @@ def channel_stats_of(images, *, source: str = "the file") -> tuple[np.ndarray, n
     """Per-channel mean and std of uint8 images (0..255 scale).
 
     The one computation behind :func:`channel_stats` and ``porder train``:
-    sums over every pixel in float64, :data:`STATS_ROWS` images at a time,
-    ``mean = E[x]``, ``std = sqrt(max(E[x^2] - mean^2, 1e-6))``.
+    ``mean = E[x]``, ``std = sqrt(max(E[x^2] - mean^2, 1e-6))`` over every
+    pixel of every image.
 
     Parameters
     ----------
     images : uint8 array (N, S, S, 3), or an iterable of uint8 arrays (m, S, S, 3)
-        The images, or the images in chunks of :data:`STATS_ROWS` (an array
-        is cut into them). The chunks fix the order of summation: the same
-        images give bit-identical numbers, whether from memory or a file.
+        The images, or the images in chunks of any size (an array is cut into
+        chunks of :data:`STATS_ROWS`).
     source : str
         What holds the images, for the error.
 
@@ -136,23 +141,58 @@ def channel_stats_of(images, *, source: str = "the file") -> tuple[np.ndarray, n
     ------
     ValueError
         There are no images.
+
+    Notes
+    -----
+    The sums of x and x^2 are exact integers (counted from a histogram of the
+    256 values of each channel, 2**18 pixels at a time: a few MB of memory at
+    any image size), rounded to float64 once, so the same images give the same
+    numbers bit for bit however they are chunked, from memory or from a file.
+    Those are the numbers of summing the pixels in float64, in any order, as
+    porder did before (exact while the sums stay below 2**53: 2.7 million
+    images at 224x224).
     """
     chunks = images
     if isinstance(images, np.ndarray):
         chunks = (images[lo:lo + STATS_ROWS] for lo in range(0, len(images), STATS_ROWS))
-    s1 = np.zeros(3)
-    s2 = np.zeros(3)
+    s1 = [0, 0, 0]           # Python numbers: exact integers for uint8 images
+    s2 = [0, 0, 0]
     n = 0
     for chunk in chunks:
-        c = chunk.reshape(-1, 3).astype(np.float64)      # (m*S*S, 3)
-        s1 += c.sum(0)
-        s2 += (c * c).sum(0)
-        n += c.shape[0]
+        c1, c2, m = _chunk_sums(chunk)
+        s1 = [a + b for a, b in zip(s1, c1)]
+        s2 = [a + b for a, b in zip(s2, c2)]
+        n += m
     if n == 0:
         raise ValueError(f"{source} has no training images to normalise with; use "
                          "output='uint8', or pass mean= and std=")
+    s1 = np.array([float(v) for v in s1])                                   # (3,) float64
+    s2 = np.array([float(v) for v in s2])
     mean = s1 / n
     return mean, np.sqrt(np.maximum(s2 / n - mean ** 2, VAR_FLOOR))
+
+
+_CHANNEL = np.array([0, 256, 512], dtype=np.intp)                 # (3,) bin offsets
+_PIXELS = 2**18                                                   # pixels counted at a time
+
+
+def _chunk_sums(chunk) -> tuple[list, list, int]:
+    """Per-channel sums of x and x^2 over a chunk's pixels (3 numbers each), and their count.
+
+    uint8 chunks: exact Python integers, from a histogram of the 256 values of each channel
+    counted :data:`_PIXELS` pixels at a time. Other dtypes: float64 sums.
+    """
+    c = np.asarray(chunk).reshape(-1, 3)                                   # (P, 3)
+    if c.dtype != np.uint8:
+        f = c.astype(np.float64)
+        return f.sum(0).tolist(), (f * f).sum(0).tolist(), c.shape[0]
+    counts = np.zeros(768, np.int64)                                       # (3 * 256,)
+    for lo in range(0, len(c), _PIXELS):
+        counts += np.bincount((c[lo:lo + _PIXELS] + _CHANNEL).ravel(), minlength=768)
+    counts = counts.reshape(3, 256).tolist()
+    values = range(256)
+    return ([sum(k * v for k, v in zip(row, values)) for row in counts],
+            [sum(k * v * v for k, v in zip(row, values)) for row in counts], c.shape[0])
 
 
 def _stats(path, mean, std) -> tuple[np.ndarray, np.ndarray]:
@@ -181,8 +221,13 @@ def _mean_std(mean, std) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Normalize:
-    """``(x - mean) / std`` per channel, in float32, on the 0..255 scale: the
-    normalisation of ``output='float'`` and ``porder train``, as a transform.
+    """``(x - mean) / std`` per channel, on the 0..255 scale: the normalisation of
+    ``output='float'`` and ``porder train``, as a transform.
+
+    The one implementation of it: :class:`PorderDataset` (``output='float'``),
+    :class:`BatchLoader` and ``porder train`` (:class:`porder.train.batches.Data`)
+    all call :meth:`apply` (one image or a batch, channels first) or :meth:`batch`
+    (a stored uint8 batch to a model's input).
 
     A picklable callable for the end of a ``transforms.Compose``: after
     photometric transforms on the uint8 image it gives exactly the numbers
@@ -192,19 +237,28 @@ class Normalize:
     ----------
     mean, std : sequence of 3 floats
         R, G, B on the 0..255 scale, std > 0 (e.g. :func:`channel_stats`).
+    dtype : torch.dtype, optional
+        A floating dtype the result is computed and returned in: float32
+        (default); ``porder train`` passes torch's default dtype (float64 in
+        the equivalence tests, so that float64 models get float64 inputs).
 
     Notes
     -----
     Takes a tensor (3, H, W) or (N, 3, H, W), uint8 or real, on any device;
-    returns float32 ``(x.float() - mean) / std``. :meth:`from_file` uses a
-    file's training statistics, as ``output='float'`` does.
+    returns ``(x.to(dtype) - mean) / std``, mean and std rounded to ``dtype``.
+    :meth:`from_file` uses a file's training statistics, as ``output='float'``
+    does.
     """
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, *, dtype=torch.float32):
         mean, std = _mean_std(mean, std)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"Normalize needs a floating dtype (torch.float32, ...), got "
+                             f"{dtype!r}")
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self._tensors = {}           # device -> (mean, std) float32 (3, 1, 1)
+        self.dtype = dtype
+        self._tensors = {}           # device -> (mean, std) in dtype, (3, 1, 1)
 
     @classmethod
     def from_file(cls, path) -> Normalize:
@@ -219,26 +273,43 @@ class Normalize:
             raise ValueError(f"Normalize takes real images, got dtype {x.dtype}")
         return self.apply(x)
 
-    def apply(self, x):
-        """:meth:`__call__` without its checks of ``x`` (the Dataset's own images)."""
-        t = self._tensors.get(x.device)
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as tensors (3, 1, 1) of :attr:`dtype` on ``device`` (made once per device)."""
+        device = torch.device(device)
+        t = self._tensors.get(device)
         if t is None:
-            t = self._tensors[x.device] = tuple(
-                torch.tensor(v, dtype=torch.float32, device=x.device).view(3, 1, 1)
+            t = self._tensors[device] = tuple(
+                torch.tensor(v, dtype=self.dtype, device=device).view(3, 1, 1)
                 for v in (self.mean, self.std))
-        return (x.float() - t[0]) / t[1]
+        return t
+
+    def apply(self, x):
+        """:meth:`__call__` without its checks of ``x`` (the callers' own images)."""
+        mean, std = self.tensors(x.device)
+        return (x.to(self.dtype) - mean) / std
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """A stored batch, uint8 (B, S, S, 3), as a model's input (B, 3, S, S): normalised,
+        contiguous on a CPU, channels-last memory on CUDA (NHWC is what tensor cores want,
+        and the permuted batch already is). The values are the same either way."""
+        x = images.permute(0, 3, 1, 2)                              # (B, 3, S, S) view
+        if x.is_cuda:
+            return self.apply(x).contiguous(memory_format=torch.channels_last)
+        # On a CPU the float ops run many times faster on contiguous memory.
+        return self.apply(x.contiguous())
 
     def __getstate__(self):
-        return {"mean": self.mean, "std": self.std}
+        return {"mean": self.mean, "std": self.std, "dtype": self.dtype}
 
     def __setstate__(self, state):
-        self.__init__(state["mean"], state["std"])
+        self.__init__(state["mean"], state["std"], dtype=state.get("dtype", torch.float32))
 
     def __repr__(self) -> str:
         def fmt(v):
             return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
-        return f"Normalize(mean={fmt(self.mean)}, std={fmt(self.std)})"
+        dtype = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
+        return f"Normalize(mean={fmt(self.mean)}, std={fmt(self.std)}{dtype})"
 
 
 def _check(split: str, output: str) -> None:
@@ -433,6 +504,54 @@ def _loader_device(device) -> torch.device:
     return dev
 
 
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``: the array itself on a CPU, copied through
+    pinned memory (asynchronously) to a GPU."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def read_rows(path, dataset, index) -> np.ndarray:
+    """Rows ``index`` of an open HDF5 dataset of a porder file, in the order asked.
+
+    Parameters
+    ----------
+    path : path-like
+        The file, for errors (one :class:`~porder.store.StoreError` naming it).
+    dataset : h5py.Dataset
+        E.g. ``f["train/images"]`` (N, S, S, 3).
+    index : int array (B,)
+        Rows in any order, repeats allowed, each in 0..N-1.
+
+    Returns
+    -------
+    array (B, ...) of the dataset's dtype
+
+    Notes
+    -----
+    HDF5 reads a selection in increasing order: the distinct rows are read
+    sorted, each run of consecutive rows in one read straight into the
+    result, then put in the order asked (a copy only when that differs).
+    Memory: the rows read, once (twice when reordered).
+    """
+    index = np.asarray(index, dtype=np.int64).reshape(-1)                  # (B,)
+    rows, inverse = np.unique(index, return_inverse=True)                  # (R,) sorted
+    out = np.empty((len(rows), *dataset.shape[1:]), dataset.dtype)         # (R, ...)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= dataset.shape[0]):
+        raise IndexError(f"rows {rows[0]}..{rows[-1]} of '{path}' asked for; it has "
+                         f"{dataset.shape[0]}")
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1                           # run starts
+    with reading(path):
+        for a, b in zip(np.r_[0, cut], np.r_[cut, len(rows)]):
+            if b > a:
+                dataset.read_direct(out, np.s_[rows[a]:rows[b - 1] + 1], np.s_[a:b])
+    if len(rows) == len(index) and np.array_equal(rows, index):
+        return out
+    return out[inverse.reshape(-1)]
+
+
 # ------------------------------------------------------------------ device batches
 class BatchLoader:
     """Whole batches of one split of a porder file, on the device, for speed.
@@ -538,13 +657,10 @@ class BatchLoader:
         self._classes = len(self.classes)
         self.n = int(meta["splits"][split])
         self.epoch = 0
-        self.mean = self.std = None
+        self.mean = self.std = self._normalize = None
         if output == "float":
             self.mean, self.std = _stats(self.path, mean, std)
-            self._mean_t = torch.tensor(self.mean, dtype=torch.float32,
-                                        device=self.device).view(1, 3, 1, 1)
-            self._std_t = torch.tensor(self.std, dtype=torch.float32,
-                                       device=self.device).view(1, 3, 1, 1)
+            self._normalize = Normalize(self.mean, self.std)
         self._x = self._y = None       # the whole split on the device (buffer=None)
 
     def __len__(self) -> int:
@@ -568,20 +684,12 @@ class BatchLoader:
 
     def _convert(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, S, S, 3) on the device -> (B, 3, S, S) output (porder train's to_input)."""
-        x = images.permute(0, 3, 1, 2)                              # (B, 3, S, S) view
         if self.output == "uint8":
-            return x.contiguous()
-        if x.is_cuda:   # NHWC memory, as porder train feeds its models on CUDA
-            x = (x.float() - self._mean_t) / self._std_t
-            return x.contiguous(memory_format=torch.channels_last)
-        # On a CPU the float ops run many times faster on contiguous memory; same values.
-        return (x.contiguous().float() - self._mean_t) / self._std_t
+            return images.permute(0, 3, 1, 2).contiguous()
+        return self._normalize.batch(images)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return to_device(a, self.device)
 
     def _load_all(self) -> None:
         if self._x is not None:

@@ -1,19 +1,63 @@
-"""The data of a training run: a porder file's splits as uint8 tensors on the device,
-the deterministic batch order, batches reordered on the fly (``--measure``), and
-batches prepared one step ahead (:class:`Prefetch`)."""
+"""The data of a training run: a porder file's splits as uint8 images on the device,
+held there or read from the file batch by batch, the deterministic batch order,
+batches reordered on the fly (``--measure``), and batches prepared one step ahead
+(:class:`Prefetch`).
+
+A split is held in memory (a uint8 tensor on the device) when it fits a budget
+(:func:`data_budget`: :data:`MEMORY_SHARE` of the memory free when the run
+starts), and streamed otherwise: its images stay in the file and each batch's
+are read when the batch is prepared (:class:`FileImages`), the test split's as
+each block is evaluated. Either way a step gets the same images, bit for bit,
+so a run's metrics do not depend on where its data lives.
+"""
 from __future__ import annotations
 
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
-from ..data import channel_stats_of, epoch_order
+from ..data import Normalize, channel_stats, channel_stats_of, epoch_order, read_rows, to_device
 from ..reorder import reorder
-from ..store import read_meta, read_split
+from ..store import open_file, read_labels, read_meta, read_split
 from .config import TrainConfig
+
+# Share of the memory free at the start a split may take on its device to be held there
+# (the train split first, then the test split in what is left): a quarter, because the
+# model, its activations and optimizer state, the machine's other processes (on a CPU)
+# and the page cache that reading the file fills (which MemAvailable counts as free)
+# need the rest. A split above it is streamed from the file.
+MEMORY_SHARE = 0.25
+
+
+def data_budget(device) -> tuple[int, str]:
+    """(bytes of images :class:`Data` may hold on ``device``, how that was found, in words).
+
+    :data:`MEMORY_SHARE` of the RAM available now, shared among the processes torchrun
+    started on this machine (``LOCAL_WORLD_SIZE``: each holds its own copy); on CUDA, of
+    the GPU's free memory when that is less (a split held on the GPU passes through the
+    host as it is read).
+    """
+    from .memory import available_ram
+
+    free, where = available_ram(), "the RAM available now"
+    try:
+        procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        procs = 1
+    if procs > 1:
+        free, where = free // procs, f"{where} / {procs} processes"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        gpu, _ = torch.cuda.mem_get_info(dev)
+        if gpu < free:
+            free, where = gpu, "the GPU's free memory"
+    return int(MEMORY_SHARE * free), f"{MEMORY_SHARE:.0%} of {where} ({free / 2**30:.1f} GiB)"
 
 
 def _read(path, split: str) -> dict:
@@ -25,16 +69,104 @@ def _read(path, split: str) -> dict:
                          f"{' '.join(str(e).split())}") from None
 
 
+class FileImages:
+    """The images (N, S, S, 3) uint8 of one split of a porder file, read when indexed.
+
+    What :class:`Data` holds in place of a tensor for a split it streams:
+    ``images[key]``, ``key`` a slice or integer indices (a tensor or array (B,),
+    any order, repeats allowed), is the uint8 tensor (B, S, S, 3) on ``device``
+    that indexing the whole split in memory would give; each read is one HDF5
+    read per run of consecutive rows (:func:`porder.data.read_rows`). With
+    ``reorder_opts`` (the test split of a ``--measure`` run), the images come
+    reordered, each keyed by its own dataset index, exactly as :class:`Data`
+    reorders a split it holds.
+
+    The file is opened on first use in each process (HDF5 handles must not
+    cross a fork) and stays open; h5py serialises the reads of threads.
+    """
+
+    def __init__(self, path, split: str, shape: tuple, device: torch.device, *,
+                 reorder_opts: Optional[dict] = None):
+        self.path, self.split = Path(path), split
+        self.shape = tuple(shape)                       # (N, S, S, 3)
+        self.dtype = torch.uint8
+        self.device = device
+        self.reorder_opts = reorder_opts
+        self._lock = threading.Lock()
+        self._h5 = self._images = self._pid = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _dataset(self):
+        with self._lock:
+            if self._pid != os.getpid():
+                self._h5 = open_file(self.path)
+                self._images, self._pid = self._h5[self.split]["images"], os.getpid()
+            return self._images
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            index = np.arange(*key.indices(len(self)))                         # (B,)
+        elif _indices(key):
+            index = key.cpu().numpy() if isinstance(key, torch.Tensor) else key       # (B,)
+            index = np.where(index < 0, index + len(self), index)
+        else:
+            raise TypeError(f"FileImages takes a slice or integer indices (B,), got {key!r}")
+        images = torch.from_numpy(read_rows(self.path, self._dataset(), index))   # (B, S, S, 3)
+        if self.reorder_opts is not None:       # on the host, as Data reorders a split it holds
+            images = reorder_tensor(images, torch.from_numpy(index), **self.reorder_opts)
+        return images.to(self.device) if self.device.type == "cpu" else \
+            to_device(images.numpy(), self.device)
+
+    def close(self) -> None:
+        """Close this process's file handle (reopened on the next read)."""
+        with self._lock:
+            if self._h5 is not None and self._pid == os.getpid():
+                self._h5.close()
+            self._h5 = self._images = self._pid = None
+
+    def __repr__(self) -> str:
+        return f"FileImages('{self.path}', {self.split!r}, {len(self)} images on {self.device})"
+
+
+def _indices(key) -> bool:
+    """Whether ``key`` is a 1-D tensor or array of integers (not booleans)."""
+    if isinstance(key, torch.Tensor):
+        return key.ndim == 1 and not (key.dtype.is_floating_point or key.dtype.is_complex
+                                      or key.dtype == torch.bool)
+    return isinstance(key, np.ndarray) and key.ndim == 1 and key.dtype.kind in "iu"
+
+
 class Data:
-    """A porder file's train and test splits as uint8 tensors on the device.
+    """A porder file's train and test splits, as uint8 images on the device.
 
     ``train_x`` (N, S, S, 3) holds the images as stored; with ``reorder`` set,
-    :func:`get_batch` reorders each batch and ``test_x`` is reordered once here,
-    so test images are ordered exactly like training images.
+    :func:`get_batch` reorders each batch and ``test_x`` is reordered here
+    (or as it is read), so test images are ordered exactly like training images.
+    ``train_y``, ``test_y`` (N,), (M,) int64: the labels, always on the device.
+
+    Each of ``train_x`` and ``test_x`` is a uint8 tensor on the device when the
+    split is held in memory, or a :class:`FileImages` reading it from the file
+    as it is indexed: both give the same tensor for ``x[idx]`` and ``x[lo:hi]``.
+
+    Parameters
+    ----------
+    in_memory : bool, optional
+        True: hold both splits in memory; False: stream both; None (default):
+        hold a split when it fits :func:`data_budget` (the train split first,
+        then the test split in what is left), stream it otherwise.
+
+    Attributes
+    ----------
+    in_memory : dict
+        ``{"train": bool, "test": bool}``: which splits are held.
+    budget : (int, str) or None
+        The budget the choice was made with (None when ``in_memory`` was given).
     """
 
     def __init__(self, path, *, device: str, reorder: Optional[str] = None, patch: int = 8,
-                 bins: int = 256, order_seed: int = 0):
+                 bins: int = 256, order_seed: int = 0, in_memory: Optional[bool] = None):
         self.path = Path(path)
         self.meta = read_meta(path)
         self.classes = list(self.meta["classes"])
@@ -55,34 +187,69 @@ class Data:
         self.device = device
         self.reorder_opts = None if reorder is None else dict(
             measure=reorder, patch=patch, bins=bins, seed=order_seed)
-        train, test = _read(path, "train"), _read(path, "test")
-        for split in (train, test):
-            bad = (split["labels"] < 0) | (split["labels"] >= len(self.classes))
-            if bad.any():
-                raise ValueError(f"'{path}' has labels outside 0..{len(self.classes) - 1}")
-        test_x = torch.from_numpy(test["images"])                   # (M, S, S, 3) uint8
-        if reorder is not None:
-            test_x = reorder_tensor(test_x, torch.arange(len(test_x)), **self.reorder_opts)
-        # Per-channel statistics of the training images; reordering only moves
-        # patches, so every ordering of a dataset is normalised identically.
-        mean, std = channel_stats_of(train["images"], source=f"'{path}'")
         dev = torch.device(device)
+        shapes = {split: (int(self.meta["splits"][split]), self.size, self.size, 3)
+                  for split in ("train", "test")}
+        self.in_memory, self.budget = self._choose(shapes, dev, in_memory)
+        self._read(shapes, dev)
+        for labels in (self.train_y, self.test_y):
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classes)):
+                raise ValueError(f"'{path}' has labels outside 0..{len(self.classes) - 1}")
+
+    def _choose(self, shapes: dict, dev: torch.device, in_memory: Optional[bool]):
+        """({split: held in memory}, the budget or None): see ``in_memory``."""
+        if in_memory is not None:
+            return {"train": bool(in_memory), "test": bool(in_memory)}, None
+        budget = data_budget(dev)
+        left = budget[0]
+        held = {}
+        for split in ("train", "test"):
+            nbytes = int(np.prod(shapes[split], dtype=np.int64))
+            held[split] = nbytes <= left
+            left -= nbytes if held[split] else 0
+        return held, budget
+
+    def _read(self, shapes: dict, dev: torch.device) -> None:
+        path = self.path
+        if self.in_memory["train"]:
+            train = _read(path, "train")
+            # Per-channel statistics of the training images; reordering only moves
+            # patches, so every ordering of a dataset is normalised identically.
+            mean, std = channel_stats_of(train["images"], source=f"'{path}'")
+            self.train_x = torch.from_numpy(train["images"]).to(dev)          # (N, S, S, 3)
+            self.train_y = torch.from_numpy(train["labels"]).to(dev)          # (N,) int64
+            del train
+        else:   # the same sums, over the file in the same chunks (cached per file)
+            mean, std = channel_stats(path)
+            self.train_x = FileImages(path, "train", shapes["train"], dev)
+            self.train_y = torch.from_numpy(read_labels(path, "train")).to(dev)
+        if self.in_memory["test"]:
+            test = _read(path, "test")
+            test_x = torch.from_numpy(test["images"])                         # (M, S, S, 3)
+            if self.reorder_opts is not None:
+                test_x = reorder_tensor(test_x, torch.arange(len(test_x)), **self.reorder_opts)
+            self.test_x = test_x.to(dev)
+            self.test_y = torch.from_numpy(test["labels"]).to(dev)            # (M,) int64
+        else:
+            self.test_x = FileImages(path, "test", shapes["test"], dev,
+                                     reorder_opts=self.reorder_opts)
+            self.test_y = torch.from_numpy(read_labels(path, "test")).to(dev)
         # Inputs in torch's default dtype: float32, or float64 where a caller (the
         # equivalence tests) set it, so that float64 models get float64 inputs.
         self.dtype = torch.get_default_dtype()
-        self.mean = torch.tensor(mean, dtype=self.dtype, device=dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=self.dtype, device=dev).view(1, 3, 1, 1)
-        self.train_x = torch.from_numpy(train["images"]).to(dev)   # (N, S, S, 3) uint8
-        self.train_y = torch.from_numpy(train["labels"]).to(dev)   # (N,) int64
-        self.test_x = test_x.to(dev)                                # (M, S, S, 3) uint8
-        self.test_y = torch.from_numpy(test["labels"]).to(dev)     # (M,) int64
+        self.normalize = Normalize(mean, std, dtype=self.dtype)
+        self.mean, self.std = self.normalize.tensors(dev)                     # (3, 1, 1) each
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S) (channels-last on CUDA)."""
-        x = (images.permute(0, 3, 1, 2).to(self.dtype) - self.mean) / self.std
-        if x.is_cuda:  # NHWC memory is what tensor cores want; the permute already is
-            return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
+        """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S) (channels-last on CUDA):
+        :meth:`porder.data.Normalize.batch`."""
+        return self.normalize.batch(images)
+
+    def close(self) -> None:
+        """Close the file handles of the streamed splits (reopened if read again)."""
+        for x in (self.train_x, self.test_x):
+            if isinstance(x, FileImages):
+                x.close()
 
 
 def reorder_tensor(images: torch.Tensor, index: torch.Tensor, *, measure: str, patch: int,
@@ -146,8 +313,9 @@ def get_batch(data: Data, step: int, cfg: TrainConfig, *, rank: int = 0, world_s
     """
     idx = batch_indices(step, len(data.train_y), cfg.batch_size, cfg.seed, rank=rank,
                         world_size=world_size, order=order)
-    dev_idx = idx.to(data.train_x.device)
-    images = data.train_x[dev_idx]                             # (B, S, S, 3) uint8
+    dev_idx = idx.to(data.train_y.device)
+    streamed = isinstance(data.train_x, FileImages)     # read from the file: host indices
+    images = data.train_x[idx if streamed else dev_idx]                 # (B, S, S, 3) uint8
     if data.reorder_opts is not None:
         images = reorder_tensor(images, idx, **data.reorder_opts)
     return data.to_input(images), data.train_y[dev_idx]

@@ -1,8 +1,9 @@
 """Adam + softmax cross-entropy training on a porder HDF5 file: one loop.
 
-The whole file is loaded once (uint8, on the GPU when training there); each
-step takes a batch by index, converts it to normalised float on the device and
-runs one Adam step. Batches are prepared one step ahead on a background thread,
+The file's splits are held in memory (uint8, on the GPU when training there)
+when they fit, and read from the file batch by batch otherwise (:mod:`.batches`);
+each step takes a batch by index, converts it to normalised float on the device
+and runs one Adam step. Batches are prepared one step ahead on a background thread,
 so the loop only waits for data when preparing a batch (``--measure`` on the
 fly) is slower than a training step; the share of step time spent waiting is
 reported as ``data_wait``.
@@ -94,24 +95,23 @@ def evaluate(model, data: Data, cfg: TrainConfig, device: str, *, rank: int = 0,
     correct answers are all-reduced: every rank returns the same metrics.
     """
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=data.test_x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=data.test_x.device)
-    test_x, test_y = data.test_x, data.test_y                 # (M, S, S, 3), (M,)
-    subset = None if full else eval_indices(len(test_y), cfg.eval_images)
-    if subset is not None:
-        pick = torch.from_numpy(subset).to(test_y.device)
-        test_x, test_y = test_x[pick], test_y[pick]            # (k, S, S, 3), (k,)
-    start, stop = shard_range(len(test_y), (rank, world_size))
+    loss = torch.zeros((), dtype=torch.float64, device=data.test_y.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.test_y.device)
+    subset = None if full else eval_indices(len(data.test_y), cfg.eval_images)
+    pick = None if subset is None else torch.from_numpy(subset).to(data.test_y.device)  # (k,)
+    n = len(data.test_y) if pick is None else len(pick)
+    start, stop = shard_range(n, (rank, world_size))
     for lo in range(start, stop, cfg.eval_batch):
+        # Block by block: a test split streamed from the file is read eval_batch images at a time.
         hi = min(lo + cfg.eval_batch, stop)
-        x = data.to_input(test_x[lo:hi])
-        y = test_y[lo:hi]
+        idx = slice(lo, hi) if pick is None else pick[lo:hi]
+        x = data.to_input(data.test_x[idx])                    # (b, 3, S, S)
+        y = data.test_y[idx]                                   # (b,)
         with autocast(device, cfg):
             logits = model(x)
         loss += F.cross_entropy(loss_input(logits), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
     model.train()
-    n = len(test_y)
     if world_size > 1:
         sums = torch.stack([loss, correct.double()])   # counts < 2**53: exact in float64
         dist.all_reduce(sums)
@@ -476,7 +476,8 @@ class Run:
 
 
 def load_data(path, cfg: TrainConfig, device: str) -> Data:
-    """The file's splits on ``device``, reordered on the fly as ``cfg`` says."""
+    """The file's splits on ``device`` (held in memory or streamed from the file, as
+    :class:`.batches.Data` decides), reordered on the fly as ``cfg`` says."""
     with memory_hint(f"loading '{path}' onto {device}",
                       "the file does not fit; use a smaller file or another --device"):
         return Data(path, device=device, reorder=cfg.reorder, patch=cfg.patch, bins=cfg.bins,

@@ -26,12 +26,12 @@ def memory_budget(device: str) -> tuple[int, str]:
         free, total = torch.cuda.mem_get_info()
         return int(CUDA_SHARE * free), (f"{CUDA_SHARE:.0%} of the GPU's free memory "
                                         f"({free / 2**30:.1f} of {total / 2**30:.1f} GiB)")
-    free = _available_ram()
+    free = available_ram()
     return int(CPU_SHARE * free), (f"{CPU_SHARE:.0%} of the RAM available now "
                                    f"({free / 2**30:.1f} GiB)")
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
     """Bytes of RAM available to a new process: /proc/meminfo's MemAvailable, else free pages."""
     try:
         with open("/proc/meminfo") as f:
