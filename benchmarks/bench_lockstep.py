@@ -34,7 +34,10 @@ Everything else a step does (im2col, BatchNorm, ReLU, max-pool, the loss, batch
 preparation) counts as free. ``speedup`` is then (16 images / that time) over the
 alone rate: a lockstep implementation with GEMM-based convolutions that ran
 every GEMM as fast as MKL's batched GEMM runs it, and did nothing else, would
-reach it and no more.
+reach it and no more. ``speedup_with_rest`` adds the rest of a real lockstep step
+as torch runs it (``rest_ms``: the self times of its ops other than convolutions
+and Adam, from torch.profiler, scaled to the unprofiled ``step_ms``): the most a
+faster convolution alone could bring.
 
 Prints JSON; ``--out DIR`` also writes ``DIR/lockstep.json``.
 """
@@ -154,11 +157,54 @@ def ceiling(alone_rate: float, clock, m: int = 16, batch: int = 1) -> dict:
     opt = torch.optim.Adam(params, lr=1e-4, fused=True)
     adam = _best(opt.step, clock, n=5)
     rate = m * batch / (gemm + adam)
+    step, rest = rest_of_step(m, batch, clock)
     return {"m": m, "batch": batch, "gemm_ms": round(gemm * 1e3, 3),
             "gemm_gflop_per_s": round(sum(2 * m * r * i * c for r, i, c in
                                           conv_gemms(model, batch=batch)) / gemm / 1e9, 1),
             "adam_ms": round(adam * 1e3, 3), "images_per_s": round(rate, 1),
-            "speedup": round(rate / alone_rate, 2)}
+            "speedup": round(rate / alone_rate, 2),
+            "step_ms": round(step * 1e3, 3), "rest_ms": round(rest * 1e3, 3),
+            "speedup_with_rest": round(m * batch / (gemm + adam + rest) / alone_rate, 2)}
+
+
+# A step's convolutions and Adam, by the names of their ops (aten's self times).
+HEAVY_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward",
+             "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward", "aten::_fused_adam_")
+
+
+def rest_of_step(m: int, batch: int, clock) -> tuple[float, float]:
+    """(seconds of one lockstep step of ``m`` VGG models at width 0.125, 32x32, the part of
+    it that is neither a convolution nor Adam): the step as ``group_step`` runs it, best of
+    3 rounds; the part from torch.profiler's self times of its ops (every op but
+    :data:`HEAVY_OPS`, the Python between them excluded), scaled to the unprofiled step."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from porder.train.lockstep import StackedNet, group_adam
+    from porder.train.models import build_model
+
+    models = [build_model("vgg", num_classes=10, in_size=32, width=0.125) for _ in range(m)]
+    net = StackedNet(models, [torch.Generator().manual_seed(i) for i in range(m)])
+    opt = group_adam(net, 1e-4)
+    x, y = torch.randn(batch, m * 3, 32, 32), torch.randint(0, 10, (m, batch))
+
+    def one():
+        logits = net.forward(x, True)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        opt.zero_grad(set_to_none=True)
+        loss.view(m, -1).mean(1).sum().backward()
+        opt.step()
+
+    step = _best(one, clock, repeats=3, n=10)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            one()
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in ops)
+    heavy = sum(e.self_cpu_time_total for e in ops if e.key in HEAVY_OPS)
+    prof_step = sum(e.self_cpu_time_total for e in prof.key_averages()) / 10 / 1e6
+    return step, (total - heavy) / 10 / 1e6 * min(1.0, step / prof_step) if prof_step else 0.0
 
 
 def main(argv=None) -> dict:

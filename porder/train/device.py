@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..data import resolve_torch_device
+from ..kernels.cpu import cores
 from .config import TrainConfig
 
 
@@ -78,7 +79,7 @@ def torch_settings(device: str, deterministic: bool, threads: Optional[int]):
            torch.backends.cudnn.benchmark)
     try:
         if device == "cpu":
-            torch.set_num_threads(threads or os.cpu_count() or 1)
+            torch.set_num_threads(threads or cores())
             tune_cpu_malloc()
         else:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -34,14 +34,17 @@ another 50.5 ms, vmap 37.9 ms, stacked 32.6 ms; batch 32: 391 ms, 442 ms,
 except on 4x4 maps. Channels-last maps: slower at batch 1, faster from batch 16
 (:data:`CHANNELS_LAST_BATCH`).
 
-Speed (``benchmarks/bench_lockstep.py --quick``, 1 thread, process time, VGG
-width 0.125, 32x32): batch 1, 16 runs: 179 images/s one after another, 403 in
-lockstep (2.25x; M = 1, 2, 4, 8, 16: 0.85, 0.85, 1.3, 2.1, 2.25x); batch 32:
-1048 and 1280 (1.22x). A second run, on a quieter machine: 2.62x (M = 1..16:
-0.91, 1.19, 1.75, 1.92, 2.62) and 1.38x. What bounds it on a CPU: at batch 1 a run alone is not
-overhead-bound here (its convolutions are ~60% of its step), and oneDNN's
-grouped convolutions with 8-64 channels a group run at about the speed of the
-same convolutions done one model at a time at batch 32.
+Speed (``benchmarks/bench_lockstep.py --quick``, VGG width 0.125, 32x32, 16 runs,
+quiet 2-core machine, docs/performance.md): 2 threads, wall clock: batch 1, 245
+images/s one after another, 768 in lockstep (3.14x; M = 1, 2, 4, 8, 16: 0.86,
+1.11, 1.70, 2.48, 3.14); batch 32, 1,746 and 3,045 (1.74x). 1 thread, process
+time: 2.42x and 1.40x. What bounds it on a CPU: a batch-1 run alone is not
+overhead-bound (its convolutions are ~60% of its step); the group's convolutions
+as GEMMs at MKL's batched rate plus its Adam step would allow 12.1x (2 threads),
+and the rest of the step as torch runs it (BatchNorm, ReLU, pooling, autograd:
+3.7 of 17.5 ms) brings that to 7.2x even with such convolutions; oneDNN's grouped
+convolutions (8-64 channels a group) run these shapes at about a quarter of the
+GEMM rate.
 
 Equivalence: on the CPU in float64, the runs of a group have the per-step
 losses of the same runs trained alone to ~1e-12 relative
@@ -70,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import epoch_order
-from .batches import Prefetch, get_batch
+from .batches import Prefetch, background_batches, get_batch
 from .checkpoint import rng_state, set_rng_state
 from .config import TrainConfig, TrainResult, eval_indices
 from .device import autocast, resolve_device, sync, torch_settings
@@ -509,7 +512,7 @@ def _stretch(part: list, stop: int, device: str) -> None:
     def fetch(s):
         return [mb.batch(s) for mb in part]
 
-    with Prefetch(fetch, step, stop) as batches:
+    with Prefetch(fetch, step, stop, background=background_batches(device)) as batches:
         interval = _GroupInterval(m, device)
         reported = time.perf_counter()
         while step < stop:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from ..output import lock_folder
 from ..pipeline import shard_range
 from ..store import read_meta
-from .batches import Data, Prefetch, get_batch
+from .batches import Data, Prefetch, background_batches, get_batch
 from .checkpoint import (
     CHECKPOINT,
     CheckpointError,
@@ -241,7 +241,8 @@ def run_steps(run: "Run") -> TrainResult:
         run.record(dict(UNTRAINED))
     run.report(run.rows[-1])
     run.net.train()
-    with Prefetch(run.batch, run.step, cfg.steps) as batches:
+    with Prefetch(run.batch, run.step, cfg.steps,
+                  background=background_batches(run.device)) as batches:
         interval, run.reported = Interval(run.device), time.perf_counter()
         while run.step < cfg.steps:
             (x, y), waited = batches.get(run.step)          # (B, 3, S, S), (B,)

@@ -237,3 +237,29 @@ def test_channel_stats_are_exact_whatever_the_chunks(tmp_path, monkeypatch):
     for got in (data.channel_stats(path), data.channel_stats_of(images),
                 data.channel_stats_of(images[i:i + 3] for i in range(0, 37, 3))):
         assert got[0].tobytes() == mean.tobytes() and got[1].tobytes() == std.tobytes()
+
+
+def test_batches_prepared_in_the_background_only_beside_a_free_core(monkeypatch):
+    """Prefetch: the same batches either way; a background thread only when torch's threads
+    leave a core free (or on CUDA), since beside threads on every core it slows each step."""
+    import threading
+
+    from porder.train import batches
+
+    def fetch(step):
+        return step * 10, threading.current_thread().name
+
+    for background in (True, False):
+        with batches.Prefetch(fetch, 2, 5, background=background) as p:
+            got = [p.get(s)[0] for s in (2, 3, 4)]
+        assert [g[0] for g in got] == [20, 30, 40]
+        assert all(g[1].startswith("porder-batch") == background for g in got)
+    monkeypatch.setattr(batches, "cores", lambda: 2)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not batches.background_batches("cpu") and batches.background_batches("cuda")
+        torch.set_num_threads(1)
+        assert batches.background_batches("cpu")
+    finally:
+        torch.set_num_threads(old)
