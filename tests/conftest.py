@@ -14,10 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def case_failures(results: list[dict], seconds: float) -> list[str]:
-    """One line per fuzz case a worker reported problems for or that took over ``seconds``."""
-    failures = [f"case {r['case']} ({r['what']}): exit {r['code']}: {'; '.join(r['problems'])}"
+    """One line per fuzz case a worker reported problems for or that took over ``seconds``
+    (named by its reader first where the worker tries several readers on a case)."""
+    def name(r):
+        return f"{r['reader'] + ' on ' if 'reader' in r else ''}case {r['case']} ({r['what']})"
+
+    failures = [f"{name(r)}: exit {r['code']}: {'; '.join(r['problems'])}"
                 f": {r['output'][-300:]!r}" for r in results if r["problems"]]
-    return failures + [f"case {r['case']} ({r['what']}): took {r['seconds']:.1f} s"
+    return failures + [f"{name(r)}: took {r['seconds']:.1f} s"
                        for r in results if r["seconds"] > seconds]
 
 

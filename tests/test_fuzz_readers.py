@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from .conftest import run_fuzz_worker, small_cache
+from .conftest import case_failures, run_fuzz_worker, small_cache
 
 CASES = 30            # 3 of each of 10 kinds (labels and perm values weighted up)
 SECONDS = 20.0        # per reader call: generous bounded time on a loaded machine
@@ -29,11 +29,7 @@ def test_torch_readers_over_corrupted_caches(tmp_path, seed):
     assert rows[-1]["maxrss_kib"] < MAX_RSS_GIB * 2**20
     results = [r for r in rows if "reader" in r]
     assert len(results) == READERS * CASES
-    failures = [f"{r['reader']} on case {r['case']} ({r['what']}): exit {r['code']}: "
-                f"{'; '.join(r['problems'])}: {r['output'][:300]!r}"
-                for r in results if r["problems"]]
-    failures += [f"{r['reader']} on case {r['case']} ({r['what']}): took {r['seconds']:.1f} s"
-                 for r in results if r["seconds"] > SECONDS]
+    failures = case_failures(results, SECONDS)
     assert not failures, "\n".join(failures)
     # the fuzz reaches both ends: data read and checked, and refusals (the row checks among them)
     codes = Counter(r["code"] for r in results)
