@@ -159,10 +159,14 @@ class _Part:
             mapped = pa.memory_map(path)
             magic = mapped.read(6)
             mapped.seek(0)
-            before = pa.total_allocated_bytes()
-            reader = pa.ipc.open_file(mapped) if magic == b"ARROW1" else pa.ipc.open_stream(mapped)
+            # Its own pool counts what this read allocates (decompressed buffers; an
+            # uncompressed file's buffers are the mapped pages): the process-wide total
+            # moves with every other Arrow buffer freed or made meanwhile. Kept with the table.
+            self._pool = pa.proxy_memory_pool(pa.default_memory_pool())
+            open_ipc = pa.ipc.open_file if magic == b"ARROW1" else pa.ipc.open_stream
+            reader = open_ipc(mapped, memory_pool=self._pool)
             self.table = reader.read_all()
-            if pa.total_allocated_bytes() - before > MAX_ARROW_HELD:
+            if self._pool.bytes_allocated() > MAX_ARROW_HELD:
                 raise SourceError(f"Arrow file '{printable(path)}' is compressed and takes over "
                                   f"{MAX_ARROW_HELD // 2**20} MiB once read; save it as "
                                   f"parquet (Dataset.to_parquet) and give that")
