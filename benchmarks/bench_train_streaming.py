@@ -62,12 +62,12 @@ def child(path: str, mode: str, steps: int, batch: int) -> dict:
     """One mode in this process: load, time get_batch, train ``steps`` steps; peak RSS."""
     import torch
 
-    from porder.train import TrainConfig, batches, get_batch, train
+    from porder.train import TrainConfig, batches, get_batch, memory, train
 
     torch.set_num_threads(1)
     in_memory = mode == "held"
     # porder train decides by its budget; here the budget is set so that it picks `mode`.
-    batches.MEMORY_SHARE = 1e9 if in_memory else 0.0
+    memory.DATA_SHARE = 1e9 if in_memory else 0.0
     cfg = TrainConfig(arch="resnet", width=0.125, batch_size=batch, steps=steps,
                       eval_every=steps, device="cpu", threads=1)
     t0 = time.perf_counter()

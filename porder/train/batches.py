@@ -4,7 +4,7 @@ batches reordered on the fly (``--measure``), and batches prepared one step ahea
 (:class:`Prefetch`).
 
 A split is held in memory (a uint8 tensor on the device) when it fits a budget
-(:func:`data_budget`: :data:`MEMORY_SHARE` of the memory free when the run
+(:func:`porder.train.memory.data_budget`: a share of the memory free when the run
 starts), and streamed otherwise: its images stay in the file and each batch's
 are read when the batch is prepared (:class:`FileImages`), the test split's as
 each block is evaluated. Either way a step gets the same images, bit for bit,
@@ -27,38 +27,7 @@ from ..kernels.cpu import cores
 from ..reorder import reorder
 from ..store import open_file, read_labels, read_meta, read_split
 from .config import TrainConfig
-
-# Share of the memory free at the start a split may take on its device to be held there
-# (the train split first, then the test split in what is left): a quarter, because the
-# model, its activations and optimizer state, the machine's other processes (on a CPU)
-# and the page cache that reading the file fills (which MemAvailable counts as free)
-# need the rest. A split above it is streamed from the file.
-MEMORY_SHARE = 0.25
-
-
-def data_budget(device) -> tuple[int, str]:
-    """(bytes of images :class:`Data` may hold on ``device``, how that was found, in words).
-
-    :data:`MEMORY_SHARE` of the RAM available now, shared among the processes torchrun
-    started on this machine (``LOCAL_WORLD_SIZE``: each holds its own copy); on CUDA, of
-    the GPU's free memory when that is less (a split held on the GPU passes through the
-    host as it is read).
-    """
-    from .memory import available_ram
-
-    free, where = available_ram(), "the RAM available now"
-    try:
-        procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        procs = 1
-    if procs > 1:
-        free, where = free // procs, f"{where} / {procs} processes"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        gpu, _ = torch.cuda.mem_get_info(dev)
-        if gpu < free:
-            free, where = gpu, "the GPU's free memory"
-    return int(MEMORY_SHARE * free), f"{MEMORY_SHARE:.0%} of {where} ({free / 2**30:.1f} GiB)"
+from .memory import data_budget
 
 
 def _read(path, split: str) -> dict:
@@ -155,7 +124,7 @@ class Data:
     ----------
     in_memory : bool, optional
         True: hold both splits in memory; False: stream both; None (default):
-        hold a split when it fits :func:`data_budget` (the train split first,
+        hold a split when it fits :func:`.memory.data_budget` (the train split first,
         then the test split in what is left), stream it otherwise.
 
     Attributes

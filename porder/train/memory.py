@@ -1,8 +1,11 @@
-"""How much memory a comparison's lockstep groups may use on a device (``compare --lockstep``).
+"""How much memory training may use on a device: a share of the memory free now, on the
+CPU the RAM that the kernel says is available (``MemAvailable``), on CUDA the device's free
+memory (``cudaMemGetInfo``).
 
-:func:`memory_budget` is the budget that :mod:`porder.experiment.groups` sizes its groups
-of models to: a share of the memory free now, on the CPU the RAM that the kernel says is
-available (``MemAvailable``), on CUDA the device's free memory (``cudaMemGetInfo``).
+:func:`memory_budget` is the budget that :mod:`porder.experiment.groups` sizes a
+comparison's lockstep groups to (``compare --lockstep``); :func:`data_budget` the one a
+run's data must fit to be held in memory rather than streamed from the file
+(:class:`porder.train.batches.Data`).
 """
 from __future__ import annotations
 
@@ -16,6 +19,13 @@ CPU_SHARE = 0.5
 # CUDA: 80%, because the device is ours alone while a comparison runs, and the rest covers
 # the CUDA context's workspaces (cuDNN, cuBLAS) that the estimate leaves out.
 CUDA_SHARE = 0.8
+
+# Data: the share of the memory free at the start a split may take on its device to be
+# held there (the train split first, then the test split in what is left): a quarter,
+# because the model, its activations and optimizer state, the machine's other processes
+# (on a CPU) and the page cache that reading the file fills (which MemAvailable counts as
+# free) need the rest. A split above it is streamed from the file.
+DATA_SHARE = 0.25
 
 
 def memory_budget(device: str) -> tuple[int, str]:
@@ -44,3 +54,29 @@ def available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return 4 * 2**30      # unknown (not Linux): assume a small machine
+
+
+def data_budget(device) -> tuple[int, str]:
+    """(bytes of images :class:`porder.train.batches.Data` may hold on ``device``, how
+    that was found, in words).
+
+    :data:`DATA_SHARE` of the RAM available now, shared among the processes torchrun
+    started on this machine (``LOCAL_WORLD_SIZE``: each holds its own copy); on CUDA, of
+    the GPU's free memory when that is less (a split held on the GPU passes through the
+    host as it is read).
+    """
+    import torch
+
+    free, where = available_ram(), "the RAM available now"
+    try:
+        procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        procs = 1
+    if procs > 1:
+        free, where = free // procs, f"{where} / {procs} processes"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        gpu, _ = torch.cuda.mem_get_info(dev)
+        if gpu < free:
+            free, where = gpu, "the GPU's free memory"
+    return int(DATA_SHARE * free), f"{DATA_SHARE:.0%} of {where} ({free / 2**30:.1f} GiB)"

@@ -13,7 +13,7 @@ import torch
 
 from porder.data import Normalize, channel_stats, read_rows
 from porder.store import open_file, read_split
-from porder.train import TIMING_FIELDS, TrainConfig, batches, evaluate, get_batch, read_metrics, train
+from porder.train import TIMING_FIELDS, TrainConfig, batches, evaluate, get_batch, memory, read_metrics, train
 from porder.train import lockstep as ls
 from porder.train.batches import Data, FileImages
 from porder.train.checkpoint import CHECKPOINT
@@ -122,7 +122,7 @@ def test_streamed_evaluation_equals_held(tiny, measure, one_thread):
 
 def force_streaming(monkeypatch):
     """Every split over the budget: ``porder train`` streams both."""
-    monkeypatch.setattr(batches, "MEMORY_SHARE", 0.0)
+    monkeypatch.setattr(memory, "DATA_SHARE", 0.0)
 
 
 def assert_same_run(a, b):
@@ -185,14 +185,12 @@ def test_auto_holds_what_fits_the_budget_and_streams_the_rest(tiny, monkeypatch)
 
 
 def test_the_budget_is_a_share_of_theavailable_ram(monkeypatch):
-    from porder.train import memory
-
     monkeypatch.setattr(memory, "available_ram", lambda: 8 * 2**30)
-    assert batches.data_budget("cpu") == (2 * 2**30, "25% of the RAM available now (8.0 GiB)")
-    monkeypatch.setattr(batches, "MEMORY_SHARE", 0.5)
-    assert batches.data_budget("cpu")[0] == 4 * 2**30
+    assert memory.data_budget("cpu") == (2 * 2**30, "25% of the RAM available now (8.0 GiB)")
+    monkeypatch.setattr(memory, "DATA_SHARE", 0.5)
+    assert memory.data_budget("cpu")[0] == 4 * 2**30
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")     # torchrun: 4 processes, 4 copies
-    assert batches.data_budget("cpu") == (2**30, "50% of the RAM available now / 4 processes "
+    assert memory.data_budget("cpu") == (2**30, "50% of the RAM available now / 4 processes "
                                                  "(2.0 GiB)")
 
 
