@@ -3,10 +3,11 @@
 The file's splits are held in memory (uint8, on the GPU when training there)
 when they fit, and read from the file batch by batch otherwise (:mod:`.batches`);
 each step takes a batch by index, converts it to normalised float on the device
-and runs one Adam step. Batches are prepared one step ahead on a background thread,
-so the loop only waits for data when preparing a batch (``--measure`` on the
-fly) is slower than a training step; the share of step time spent waiting is
-reported as ``data_wait``.
+and runs one Adam step. On CUDA, or when torch's threads leave a CPU core free,
+batches are prepared one step ahead on a background thread, so the loop only waits
+for data when preparing a batch (``--measure`` on the fly) is slower than a training
+step; otherwise between steps (:func:`.batches.background_batches`). The share of
+step time spent waiting is reported as ``data_wait``.
 
 Determinism: the model is initialised from ``seed``; the batch of step s is a
 pure function of (seed, s) (epoch-wise shuffles from a fixed generator); dropout
