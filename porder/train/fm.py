@@ -13,6 +13,9 @@ layer and one without start from the same weights for one seed.
 
 Specs are ``"POINT:MEASURE:PATCH"`` strings (:class:`FmSpec`); PATCH must cut
 the point's S x S map into 2 x 2 patches or more (:func:`check_fm_reorder`).
+
+:func:`run_network` is the one place a run's network is made (the model with its
+layers, for training, step timings and lockstep groups), :func:`run_adam` its optimizer.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 from ..trainspec import FM_POINTS, FmSpec, parse_fm_spec
-from .models import MODELS
+from .models import MODELS, build_model
 
 # FM_POINTS, FmSpec and parse_fm_spec live in porder.trainspec (torch-free, for the CLI);
 # they are part of this module's API too.
@@ -131,3 +134,19 @@ def insert_fm_reorder(model: nn.Module, specs: Sequence, *, bins: int = 256,
         model.get_submodule(path).register_forward_hook(partial(_apply_after, layer))
     model.fm_reorder = layers
     return model
+
+
+def run_network(cfg, *, num_classes: int, size: int) -> nn.Module:
+    """The network of a run of ``cfg`` (a :class:`porder.train.TrainConfig`), on the CPU:
+    ``cfg.arch`` at ``cfg.width`` with ``cfg.norm``, and its feature-map reordering layers
+    (``cfg.fm_reorder``, with ``cfg.bins`` and ``cfg.order_seed``). What a run trains, and
+    what its step timings and lockstep groups build."""
+    model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width,
+                        norm=cfg.norm)
+    return insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
+
+
+def run_adam(params, lr: float) -> torch.optim.Optimizer:
+    """The optimizer of every run: Adam at ``lr`` (torch's betas and eps, no weight decay),
+    fused; over a lockstep group's stacked parameters, M Adams elementwise."""
+    return torch.optim.Adam(params, lr=lr, fused=True)

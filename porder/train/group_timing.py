@@ -17,9 +17,8 @@ import torch
 
 from .config import TrainConfig
 from .device import resolve_device, sync, torch_settings
-from .fm import insert_fm_reorder
+from .fm import run_network
 from .lockstep import StackedNet, group_adam, group_step
-from .models import build_model
 from .timing import StepTiming, timed_steps
 
 
@@ -50,12 +49,8 @@ def time_group_steps(cfg: TrainConfig, m: int, *, num_classes: int, size: int,
     with torch_settings(device, cfg.deterministic, cfg.threads), torch.random.fork_rng(
             devices=[torch.cuda.current_device()] if device == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        models = []
-        for _ in range(m):
-            model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width,
-                                norm=cfg.norm)
-            models.append(insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins,
-                                            seed=cfg.order_seed).to(device))
+        models = [run_network(cfg, num_classes=num_classes, size=size).to(device)
+                  for _ in range(m)]
         net = StackedNet(models, [torch.Generator(device=device).manual_seed(i)
                                   for i in range(m)])
         opt = group_adam(net, cfg.lr)

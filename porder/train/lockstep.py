@@ -78,6 +78,7 @@ from .checkpoint import rng_state, set_rng_state
 from .config import TrainConfig, TrainResult, eval_indices
 from .device import autocast, resolve_device, sync, torch_settings
 from .distributed import dist_env
+from .fm import run_adam
 from .loop import (
     UNTRAINED,
     Run,
@@ -263,9 +264,9 @@ class StackedNet:
 
 
 def group_adam(net: StackedNet, lr: float) -> torch.optim.Optimizer:
-    """The group's optimizer: one Adam over the stacked parameters, fused as a run's own
-    (:class:`porder.train.loop.Run`), so M Adams elementwise."""
-    return torch.optim.Adam(list(net.params.values()), lr=lr, fused=True)
+    """The group's optimizer: a run's own (:func:`.fm.run_adam`) over the stacked
+    parameters, so M Adams elementwise."""
+    return run_adam(list(net.params.values()), lr)
 
 
 def _stack_optimizer(net: StackedNet, opts: Sequence[torch.optim.Optimizer],

@@ -80,9 +80,8 @@ from .distributed import (
     process_group,
     rank_seed,
 )
-from .fm import insert_fm_reorder
+from .fm import run_adam, run_network
 from .metrics import CONFIG, METRICS, write_json, write_metrics, write_result
-from .models import build_model
 
 
 @torch.no_grad()
@@ -304,7 +303,7 @@ class Run:
             data = load_data(path, cfg, device)
         torch.manual_seed(cfg.seed)
         model = _model(cfg, len(data.classes), data.size, device, env)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+        opt = run_adam(model.parameters(), cfg.lr)
         use_scaler = device == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
         run = cls(path=path, cfg=cfg, out=out, device=device, meta=meta, file_state=state,
                   env=env,
@@ -496,9 +495,7 @@ def _model(cfg: TrainConfig, num_classes: int, size: int, device: str, env: Dist
     """The network of a run, on its device, with its feature-map reordering layers."""
     with memory_hint(f"building the {cfg.arch} model at --width {cfg.width:g}",
                       "lower --width"):
-        model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width,
-                            norm=cfg.norm)
-        insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins, seed=cfg.order_seed)
+        model = run_network(cfg, num_classes=num_classes, size=size)
         if env.active and device == "cuda":   # batch statistics of the global batch
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(device)

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .device import autocast, resolve_device, sync, torch_settings
-from .fm import insert_fm_reorder
-from .models import build_model
+from .fm import run_adam, run_network
 
 
 @dataclass(frozen=True)
@@ -111,13 +110,10 @@ def time_steps(cfg: TrainConfig, *, num_classes: int, size: int, warmup: int = 2
     with torch_settings(device, cfg.deterministic, cfg.threads), torch.random.fork_rng(
             devices=[torch.cuda.current_device()] if device == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.arch, num_classes=num_classes, in_size=size, width=cfg.width,
-                            norm=cfg.norm)
-        model = insert_fm_reorder(model, cfg.fm_reorder, bins=cfg.bins,
-                                  seed=cfg.order_seed).to(device)
+        model = run_network(cfg, num_classes=num_classes, size=size).to(device)
         if device == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        opt = run_adam(model.parameters(), cfg.lr)
         x = torch.randn(cfg.batch_size, 3, size, size, device=device)    # (B, 3, S, S)
         y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
         model.train()

@@ -139,10 +139,10 @@ def test_a_diverging_loss_stops_the_run_keeping_the_last_good_checkpoint(tiny, t
 def test_out_of_memory_building_the_model_names_width(tiny, tmp_path, monkeypatch):
     import porder.train.loop as loop
 
-    def build_model(*args, **kwargs):
+    def run_network(*args, **kwargs):
         return torch.empty(2**50)  # the CPU allocator's own error
 
-    monkeypatch.setattr(loop, "build_model", build_model)
+    monkeypatch.setattr(loop, "run_network", run_network)
     run = tmp_path / "run"
     assert_error(train_cli(tiny, run), "out of memory building the resnet model at --width "
                                        "0.0625; lower --width")
@@ -152,7 +152,7 @@ def test_out_of_memory_building_the_model_names_width(tiny, tmp_path, monkeypatc
 def test_out_of_memory_in_a_step_names_batch_size(tiny, tmp_path, monkeypatch):
     import porder.train.loop as loop
 
-    real = loop.build_model
+    real = loop.run_network
 
     class Hungry(torch.nn.Module):
         def __init__(self, inner):
@@ -164,7 +164,7 @@ def test_out_of_memory_in_a_step_names_batch_size(tiny, tmp_path, monkeypatch):
                 torch.empty(2**50)
             return self.inner(x)
 
-    monkeypatch.setattr(loop, "build_model", lambda *a, **k: Hungry(real(*a, **k)))
+    monkeypatch.setattr(loop, "run_network", lambda *a, **k: Hungry(real(*a, **k)))
     run = tmp_path / "run"
     assert_error(train_cli(tiny, run), "out of memory training the resnet model "
                                        "(--batch-size 8, --width 0.0625); lower --batch-size")
