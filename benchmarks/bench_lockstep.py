@@ -146,8 +146,8 @@ def ceiling(alone_rate: float, clock, m: int = 16, batch: int = 1) -> dict:
     from porder.train.models import build_model
 
     model = build_model("vgg", num_classes=10, in_size=32, width=0.125)
-    gemm = 0.0
-    for rows, inner, cols in conv_gemms(model, batch=batch):
+    gemm, shapes = 0.0, conv_gemms(model, batch=batch)
+    for rows, inner, cols in shapes:
         a, b = torch.randn(m, rows, inner), torch.randn(m, inner, cols)
         at, bt = torch.randn(m, cols, inner), torch.randn(m, inner, rows)   # (AB)^T = B^T A^T
         gemm += min(_best(lambda: torch.bmm(a, b), clock), _best(lambda: torch.bmm(at, bt), clock))
@@ -159,8 +159,8 @@ def ceiling(alone_rate: float, clock, m: int = 16, batch: int = 1) -> dict:
     rate = m * batch / (gemm + adam)
     step, rest = rest_of_step(m, batch, clock)
     return {"m": m, "batch": batch, "gemm_ms": round(gemm * 1e3, 3),
-            "gemm_gflop_per_s": round(sum(2 * m * r * i * c for r, i, c in
-                                          conv_gemms(model, batch=batch)) / gemm / 1e9, 1),
+            "gemm_gflop_per_s": round(sum(2 * m * r * i * c for r, i, c in shapes) / gemm / 1e9,
+                                      1),
             "adam_ms": round(adam * 1e3, 3), "images_per_s": round(rate, 1),
             "speedup": round(rate / alone_rate, 2),
             "step_ms": round(step * 1e3, 3), "rest_ms": round(rest * 1e3, 3),

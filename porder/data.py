@@ -688,9 +688,6 @@ class BatchLoader:
             return images.permute(0, 3, 1, 2).contiguous()
         return self._normalize.batch(images)
 
-    def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        return to_device(a, self.device)
-
     def _load_all(self) -> None:
         if self._x is not None:
             return
@@ -699,8 +696,8 @@ class BatchLoader:
         y = torch.empty((self.n,), dtype=torch.int64, device=self.device)
         for lo, chunk in iter_split(self.path, self.split, rows=STATS_ROWS, perm=self.restore):
             hi = lo + len(chunk["labels"])
-            x[lo:hi] = self._to_device(self._host(chunk["images"], chunk.get("perm")))
-            y[lo:hi] = self._to_device(chunk["labels"])
+            x[lo:hi] = to_device(self._host(chunk["images"], chunk.get("perm")), self.device)
+            y[lo:hi] = to_device(chunk["labels"], self.device)
         self._x, self._y = x, y
 
     def __iter__(self):
@@ -767,8 +764,8 @@ class BatchLoader:
             check_rows(self.path, self.split, lo, labels[-1], perm, classes=self._classes,
                        k=self._k)
             imgs.append(self._host(images, perm))
-        return (self._to_device(np.concatenate(imgs)),
-                self._to_device(np.concatenate(labels)))
+        return (to_device(np.concatenate(imgs), self.device),
+                to_device(np.concatenate(labels), self.device))
 
     def __repr__(self) -> str:
         ranks = f", rank={self.rank} of {self.world_size}" if self.world_size > 1 else ""
